@@ -1,0 +1,116 @@
+"""SSH connections to the hosts' admin accounts, with strict host key checking.
+
+Fabric's ``Connection`` silently trusts unknown host keys (its constructor sets paramiko's
+``AutoAddPolicy``). Every connection here loads the inventory's ``known_hosts`` and sets
+``RejectPolicy``: an unknown or changed host key is an error, never a silent accept.
+
+Fabric and paramiko are imported lazily so that tasks that never open an SSH connection
+(``backup`` runs rsync locally) do not pay for them at start-up.
+"""
+
+from __future__ import annotations
+
+import getpass
+import shlex
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from roles.inventory import Host
+
+if TYPE_CHECKING:
+    from fabric import Connection
+
+
+class ConnectError(Exception):
+    pass
+
+
+class RoundTrips:
+    """Counts remote commands per host (one command = one SSH round trip)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: dict[str, int] = {}
+
+    def add(self, host: str) -> None:
+        with self._lock:
+            self.counts[host] = self.counts.get(host, 0) + 1
+
+
+ROUND_TRIPS = RoundTrips()
+_sudo_passwords: dict[str, str] = {}
+_prompt_lock = threading.Lock()
+
+
+def sudo_password(host: Host) -> str | None:
+    """Prompt once per admin user for the sudo password (never stored on disk)."""
+    if not host.sudo_password:
+        return None
+    with _prompt_lock:
+        if host.admin_user not in _sudo_passwords:
+            _sudo_passwords[host.admin_user] = getpass.getpass(
+                f"[sudo] password for {host.admin_user}: "
+            )
+    return _sudo_passwords[host.admin_user]
+
+
+def connect(host: Host, timeout: float = 10) -> Connection:
+    """Open an admin connection to ``host``; raise ConnectError with a one-line reason."""
+    import paramiko
+    from fabric import Config, Connection
+
+    known_hosts = Path(host.known_hosts)
+    if not known_hosts.is_file():
+        raise ConnectError(
+            f"known_hosts file {known_hosts} does not exist: add the host key first "
+            "(never trusted on first use)"
+        )
+    connect_kwargs: dict[str, Any] = {"look_for_keys": host.admin_key is None}
+    if host.admin_key:
+        connect_kwargs["key_filename"] = [host.admin_key]
+    config = Config(overrides={"sudo": {"password": sudo_password(host)}})
+    conn = Connection(
+        host.address, user=host.admin_user, port=host.port, config=config,
+        connect_timeout=int(timeout), connect_kwargs=connect_kwargs,
+    )
+    conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    conn.client.load_host_keys(str(known_hosts))
+    try:
+        conn.open()
+    except paramiko.BadHostKeyException as exc:
+        raise ConnectError(
+            f"{host.name}: HOST KEY CHANGED for {host.address}:{host.port} "
+            f"(got {exc.key.get_name()} {exc.key.fingerprint}); refusing to connect"
+        ) from None
+    except paramiko.SSHException as exc:
+        message = str(exc)
+        if "not found in known_hosts" in message:
+            message = (
+                f"host key of {host.address}:{host.port} is not in {known_hosts}; "
+                "refusing to connect (verify and add it first)"
+            )
+        raise ConnectError(f"{host.name}: {message}") from None
+    except OSError as exc:
+        raise ConnectError(f"{host.name}: cannot connect to {host.address}:{host.port}: {exc}") \
+            from None
+    return conn
+
+
+def run(c: Any, command: str | list[str], *, sudo: bool = False, host: str = "",
+        warn: bool = True) -> Any:
+    """Run one remote command (an argv list is quoted with shlex.join); count the trip.
+
+    Root work with pipes or redirections goes through ``sudo sh -c <quoted script>``:
+    Fabric's ``sudo`` only prefixes the command.
+    """
+    if isinstance(command, list):
+        command = shlex.join(command)
+    ROUND_TRIPS.add(host or getattr(c, "host", "local"))
+    runner = c.sudo if sudo else c.run
+    return runner(command, hide=True, warn=warn, in_stream=False)
+
+
+def sudo_script(c: Any, script: str, *, host: str = "") -> Any:
+    """Run a POSIX sh script as root in one round trip."""
+    return run(c, f"sh -c {shlex.quote(script)}", sudo=True, host=host)

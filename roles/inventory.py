@@ -1,0 +1,420 @@
+"""Load and validate ``inventory.yaml`` into typed, merged host objects.
+
+Every problem is reported as one line: ``FILE:LINE: yaml.path: message``. Loading never
+contacts a host. ``defaults:`` is deep-merged under each entry of ``hosts:`` (the host's
+own value wins; lists are replaced, not concatenated).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.tar.gz"
+DEFAULT_OPTIONS = ("-avzx", "--numeric-ids", "--delete", "--progress")
+
+# Folders a backup must never be written into: a --delete pull would empty them.
+DANGEROUS_DESTINATIONS = frozenset(
+    {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc",
+     "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib"}
+)
+# Options the toolkit itself owns: a user setting them would break the forced command or
+# the safety of the pull.
+RESERVED_OPTIONS = {
+    "-n": "use `invoke backup --dry-run` instead of -n",
+    "--dry-run": "use `invoke backup --dry-run` instead",
+    "-e": "the ssh command is built from the inventory",
+    "--rsh": "the ssh command is built from the inventory",
+    "--rsync-path": "the remote rsync comes from rsync.prefix",
+    "--remove-source-files": "a backup never deletes on the server",
+    "--server": "internal rsync option",
+    "--daemon": "internal rsync option",
+}
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_VERSION = re.compile(r"^\d+\.\d+\.\d+(?:pre\d+)?$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MODULE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FROM = re.compile(r"^[A-Za-z0-9.:*?!/,_-]+$")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class InventoryError(Exception):
+    """One or more problems in an inventory; ``str()`` gives one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+# --- field validators -------------------------------------------------------------------
+
+
+def _no_control(value: str) -> str:
+    if _UNSAFE_CHARS.search(value):
+        raise ValueError("must not contain control characters or newlines")
+    return value
+
+
+def _absolute_path(value: str) -> str:
+    _no_control(value)
+    expanded = str(Path(value).expanduser()) if value.startswith("~") else value
+    if not expanded.startswith("/"):
+        raise ValueError(f"must be an absolute path (or start with ~/), got {value!r}")
+    if any(part == ".." for part in PurePosixPath(expanded).parts):
+        raise ValueError(f"must not contain '..', got {value!r}")
+    return expanded
+
+
+def _address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+        return value
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(value) or ".." in value:
+        raise ValueError(
+            f"{value!r} is not a host name or IP address (letters, digits, '.', '-'; "
+            "must not start with '-')"
+        )
+    return value
+
+
+def _version(value: str) -> str:
+    if not _VERSION.match(value):
+        raise ValueError(f"{value!r} is not an rsync version like 3.2.7 or 2.6.9")
+    return value
+
+
+AbsPath = Annotated[str, AfterValidator(_absolute_path)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RsyncSettings(_Strict):
+    version: Annotated[str, AfterValidator(_version)] = "3.2.7"
+    url: str = DEFAULT_RSYNC_URL
+    mirrors: tuple[str, ...] = ()
+    sha256: str | None = None
+    prefix: AbsPath = "/usr/local"
+    local_prefix: AbsPath = "/usr/local"
+
+    @field_validator("url", "mirrors")
+    @classmethod
+    def _url(cls, value: Any) -> Any:
+        for url in (value,) if isinstance(value, str) else value:
+            _no_control(url)
+            if "{version}" not in url:
+                raise ValueError(f"{url!r} must contain '{{version}}'")
+            if not re.match(r"^(https?|file)://", url):
+                raise ValueError(f"{url!r} must be an http://, https:// or file:// URL")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        if value is not None and not _SHA256.match(value):
+            raise ValueError("must be 64 lowercase hex digits (a SHA-256)")
+        return value
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url, *self.mirrors]
+
+    @property
+    def remote_binary(self) -> str:
+        return f"{self.prefix.rstrip('/')}/bin/rsync"
+
+    @property
+    def local_binary(self) -> str:
+        return f"{self.local_prefix.rstrip('/')}/bin/rsync"
+
+
+class BackupSettings(_Strict):
+    source: AbsPath = "/"
+    destination: str = "/var/backups/pullback/{name}"
+    options: tuple[str, ...] = DEFAULT_OPTIONS
+    exclude: tuple[str, ...] = ()
+    snapshots: int = Field(default=0, ge=0, le=10000)
+    module: str = "system"
+    max_delete: int | None = Field(default=None, ge=0)
+    parallel: int = Field(default=4, ge=1, le=64)
+    max_age: float = Field(default=36, gt=0)  # hours
+
+    @field_validator("destination")
+    @classmethod
+    def _destination(cls, value: str) -> str:
+        _no_control(value)
+        probe = value.replace("{name}", "host")
+        if "{" in probe or "}" in probe:
+            raise ValueError("may only use the placeholder {name}")
+        probe = _absolute_path(probe)
+        if str(PurePosixPath(probe)) in DANGEROUS_DESTINATIONS:
+            raise ValueError(f"{value!r} is a system folder; a --delete pull would empty it")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for option in value:
+            _no_control(option)
+            if not option.startswith("-"):
+                raise ValueError(f"{option!r} is not an option (options start with '-')")
+            name = option.split("=", 1)[0]
+            if name in RESERVED_OPTIONS:
+                raise ValueError(f"{option!r} is not allowed here: {RESERVED_OPTIONS[name]}")
+            short = option[1:] if re.match(r"^-[a-zA-Z]+$", option) else ""
+            if "n" in short:
+                raise ValueError(f"{option!r} contains -n: use `invoke backup --dry-run` instead")
+            if "e" in short:
+                raise ValueError(f"{option!r} contains -e: the ssh command comes from inventory")
+        return value
+
+    @field_validator("exclude")
+    @classmethod
+    def _exclude(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            _no_control(pattern)
+            if not pattern:
+                raise ValueError("an exclude pattern must not be empty")
+        return value
+
+    @field_validator("module")
+    @classmethod
+    def _module(cls, value: str) -> str:
+        if not _MODULE.match(value):
+            raise ValueError(f"{value!r} is not a module name (letters, digits, '_', '-')")
+        return value
+
+
+class Host(_Strict):
+    name: str
+    address: Annotated[str, AfterValidator(_address)]
+    port: int = Field(default=22, ge=1, le=65535)
+    admin_user: str
+    admin_key: AbsPath | None = None
+    known_hosts: AbsPath = "~/.ssh/known_hosts"
+    backup_key: AbsPath
+    from_: str | None = Field(default=None, alias="from")
+    forced_command: Literal["captured", "daemon"] = "daemon"
+    sudo_password: bool = False
+    rsync: RsyncSettings = RsyncSettings()
+    backup: BackupSettings = BackupSettings()
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a valid host name (letters, digits, '.', '_', '-'; "
+                "must not start with '-')"
+            )
+        return value
+
+    @field_validator("admin_user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not _USER.match(value):
+            raise ValueError(f"{value!r} is not a valid user name")
+        return value
+
+    @field_validator("from_")
+    @classmethod
+    def _from(cls, value: str | None) -> str | None:
+        if value is not None and not _FROM.match(value):
+            raise ValueError(
+                f"{value!r} is not a from= pattern list (addresses, host names, * ? ! / ,)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _destination_per_host(self) -> Host:
+        if self.backup.snapshots and self.backup.destination.rstrip("/") == "":
+            raise ValueError("backup.destination must not be empty")
+        return self
+
+    @property
+    def destination(self) -> str:
+        return self.backup.destination.replace("{name}", self.name)
+
+    @property
+    def backup_pubkey(self) -> str:
+        return self.backup_key + ".pub"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    hosts: dict[str, Host]
+
+    def select(self, names: Iterable[str] | None) -> list[Host]:
+        """The hosts named (in inventory order), or every host when none are named."""
+        wanted = list(names or [])
+        if not wanted:
+            return list(self.hosts.values())
+        unknown = [n for n in wanted if n not in self.hosts]
+        if unknown:
+            known = ", ".join(self.hosts) or "(none)"
+            raise InventoryError(
+                [f"{self.path}: unknown host {', '.join(unknown)} (known: {known})"]
+            )
+        return [self.hosts[n] for n in self.hosts if n in wanted]
+
+
+# --- loading with line numbers ----------------------------------------------------------
+
+TOP_LEVEL = {"defaults", "hosts"}
+
+
+def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> Any:
+    """Build plain data from a composed YAML node, recording each path's line number."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = yaml.safe_load(yaml.serialize(key_node))
+            if key in out:
+                raise InventoryError([f"LINE{key_node.start_mark.line + 1}: duplicate key {key!r}"])
+            out[key] = _to_python(value_node, (*path, key), lines)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(n, (*path, i), lines) for i, n in enumerate(node.value)]
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    return override
+
+
+def _tuples(value: Any) -> Any:
+    """YAML lists become tuples (the models are frozen and strict)."""
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def _dotted(path: Iterable[Any]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
+    """Parse and validate inventory text; raise InventoryError with one line per problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f"{mark.line + 1}" if mark else "?"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise InventoryError([f"{source}:{line}: not valid YAML: {problem}"]) from None
+    lines: dict[tuple[Any, ...], int] = {}
+    try:
+        data = _to_python(root, (), lines) if root is not None else None
+    except InventoryError as exc:
+        raise InventoryError([p.replace("LINE", f"{source}:", 1) for p in exc.problems]) from None
+    if not isinstance(data, dict):
+        raise InventoryError([f"{source}:1: the inventory must be a mapping with 'hosts:'"])
+
+    problems: list[str] = []
+
+    def report(path: tuple[Any, ...], message: str) -> None:
+        probe = path
+        line = lines.get(probe)
+        while line is None and probe:
+            probe = probe[:-1]
+            line = lines.get(probe)
+        problems.append(f"{source}:{line or 1}: {_dotted(path) or '(top)'}: {message}")
+
+    for key in data:
+        if key not in TOP_LEVEL:
+            report((key,), f"unknown key (expected one of: {', '.join(sorted(TOP_LEVEL))})")
+    defaults = data.get("defaults") or {}
+    hosts_data = data.get("hosts")
+    if not isinstance(defaults, dict):
+        report(("defaults",), "must be a mapping")
+        defaults = {}
+    if not isinstance(hosts_data, dict) or not hosts_data:
+        report(("hosts",), "must be a non-empty mapping of host name -> settings")
+        raise InventoryError(problems)
+
+    hosts: dict[str, Host] = {}
+    for name, entry in hosts_data.items():
+        if entry is None:
+            entry = {}
+        if not isinstance(entry, dict):
+            report(("hosts", name), "must be a mapping of settings")
+            continue
+        merged = _tuples(_merge(defaults, entry))
+        merged["name"] = str(name)
+        try:
+            hosts[str(name)] = Host.model_validate(merged)
+        except ValidationError as exc:
+            for error in exc.errors():
+                loc = tuple("from" if p == "from_" else p for p in error["loc"])
+                # Point at the line the bad value came from: the host entry or defaults.
+                host_path = ("hosts", name, *loc)
+                default_path = ("defaults", *loc)
+                if loc == ("name",):
+                    path = ("hosts", name)
+                elif host_path in lines or default_path not in lines:
+                    path = host_path
+                else:
+                    path = default_path
+                report(path, _message(error))
+    if problems:
+        raise InventoryError(problems)
+    return Inventory(path=Path(source), hosts=hosts)
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "extra_forbidden":
+        return "unknown key"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind.endswith("_type"):
+        message += f" (got {type(error['input']).__name__} {error['input']!r})"
+    elif kind != "value_error":
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def load(path: str | Path) -> Inventory:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InventoryError([f"{path}: inventory file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError([f"{path}: cannot read inventory: {exc}"]) from None
+    inventory = load_text(text, str(path))
+    return Inventory(path=path, hosts=inventory.hosts)

@@ -1,0 +1,168 @@
+"""pullback: pull-based full-system rsync backups over a restricted root SSH key.
+
+Tasks stay thin: parse options, load the inventory, call the roles, print the outcome per
+host. ``invoke --list`` shows them; ``invoke --help TASK`` shows a task's options.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from invoke import Collection, task
+from invoke.exceptions import Exit
+
+from roles.inventory import Inventory, InventoryError, load
+
+DEFAULT_INVENTORY = "inventory.yaml"
+HOST_HELP = {
+    "inventory": "inventory file (default: inventory.yaml)",
+    "host": "host name from the inventory; repeat for several (default: every host)",
+}
+
+
+def _inventory(path: str) -> Inventory:
+    try:
+        return load(path)
+    except InventoryError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise Exit(code=2) from None
+
+
+def _hosts(path: str, names: list[str] | None):
+    inventory = _inventory(path)
+    try:
+        return inventory.select(names)
+    except InventoryError as exc:
+        raise Exit(str(exc), code=2) from None
+
+
+def _not_implemented(name: str) -> None:
+    raise Exit(f"{name}: not implemented yet", code=3)
+
+
+@task(iterable=["host"], help=HOST_HELP)
+def keygen(c, inventory=DEFAULT_INVENTORY, host=None):
+    """Create the backup key (ed25519) and the local backup folders."""
+    _hosts(inventory, host)
+    _not_implemented("keygen")
+
+
+@task(iterable=["host"], help={**HOST_HELP, "dry_run": "print the diffs, change nothing"})
+def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
+    """Harden each remote: PermitRootLogin, restricted root key, rsyncd.conf."""
+    _hosts(inventory, host)
+    _not_implemented("setup-remote")
+
+
+@task(iterable=["host"], help=HOST_HELP)
+def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None):
+    """Build the pinned rsync from verified source on both ends, in parallel."""
+    _hosts(inventory, host)
+    _not_implemented("build-rsync")
+
+
+@task(iterable=["host"], help=HOST_HELP)
+def capture_command(c, inventory=DEFAULT_INVENTORY, host=None):
+    """Capture the exact command the client's rsync sends and force exactly that."""
+    _hosts(inventory, host)
+    _not_implemented("capture-command")
+
+
+@task(iterable=["host"], help={**HOST_HELP, "dry_run": "rsync -n: show what would change"})
+def backup(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
+    """Pull / from each host with the backup key (unattended)."""
+    _hosts(inventory, host)
+    _not_implemented("backup")
+
+
+@task(iterable=["host"], help=HOST_HELP)
+def restore(c, inventory=DEFAULT_INVENTORY, host=None):
+    """Copy a path out of a local backup, metadata preserved."""
+    _hosts(inventory, host)
+    _not_implemented("restore")
+
+
+@task(iterable=["host"], help=HOST_HELP)
+def doctor(c, inventory=DEFAULT_INVENTORY, host=None):
+    """Diagnose why a backup fails: shell, protocol, forced command, sshd."""
+    _hosts(inventory, host)
+    _not_implemented("doctor")
+
+
+@task(iterable=["host"], help=HOST_HELP)
+def verify(c, inventory=DEFAULT_INVENTORY, host=None):
+    """Check each remote's hardened state with the testinfra checks."""
+    _hosts(inventory, host)
+    _not_implemented("verify")
+
+
+@task(iterable=["host"], help=HOST_HELP)
+def schedule(c, inventory=DEFAULT_INVENTORY, host=None):
+    """Install a systemd timer / cron entry that runs the backup."""
+    _hosts(inventory, host)
+    _not_implemented("schedule")
+
+
+# --- the lab --------------------------------------------------------------------------------
+
+
+LAB_HELP = {"prefix": "container name prefix (default pullback-lab)"}
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+@task(help={**LAB_HELP, "count": "number of containers (default 1)",
+            "release": "Debian release of the image (default bookworm)"})
+def lab_up(c, count=1, release="bookworm", prefix="pullback-lab"):
+    """Start lab containers playing remote servers; write .state/lab/inventory.yaml."""
+    from roles import lab
+
+    try:
+        hosts = lab.up(count=int(count), prefix=prefix, release=release)
+        port = lab.start_mirror(prefix)
+        path = lab.write_inventory(hosts, port, prefix)
+    except (lab.LabError, lab.mirror.MirrorError) as exc:
+        raise Exit(f"lab.up: {exc}", code=1) from None
+    for h in hosts:
+        print(f"{h.name}: ssh -F {_shown(path.parent / 'ssh_config')} {h.name}")
+    print(f"rsync mirror: http://127.0.0.1:{port}/")
+    print(f"inventory: {_shown(path)}")
+
+
+@task(help=LAB_HELP)
+def lab_down(c, prefix="pullback-lab"):
+    """Remove the lab's containers and stop its mirror."""
+    from roles import lab
+
+    try:
+        names = lab.down(prefix)
+    except lab.LabError as exc:
+        raise Exit(f"lab.down: {exc}", code=1) from None
+    print("removed: " + (", ".join(names) if names else "nothing"))
+
+
+@task(help=LAB_HELP)
+def lab_status(c, prefix="pullback-lab"):
+    """Show the lab's containers and their ssh ports."""
+    from roles import lab
+
+    rows = lab.status(prefix)
+    if not rows:
+        print("no lab containers")
+    for name, state, port in rows:
+        print(f"{name:24} {state:8} {port}")
+
+
+ns = Collection(
+    keygen, setup_remote, build_rsync, capture_command, backup, restore, doctor, verify,
+    schedule,
+)
+lab_collection = Collection("lab")
+lab_collection.add_task(lab_up, "up")
+lab_collection.add_task(lab_down, "down")
+lab_collection.add_task(lab_status, "status")
+ns.add_collection(lab_collection)

@@ -1,0 +1,110 @@
+"""The container lab for integration tests: real sshd, real sudo, real rsync.
+
+One image build per session; one shared container for read-only tests; a fresh
+container for every test that changes or damages a host. Containers are named
+``pullback-test-*`` and carry the lab label; only those are removed at the end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from roles import lab
+
+PREFIX = "pullback-test"
+_counter = itertools.count(1)
+
+
+@dataclass
+class Lab:
+    image: str
+    state: Path
+    started: list[str] = field(default_factory=list)
+
+    def start(self, tag: str = "", image: str | None = None) -> lab.LabHost:
+        name = f"{PREFIX}-{os.getpid()}-{next(_counter)}{'-' + tag if tag else ''}"
+        self.started.append(name)
+        host = lab.ensure_host(name, image or self.image)
+        return host
+
+    def remove(self, host: lab.LabHost) -> None:
+        lab.remove(host.name)
+        self.started.remove(host.name)
+
+    def inventory(self, hosts: list[lab.LabHost], path: Path | None = None,
+                  defaults: dict[str, Any] | None = None,
+                  per_host: dict[str, dict[str, Any]] | None = None) -> Path:
+        """Write an inventory (and its known_hosts) for ``hosts``; return its path."""
+        path = path or self.state / f"inventory-{next(_counter)}.yaml"
+        known_hosts = path.with_suffix(".known_hosts")
+        lab.write_known_hosts(hosts, known_hosts)
+        base: dict[str, Any] = {
+            "admin_user": "admin",
+            "admin_key": str(lab.admin_key()),
+            "known_hosts": str(known_hosts),
+            "backup_key": str(self.state / "backup_ed25519"),
+            "backup": {"destination": str(self.state / "backups" / "{name}")},
+            "rsync": {"version": "3.2.7", "url": "file:///nonexistent/rsync-{version}.tar.gz",
+                      "local_prefix": str(self.state / "local")},
+        }
+        for key, value in (defaults or {}).items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        data = {
+            "defaults": base,
+            "hosts": {
+                h.name: {"address": "127.0.0.1", "port": h.port, **(per_host or {}).get(h.name, {})}
+                for h in hosts
+            },
+        }
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def ssh_config(self, hosts: list[lab.LabHost]) -> Path:
+        path = self.state / f"ssh_config-{next(_counter)}"
+        known_hosts = path.with_suffix(".known_hosts")
+        lab.write_known_hosts(hosts, known_hosts)
+        lab.write_ssh_config(hosts, path, known_hosts, lab.admin_key())
+        return path
+
+
+@pytest.fixture(scope="session")
+def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    image = lab.build_images()
+    env = Lab(image=image, state=tmp_path_factory.mktemp("lab"))
+    try:
+        yield env
+    finally:
+        if env.started:
+            lab.remove(*env.started)
+
+
+@pytest.fixture(scope="session")
+def shared_host(lab_env: Lab) -> lab.LabHost:
+    """One lab container for tests that only read."""
+    return lab_env.start("shared")
+
+
+@pytest.fixture
+def fresh_host(lab_env: Lab) -> Iterator[lab.LabHost]:
+    """A new lab container for a test that changes or damages the host."""
+    host = lab_env.start()
+    yield host
+    lab_env.remove(host)
+
+
+def infra_host(lab_env: Lab, host: lab.LabHost, sudo: bool = True) -> Any:
+    import testinfra
+
+    config = lab_env.ssh_config([host])
+    return testinfra.get_host(f"ssh://{host.name}", ssh_config=str(config), sudo=sudo)

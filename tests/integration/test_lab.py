@@ -1,0 +1,94 @@
+"""The lab itself: containers start, the admin logs in strictly, sudo works, teardown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from roles import lab
+from roles.connection import ConnectError, connect, run
+from roles.inventory import load
+from tests.integration.conftest import Lab, infra_host
+
+pytestmark = pytest.mark.integration
+
+
+def test_admin_logs_in_with_key_and_pinned_host_key(lab_env: Lab, shared_host: lab.LabHost):
+    host = load(lab_env.inventory([shared_host])).hosts[shared_host.name]
+    conn = connect(host)
+    try:
+        assert run(conn, "id -un").stdout.strip() == "admin"
+        assert run(conn, "id -u", sudo=True).stdout.strip() == "0"
+    finally:
+        conn.close()
+
+
+def test_openssh_client_agrees_on_the_pinned_host_key(lab_env: Lab, shared_host: lab.LabHost):
+    config = lab_env.ssh_config([shared_host])
+    result = subprocess.run(
+        ["ssh", "-F", str(config), shared_host.name, "sudo", "-n", "true"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # a clean shell: the admin login prints nothing
+
+
+def test_unknown_host_key_is_refused(lab_env: Lab, shared_host: lab.LabHost, tmp_path):
+    inventory = lab_env.inventory([shared_host])
+    host = load(inventory).hosts[shared_host.name]
+    # Same port, but a known_hosts that pins a different key: must be refused.
+    other = lab.LabHost(shared_host.name, shared_host.port,
+                        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDt0cDPZ8k7J0zn1kqQz1Z7fI9vqgTuE5H8g9fYlH6zC")
+    lab.write_known_hosts([other], tmp_path / "known_hosts")
+    changed = host.model_copy(update={"known_hosts": str(tmp_path / "known_hosts")})
+    with pytest.raises(ConnectError, match="HOST KEY CHANGED"):
+        connect(changed)
+    (tmp_path / "empty").write_text("")
+    unknown = host.model_copy(update={"known_hosts": str(tmp_path / "empty")})
+    with pytest.raises(ConnectError, match="not in"):
+        connect(unknown)
+
+
+def test_testinfra_reaches_the_lab_host(lab_env: Lab, shared_host: lab.LabHost):
+    host = infra_host(lab_env, shared_host)
+    assert host.user().name == "root"  # through sudo
+    sshd = host.file("/usr/sbin/sshd")
+    assert sshd.exists and sshd.user == "root"
+    assert host.process.filter(comm="sshd")
+    assert host.package("openssh-server").is_installed
+    assert host.exists("gcc") and host.exists("make")
+
+
+def test_lab_down_leaves_nothing_running(lab_env: Lab):
+    host = lab_env.start("down")
+    assert lab.is_running(host.name)
+    lab_env.remove(host)
+    assert host.name not in lab.container_names("")
+    assert not lab.is_running(host.name)
+
+
+def test_invoke_lab_up_status_down(tmp_path):
+    prefix = "pullback-test-cli"
+    invoke = [str(Path(sys.executable).parent / "invoke")]
+    try:
+        up = subprocess.run([*invoke, "lab.up", "--prefix", prefix, "--count", "2"],
+                            capture_output=True, text=True, timeout=300, check=False)
+        assert up.returncode == 0, up.stderr
+        assert lab.container_names(prefix) == [f"{prefix}-1", f"{prefix}-2"]
+        inventory = load(lab.state_dir(prefix) / "inventory.yaml")
+        assert sorted(inventory.hosts) == [f"{prefix}-1", f"{prefix}-2"]
+        conn = connect(inventory.hosts[f"{prefix}-2"])
+        assert run(conn, "hostname").stdout.strip() == f"{prefix}-2"
+        conn.close()
+        status = subprocess.run([*invoke, "lab.status", "--prefix", prefix],
+                                capture_output=True, text=True, timeout=60, check=True)
+        assert status.stdout.count("running") == 2
+    finally:
+        down = subprocess.run([*invoke, "lab.down", "--prefix", prefix],
+                              capture_output=True, text=True, timeout=120, check=False)
+    assert down.returncode == 0, down.stderr
+    assert lab.container_names(prefix) == []
+    assert lab.mirror.server_port(lab.state_dir(prefix) / "mirror.pid") is None

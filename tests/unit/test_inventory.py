@@ -1,0 +1,155 @@
+"""Inventory loading: defaults merging, and one exact line per problem."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from roles.inventory import DEFAULT_OPTIONS, InventoryError, load, load_text
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = textwrap.dedent("""\
+    defaults:
+      admin_user: remoteuser
+      backup_key: /keys/backup
+      known_hosts: /keys/known_hosts
+      rsync: {version: 2.6.9, prefix: /opt/rsync}
+      backup: {snapshots: 3, exclude: [/proc/*]}
+    hosts:
+      web1:
+        address: web1.example.com
+      db1:
+        address: 192.0.2.10
+        port: 2222
+        from: "198.51.100.7,2001:db8::/32"
+        rsync: {version: 3.2.7}
+        backup: {exclude: [/var/lib/mysql/*], destination: "/srv/backups/{name}"}
+""")
+
+
+def test_defaults_merge_under_each_host():
+    inventory = load_text(GOOD)
+    web1, db1 = inventory.hosts["web1"], inventory.hosts["db1"]
+    assert web1.admin_user == db1.admin_user == "remoteuser"
+    assert web1.port == 22 and db1.port == 2222
+    # nested mappings merge key by key: db1 keeps the default prefix, overrides the version
+    assert (web1.rsync.version, web1.rsync.prefix) == ("2.6.9", "/opt/rsync")
+    assert (db1.rsync.version, db1.rsync.prefix) == ("3.2.7", "/opt/rsync")
+    # lists are replaced, not joined
+    assert web1.backup.exclude == ("/proc/*",)
+    assert db1.backup.exclude == ("/var/lib/mysql/*",)
+    assert db1.backup.snapshots == 3
+    assert db1.destination == "/srv/backups/db1"
+    assert web1.destination == "/var/backups/pullback/web1"
+    assert db1.from_ == "198.51.100.7,2001:db8::/32"
+    assert web1.backup.options == DEFAULT_OPTIONS
+    assert web1.rsync.remote_binary == "/opt/rsync/bin/rsync"
+
+
+def test_the_shipped_example_mirrors_the_seed():
+    host = load(ROOT / "inventory.yaml").hosts["example.com"]
+    assert host.address == "example.com"
+    assert host.admin_user == "remoteuser"
+    assert host.rsync.version == "2.6.9"
+    assert host.backup.options == ("-avzx", "--numeric-ids", "--delete", "--progress")
+    assert host.backup.snapshots == 0
+
+
+def test_select_hosts():
+    inventory = load_text(GOOD)
+    assert [h.name for h in inventory.select(None)] == ["web1", "db1"]
+    assert [h.name for h in inventory.select(["db1"])] == ["db1"]
+    with pytest.raises(InventoryError, match="unknown host nope"):
+        inventory.select(["nope"])
+
+
+BASE = "hosts:\n  a:\n    address: a.example\n    admin_user: u\n    backup_key: /k\n"
+
+BAD = [
+    # (inventory text, the exact one-line message)
+    ("hosts: [", "inventory.yaml:1: not valid YAML: expected the node content, but found '<stream end>'"),
+    ("- a\n- b\n", "inventory.yaml:1: the inventory must be a mapping with 'hosts:'"),
+    ("defaults: {}\n", "inventory.yaml:1: hosts: must be a non-empty mapping of host name -> settings"),
+    (BASE + "servers: {}\n", "inventory.yaml:6: servers: unknown key (expected one of: defaults, hosts)"),
+    (BASE + "    colour: red\n", "inventory.yaml:6: hosts.a.colour: unknown key"),
+    ("hosts:\n  a:\n    address: a.example\n    backup_key: /k\n",
+     "inventory.yaml:2: hosts.a.admin_user: required field is missing"),
+    (BASE + "    port: 70000\n",
+     "inventory.yaml:6: hosts.a.port: Input should be less than or equal to 65535 (got 70000)"),
+    (BASE + "    port: '22'\n",
+     "inventory.yaml:6: hosts.a.port: Input should be a valid integer (got str '22')"),
+    (BASE.replace("a.example", "-oProxyCommand=sh"),
+     "inventory.yaml:3: hosts.a.address: '-oProxyCommand=sh' is not a host name or IP address "
+     "(letters, digits, '.', '-'; must not start with '-')"),
+    (BASE.replace("a.example", "'a.example; rm -rf /'"),
+     "inventory.yaml:3: hosts.a.address: 'a.example; rm -rf /' is not a host name or IP address "
+     "(letters, digits, '.', '-'; must not start with '-')"),
+    (BASE.replace("  a:", "  '-a':"),
+     "inventory.yaml:2: hosts.-a: '-a' is not a valid host name (letters, digits, '.', '_', "
+     "'-'; must not start with '-')"),
+    (BASE.replace("admin_user: u", "admin_user: 'root -oX'"),
+     "inventory.yaml:4: hosts.a.admin_user: 'root -oX' is not a valid user name"),
+    (BASE.replace("/k", "keys/backup"),
+     "inventory.yaml:5: hosts.a.backup_key: must be an absolute path (or start with ~/), "
+     "got 'keys/backup'"),
+    (BASE + "    backup: {destination: /}\n",
+     "inventory.yaml:6: hosts.a.backup.destination: '/' is a system folder; a --delete pull "
+     "would empty it"),
+    (BASE + "    backup: {destination: /etc/}\n",
+     "inventory.yaml:6: hosts.a.backup.destination: '/etc/' is a system folder; a --delete pull "
+     "would empty it"),
+    (BASE + "    backup: {destination: '/srv/{host}'}\n",
+     "inventory.yaml:6: hosts.a.backup.destination: may only use the placeholder {name}"),
+    (BASE + "    rsync: {version: 3.2}\n",
+     "inventory.yaml:6: hosts.a.rsync.version: Input should be a valid string (got float 3.2)"),
+    (BASE + "    rsync: {version: latest}\n",
+     "inventory.yaml:6: hosts.a.rsync.version: 'latest' is not an rsync version like 3.2.7 or 2.6.9"),
+    (BASE + "    rsync: {sha256: abc}\n",
+     "inventory.yaml:6: hosts.a.rsync.sha256: must be 64 lowercase hex digits (a SHA-256)"),
+    (BASE + "    rsync: {url: 'https://example.org/rsync.tar.gz'}\n",
+     "inventory.yaml:6: hosts.a.rsync.url: 'https://example.org/rsync.tar.gz' must contain "
+     "'{version}'"),
+    (BASE + "    forced_command: shell\n",
+     "inventory.yaml:6: hosts.a.forced_command: Input should be 'captured' or 'daemon' "
+     "(got 'shell')"),
+    (BASE + "    backup: {options: [-avzxn]}\n",
+     "inventory.yaml:6: hosts.a.backup.options: '-avzxn' contains -n: use `invoke backup "
+     "--dry-run` instead"),
+    (BASE + "    backup: {options: ['--rsh=ssh -p 2']}\n",
+     "inventory.yaml:6: hosts.a.backup.options: '--rsh=ssh -p 2' is not allowed here: the ssh "
+     "command is built from the inventory"),
+    (BASE + "    from: '1.2.3.4\" ,command=\"sh'\n",
+     "inventory.yaml:6: hosts.a.from: '1.2.3.4\" ,command=\"sh' is not a from= pattern list "
+     "(addresses, host names, * ? ! / ,)"),
+    (BASE + "    backup: {module: 'sys tem'}\n",
+     "inventory.yaml:6: hosts.a.backup.module: 'sys tem' is not a module name (letters, digits, "
+     "'_', '-')"),
+    (BASE + "    backup: {exclude: [\"a\\nb\"]}\n",
+     "inventory.yaml:6: hosts.a.backup.exclude: must not contain control characters or newlines"),
+    ("defaults:\n  port: 0\n" + BASE,
+     "inventory.yaml:2: defaults.port: Input should be greater than or equal to 1 (got 0)"),
+    (BASE + "    port: 22\n    port: 23\n", "inventory.yaml:7: duplicate key 'port'"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[m.split(": ", 2)[1] for _, m in BAD])
+def test_malformed_inventory_gives_one_exact_line(text: str, message: str):
+    with pytest.raises(InventoryError) as caught:
+        load_text(text)
+    assert caught.value.problems == [message]
+
+
+def test_every_problem_is_reported_at_once():
+    text = BASE + "    port: 0\n    forced_command: x\n"
+    with pytest.raises(InventoryError) as caught:
+        load_text(text)
+    assert [p.split(": ")[1] for p in caught.value.problems] == [
+        "hosts.a.port", "hosts.a.forced_command"]
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InventoryError, match="inventory file not found"):
+        load(tmp_path / "nope.yaml")
