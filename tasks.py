@@ -42,18 +42,53 @@ def _not_implemented(name: str) -> None:
     raise Exit(f"{name}: not implemented yet", code=3)
 
 
-@task(iterable=["host"], help=HOST_HELP)
-def keygen(c, inventory=DEFAULT_INVENTORY, host=None):
-    """Create the backup key (ed25519) and the local backup folders."""
-    _hosts(inventory, host)
-    _not_implemented("keygen")
+@task(iterable=["host"], help={**HOST_HELP, "passphrase": "protect the key with a passphrase "
+                                "(ssh-keygen prompts; it is never stored)"})
+def keygen(c, inventory=DEFAULT_INVENTORY, host=None, passphrase=False):
+    """Create the backup key (ed25519, 0600) and the local backup folders (0700)."""
+    from roles import keys
+
+    hosts = _hosts(inventory, host)
+    try:
+        for path in dict.fromkeys(Path(h.backup_key) for h in hosts):
+            print(keys.ensure_backup_key(path, passphrase=passphrase))
+        for h in hosts:
+            print(keys.ensure_destination(Path(h.destination)))
+    except (keys.KeyError_, OSError) as exc:
+        raise Exit(f"keygen: {exc}", code=1) from None
+
+
+def _report(outcomes) -> None:
+    """Print per host and step: ok, changed or failed; exit 1 if any host failed."""
+    for outcome in outcomes:
+        for diff in outcome.diffs:
+            print(diff, end="")
+        for warning in outcome.warnings:
+            print(f"{outcome.host}: warning: {warning}", file=sys.stderr)
+        for step, state in outcome.steps.items():
+            print(f"{outcome.host:24} {step:18} {state}")
+        for action in outcome.actions:
+            print(f"{outcome.host:24} {'action':18} {action}")
+        if outcome.error:
+            print(f"{outcome.host:24} {'':18} failed: {outcome.error}")
+    failed = [o.host for o in outcomes if o.error]
+    if failed:
+        raise Exit(f"failed: {', '.join(failed)}", code=1)
 
 
 @task(iterable=["host"], help={**HOST_HELP, "dry_run": "print the diffs, change nothing"})
 def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
     """Harden each remote: PermitRootLogin, restricted root key, rsyncd.conf."""
-    _hosts(inventory, host)
-    _not_implemented("setup-remote")
+    from roles import fleet, setup
+
+    hosts = _hosts(inventory, host)
+    outcomes = fleet.for_each(
+        hosts,
+        lambda h: setup.setup_host(h, dry_run=dry_run),
+        lambda h, exc: setup.Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
+        parallel=16,
+    )
+    _report(outcomes)
 
 
 @task(iterable=["host"], help=HOST_HELP)

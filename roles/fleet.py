@@ -1,0 +1,27 @@
+"""Run one function per host on a thread pool; one failing host never stops the others."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from roles.inventory import Host
+
+T = TypeVar("T")
+
+
+def for_each(hosts: list[Host], work: Callable[[Host], T], on_error: Callable[[Host, Exception], T],
+             parallel: int = 8) -> list[T]:
+    """``work(host)`` for every host, concurrently; results in inventory order."""
+
+    def guarded(host: Host) -> T:
+        try:
+            return work(host)
+        except Exception as exc:  # noqa: BLE001 - reported per host, the others go on
+            return on_error(host, exc)
+
+    if len(hosts) <= 1:
+        return [guarded(h) for h in hosts]
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
+        return list(pool.map(guarded, hosts))

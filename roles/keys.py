@@ -1,0 +1,54 @@
+"""The backup key on the backup host: create it once, never overwrite, never expose it."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import subprocess
+from pathlib import Path
+
+
+class KeyError_(Exception):
+    pass
+
+
+def check_private_key(path: Path) -> None:
+    """Refuse a private key that others can read (ssh itself would refuse it too)."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise KeyError_(
+            f"{path} has mode {mode:04o}: others can read the key that reads every file on "
+            f"your servers; fix with: chmod 600 {path}"
+        )
+
+
+def ensure_backup_key(path: Path, *, passphrase: bool = False) -> str:
+    """Create an ed25519 key at ``path`` (0600) unless one exists; return what happened."""
+    if path.exists():
+        check_private_key(path)
+        if not path.with_name(path.name + ".pub").exists():
+            raise KeyError_(f"{path} exists but {path}.pub is missing: ssh-keygen -y -f {path}")
+        return f"{path}: exists, kept"
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    argv = ["ssh-keygen", "-q", "-t", "ed25519", "-C",
+            f"pullback-backup@{socket.gethostname()}", "-f", str(path)]
+    if not passphrase:
+        argv[2:2] = ["-N", ""]
+    # With a passphrase, ssh-keygen prompts on the terminal itself: it never passes
+    # through this program and is never stored.
+    result = subprocess.run(argv, check=False, stdin=None if passphrase else subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise KeyError_(f"ssh-keygen failed with exit {result.returncode}")
+    path.chmod(0o600)
+    return f"{path}: created (ed25519{', with passphrase' if passphrase else ''})"
+
+
+def ensure_destination(path: Path) -> str:
+    """Create the local backup folder with mode 0700 (it will hold copies of root files)."""
+    existed = path.exists()
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode != 0o700:
+        path.chmod(0o700)
+        return f"{path}: mode {mode:04o} -> 0700"
+    return f"{path}: {'exists' if existed else 'created'} (0700)"

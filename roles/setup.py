@@ -1,0 +1,420 @@
+"""setup-remote: plan (pure) and apply (one root script, then a lockout check).
+
+Order on the host, all in ONE ``sudo sh -c`` round trip:
+  for each file that differs: check it is unchanged since it was read -> write a candidate
+  next to it (same owner and mode) -> validate the candidate (``sshd -t -f``; the key line
+  with ``ssh-keygen -l``) -> keep a ``.pullback-bak`` copy -> atomic ``mv -T`` into place;
+  then, when sshd_config changed: ``sshd -t`` on the whole configuration and ``sshd -T -C``
+  for the backup host's connection must show the wanted PermitRootLogin (a drop-in or a
+  Match block can override the edit) -> reload (``systemctl reload`` or SIGHUP to the pid in
+  sshd's pidfile). Any failure restores every file already replaced and exits non-zero
+  before sshd is signalled.
+Then, from the client: a NEW admin connection (the first one stays open) must log in and
+use sudo; if it cannot, the backups are restored over the first connection and sshd is
+reloaded again.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import hashlib
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from roles import rootkey, rsyncd, sshd
+from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, HostFacts
+from roles.inventory import Host
+
+WANT = "forced-commands-only"
+ROOT_SSH = "/root/.ssh"
+BACKUP_SUFFIX = ".pullback-bak"
+RESTRICT_SINCE = (7, 2)  # OpenSSH version that knows the `restrict` option
+
+
+class SetupError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class FileChange:
+    step: str            # "sshd_config", "authorized_keys", "rsyncd.conf"
+    path: str
+    old: bytes | None
+    new: bytes
+    mode: int
+    uid: int
+    gid: int
+    check_line: str | None = None  # authorized_keys: the managed line, for ssh-keygen -l
+
+    def diff(self) -> str:
+        old = (self.old or b"").decode(errors="replace").splitlines(keepends=True)
+        new = self.new.decode(errors="replace").splitlines(keepends=True)
+        lines = difflib.unified_diff(
+            old, new, "/dev/null" if self.old is None else f"a{self.path}", f"b{self.path}")
+        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+
+
+@dataclass(frozen=True)
+class SetupPlan:
+    host: str
+    changes: tuple[FileChange, ...]
+    fix_root_ssh: bool            # /root/.ssh missing or not 0700 root:root
+    reload_sshd: bool
+    client_addr: str
+    sshd: str
+    service: str | None
+    pidfile: str
+    forced_command: str | None
+    warnings: tuple[str, ...] = ()
+    steps: dict[str, str] = field(default_factory=dict)  # step -> "ok" | "changed"
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes) or self.fix_root_ssh
+
+
+# --- planning (pure) --------------------------------------------------------------------
+
+
+def daemon_command(facts: HostFacts, host: Host) -> tuple[str, list[str]]:
+    """The daemon-mode forced command and warnings: the pinned build when it is there."""
+    wanted = host.rsync.remote_binary
+    if wanted in facts.rsync:
+        return f"{wanted} --server --daemon .", []
+    others = [path for path in facts.rsync if path != wanted]
+    if not others:
+        raise SetupError(
+            f"no rsync on the host: neither {wanted} nor one on PATH; run `invoke build-rsync`"
+        )
+    return f"{others[0]} --server --daemon .", [
+        f"{wanted} is not installed yet: the forced command uses {others[0]} for now; "
+        "run `invoke build-rsync` and then setup-remote again so both ends run the same build"
+    ]
+
+
+def plan_setup(facts: HostFacts, host: Host, public_key: str,
+               forced_command: str | None) -> SetupPlan:
+    """Compute every change for ``host`` from its facts; no I/O.
+
+    ``forced_command`` None means: install no key (captured mode before any capture).
+    """
+    warnings: list[str] = []
+    changes: list[FileChange] = []
+    steps: dict[str, str] = {}
+
+    # sshd_config: the effective PermitRootLogin, in the file that decides it.
+    sshd_facts = sshd.SshdFacts(
+        main_path=SSHD_CONFIG,
+        files={path: fact.content for path, fact in facts.files.items()
+               if path == SSHD_CONFIG or any(path in m for m in facts.includes.values())},
+        includes=facts.includes,
+    )
+    if SSHD_CONFIG not in facts.files:
+        raise SetupError(f"{SSHD_CONFIG} does not exist on the host")
+    sshd_plan = sshd.plan_permit_root_login(sshd_facts, WANT)
+    warnings.extend(sshd_plan.warnings)
+    if facts.sshd_T_error:
+        raise SetupError(f"sshd -T fails on the current configuration: {facts.sshd_T_error}")
+    effective = facts.effective.get("permitrootlogin", "")
+    if sshd_plan.changed:
+        fact = facts.files[sshd_plan.path]
+        changes.append(FileChange("sshd_config", sshd_plan.path, sshd_plan.old, sshd_plan.new,
+                                  fact.mode, fact.uid, fact.gid))
+        steps["sshd_config"] = "changed"
+    elif effective and effective != WANT:
+        # The files already say it globally, yet sshd -T differs: a Match block applies to
+        # the backup host's connection. Editing Match blocks is not ours to do.
+        raise SetupError(
+            f"PermitRootLogin is {WANT} globally, but a Match block makes it {effective!r} "
+            f"for connections from {facts.client_addr}; fix that Match block by hand"
+        )
+    else:
+        steps["sshd_config"] = "ok"
+
+    # /root/.ssh and authorized_keys.
+    root_ssh = facts.dirs.get(ROOT_SSH)
+    fix_root_ssh = root_ssh != (0o700, 0, 0)
+    current_keys = facts.content(AUTHORIZED_KEYS)
+    if forced_command is None:
+        steps["authorized_keys"] = "skipped"
+        warnings.append("no captured command yet: no key installed; run `invoke capture-command`")
+    else:
+        key = rootkey.parse_public_key(public_key)
+        restrict = facts.openssh is None or facts.openssh >= RESTRICT_SINCE
+        options = rootkey.build_options(forced_command, restrict=restrict, from_=host.from_)
+        line = rootkey.render_key_line(key, options).rstrip("\n")
+        rootkey.validate_key_line(line, forced_command=forced_command)
+        keys_plan = rootkey.plan_authorized_keys(current_keys, line, key)
+        if keys_plan.unrestricted_root_keys:
+            listed = ", ".join(keys_plan.unrestricted_root_keys)
+            warnings.append(
+                f"root keys without command= stop working under PermitRootLogin {WANT}: {listed}"
+            )
+        fact = facts.files.get(AUTHORIZED_KEYS)
+        mode_ok = fact is not None and (fact.mode, fact.uid, fact.gid) == (0o600, 0, 0)
+        if keys_plan.changed or not mode_ok:
+            changes.append(FileChange("authorized_keys", AUTHORIZED_KEYS, current_keys,
+                                      keys_plan.new, 0o600, 0, 0, check_line=line))
+            steps["authorized_keys"] = "changed"
+        else:
+            steps["authorized_keys"] = "ok"
+    if fix_root_ssh:
+        steps["authorized_keys"] = "changed"
+
+    # rsyncd.conf: the module for daemon mode.
+    if host.forced_command == "daemon":
+        settings = rsyncd.RsyncdSettings(module=host.backup.module, path="/")
+        rsyncd_plan = rsyncd.plan_rsyncd_conf(facts.content(RSYNCD_CONF), settings)
+        warnings.extend(rsyncd_plan.warnings)
+        if rsyncd_plan.changed:
+            fact = facts.files.get(RSYNCD_CONF)
+            mode, uid, gid = (fact.mode, fact.uid, fact.gid) if fact else (0o644, 0, 0)
+            changes.append(FileChange("rsyncd.conf", RSYNCD_CONF, rsyncd_plan.old,
+                                      rsyncd_plan.new, mode, uid, gid))
+            steps["rsyncd.conf"] = "changed"
+        else:
+            steps["rsyncd.conf"] = "ok"
+
+    # authorized_keys before sshd_config: the key works as soon as root login is limited.
+    order = {"rsyncd.conf": 0, "authorized_keys": 1, "sshd_config": 2}
+    changes.sort(key=lambda change: order[change.step])
+    return SetupPlan(
+        host=host.name, changes=tuple(changes), fix_root_ssh=fix_root_ssh,
+        reload_sshd=any(c.step == "sshd_config" for c in changes),
+        client_addr=facts.client_addr, sshd=facts.sshd, service=facts.service,
+        pidfile=facts.effective.get("pidfile", "/run/sshd.pid"),
+        forced_command=forced_command, warnings=tuple(warnings), steps=steps,
+    )
+
+
+# --- the root scripts (pure text) ------------------------------------------------------
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def reload_command(plan: SetupPlan) -> str:
+    if plan.service:
+        return f"systemctl reload {_q(plan.service)}"
+    return f'kill -HUP "$(cat {_q(plan.pidfile)})"'
+
+
+def apply_script(plan: SetupPlan) -> str:
+    """The root script that applies ``plan`` atomically, or restores and fails."""
+    out = [
+        "set -u",
+        "umask 077",
+        f"sshd={_q(plan.sshd)}",
+    ]
+    restore = ["restore() {"]
+    for i, change in enumerate(plan.changes):
+        out.append(f"r{i}=0")
+        target, bak = _q(change.path), _q(change.path + BACKUP_SUFFIX)
+        undo = f"mv -fT {bak} {target}" if change.old is not None else f"rm -f {target}"
+        restore.append(f'  if [ "$r{i}" = 1 ]; then {undo}; fi')
+    restore.append("  :")
+    restore.append("}")
+    cands = " ".join(_q(c.path + ".pullback-new") for c in plan.changes) or ":"
+    out += restore
+    out.append(
+        "fail() { printf 'PULLBACK_FAIL %s\\n' \"$*\"; restore; "
+        f"rm -f {cands} 2>/dev/null; exit 1; }}"
+    )
+    if plan.fix_root_ssh:
+        out.append(f"[ -d {ROOT_SSH} ] || mkdir {ROOT_SSH} || fail 'cannot create {ROOT_SSH}'")
+        out.append(f"chown 0:0 {ROOT_SSH} && chmod 0700 {ROOT_SSH} || fail 'cannot set "
+                   f"{ROOT_SSH} to 0700 root:root'")
+    # Stage and validate every candidate before anything is replaced.
+    for change in plan.changes:
+        target, cand = _q(change.path), _q(change.path + ".pullback-new")
+        if change.old is None:
+            appeared = _q(change.path + " appeared since it was read; run again")
+            out.append(f"[ ! -e {target} ] || fail {appeared}")
+        else:
+            digest = hashlib.sha256(change.old).hexdigest()
+            out.append(
+                f"printf '%s  %s\\n' {digest} {target} | sha256sum -c --status || "
+                f"fail {_q(change.path + ' changed since it was read; run again')}"
+            )
+        payload = base64.b64encode(change.new).decode()
+        cannot = _q("cannot write " + change.path)
+        out.append(f"printf '%s' {payload} | base64 -d > {cand} || fail {cannot}")
+        out.append(
+            f"chown {change.uid}:{change.gid} {cand} && chmod {change.mode:04o} {cand} || "
+            f"fail {_q('cannot set owner and mode of ' + change.path)}"
+        )
+        if change.step == "sshd_config" and change.path == SSHD_CONFIG:
+            out.append(
+                f'out=$("$sshd" -t -f {cand} 2>&1) || '
+                f'fail "sshd -t rejects the new {change.path}: $out"'
+            )
+        if change.check_line is not None:
+            line_file = _q(change.path + ".pullback-line")
+            out.append(
+                f"printf '%s\\n' {_q(change.check_line)} > {line_file} && "
+                f'out=$(ssh-keygen -l -f {line_file} 2>&1); rc=$?; rm -f {line_file}; '
+                f'[ "$rc" = 0 ] || fail "ssh-keygen rejects the key line: $out"'
+            )
+    # Replace, keeping one backup of what was there.
+    for i, change in enumerate(plan.changes):
+        target, cand = _q(change.path), _q(change.path + ".pullback-new")
+        bak = _q(change.path + BACKUP_SUFFIX)
+        if change.old is not None:
+            out.append(f"cp -p {target} {bak} || fail {_q('cannot back up ' + change.path)}")
+        cannot = _q("cannot replace " + change.path)
+        out.append(f"mv -fT {cand} {target} && r{i}=1 || fail {cannot}")
+    if plan.reload_sshd:
+        addr = plan.client_addr
+        spec = _q(f"user=root,host={addr},addr={addr}")
+        out.append('out=$("$sshd" -t 2>&1) || fail "sshd -t rejects the configuration: $out"')
+        out.append(
+            f'eff=$("$sshd" -T -C {spec} 2>/dev/null | '
+            "awk '$1==\"permitrootlogin\"{print $2; exit}')"
+        )
+        out.append(
+            f'[ "$eff" = {WANT} ] || fail "after the edit sshd would still apply '
+            f'PermitRootLogin $eff to root from {addr} (another file or a Match block decides)"'
+        )
+        out.append(f"{reload_command(plan)} || fail 'reloading sshd failed'")
+    out.append("printf 'PULLBACK_OK\\n'")
+    return "\n".join(out) + "\n"
+
+
+def rollback_script(plan: SetupPlan) -> str:
+    """Put back every file ``plan`` replaced, and reload sshd."""
+    out = ["set -u", "rc=0"]
+    for change in plan.changes:
+        target, bak = _q(change.path), _q(change.path + BACKUP_SUFFIX)
+        if change.old is None:
+            out.append(f"rm -f {target} || rc=1")
+        else:
+            out.append(f"mv -fT {bak} {target} || rc=1")
+    if plan.reload_sshd:
+        out.append(f"{reload_command(plan)} || rc=1")
+    out.append('exit "$rc"')
+    return "\n".join(out) + "\n"
+
+
+# --- applying (touches the host) ------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    host: str
+    steps: dict[str, str]
+    error: str | None = None
+    warnings: tuple[str, ...] = ()
+    diffs: tuple[str, ...] = ()
+    actions: tuple[str, ...] = ()
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+
+def _script_error(result: Any) -> str | None:
+    for line in result.stdout.splitlines():
+        if line.startswith("PULLBACK_FAIL "):
+            return line.removeprefix("PULLBACK_FAIL ")
+    if "PULLBACK_OK" in result.stdout and result.exited == 0:
+        return None
+    detail = (result.stderr or result.stdout).strip().splitlines()
+    return f"the root script failed (exit {result.exited}): {detail[-1] if detail else ''}"
+
+
+def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
+    """Open a NEW admin connection, use sudo, and confirm the effective setting."""
+    from roles.connection import ConnectError, connect, run
+
+    spec = f"user=root,host={plan.client_addr},addr={plan.client_addr}"
+    last = ""
+    for _ in range(attempts):
+        try:
+            conn = connect(host)
+        except ConnectError as exc:
+            last = str(exc)
+            time.sleep(0.3)
+            continue
+        try:
+            result = run(conn, [plan.sshd, "-T", "-C", spec], sudo=True, host=host.name)
+        finally:
+            conn.close()
+        if result.exited != 0:
+            raise SetupError(f"new admin login works but sudo sshd -T failed: {result.stderr}")
+        value = sshd.parse_sshd_T(result.stdout).get("permitrootlogin")
+        if value != WANT:
+            raise SetupError(f"after reload sshd applies PermitRootLogin {value!r}, not {WANT}")
+        return
+    raise SetupError(f"a new admin login fails after the reload: {last}")
+
+
+def apply(c: Any, host: Host, plan: SetupPlan,
+          check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
+    from roles.connection import sudo_script
+
+    steps = dict(plan.steps)
+    if not plan.changed:
+        return Outcome(host.name, steps, warnings=plan.warnings)
+    result = sudo_script(c, apply_script(plan), host=host.name)
+    error = _script_error(result)
+    if error:
+        return Outcome(host.name, steps, error=f"{error}; nothing changed",
+                       warnings=plan.warnings)
+    actions = ("reloaded sshd",) if plan.reload_sshd else ()
+    if plan.reload_sshd:
+        try:
+            check_login(host, plan)
+        except Exception as exc:  # noqa: BLE001 - any failure here means: roll back
+            undo = sudo_script(c, rollback_script(plan), host=host.name)
+            state = "restored and reloaded" if undo.exited == 0 else \
+                f"RESTORE FAILED (exit {undo.exited}): {undo.stderr.strip()}"
+            return Outcome(host.name, steps, error=f"{exc}; {state}", warnings=plan.warnings)
+    return Outcome(host.name, steps, warnings=plan.warnings, actions=actions)
+
+
+def read_public_key(host: Host) -> str:
+    try:
+        with open(host.backup_pubkey, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise SetupError(
+            f"cannot read the backup public key {host.backup_pubkey}: {exc.strerror}; "
+            "run `invoke keygen` first"
+        ) from None
+
+
+def setup_host(host: Host, *, dry_run: bool = False,
+               captured_command: str | None = None,
+               check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
+    """Gather, plan and (unless ``dry_run``) apply setup-remote on one host."""
+    from roles.connection import ConnectError, connect
+    from roles.facts import gather
+
+    try:
+        public_key = read_public_key(host)
+        conn = connect(host)
+    except (SetupError, ConnectError) as exc:
+        return Outcome(host.name, {}, error=str(exc))
+    try:
+        facts = gather(conn, host.name, [host.rsync.remote_binary])
+        warnings: list[str] = []
+        if host.forced_command == "daemon":
+            forced, warnings = daemon_command(facts, host)
+        else:
+            forced = captured_command
+        plan = plan_setup(facts, host, public_key, forced)
+        plan = SetupPlan(**{**plan.__dict__, "warnings": (*warnings, *plan.warnings)})
+        if dry_run:
+            actions = ("would reload sshd",) if plan.reload_sshd else ()
+            return Outcome(host.name, plan.steps, warnings=plan.warnings,
+                           diffs=tuple(c.diff() for c in plan.changes), actions=actions)
+        return apply(conn, host, plan, check_login)
+    except (SetupError, ValueError, RuntimeError) as exc:
+        return Outcome(host.name, {}, error=str(exc))
+    finally:
+        conn.close()
