@@ -91,11 +91,40 @@ def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
     _report(outcomes)
 
 
-@task(iterable=["host"], help=HOST_HELP)
-def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None):
+@task(iterable=["host"], help={
+    **HOST_HELP,
+    "version": "build this version instead of the inventory's rsync.version",
+    "local_only": "build only on this machine",
+    "remote_only": "build only on the hosts",
+    "check": "run rsync's `make check` after make",
+    "no_install_packages": "never install compiler packages; print the command instead",
+})
+def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, version=None, local_only=False,
+                remote_only=False, check=False, no_install_packages=False):
     """Build the pinned rsync from verified source on both ends, in parallel."""
-    _hosts(inventory, host)
-    _not_implemented("build-rsync")
+    from roles import lab, rsync_build
+
+    if local_only and remote_only:
+        raise Exit("build-rsync: --local-only and --remote-only exclude each other", code=2)
+    if version is not None:
+        try:
+            rsync_build.validate_version(version)
+        except ValueError as exc:
+            raise Exit(f"build-rsync: {exc}", code=2) from None
+    hosts = _hosts(inventory, host)
+    results = rsync_build.build_everywhere(
+        hosts, version=version, local=not remote_only, remote=not local_only, check=check,
+        install_packages=not no_install_packages, cache_dir=lab.STATE / "downloads",
+    )
+    for r in results:
+        end = "local" if r.end.startswith("local:") else r.end
+        if r.error:
+            print(f"{end:24} failed: {r.error}")
+        elif r.result:
+            state = "ok" if r.result.skipped else "built"
+            print(f"{end:24} {state:6} {r.result.version_line}")
+    if any(r.error for r in results):
+        raise Exit("build-rsync: failed", code=1)
 
 
 @task(iterable=["host"], help=HOST_HELP)

@@ -1,0 +1,842 @@
+"""Fetch, verify, build and install one pinned rsync, the same on every end.
+
+The seed's protocol trouble came from two different rsync builds talking to each other.
+pullback builds ONE upstream release from a checksum-verified tarball, on the backup client
+and on each server, and calls it by full path on both sides.
+
+Layers:
+- pure: ``validate_version``, ``expected_sha256``, ``build_flags``, ``stamp_text``,
+  ``parse_version_output``, ``security_warning`` (unit-tested tables);
+- client only: ``fetch_tarball`` (mirrors tried in order, local cache, sha256 checked
+  before anything is kept);
+- either end: ``installed_rsync``, ``ensure_toolchain`` and ``build_rsync`` take ``c``,
+  an ``invoke.Context`` (local) or a ``fabric.Connection`` (remote): same run/sudo API.
+  The remote never needs internet: the caller uploads the verified tarball (SFTP, as the
+  login user) and passes its path; it is verified again on that end before extraction.
+
+Every shell command is built from argv lists with ``shlex.join``/``shlex.quote``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shlex
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from pathlib import Path
+from typing import Any
+
+# SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
+# from at least one independent packaging recipe (OpenEmbedded, Spack, Homebrew, Nix); the
+# 3.2.7 sum also matches Debian bookworm's rsync_3.2.7.orig.tar.gz byte for byte (see
+# ../shared/DESIGN.md, "rsync versions, sums and builds"). A version not listed here needs
+# ``rsync.sha256`` in the inventory.
+KNOWN_SHA256: dict[str, str] = {
+    "2.6.9": "ca437301becd890e73300bc69a39189ff1564baa761948ff149b3dd7bde633f9",
+    "3.2.7": "4e7d9d3f6ed10878c58c5fb724a67dacf4b6aac7340b13e488fb2dc41346f2bb",
+    "3.4.0": "8e942f95a44226a012fe822faffa6c7fc38c34047add3a0c941e9bc8b8b93aa4",
+    "3.4.1": "2924bcb3a1ed8b551fc101f740b9f0fe0a202b115027647cf69850d65fd88c52",
+    "3.4.2": "ff10aa2c151cd4b2dbbe6135126dbc854046113d2dfb49572a348233267eb315",
+    "3.4.3": "c72e63ca3021cbc80ba86ec30102773f4c5631fbc492b52e773b3958f82a53d3",
+    "3.4.4": "bd88cf82fa653da32314fb229136407c5c90f80d1758d8f4b091767877d8fa96",
+    "3.5.0": "c7ffd1ef653e99540f661e47cb00b7f9cad1ee6b972399b16f93d672656e0d33",
+    "3.5.1": "c55f9c9dc10fb8bec397b399a0fdded53cc9a2d8e30891bb0d63724d25c37bef",
+}
+
+DEFAULT_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.tar.gz"
+
+# 3.2.0 added the optional libraries (openssl, xxhash, zstd, lz4) and the md2man step;
+# disabling them lets the build succeed with nothing but a C compiler, make and libc headers.
+NO_OPTIONAL_LIBS = [
+    "--disable-openssl",
+    "--disable-xxhash",
+    "--disable-zstd",
+    "--disable-lz4",
+    "--disable-md2man",
+]
+
+# Releases before 3.2.0 predate GCC 10's -fno-common and GCC 14's stricter C defaults: with
+# GCC 14 their configure misdetects features and make fails. These are the flags upstream's
+# own script for old releases uses; -O2 is added because setting CFLAGS replaces autoconf's
+# default "-g -O2". Harmless on GCC 12 (2.6.9 builds there with or without them).
+LEGACY_CFLAGS = (
+    "-O2 -std=gnu11 -fcommon -Wno-error -Wno-incompatible-pointer-types"
+    " -Wno-implicit-function-declaration -Wno-int-conversion"
+)
+
+FETCH_TIMEOUT = 20.0
+PROGRESS_STEP = 1 << 20  # one progress line per MiB at most
+LOG_TAIL_LINES = 30
+STAMP_RELPATH = "share/pullback/rsync.stamp"
+
+_VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(pre\d+)?$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_VERSION_LINE_RE = re.compile(
+    r"rsync\s+version\s+v?(?P<version>\S+)\s+protocol\s+version\s+(?P<protocol>\d+)"
+)
+_MARK = "--pullback-mark--"
+_SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._+/-]*$")
+
+Log = Callable[[str], None]
+
+
+class FetchError(RuntimeError):
+    """No URL produced a tarball with the expected SHA-256."""
+
+
+class BuildError(RuntimeError):
+    """A build step failed; ``log_tail`` holds the end of the build log on that end."""
+
+    def __init__(self, message: str, *, phase: str = "", log_tail: str = "", log_path: str = ""):
+        super().__init__(message)
+        self.phase = phase
+        self.log_tail = log_tail
+        self.log_path = log_path
+
+
+class ToolchainError(RuntimeError):
+    """No working C compiler or make, and pullback may not (or cannot) install them."""
+
+
+# --------------------------------------------------------------------------- pure layer
+
+
+def validate_version(version: str) -> str:
+    """Return ``version`` if it looks like ``3.2.7`` or ``3.4.0pre1``, else raise."""
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise ValueError(f"invalid rsync version {version!r}: expected e.g. 3.2.7 or 3.4.0pre1")
+    return version
+
+
+def _version_key(version: str) -> tuple[int, int, int]:
+    m = _VERSION_RE.match(validate_version(version))
+    assert m is not None
+    return int(m[1]), int(m[2]), int(m[3])
+
+
+def expected_sha256(version: str, configured: str | None = None) -> str:
+    """The SHA-256 a tarball of ``version`` must have.
+
+    A pinned sum always wins; a configured sum is accepted for a known version only when it
+    agrees (a disagreement is an error that names both). Unknown versions need a configured
+    sum.
+    """
+    validate_version(version)
+    pinned = KNOWN_SHA256.get(version)
+    if configured is not None:
+        configured = configured.strip().lower()
+        if not _SHA256_RE.match(configured):
+            raise ValueError(f"rsync.sha256 {configured!r} is not a 64-digit hex SHA-256")
+        if pinned is not None and configured != pinned:
+            raise ValueError(
+                f"rsync.sha256 for {version} is {configured} but pullback pins {pinned}; "
+                "remove rsync.sha256 or fix it"
+            )
+        return configured
+    if pinned is None:
+        raise ValueError(
+            f"pullback has no pinned sha256 for rsync {version}: set rsync.sha256 in the "
+            f"inventory to the SHA-256 of rsync-{version}.tar.gz from a source you trust "
+            f"(known: {', '.join(KNOWN_SHA256)})"
+        )
+    return pinned
+
+
+@dataclass(frozen=True)
+class BuildFlags:
+    """What configure and make get. ``env`` goes to configure's environment."""
+
+    configure_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def make_args(self) -> list[str]:
+        # Old Makefiles take CFLAGS from configure but we pass it again so no recursive or
+        # regenerated Makefile can fall back to the compiler's strict defaults.
+        return [f"CFLAGS={self.env['CFLAGS']}"] if "CFLAGS" in self.env else []
+
+
+def build_flags(version: str, extra_configure_args: Sequence[str] = ()) -> BuildFlags:
+    """Configure arguments and environment for ``version`` (no optional libraries)."""
+    key = _version_key(version)
+    args = list(NO_OPTIONAL_LIBS) if key >= (3, 2, 0) else []
+    env = {"CFLAGS": LEGACY_CFLAGS} if key < (3, 2, 0) else {}
+    return BuildFlags(configure_args=args + list(extra_configure_args), env=env)
+
+
+def security_warning(version: str) -> str | None:
+    """A warning for releases without the CVE-2024-12084..12088 fixes (before 3.4.0)."""
+    if _version_key(version) >= (3, 4, 0):
+        return None
+    return (
+        f"rsync {version} predates 3.4.0 and lacks the fixes for CVE-2024-12084..12088: "
+        "a malicious or compromised server can attack a client running it (memory "
+        "corruption, file leaks, writes outside the destination). Prefer 3.4.1 or newer "
+        "unless you need this version for compatibility."
+    )
+
+
+def stamp_text(version: str, sha256: str, flags: BuildFlags) -> str:
+    """Stable JSON describing a build; equal text means "already built like this"."""
+    data = {
+        "cflags": flags.env.get("CFLAGS", ""),
+        "configure_args": list(flags.configure_args),
+        "sha256": sha256,
+        "stamp": 1,
+        "version": version,
+    }
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def stamp_path(prefix: str) -> str:
+    return f"{prefix.rstrip('/')}/{STAMP_RELPATH}"
+
+
+def parse_version_output(text: str) -> tuple[str, int]:
+    """``(version, protocol)`` from ``rsync --version`` output (2.6.9 through 3.5.x).
+
+    ``rsync  version 3.2.7  protocol version 31``; pre-releases print a ``.PRn``
+    sub-protocol after the number, git builds a ``v`` before the version.
+    """
+    for line in text.splitlines():
+        m = _VERSION_LINE_RE.search(line)
+        if m:
+            return m["version"], int(m["protocol"])
+    first = text.strip().splitlines()[0] if text.strip() else "<empty>"
+    raise ValueError(f"not an rsync --version output: {first!r}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- fetching
+
+
+def _download(url: str, dest: Path, log: Log) -> str:
+    """Stream ``url`` into ``dest`` (already open-able), return its sha256."""
+    h = hashlib.sha256()
+    done = 0
+    next_report = PROGRESS_STEP
+    with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT) as resp, dest.open("wb") as out:  # noqa: S310 - scheme checked by caller
+        total = resp.headers.get("Content-Length") if hasattr(resp, "headers") else None
+        of_total = f" of {int(total) / 1e6:.1f} MB" if total and total.isdigit() else ""
+        for chunk in iter(lambda: resp.read(1 << 16), b""):
+            out.write(chunk)
+            h.update(chunk)
+            done += len(chunk)
+            if done >= next_report:
+                log(f"  {done / 1e6:.1f} MB{of_total}")
+                next_report = done + PROGRESS_STEP
+    log(f"  {done / 1e6:.1f} MB received")
+    return h.hexdigest()
+
+
+def fetch_tarball(
+    version: str,
+    urls: Sequence[str],
+    sha256: str,
+    cache_dir: Path,
+    *,
+    log: Log = print,
+) -> Path:
+    """Return ``cache_dir/rsync-<version>.tar.gz``, verified against ``sha256``.
+
+    ``urls`` are templates (``{version}`` is replaced) tried in order. A cached copy is
+    re-verified and reused without any download. A download lands in a temporary file in
+    ``cache_dir``; only a file with the right SHA-256 is renamed into place, so a bad
+    download never reaches extraction. Raises ``FetchError`` listing each URL's failure.
+    """
+    validate_version(version)
+    sha256 = sha256.strip().lower()
+    if not _SHA256_RE.match(sha256):
+        raise ValueError(f"not a SHA-256: {sha256!r}")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    name = f"rsync-{version}.tar.gz"
+    target = cache_dir / name
+
+    if target.exists():
+        found = sha256_file(target)
+        if found == sha256:
+            log(f"{name}: cached copy {target} verified (sha256 {sha256[:12]}...)")
+            return target
+        log(f"{name}: cached copy has sha256 {found}, expected {sha256}; discarding it")
+        target.unlink()
+
+    failures: list[str] = []
+    for template in urls:
+        url = template.replace("{version}", version)
+        scheme = urllib.parse.urlsplit(url).scheme
+        if scheme not in ("http", "https", "file"):
+            failures.append(f"{url}: unsupported URL scheme {scheme!r}")
+            continue
+        log(f"{name}: fetching {url}")
+        fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".{name}.", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            try:
+                found = _download(url, tmp, log)
+            except urllib.error.HTTPError as e:
+                failures.append(f"{url}: HTTP {e.code} {e.reason}")
+                continue
+            except urllib.error.URLError as e:
+                failures.append(f"{url}: {e.reason}")
+                continue
+            except (OSError, HTTPException, ValueError) as e:
+                failures.append(f"{url}: {type(e).__name__}: {e}")
+                continue
+            if found != sha256:
+                msg = f"{url}: sha256 mismatch: expected {sha256}, found {found}"
+                log(f"{name}: REFUSED, {msg.split(': ', 1)[1]}")
+                failures.append(msg)
+                continue
+            tmp.chmod(0o644)
+            os.replace(tmp, target)
+            log(f"{name}: sha256 verified, saved to {target}")
+            return target
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    lines = "\n".join(f"  {f}" for f in failures) or "  (no URLs given)"
+    raise FetchError(f"could not get a verified {name} (sha256 {sha256}):\n{lines}")
+
+
+# --------------------------------------------------------------------------- either end
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    version_line: str
+    protocol: int
+    skipped: bool
+    log_path: str
+    version: str = ""
+
+
+def _sh(script: str) -> str:
+    return shlex.join(["sh", "-c", script])
+
+
+def _run(c: Any, script: str, *, sudo: bool = False) -> Any:
+    """Run ``script`` through ``sh -c`` (so sudo covers pipes and redirections)."""
+    runner = c.sudo if sudo else c.run
+    return runner(_sh(script), hide=True, warn=True, in_stream=False)
+
+
+def installed_rsync(
+    c: Any, prefix: str, version: str, sha256: str, flags: BuildFlags
+) -> BuildResult | None:
+    """One command: is ``prefix`` already holding exactly this build? (stamp + --version)
+
+    Callers can use it before uploading a tarball to skip the upload on a re-run.
+    """
+    binary = f"{prefix.rstrip('/')}/bin/rsync"
+    script = (
+        f"cat {shlex.quote(stamp_path(prefix))} 2>/dev/null; "
+        f"printf '\\n%s\\n' {shlex.quote(_MARK)}; "
+        f"{shlex.quote(binary)} --version 2>/dev/null | head -n 1"
+    )
+    r = _run(c, script)
+    stamp, _, version_out = r.stdout.partition(f"\n{_MARK}\n")
+    if stamp != stamp_text(version, sha256, flags):
+        return None
+    try:
+        found, protocol = parse_version_output(version_out)
+    except ValueError:
+        return None
+    if found != version:
+        return None
+    return BuildResult(
+        version_line=version_out.strip(),
+        protocol=protocol,
+        skipped=True,
+        log_path="",
+        version=found,
+    )
+
+
+def _install_script(stage_prefix: str, prefix: str, stamp_file: str) -> str:
+    """Copy the staged tree over ``prefix`` file by file (temp + rename), stamp last.
+
+    The old stamp goes first so an install interrupted half way is rebuilt next time; each
+    file is renamed into place so a running rsync keeps its old inode. Plain ``cp`` (not
+    ``cp -p``): as root the files become root's, not the build user's.
+    """
+    stamp = stamp_path(prefix)
+    q_prefix = shlex.quote(prefix.rstrip("/") or "/")
+    return "\n".join(
+        [
+            "set -e",
+            "umask 022",
+            f"rm -f {shlex.quote(stamp)}",
+            f"cd {shlex.quote(stage_prefix)}",
+            f'find . -type d | while IFS= read -r d; do mkdir -p {q_prefix}/"$d"; done',
+            "find . ! -type d | while IFS= read -r f; do",
+            f'  cp "$f" {q_prefix}/"$f.pullback-new"',
+            f'  mv -f {q_prefix}/"$f.pullback-new" {q_prefix}/"$f"',
+            "done",
+            f"mkdir -p {shlex.quote(os.path.dirname(stamp))}",
+            f"cp {shlex.quote(stamp_file)} {shlex.quote(stamp + '.pullback-new')}",
+            f"mv -f {shlex.quote(stamp + '.pullback-new')} {shlex.quote(stamp)}",
+        ]
+    )
+
+
+def validate_build_path(path: str, what: str) -> str:
+    """An absolute path that make can use unquoted (rsync's Makefile does not quote).
+
+    Our own commands quote everything, but ``--prefix`` and ``DESTDIR`` end up in Makefile
+    recipes as bare words: a space or ``$()`` there would split or run in make's shell.
+    """
+    if not _SAFE_PATH_RE.match(path):
+        raise ValueError(
+            f"{what} {path!r} must be an absolute path of letters, digits and . _ + - / only "
+            "(the rsync Makefile uses it unquoted)"
+        )
+    return path.rstrip("/") or "/"
+
+
+def build_rsync(
+    c: Any,
+    tarball_remote_path: str,
+    version: str,
+    sha256: str,
+    prefix: str,
+    *,
+    sudo: bool,
+    jobs: int | None = None,
+    check: bool = False,
+    log_dir: str | None = None,
+    extra_configure_args: Sequence[str] = (),
+    build_root: str | None = None,
+    log: Log = print,
+) -> BuildResult:
+    """Build ``version`` from the tarball at ``tarball_remote_path`` on ``c``'s end.
+
+    Skips everything when the stamp under ``prefix`` and ``prefix/bin/rsync --version``
+    already match. Otherwise: re-verify the tarball's sha256 on that end, extract into a
+    fresh ``mktemp -d`` dir, configure, make, optional ``make check``, ``make install`` into
+    a staging dir, check the staged binary, then copy it over ``prefix`` (``sudo`` only for
+    that copy) and write the stamp. Build output goes to a log on that end
+    (``<log_dir>/rsync-<version>-build.log``, or ``<builddir>/build.log``); one line per
+    phase is printed. On failure, ``BuildError`` carries the log tail and ``prefix`` is
+    left as it was. ``extra_configure_args`` are recorded in the stamp; ``build_root``
+    replaces ``$TMPDIR``/``/tmp`` as the parent of the build dir.
+    """
+    validate_version(version)
+    prefix = validate_build_path(prefix, "prefix")
+    if build_root is not None:
+        build_root = validate_build_path(build_root, "build_root")
+    flags = build_flags(version, extra_configure_args)
+    stamp = stamp_text(version, sha256, flags)
+
+    done = installed_rsync(c, prefix, version, sha256, flags)
+    if done is not None:
+        log(f"rsync {version} already installed in {prefix} (stamp matches): {done.version_line}")
+        return done
+
+    q_tar = shlex.quote(tarball_remote_path)
+    r = _run(
+        c,
+        f"printf 'sum=%s\\n' \"$( (sha256sum {q_tar} || shasum -a 256 {q_tar}) 2>/dev/null "
+        "| cut -d ' ' -f 1)\"; "
+        "printf 'ncpu=%s\\n' \"$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null)\"",
+    )
+    kv = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    found = kv.get("sum", "")
+    if found != sha256:
+        raise BuildError(
+            f"{tarball_remote_path}: sha256 mismatch: expected {sha256}, found "
+            f"{found or '<no such file or no sha256sum/shasum>'}; refusing to extract",
+            phase="verify",
+        )
+    ncpu = int(kv["ncpu"]) if kv.get("ncpu", "").isdigit() else 2
+    # build_root: for hosts whose /tmp is noexec (configure runs the programs it compiles).
+    parent = shlex.quote(build_root.rstrip("/")) if build_root else '"${TMPDIR:-/tmp}"'
+    r = _run(c, f"mktemp -d {parent}/pullback-rsync.XXXXXXXX")
+    builddir = r.stdout.strip()
+    if r.exited != 0 or not builddir.startswith("/"):
+        raise BuildError(f"mktemp -d failed: {r.stderr.strip()}", phase="prepare")
+    if not _SAFE_PATH_RE.match(builddir):
+        _run(c, shlex.join(["rmdir", builddir]))
+        raise BuildError(
+            f"build dir {builddir!r} (from $TMPDIR) has characters make cannot handle; "
+            "pass build_root",
+            phase="prepare",
+        )
+    src = f"{builddir}/src"
+    stage = f"{builddir}/stage"
+    stage_prefix = f"{stage}{prefix}" if prefix != "/" else stage
+    log_path = (
+        f"{log_dir.rstrip('/')}/rsync-{version}-build.log" if log_dir else f"{builddir}/build.log"
+    )
+    q_log = shlex.quote(log_path)
+    n_jobs = jobs if jobs and jobs > 0 else ncpu
+    log(f"building rsync {version} in {builddir} (log: {log_path})")
+
+    def cleanup() -> None:
+        # The sources and staging tree go; the log stays (in log_dir, or alone in builddir).
+        doomed = [builddir] if log_dir else [src, stage, f"{builddir}/rsync.stamp"]
+        _run(c, shlex.join(["rm", "-rf", *doomed]))
+
+    def fail(phase_name: str, message: str) -> BuildError:
+        tail = _run(c, f"tail -n {LOG_TAIL_LINES} {q_log} 2>/dev/null").stdout.rstrip()
+        cleanup()
+        return BuildError(
+            f"rsync {version}: {message}; the install in {prefix} was not touched. "
+            f"Last lines of {log_path}:\n{tail}",
+            phase=phase_name,
+            log_tail=tail,
+            log_path=log_path,
+        )
+
+    def phase(name: str, argv: list[str], *, env: dict[str, str] | None = None) -> None:
+        cmd = shlex.join((["env", *(f"{k}={v}" for k, v in env.items())] if env else []) + argv)
+        started = time.monotonic()
+        res = _run(
+            c,
+            f"cd {shlex.quote(src)} && {{ printf '\\n=== %s\\n' {shlex.quote(cmd)}; "
+            f"{cmd}; }} >> {q_log} 2>&1",
+        )
+        elapsed = time.monotonic() - started
+        if res.exited != 0:
+            raise fail(name, f"{name} failed (exit {res.exited}) after {elapsed:.1f} s")
+        log(f"{name}: ok in {elapsed:.1f} s")
+
+    prep = [
+        f"mkdir -p {shlex.quote(os.path.dirname(log_path))}",
+        f": > {q_log}",
+        shlex.join(["mkdir", src]),
+        # Verified above; --no-same-owner so a root build does not keep the tarball's uids.
+        f"tar -xzf {q_tar} -C {shlex.quote(src)} --strip-components=1 --no-same-owner "
+        f">> {q_log} 2>&1",
+        f"printf '%s' {shlex.quote(stamp)} > {shlex.quote(builddir + '/rsync.stamp')}",
+    ]
+    res = _run(c, " && ".join(prep))
+    if res.exited != 0:
+        raise fail("extract", f"extracting {tarball_remote_path} failed ({res.stderr.strip()})")
+
+    phase("configure", ["./configure", f"--prefix={prefix}", *flags.configure_args], env=flags.env)
+    phase("make", ["make", f"-j{n_jobs}", *flags.make_args])
+    if check:
+        phase("make check", ["make", "check", *flags.make_args])
+    phase("make install (staging)", ["make", "install", f"DESTDIR={stage}", *flags.make_args])
+
+    # Never replace a working install with a binary that does not even start.
+    staged_bin = f"{stage_prefix}/bin/rsync"
+    res = _run(c, f"{shlex.quote(staged_bin)} --version 2>&1 | head -n 1")
+    try:
+        staged_version, _ = parse_version_output(res.stdout)
+    except ValueError:
+        staged_version = ""
+    if staged_version != version:
+        raise fail(
+            "verify build",
+            f"the staged {staged_bin} does not report version {version} "
+            f"({(res.stdout or res.stderr).strip()!r})",
+        )
+
+    started = time.monotonic()
+    res = _run(c, _install_script(stage_prefix, prefix, builddir + "/rsync.stamp"), sudo=sudo)
+    if res.exited != 0:
+        cleanup()
+        raise BuildError(
+            f"rsync {version}: copying the build into {prefix} failed (exit {res.exited}): "
+            f"{(res.stderr or res.stdout).strip()}; the stamp was removed so the next run "
+            "rebuilds",
+            phase="install",
+            log_path=log_path,
+        )
+    log(f"install: ok in {time.monotonic() - started:.1f} s ({prefix}/bin/rsync)")
+    cleanup()
+
+    res = _run(c, f"{shlex.quote(prefix + '/bin/rsync')} --version 2>&1 | head -n 1")
+    installed_version, protocol = parse_version_output(res.stdout)
+    if installed_version != version:
+        raise BuildError(
+            f"{prefix}/bin/rsync reports {installed_version} after installing {version}",
+            phase="install",
+            log_path=log_path,
+        )
+    return BuildResult(
+        version_line=res.stdout.strip(),
+        protocol=protocol,
+        skipped=False,
+        log_path=log_path,
+        version=installed_version,
+    )
+
+
+def local_install_needs_sudo(prefix: Path) -> bool:
+    """True when this (non-root) process cannot write ``prefix`` or its nearest parent."""
+    if os.geteuid() == 0:
+        return False
+    p = Path(prefix)
+    while not p.exists():
+        p = p.parent
+    return not os.access(p, os.W_OK | os.X_OK)
+
+
+# --------------------------------------------------------------------------- toolchain
+
+
+@dataclass(frozen=True)
+class PackageManager:
+    name: str  # the binary probed with ``command -v``
+    install: tuple[str, ...]  # argv before the package names
+    packages: tuple[str, ...]
+    refresh: tuple[str, ...] = ()  # run first: a fresh Debian image has empty apt lists
+
+    @property
+    def commands(self) -> list[list[str]]:
+        return ([list(self.refresh)] if self.refresh else []) + [[*self.install, *self.packages]]
+
+
+# The only per-OS difference in a build: how to get a C compiler, make and libc headers.
+# (Debian's gcc only recommends libc6-dev, so a minimal image can have gcc without headers.)
+PACKAGE_MANAGERS: tuple[PackageManager, ...] = (
+    PackageManager(
+        "apt-get",
+        ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y"),
+        ("gcc", "make", "libc6-dev"),
+        refresh=("apt-get", "update"),
+    ),
+    PackageManager("dnf", ("dnf", "install", "-y"), ("gcc", "make")),
+    PackageManager("yum", ("yum", "install", "-y"), ("gcc", "make")),
+    PackageManager("zypper", ("zypper", "--non-interactive", "install"), ("gcc", "make")),
+    PackageManager("apk", ("apk", "add", "--no-cache"), ("build-base",)),
+)
+
+MACOS_HINT = "install Apple's command line tools: xcode-select --install"
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    cc: str
+    make: str
+    installed_with: str | None = None  # the package manager used, if any
+
+
+@dataclass(frozen=True)
+class ToolchainFacts:
+    cc: str
+    make: str
+    compiles: bool
+    package_manager: str
+    os_name: str
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.cc and self.make and self.compiles)
+
+
+_TOOLCHAIN_PROBE = "\n".join(
+    [
+        "cc=$(command -v cc || command -v gcc || command -v clang || true)",
+        "mk=$(command -v make || command -v gmake || true)",
+        "ok=no",
+        'if [ -n "$cc" ]; then',
+        '  t=$(mktemp -d "${TMPDIR:-/tmp}/pullback-cc.XXXXXX") && {',
+        '    printf \'#include <stdio.h>\\nint main(void){puts("");return 0;}\\n\' > "$t/t.c"',
+        '    "$cc" -o "$t/t" "$t/t.c" >/dev/null 2>&1 && "$t/t" >/dev/null && ok=yes',
+        '    rm -rf "$t"; }',
+        "fi",
+        "pm=",
+        f"for p in {' '.join(pm.name for pm in PACKAGE_MANAGERS)}; do",
+        '  if command -v "$p" >/dev/null 2>&1; then pm=$p; break; fi',
+        "done",
+        'printf "cc=%s\\nmake=%s\\ncompiles=%s\\npm=%s\\nos=%s\\n" '
+        '"$cc" "$mk" "$ok" "$pm" "$(uname -s)"',
+    ]
+)
+
+
+def gather_toolchain(c: Any) -> ToolchainFacts:
+    """One command: compiler, make, whether a hello-world links, package manager, OS."""
+    r = _run(c, _TOOLCHAIN_PROBE)
+    kv = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    return ToolchainFacts(
+        cc=kv.get("cc", ""),
+        make=kv.get("make", ""),
+        compiles=kv.get("compiles") == "yes",
+        package_manager=kv.get("pm", ""),
+        os_name=kv.get("os", ""),
+    )
+
+
+def install_commands(pm_name: str, *, sudo: bool) -> list[str]:
+    """Human-runnable commands that install the toolchain with ``pm_name``."""
+    pm = next(p for p in PACKAGE_MANAGERS if p.name == pm_name)
+    return [("sudo " if sudo else "") + shlex.join(cmd) for cmd in pm.commands]
+
+
+def ensure_toolchain(c: Any, *, install: bool, sudo: bool, log: Log = print) -> Toolchain:
+    """Make sure ``c``'s end can compile C and run make; install packages if allowed."""
+    facts = gather_toolchain(c)
+    if facts.ok:
+        return Toolchain(cc=facts.cc, make=facts.make)
+    missing = ", ".join(
+        what
+        for what, gone in (
+            ("a C compiler", not facts.cc),
+            (
+                "working C headers/libc (a test program did not build)",
+                bool(facts.cc) and not facts.compiles,
+            ),
+            ("make", not facts.make),
+        )
+        if gone
+    )
+    if facts.os_name == "Darwin":
+        raise ToolchainError(f"missing {missing}; {MACOS_HINT}")
+    if not facts.package_manager:
+        raise ToolchainError(
+            f"missing {missing} and no known package manager "
+            f"({', '.join(p.name for p in PACKAGE_MANAGERS)}); install gcc and make yourself"
+        )
+    commands = install_commands(facts.package_manager, sudo=sudo)
+    if not install:
+        raise ToolchainError(f"missing {missing}; to install it run: {' && '.join(commands)}")
+    pm = next(p for p in PACKAGE_MANAGERS if p.name == facts.package_manager)
+    log(f"missing {missing}: installing with {pm.name}")
+    for cmd in pm.commands:
+        r = _run(c, shlex.join(cmd), sudo=sudo)
+        if r.exited != 0:
+            tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-LOG_TAIL_LINES:])
+            raise ToolchainError(f"{shlex.join(cmd)} failed (exit {r.exited}):\n{tail}")
+    facts = gather_toolchain(c)
+    if not facts.ok:
+        raise ToolchainError(
+            f"installed packages with {pm.name} but still no working compiler/make: {facts}"
+        )
+    return Toolchain(cc=facts.cc, make=facts.make, installed_with=pm.name)
+
+
+# --------------------------------------------------------------------------- both ends
+
+
+@dataclass
+class EndResult:
+    """One end's outcome: the local machine (``end == "local"``) or a host."""
+
+    end: str
+    result: BuildResult | None = None
+    error: str | None = None
+
+
+def _remote_end(host: Any, tarball: Path, version: str, sha256: str, *, check: bool,
+                install_packages: bool, log: Log) -> BuildResult:
+    from roles.connection import connect
+
+    conn = connect(host)
+    try:
+        flags = build_flags(version)
+        done = installed_rsync(conn, host.rsync.prefix, version, sha256, flags)
+        if done is not None:
+            log(f"rsync {version} already installed in {host.rsync.prefix}: {done.version_line}")
+            return done
+        ensure_toolchain(conn, install=install_packages, sudo=True, log=log)
+        # SFTP writes as the login user; only the final install runs through sudo.
+        res = _run(conn, "mktemp /tmp/pullback-rsync-src.XXXXXXXX")
+        remote_tar = res.stdout.strip()
+        if res.exited != 0 or not remote_tar.startswith("/tmp/pullback-rsync-src."):
+            raise BuildError(f"mktemp failed on the host: {res.stderr.strip()}", phase="upload")
+        try:
+            started = time.monotonic()
+            conn.put(str(tarball), remote_tar)
+            log(f"upload: {tarball.stat().st_size // 1024} KiB in "
+                f"{time.monotonic() - started:.1f} s")
+            return build_rsync(conn, remote_tar, version, sha256, host.rsync.prefix,
+                               sudo=True, check=check, log=log)
+        finally:
+            _run(conn, shlex.join(["rm", "-f", remote_tar]))
+    finally:
+        conn.close()
+
+
+def _local_end(prefix: str, tarball: Path, version: str, sha256: str, *, check: bool,
+               install_packages: bool, log: Log) -> BuildResult:
+    import invoke
+
+    c = invoke.Context()
+    sudo = local_install_needs_sudo(Path(prefix))
+    flags = build_flags(version)
+    done = installed_rsync(c, prefix, version, sha256, flags)
+    if done is not None:
+        log(f"rsync {version} already installed in {prefix}: {done.version_line}")
+        return done
+    ensure_toolchain(c, install=install_packages, sudo=sudo, log=log)
+    return build_rsync(c, str(tarball), version, sha256, prefix, sudo=sudo, check=check,
+                       log=log)
+
+
+def build_everywhere(hosts: list[Any], *, version: str | None = None, local: bool = True,
+                     remote: bool = True, check: bool = False, install_packages: bool = True,
+                     cache_dir: Path, log: Log = print) -> list[EndResult]:
+    """Fetch + verify once, then build on the local end and every host at the same time.
+
+    Every end must end up reporting the same version; a mismatch is an error on that end.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs: list[tuple[str, Any]] = []
+    tarballs: dict[str, tuple[Path, str]] = {}
+    results: list[EndResult] = []
+    for host in hosts:
+        wanted = version or host.rsync.version
+        try:
+            validate_version(wanted)
+            sha = expected_sha256(wanted, host.rsync.sha256 if version is None else None)
+            if wanted not in tarballs:
+                warning = security_warning(wanted)
+                if warning:
+                    log(f"warning: {warning}")
+                path = fetch_tarball(wanted, host.rsync.urls, sha, cache_dir, log=log)
+                tarballs[wanted] = (path, sha)
+        except (ValueError, FetchError) as exc:
+            results.append(EndResult(host.name, error=str(exc)))
+            continue
+        path, sha = tarballs[wanted]
+        if remote:
+            jobs.append((host.name, lambda h=host, p=path, s=sha, v=wanted: _remote_end(
+                h, p, v, s, check=check, install_packages=install_packages,
+                log=lambda m, n=h.name: log(f"{n}: {m}"))))
+        local_key = f"local:{host.rsync.local_prefix}:{wanted}"
+        if local and all(name != local_key for name, _ in jobs):
+            jobs.append((local_key, lambda h=host, p=path, s=sha, v=wanted: _local_end(
+                h.rsync.local_prefix, p, v, s, check=check, install_packages=install_packages,
+                log=lambda m: log(f"local: {m}"))))
+
+    def run(job: tuple[str, Any]) -> EndResult:
+        name, work = job
+        try:
+            return EndResult(name, result=work())
+        except Exception as exc:  # noqa: BLE001 - one end failing never stops the others
+            return EndResult(name, error=f"{type(exc).__name__}: {exc}")
+
+    if jobs:
+        with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
+            results.extend(pool.map(run, jobs))
+    versions = {r.result.version for r in results if r.result}
+    if len(versions) > 1:
+        for r in results:
+            if r.result:
+                r.error = r.error or f"ends disagree on the rsync version: {sorted(versions)}"
+    return results

@@ -1,0 +1,391 @@
+"""Pure parts of roles.rsync_build, plus fetch_tarball against file:// URLs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from roles import rsync_build as rb
+
+# ----------------------------------------------------------------------------- sums
+
+
+def test_known_sums_cover_the_pinned_versions() -> None:
+    assert set(rb.KNOWN_SHA256) == {
+        "2.6.9",
+        "3.2.7",
+        "3.4.0",
+        "3.4.1",
+        "3.4.2",
+        "3.4.3",
+        "3.4.4",
+        "3.5.0",
+        "3.5.1",
+    }
+    for version, digest in rb.KNOWN_SHA256.items():
+        rb.validate_version(version)
+        assert re.fullmatch(r"[0-9a-f]{64}", digest), version
+    assert len(set(rb.KNOWN_SHA256.values())) == len(rb.KNOWN_SHA256)
+    assert rb.KNOWN_SHA256["3.2.7"] == (
+        "4e7d9d3f6ed10878c58c5fb724a67dacf4b6aac7340b13e488fb2dc41346f2bb"
+    )
+    assert rb.DEFAULT_URL.format(version="3.2.7") == (
+        "https://download.samba.org/pub/rsync/src/rsync-3.2.7.tar.gz"
+    )
+
+
+@pytest.mark.parametrize("version", ["2.6.9", "3.2.7", "3.4.0pre1", "10.20.30"])
+def test_valid_versions(version: str) -> None:
+    assert rb.validate_version(version) == version
+
+
+@pytest.mark.parametrize(
+    "version", ["3.2", "3.2.7.1", "v3.2.7", "3.2.7-1", "3.2.7rc1", "../x", "3.2.7 ", ""]
+)
+def test_invalid_versions(version: str) -> None:
+    with pytest.raises(ValueError, match="invalid rsync version"):
+        rb.validate_version(version)
+
+
+def test_expected_sha256_pinned_wins_and_agreeing_config_is_fine() -> None:
+    pinned = rb.KNOWN_SHA256["3.4.1"]
+    assert rb.expected_sha256("3.4.1", None) == pinned
+    assert rb.expected_sha256("3.4.1", pinned.upper()) == pinned
+
+
+def test_expected_sha256_disagreeing_config_names_both() -> None:
+    wrong = "0" * 64
+    with pytest.raises(ValueError) as err:
+        rb.expected_sha256("3.2.7", wrong)
+    assert wrong in str(err.value) and rb.KNOWN_SHA256["3.2.7"] in str(err.value)
+
+
+def test_expected_sha256_unknown_version() -> None:
+    with pytest.raises(ValueError, match=r"set rsync\.sha256"):
+        rb.expected_sha256("3.1.3")
+    assert rb.expected_sha256("3.1.3", "AB" * 32) == "ab" * 32
+    with pytest.raises(ValueError, match="64-digit"):
+        rb.expected_sha256("3.1.3", "abc")
+
+
+# ----------------------------------------------------------------------------- flags
+
+DISABLES = [
+    "--disable-openssl",
+    "--disable-xxhash",
+    "--disable-zstd",
+    "--disable-lz4",
+    "--disable-md2man",
+]
+
+
+@pytest.mark.parametrize("version", ["3.2.7", "3.4.1", "3.5.0", "3.5.1"])
+def test_flags_modern(version: str) -> None:
+    flags = rb.build_flags(version)
+    assert flags.configure_args == DISABLES
+    assert flags.env == {}
+    assert flags.make_args == []
+
+
+def test_flags_269_old_compiler_cflags_to_configure_and_make() -> None:
+    flags = rb.build_flags("2.6.9")
+    assert flags.configure_args == []
+    cflags = flags.env["CFLAGS"].split()
+    for flag in [
+        "-std=gnu11",
+        "-fcommon",
+        "-Wno-error",
+        "-Wno-incompatible-pointer-types",
+        "-Wno-implicit-function-declaration",
+        "-Wno-int-conversion",
+    ]:
+        assert flag in cflags
+    assert flags.make_args == [f"CFLAGS={flags.env['CFLAGS']}"]
+
+
+def test_flags_extra_configure_args_are_appended() -> None:
+    assert rb.build_flags("3.2.7", ["--with-rrsync"]).configure_args == [*DISABLES, "--with-rrsync"]
+
+
+@pytest.mark.parametrize(
+    ("version", "warned"),
+    [("2.6.9", True), ("3.2.7", True), ("3.4.0pre1", False), ("3.4.0", False), ("3.5.1", False)],
+)
+def test_security_warning(version: str, warned: bool) -> None:
+    warning = rb.security_warning(version)
+    assert (warning is not None) == warned
+    if warning:
+        assert "CVE-2024-12084" in warning and version in warning
+
+
+# ----------------------------------------------------------------------------- parsing
+
+V269 = """rsync  version 2.6.9  protocol version 29
+Copyright (C) 1996-2006 by Andrew Tridgell, Wayne Davison, and others.
+<http://rsync.samba.org/>
+Capabilities: 64-bit files, socketpairs, hard links, symlinks, batchfiles,
+              inplace, IPv6, 64-bit system inums, 64-bit internal inums
+"""
+V327 = """rsync  version 3.2.7  protocol version 31
+Copyright (C) 1996-2022 by Andrew Tridgell, Wayne Davison, and others.
+Web site: https://rsync.samba.org/
+Capabilities:
+    64-bit files, 64-bit inums, 64-bit timestamps, 64-bit long ints,
+"""
+V350 = """rsync  version 3.5.0  protocol version 32
+Copyright (C) 1996-2025 by Andrew Tridgell, Wayne Davison, and others.
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (V269, ("2.6.9", 29)),
+        (V327, ("3.2.7", 31)),
+        (V350, ("3.5.0", 32)),
+        ("rsync  version v3.2.3  protocol version 31\n", ("3.2.3", 31)),
+        ("rsync  version 3.4.0pre1  protocol version 32.PR1\n", ("3.4.0pre1", 32)),
+    ],
+)
+def test_parse_version_output(text: str, expected: tuple[str, int]) -> None:
+    assert rb.parse_version_output(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "bash: rsync: command not found\n", "openrsync: protocol 29"])
+def test_parse_version_output_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        rb.parse_version_output(text)
+
+
+# ----------------------------------------------------------------------------- stamp
+
+
+def test_stamp_text_is_stable_json() -> None:
+    sha = rb.KNOWN_SHA256["3.2.7"]
+    a = rb.stamp_text("3.2.7", sha, rb.build_flags("3.2.7"))
+    assert a == rb.stamp_text("3.2.7", sha, rb.build_flags("3.2.7"))
+    assert a.endswith("}\n")
+    assert json.loads(a) == {
+        "cflags": "",
+        "configure_args": DISABLES,
+        "sha256": sha,
+        "stamp": 1,
+        "version": "3.2.7",
+    }
+    assert list(json.loads(a)) == sorted(json.loads(a))  # key order fixed
+    assert a != rb.stamp_text("3.2.7", sha, rb.build_flags("3.2.7", ["--with-rrsync"]))
+    assert a != rb.stamp_text("3.2.7", "0" * 64, rb.build_flags("3.2.7"))
+    old = json.loads(rb.stamp_text("2.6.9", rb.KNOWN_SHA256["2.6.9"], rb.build_flags("2.6.9")))
+    assert old["cflags"] == rb.LEGACY_CFLAGS and old["configure_args"] == []
+    assert rb.stamp_path("/opt/pullback/") == "/opt/pullback/share/pullback/rsync.stamp"
+
+
+# ----------------------------------------------------------------------------- fetch
+
+
+def make_tarball(path: Path, version: str = "9.9.9", size: int = 1000) -> str:
+    """A small real .tar.gz; returns its sha256."""
+    payload = (b"rsync test payload\n" * (size // 19 + 1))[:size]
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(f"rsync-{version}/README")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class Mirror:
+    root: Path
+    sha: str
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.root}/rsync-{{version}}.tar.gz"
+
+
+@pytest.fixture
+def mirror(tmp_path: Path) -> Mirror:
+    root = tmp_path / "mirror"
+    root.mkdir()
+    return Mirror(root, make_tarball(root / "rsync-9.9.9.tar.gz"))
+
+
+def test_fetch_good_tarball(tmp_path: Path, mirror: Mirror) -> None:
+    lines: list[str] = []
+    cache = tmp_path / "cache"
+    got = rb.fetch_tarball("9.9.9", [mirror.url], mirror.sha, cache, log=lines.append)
+    assert got == cache / "rsync-9.9.9.tar.gz"
+    assert got.read_bytes() == (mirror.root / "rsync-9.9.9.tar.gz").read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == ["rsync-9.9.9.tar.gz"]  # no .part left
+    assert any("sha256 verified" in line for line in lines)
+
+
+def test_fetch_refuses_one_changed_byte(tmp_path: Path, mirror: Mirror) -> None:
+    tarball = mirror.root / "rsync-9.9.9.tar.gz"
+    data = bytearray(tarball.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tarball.write_bytes(bytes(data))
+    found = hashlib.sha256(bytes(data)).hexdigest()
+    cache = tmp_path / "cache"
+    with pytest.raises(rb.FetchError) as err:
+        rb.fetch_tarball("9.9.9", [mirror.url], mirror.sha, cache, log=lambda _: None)
+    assert mirror.sha in str(err.value) and found in str(err.value)
+    assert "mismatch" in str(err.value)
+    assert list(cache.iterdir()) == []  # nothing kept, nothing extracted
+
+
+def test_fetch_falls_back_to_next_url(tmp_path: Path, mirror: Mirror) -> None:
+    missing = f"file://{tmp_path}/nowhere/rsync-{{version}}.tar.gz"
+    got = rb.fetch_tarball(
+        "9.9.9", [missing, mirror.url], mirror.sha, tmp_path / "c", log=lambda _: None
+    )
+    assert rb.sha256_file(got) == mirror.sha
+
+
+def test_fetch_bad_first_mirror_then_good(tmp_path: Path, mirror: Mirror) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    make_tarball(bad / "rsync-9.9.9.tar.gz", size=2000)  # same name, different bytes
+    lines: list[str] = []
+    got = rb.fetch_tarball(
+        "9.9.9",
+        [f"file://{bad}/rsync-{{version}}.tar.gz", mirror.url],
+        mirror.sha,
+        tmp_path / "c",
+        log=lines.append,
+    )
+    assert rb.sha256_file(got) == mirror.sha
+    assert any("REFUSED" in line and mirror.sha in line for line in lines)
+
+
+def test_fetch_all_fail_lists_each_url(tmp_path: Path) -> None:
+    urls = [f"file://{tmp_path}/a/rsync-{{version}}.tar.gz", "ftp://example.invalid/x.tgz"]
+    with pytest.raises(rb.FetchError) as err:
+        rb.fetch_tarball("9.9.9", urls, "0" * 64, tmp_path / "c", log=lambda _: None)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 3
+    assert lines[1].strip().startswith(f"file://{tmp_path}/a/rsync-9.9.9.tar.gz: ")
+    assert "unsupported URL scheme 'ftp'" in lines[2]
+
+
+def test_fetch_reuses_verified_cache_without_urls(tmp_path: Path, mirror: Mirror) -> None:
+    cache = tmp_path / "cache"
+    rb.fetch_tarball("9.9.9", [mirror.url], mirror.sha, cache, log=lambda _: None)
+    (mirror.root / "rsync-9.9.9.tar.gz").unlink()
+    lines: list[str] = []
+    got = rb.fetch_tarball(
+        "9.9.9", ["http://127.0.0.1:9/never"], mirror.sha, cache, log=lines.append
+    )
+    assert rb.sha256_file(got) == mirror.sha
+    assert lines and "cached copy" in lines[0] and not any("fetching" in x for x in lines)
+
+
+def test_fetch_replaces_corrupt_cache(tmp_path: Path, mirror: Mirror) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "rsync-9.9.9.tar.gz").write_bytes(b"garbage")
+    got = rb.fetch_tarball("9.9.9", [mirror.url], mirror.sha, cache, log=lambda _: None)
+    assert rb.sha256_file(got) == mirror.sha
+
+
+def test_fetch_progress_does_not_flood(tmp_path: Path) -> None:
+    root = tmp_path / "m"
+    root.mkdir()
+    blob = bytes(range(256)) * (5 * 4096)  # 5 MiB
+    (root / "rsync-9.9.9.tar.gz").write_bytes(blob)
+    lines: list[str] = []
+    rb.fetch_tarball(
+        "9.9.9",
+        [f"file://{root}/rsync-{{version}}.tar.gz"],
+        hashlib.sha256(blob).hexdigest(),
+        tmp_path / "c",
+        log=lines.append,
+    )
+    progress = [x for x in lines if x.strip().endswith("MB") or " MB of " in x]
+    assert 3 <= len(progress) <= 6
+    assert len(lines) <= 9
+
+
+# ----------------------------------------------------------------------------- toolchain
+
+
+@dataclass
+class FakeResult:
+    stdout: str
+    stderr: str = ""
+    exited: int = 0
+
+
+class FakeContext:
+    """Answers the one toolchain probe with canned facts and records every command."""
+
+    def __init__(self, probe_output: str) -> None:
+        self.probe_output = probe_output
+        self.commands: list[tuple[str, str]] = []
+
+    def run(self, command: str, **kwargs: object) -> FakeResult:
+        assert kwargs == {"hide": True, "warn": True, "in_stream": False}
+        self.commands.append(("run", command))
+        return FakeResult(self.probe_output)
+
+    def sudo(self, command: str, **kwargs: object) -> FakeResult:
+        self.commands.append(("sudo", command))
+        return FakeResult("")
+
+
+NO_CC_DEBIAN = "cc=\nmake=/usr/bin/make\ncompiles=no\npm=apt-get\nos=Linux\n"
+
+
+def test_toolchain_ok_needs_one_command() -> None:
+    c = FakeContext("cc=/usr/bin/cc\nmake=/usr/bin/make\ncompiles=yes\npm=apt-get\nos=Linux\n")
+    tc = rb.ensure_toolchain(c, install=False, sudo=True)
+    assert tc == rb.Toolchain("/usr/bin/cc", "/usr/bin/make")
+    assert len(c.commands) == 1
+
+
+def test_toolchain_missing_without_install_names_exact_command() -> None:
+    c = FakeContext(NO_CC_DEBIAN)
+    with pytest.raises(rb.ToolchainError) as err:
+        rb.ensure_toolchain(c, install=False, sudo=True)
+    assert (
+        "sudo apt-get update && sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "
+        "gcc make libc6-dev"
+    ) in str(err.value)
+    assert all(kind == "run" for kind, _ in c.commands)  # nothing installed
+
+
+def test_toolchain_install_runs_table_commands_with_sudo() -> None:
+    c = FakeContext(NO_CC_DEBIAN)
+    with pytest.raises(rb.ToolchainError, match="still no working"):
+        rb.ensure_toolchain(c, install=True, sudo=True, log=lambda _: None)  # probe stays bad
+    sudo = [cmd for kind, cmd in c.commands if kind == "sudo"]
+    assert sudo == [
+        "sh -c 'apt-get update'",
+        "sh -c 'env DEBIAN_FRONTEND=noninteractive apt-get install -y gcc make libc6-dev'",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("pm", "expected"),
+    [
+        ("dnf", ["dnf install -y gcc make"]),
+        ("yum", ["yum install -y gcc make"]),
+        ("zypper", ["zypper --non-interactive install gcc make"]),
+        ("apk", ["apk add --no-cache build-base"]),
+    ],
+)
+def test_install_commands_table(pm: str, expected: list[str]) -> None:
+    assert rb.install_commands(pm, sudo=False) == expected
+
+
+def test_toolchain_macos_hint() -> None:
+    c = FakeContext("cc=\nmake=\ncompiles=no\npm=\nos=Darwin\n")
+    with pytest.raises(rb.ToolchainError, match="xcode-select --install"):
+        rb.ensure_toolchain(c, install=True, sudo=False)
