@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import hashlib
 import re
 import struct
 from dataclasses import dataclass
 
+from roles.diffs import unified
 from roles.render import render
 
 DEFAULT_COMMENT = "pullback-backup"
@@ -110,7 +110,7 @@ class KeysPlan:
     unrestricted_root_keys: tuple[str, ...]
 
     def diff(self, path: str = "/root/.ssh/authorized_keys") -> str:
-        return _unified_diff(self.old, self.new, path)
+        return unified(path, self.old, self.new)
 
 
 def parse_public_key(text: str) -> PublicKey:
@@ -364,14 +364,3 @@ def plan_authorized_keys(current: bytes | None, line: str, key: PublicKey) -> Ke
     new = b"".join(out)
     return KeysPlan(current, new, new != current, replaced, tuple(unrestricted))
 
-
-def _unified_diff(old: bytes | None, new: bytes, path: str) -> str:
-    def lines(data: bytes) -> list[str]:
-        parts = data.decode("utf-8", "backslashreplace").split("\n")
-        out = [part + "\n" for part in parts[:-1]]
-        if parts[-1]:
-            out.append(parts[-1] + "\n\\ No newline at end of file\n")
-        return out
-
-    before = "/dev/null" if old is None else path
-    return "".join(difflib.unified_diff(lines(old or b""), lines(new), before, path))

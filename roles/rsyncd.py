@@ -13,11 +13,11 @@ exactly one copy of our module (the first, rewritten in place) and says so in
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from roles.diffs import unified
 from roles.render import render
 
 MARKER = "# managed by pullback"
@@ -134,7 +134,7 @@ class RsyncdPlan:
     warnings: tuple[str, ...] = ()
 
     def diff(self, path: str = "/etc/rsyncd.conf") -> str:
-        return _unified_diff(self.old, self.new, path)
+        return unified(path, self.old, self.new)
 
 
 def normalize(name: str) -> str:
@@ -314,14 +314,3 @@ def _check_bool(value: str | None, key: str, *, want: bool, default: bool) -> It
     elif parsed != want:
         yield f"{key} is {value!r}, should be {'yes' if want else 'no'}"
 
-
-def _unified_diff(old: bytes | None, new: bytes, path: str) -> str:
-    def lines(data: bytes) -> list[str]:
-        parts = data.decode("utf-8", "backslashreplace").split("\n")
-        out = [part + "\n" for part in parts[:-1]]
-        if parts[-1]:
-            out.append(parts[-1] + "\n\\ No newline at end of file\n")
-        return out
-
-    before = "/dev/null" if old is None else path
-    return "".join(difflib.unified_diff(lines(old or b""), lines(new), before, path))

@@ -24,10 +24,11 @@ Line numbers (``line_index``) are 0-based indexes into a file's lines; warnings 
 1-based, as editors do.
 """
 
-import difflib
 import fnmatch
 import re
 from dataclasses import dataclass
+
+from roles.diffs import unified
 
 SSH_DIR = "/etc/ssh"
 PERMIT_ROOT_LOGIN_VALUES = frozenset(
@@ -88,15 +89,7 @@ class SshdPlan:
         """Unified diff of the change, ``""`` when nothing changes."""
         if not self.changed or self.old is None or self.new is None or self.path is None:
             return ""
-        # Paths are absolute; "a/etc/ssh/sshd_config" is what `patch -p1 -d /` expects.
-        name = self.path.lstrip("/")
-        lines = difflib.unified_diff(
-            _text_lines(self.old), _text_lines(self.new), f"a/{name}", f"b/{name}"
-        )
-        return "".join(
-            line if line.endswith("\n") else line + "\n\\ No newline at end of file\n"
-            for line in lines
-        )
+        return unified(self.path, self.old, self.new)
 
 
 # --- parsing -------------------------------------------------------------------------

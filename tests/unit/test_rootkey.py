@@ -400,11 +400,11 @@ def test_plan_rejects_line_for_another_key() -> None:
     [
         (
             plan_authorized_keys(None, LINE, KEY),
-            f"--- /dev/null\n+++ /root/.ssh/authorized_keys\n@@ -0,0 +1 @@\n+{LINE}\n",
+            f"--- /dev/null\n+++ b/root/.ssh/authorized_keys\n@@ -0,0 +1 @@\n+{LINE}\n",
         ),
         (
             plan_authorized_keys(b"# x", LINE, KEY),
-            "--- /root/.ssh/authorized_keys\n+++ /root/.ssh/authorized_keys\n@@ -1 +1,2 @@\n"
+            "--- a/root/.ssh/authorized_keys\n+++ b/root/.ssh/authorized_keys\n@@ -1 +1,2 @@\n"
             f"-# x\n\\ No newline at end of file\n+# x\n+{LINE}\n",
         ),
         (plan_authorized_keys(LINE_B + b"\n", LINE, KEY), ""),

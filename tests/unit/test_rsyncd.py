@@ -169,7 +169,7 @@ def test_plan_custom_module_keeps_system() -> None:
 def test_diff() -> None:
     plan = plan_rsyncd_conf(b"[system]\n    path = /\n    list = false\n", RsyncdSettings())
     assert plan.diff() == (
-        "--- /etc/rsyncd.conf\n+++ /etc/rsyncd.conf\n@@ -1,3 +1,11 @@\n"
+        "--- a/etc/rsyncd.conf\n+++ b/etc/rsyncd.conf\n@@ -1,3 +1,11 @@\n"
         "+# managed by pullback\n [system]\n     path = /\n"
         "+    comment = pullback full-system backup (read-only)\n+    read only = yes\n"
         "     list = false\n+    uid = 0\n+    gid = 0\n+    numeric ids = yes\n"
@@ -180,7 +180,7 @@ def test_diff() -> None:
         plan_rsyncd_conf(None, RsyncdSettings())
         .diff()
         .startswith(
-            "--- /dev/null\n+++ /etc/rsyncd.conf\n@@ -0,0 +1,11 @@\n+# managed by pullback\n"
+            "--- /dev/null\n+++ b/etc/rsyncd.conf\n@@ -0,0 +1,11 @@\n+# managed by pullback\n"
         )
     )
 

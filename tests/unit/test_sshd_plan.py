@@ -666,14 +666,14 @@ def test_diff_is_unified_with_a_b_names() -> None:
     )
 
 
-def test_diff_marks_missing_final_newline_and_replaces_bad_bytes() -> None:
+def test_diff_marks_missing_final_newline_and_escapes_bad_bytes() -> None:
     facts = SshdFacts(MAIN, {MAIN: b"Banner /etc/issue.\xe9\nUsePAM yes"}, {})
 
     assert plan_permit_root_login(facts).diff() == (
         "--- a/etc/ssh/sshd_config\n"
         "+++ b/etc/ssh/sshd_config\n"
         "@@ -1,2 +1,3 @@\n"
-        " Banner /etc/issue.\ufffd\n"
+        " Banner /etc/issue.\\xe9\n"
         "-UsePAM yes\n"
         "\\ No newline at end of file\n"
         "+UsePAM yes\n"
