@@ -799,11 +799,20 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
     jobs: list[tuple[str, Any]] = []
     tarballs: dict[str, tuple[Path, str]] = {}
     results: list[EndResult] = []
+    local_versions: dict[str, str] = {}  # local prefix -> the one version built into it
     for host in hosts:
         wanted = version or host.rsync.version
         try:
             validate_version(wanted)
-            sha = expected_sha256(wanted, host.rsync.sha256 if version is None else None)
+            # rsync.sha256 pins the inventory's rsync.version, also when --version names it.
+            sha = expected_sha256(
+                wanted, host.rsync.sha256 if wanted == host.rsync.version else None
+            )
+            if wanted in tarballs and tarballs[wanted][1] != sha:
+                raise ValueError(
+                    f"rsync.sha256 of {host.name} ({sha}) differs from the one already used "
+                    f"for rsync {wanted} in this run ({tarballs[wanted][1]}); fix the inventory"
+                )
             if wanted not in tarballs:
                 warning = security_warning(wanted)
                 if warning:
@@ -818,11 +827,18 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
             jobs.append((host.name, lambda h=host, p=path, s=sha, v=wanted: _remote_end(
                 h, p, v, s, check=check, install_packages=install_packages,
                 log=lambda m, n=h.name: log(f"{n}: {m}"))))
-        local_key = f"local:{host.rsync.local_prefix}:{wanted}"
-        if local and all(name != local_key for name, _ in jobs):
+        local_prefix = host.rsync.local_prefix
+        local_key = f"local:{local_prefix}:{wanted}"
+        if local and local_prefix not in local_versions:
+            local_versions[local_prefix] = wanted
             jobs.append((local_key, lambda h=host, p=path, s=sha, v=wanted: _local_end(
                 h.rsync.local_prefix, p, v, s, check=check, install_packages=install_packages,
                 log=lambda m: log(f"local: {m}"))))
+        elif local and local_versions[local_prefix] != wanted:
+            # Two builds must never install into one prefix at the same time.
+            results.append(EndResult(local_key, error=(
+                f"{host.name} wants rsync {wanted} but {local_prefix} is already getting "
+                f"{local_versions[local_prefix]} in this run; give the hosts one version")))
 
     def run(job: tuple[str, Any]) -> EndResult:
         name, work = job
