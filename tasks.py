@@ -137,15 +137,67 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None):
 @task(iterable=["host"], help={**HOST_HELP, "dry_run": "rsync -n: show what would change"})
 def backup(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
     """Pull / from each host with the backup key (unattended)."""
-    _hosts(inventory, host)
-    _not_implemented("backup")
+    from roles import backup as pulls
+    from roles import fleet
+
+    hosts = _hosts(inventory, host)
+    captured = [h.name for h in hosts if h.forced_command == "captured"]
+    if captured:
+        raise Exit(f"backup: {', '.join(captured)}: {pulls.CAPTURED_NOT_READY}", code=3)
+    # Live output only for one host on a terminal: several interleaved streams are noise.
+    tty = len(hosts) == 1 and sys.stdout.isatty()
+
+    def failed(h, exc):
+        reason = str(exc) if isinstance(exc, pulls.BackupError) else \
+            f"{type(exc).__name__}: {exc}"
+        return pulls.BackupResult(h.name, ok=False, exit_code=None, seconds=0.0, error=reason)
+
+    results = fleet.for_each(
+        hosts, lambda h: pulls.run_backup(h, dry_run=dry_run, tty=tty), failed,
+        parallel=max(h.backup.parallel for h in hosts),
+    )
+    for r in results:
+        if r.warning:
+            print(f"{r.host}: warning: {r.warning}", file=sys.stderr)
+        if r.error:
+            print(f"{r.host}: failed: {r.error}", file=sys.stderr)
+        if r.log_path and not r.ok:
+            print(f"{r.host}: log: {r.log_path}", file=sys.stderr)
+    print(pulls.format_table(results), end="")
+    bad = [r.host for r in results if not r.ok]
+    if bad:
+        raise Exit(f"backup: failed: {', '.join(bad)}", code=1)
 
 
-@task(iterable=["host"], help=HOST_HELP)
-def restore(c, inventory=DEFAULT_INVENTORY, host=None):
+@task(iterable=["host"], help={
+    **HOST_HELP,
+    "path": "absolute path on the server to restore, e.g. /etc/ssh",
+    "to": "local folder to restore into (a folder's contents land in it)",
+    "snapshot": "snapshot name (default: the newest); snapshot mode only",
+    "force": "copy into a non-empty folder (nothing there is deleted)",
+})
+def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snapshot=None,
+            force=False):
     """Copy a path out of a local backup, metadata preserved."""
-    _hosts(inventory, host)
-    _not_implemented("restore")
+    from roles import backup as pulls
+
+    if len(host or []) != 1:
+        raise Exit("restore: name exactly one --host", code=2)
+    if not path or not to:
+        raise Exit("restore: --path and --to are required", code=2)
+    (h,) = _hosts(inventory, host)
+    try:
+        result = pulls.run_restore(h, path=path, to=to, snapshot=snapshot, force=force)
+    except pulls.RestoreError as exc:
+        raise Exit(f"restore: {exc}", code=2) from None
+    except pulls.BackupError as exc:
+        raise Exit(f"restore: {exc}", code=1) from None
+    if result.warning:
+        print(f"{h.name}: warning: {result.warning}", file=sys.stderr)
+    if not result.ok:
+        print(result.output, end="", file=sys.stderr)
+        raise Exit(f"restore: {result.error}", code=1)
+    print(f"{h.name}: restored {path} from {result.source} into {to}")
 
 
 @task(iterable=["host"], help=HOST_HELP)

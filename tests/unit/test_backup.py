@@ -1,0 +1,609 @@
+"""roles.backup: argv tables, --stats parsing, exit codes, snapshot naming and pruning,
+restore paths, and run_backup's bookkeeping with a stand-in rsync (no ssh, no containers)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from roles import backup as b
+from roles.inventory import Host
+
+RSYNC = "/opt/pullback/bin/rsync"
+SSH_E = ("ssh -i /keys/backup -p 2222 -o StrictHostKeyChecking=yes "
+         "-o UserKnownHostsFile=/keys/known_hosts -o BatchMode=yes -o IdentitiesOnly=yes")
+
+
+def make_host(tmp: Path | None = None, **backup) -> Host:
+    data = {
+        "name": "web1", "address": "192.0.2.10", "port": 2222, "admin_user": "admin",
+        "backup_key": "/keys/backup", "known_hosts": "/keys/known_hosts",
+        "backup": {"destination": str(tmp / "{name}") if tmp else "/backups/{name}",
+                   **backup},
+    }
+    if tmp is not None:
+        data["rsync"] = {"local_prefix": str(tmp / "prefix")}
+    return Host.model_validate(data)
+
+
+# --- build_argv -----------------------------------------------------------------------------
+
+DEFAULT = ["-avzx", "--numeric-ids", "--delete"]
+
+CASES = {
+    "mirror, no tty: --progress dropped": (
+        {}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "root@192.0.2.10::system/", "/backups/web1/"]),
+    "mirror on a tty keeps the user's --progress": (
+        {}, {"dry_run": False, "tty": True},
+        [*DEFAULT, "--progress", "--stats", "root@192.0.2.10::system/", "/backups/web1/"]),
+    "dry run adds -n": (
+        {}, {"dry_run": True, "tty": False},
+        [*DEFAULT, "--stats", "-n", "root@192.0.2.10::system/", "/backups/web1/"]),
+    "excludes, each as --exclude=PAT": (
+        {"exclude": ("/proc/*", "*.tmp", "/var/cache/a b")}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "--exclude=/proc/*", "--exclude=*.tmp",
+         "--exclude=/var/cache/a b", "root@192.0.2.10::system/", "/backups/web1/"]),
+    "max_delete": (
+        {"max_delete": 50}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "--max-delete=50", "root@192.0.2.10::system/",
+         "/backups/web1/"]),
+    "max_delete 0 is still passed": (
+        {"max_delete": 0}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "--max-delete=0", "root@192.0.2.10::system/",
+         "/backups/web1/"]),
+    "source other than / and another module": (
+        {"source": "/srv/data", "module": "full"}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "root@192.0.2.10::full/srv/data/", "/backups/web1/"]),
+    "snapshot: partial target and absolute link-dest": (
+        {"snapshots": 3}, {"dry_run": False, "tty": False,
+                           "dest": "/backups/web1/2026-11-26T101500Z.partial",
+                           "link_dest": "/backups/web1/2026-11-25T101500Z"},
+        [*DEFAULT, "--stats", "--link-dest=/backups/web1/2026-11-25T101500Z",
+         "root@192.0.2.10::system/", "/backups/web1/2026-11-26T101500Z.partial/"]),
+    "-P keeps --partial off a tty; --info=progress2 dropped": (
+        {"options": ("-aHx", "-P", "--info=progress2", "--numeric-ids")},
+        {"dry_run": False, "tty": False},
+        ["-aHx", "--partial", "--numeric-ids", "--stats", "root@192.0.2.10::system/",
+         "/backups/web1/"]),
+    "everything at once": (
+        {"source": "/home", "exclude": ("cache/",), "max_delete": 10, "snapshots": 1},
+        {"dry_run": True, "tty": True, "dest": "/b/x.partial", "link_dest": "/b/y"},
+        [*DEFAULT, "--progress", "--stats", "--exclude=cache/", "-n", "--max-delete=10",
+         "--link-dest=/b/y", "root@192.0.2.10::system/home/", "/b/x.partial/"]),
+}
+
+
+@pytest.mark.parametrize("settings,kwargs,tail", CASES.values(), ids=CASES.keys())
+def test_build_argv(settings, kwargs, tail):
+    host = make_host(**settings)
+    kwargs = {"dest": host.destination, **kwargs}
+    argv = b.build_argv(host, local_rsync=RSYNC, **kwargs)
+    assert argv[:3] == [RSYNC, "-e", SSH_E]
+    assert argv[3:] == tail
+    assert "::" in argv[-2] and not argv[-2].startswith("root@192.0.2.10:/")
+
+
+def test_ssh_command_survives_rsync_splitting_with_spaces():
+    host = make_host().model_copy(update={"backup_key": "/my keys/backup",
+                                          "known_hosts": "/my keys/known hosts"})
+    e = b.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC, dest="/d")[2]
+    assert shlex.split(e) == [
+        "ssh", "-i", "/my keys/backup", "-p", "2222", "-o", "StrictHostKeyChecking=yes",
+        "-o", "UserKnownHostsFile=/my keys/known hosts", "-o", "BatchMode=yes",
+        "-o", "IdentitiesOnly=yes"]
+
+
+def test_ipv6_address_is_bracketed():
+    host = make_host().model_copy(update={"address": "2001:db8::7"})
+    assert b.source_spec(host) == "root@[2001:db8::7]::system/"
+
+
+def test_captured_mode_is_refused_clearly():
+    host = make_host().model_copy(update={"forced_command": "captured"})
+    with pytest.raises(b.CapturedModeError, match="capture-command"):
+        b.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC, dest="/d")
+
+
+def test_link_dest_must_be_absolute():
+    with pytest.raises(ValueError, match="absolute"):
+        b.build_argv(make_host(snapshots=2), dry_run=False, tty=False, local_rsync=RSYNC,
+                     dest="/d/x.partial", link_dest="y")
+
+
+def test_find_local_rsync_prefers_the_pinned_build(tmp_path):
+    host = make_host(tmp_path)
+    path, warning = b.find_local_rsync(host)
+    assert path == shutil.which("rsync") and "not built" in warning
+    pinned = tmp_path / "prefix" / "bin" / "rsync"
+    pinned.parent.mkdir(parents=True)
+    pinned.write_text("#!/bin/sh\n")
+    pinned.chmod(0o755)
+    assert b.find_local_rsync(host) == (str(pinned), None)
+
+
+# --- parse_stats ------------------------------------------------------------------------------
+
+
+def real_stats(tmp_path: Path, *extra: str) -> str:
+    """--stats output of the local rsync 3.x, copying two tmp dirs."""
+    rsync = shutil.which("rsync")
+    assert rsync, "rsync must be installed for these tests"
+    version = subprocess.run([rsync, "--version"], capture_output=True, text=True).stdout
+    assert version.split()[2].startswith("3."), version.splitlines()[0]
+    src = tmp_path / "src"
+    if not src.exists():
+        (src / "sub").mkdir(parents=True)
+        (src / "small").write_bytes(b"x" * 1234)
+        (src / "sub" / "big").write_bytes(os.urandom(1_500_000))
+        (src / "link").symlink_to("small")
+    out = subprocess.run([rsync, "-a", "--stats", *extra, f"{src}/", f"{tmp_path}/dst/"],
+                         capture_output=True, text=True, env=b._rsync_env(), check=True)
+    return out.stdout
+
+
+def test_parse_stats_real_3x_output(tmp_path):
+    text = real_stats(tmp_path)
+    stats = b.parse_stats(text)
+    assert stats["files"] == 5  # ., sub, small, sub/big, link
+    assert stats["files_by_type"] == {"reg": 2, "dir": 2, "link": 1}
+    assert stats["files_transferred"] == 2
+    assert stats["files_created"] == 5
+    assert stats["files_deleted"] == 0
+    assert stats["total_size"] == 1_501_234 + len("small")  # a link's size is its target
+    assert stats["transferred_size"] == 1_501_234
+    assert stats["literal_data"] == 1_501_234
+    assert stats["matched_data"] == 0
+    assert stats["bytes_sent"] > 1_500_000 and stats["bytes_received"] > 0
+    assert "1,501,234" in text  # thousands separators were really there
+    assert stats["speedup"] > 0
+    # A second run transfers nothing.
+    again = b.parse_stats(real_stats(tmp_path))
+    assert again["files_transferred"] == 0 and again["literal_data"] == 0
+
+
+def test_parse_stats_dry_run_and_human_readable(tmp_path):
+    dry = b.parse_stats(real_stats(tmp_path, "-n"))
+    assert dry["dry_run"] is True and dry["files_transferred"] == 2
+    human = b.parse_stats(real_stats(tmp_path / "h", "-h"))
+    assert human["transferred_size"] == pytest.approx(1_501_234, rel=0.01)
+
+
+STATS_269 = """\
+sending incremental file list
+
+Number of files: 1234
+Number of files transferred: 17
+Total file size: 987654321 bytes
+Total transferred file size: 4321 bytes
+Literal data: 4000 bytes
+Matched data: 321 bytes
+File list size: 29876
+File list generation time: 0.012 seconds
+File list transfer time: 0.000 seconds
+Total bytes sent: 5120
+Total bytes received: 33006
+
+sent 5120 bytes  received 33006 bytes  76252.00 bytes/sec
+total size is 987654321  speedup is 25904.14
+"""
+
+
+def test_parse_stats_269_format():
+    assert b.parse_stats(STATS_269) == {
+        "files": 1234, "files_transferred": 17, "total_size": 987654321,
+        "transferred_size": 4321, "literal_data": 4000, "matched_data": 321,
+        "file_list_size": 29876, "bytes_sent": 5120, "bytes_received": 33006,
+        "speedup": 25904.14,
+    }
+
+
+def test_parse_stats_big_numbers_with_separators():
+    text = ("Number of files: 1,234,567 (reg: 1,000,000, dir: 234,500, link: 67)\n"
+            "Number of regular files transferred: 12,345\n"
+            "Total file size: 98,765,432,109 bytes\n"
+            "total size is 98,765,432,109  speedup is 1,234.56\n")
+    stats = b.parse_stats(text)
+    assert stats["files"] == 1_234_567
+    assert stats["files_by_type"] == {"reg": 1_000_000, "dir": 234_500, "link": 67}
+    assert stats["files_transferred"] == 12_345
+    assert stats["total_size"] == 98_765_432_109
+    assert stats["speedup"] == 1234.56
+
+
+def test_parse_stats_of_nothing_is_empty():
+    assert b.parse_stats("rsync: connection unexpectedly closed\n") == {}
+
+
+# --- exit codes and error lines -----------------------------------------------------------
+
+@pytest.mark.parametrize("code,words", [
+    (1, "syntax"), (2, "invoke build-rsync"), (5, "host::module"), (10, "socket"),
+    (11, "file I/O"), (12, "forced command does not match"), (23, "partial transfer"),
+    (24, "vanished"), (25, "max-delete"), (30, "timeout"), (255, "ssh failed"),
+])
+def test_explain_exit(code, words):
+    assert words in b.explain_exit(code)
+
+
+def test_explain_unknown_and_signals():
+    assert "signal 9" in b.explain_exit(-9)
+    assert "EXIT VALUES" in b.explain_exit(99)
+
+
+def test_scanner_finds_errors_across_chunks_and_keeps_only_the_tail():
+    text = (b"file1\nfile2\r  1,000 100%\r"
+            b"rsync: [sender] send_files failed to open \"/srv/x\": Permission denied (13)\n"
+            + b"f\n" * 50_000 +
+            b"rsync error: some files/attrs were not transferred (see previous errors) "
+            b"(code 23) at main.c(1338) [generator=3.2.7]\n")
+    scanner = b.OutputScanner(tail_bytes=4096)
+    for i in range(0, len(text), 777):  # chunk boundaries fall inside lines
+        scanner.feed(text[i:i + 777])
+    scanner.close()
+    assert list(scanner.errors) == [
+        'rsync: [sender] send_files failed to open "/srv/x": Permission denied (13)',
+        "rsync error: some files/attrs were not transferred (see previous errors) "
+        "(code 23) at main.c(1338) [generator=3.2.7]",
+    ]
+    assert len(scanner.tail) <= 4096 and scanner.tail.endswith("[generator=3.2.7]\n")
+    message = b.describe_failure(23, scanner.errors)
+    assert message.startswith('rsync exit 23: rsync: [sender] send_files failed to open')
+    assert "/ rsync error: some files" in message and "partial transfer" in message
+
+
+def test_describe_ssh_and_daemon_failures():
+    assert b.describe_failure(255, ["Host key verification failed."]) == (
+        "rsync exit 255: Host key verification failed. -- " + b.EXIT_CODES[255])
+    assert "Unknown module" in b.describe_failure(5, ["@ERROR: Unknown module 'system'"])
+    assert b.describe_failure(12, []).startswith("rsync exit 12 -- ")
+
+
+# --- snapshots ------------------------------------------------------------------------------
+
+NOW = datetime(2026, 11, 26, 10, 15, 0, tzinfo=UTC)
+
+
+def test_run_id_naming_and_collisions():
+    assert b.new_run_id(NOW, []) == "2026-11-26T101500Z"
+    assert b.new_run_id(NOW, ["2026-11-26T101500Z"]) == "2026-11-26T101500Z-2"
+    assert b.new_run_id(NOW, ["2026-11-26T101500Z", "2026-11-26T101500Z-2.partial"]) == \
+        "2026-11-26T101500Z-3"
+
+
+def test_snapshot_order_and_pruning():
+    names = ["latest", "2026-11-26T101500Z-10", "2026-11-24T000000Z", "2026-11-26T101500Z",
+             "2026-11-26T101500Z-2", "2026-11-27T000000Z.partial", "notes.txt",
+             ".latest.tmp-1", "2026-11-25T000000Z"]
+    assert b.complete_snapshots(names) == [
+        "2026-11-24T000000Z", "2026-11-25T000000Z", "2026-11-26T101500Z",
+        "2026-11-26T101500Z-2", "2026-11-26T101500Z-10"]
+    assert b.newest_snapshot(names) == "2026-11-26T101500Z-10"
+    assert b.plan_prune(names, 2) == [
+        "2026-11-24T000000Z", "2026-11-25T000000Z", "2026-11-26T101500Z"]
+    assert b.plan_prune(names, 99) == []
+    assert b.plan_prune(names, 0) == []  # mirror mode never prunes
+    assert b.newest_snapshot(["latest", "x.partial"]) is None
+
+
+def test_stale_partials_resume_or_delete():
+    names = ["2026-11-20T000000Z", "2026-11-21T000000Z.partial", "2026-11-22T000000Z.partial",
+             "junk.partial"]
+    assert b.plan_partials(names, resume=True) == (
+        "2026-11-22T000000Z.partial", ["2026-11-21T000000Z.partial"])
+    assert b.plan_partials(names, resume=False) == (
+        None, ["2026-11-21T000000Z.partial", "2026-11-22T000000Z.partial"])
+    assert b.has_delete(["-a", "--delete"]) and b.has_delete(["--delete-after"])
+    assert not b.has_delete(["-a", "--max-delete=3"])
+
+
+# --- run_backup with a stand-in rsync ----------------------------------------------------------
+
+FAKE_RSYNC = """#!/usr/bin/env python3
+# Stand-in for the pinned rsync: a local copy from $FAKE_SOURCE instead of the daemon pull.
+import os, sys, time
+args, skip = [], False
+for a in sys.argv[1:]:
+    if skip:
+        skip = False
+    elif a == "-e":
+        skip = True
+    elif "::" in a:
+        args.append(os.environ["FAKE_SOURCE"] + "/")
+    elif a not in ("-z", "-avzx"):
+        args.append(a)
+with open(os.environ["FAKE_SOURCE"] + ".argv", "a") as f:
+    f.write(repr(sys.argv[1:]) + "\\n")
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0")))
+code = int(os.environ.get("FAKE_EXIT", "0"))
+if code:
+    dest = args[-1]
+    os.makedirs(dest, exist_ok=True)
+    open(os.path.join(dest, "half-done"), "w").close()
+    print('rsync: [sender] send_files failed to open "/x": Permission denied (13)')
+    print("rsync error: some files/attrs were not transferred (see previous errors) "
+          f"(code {code}) at main.c(1338) [generator=3.2.7]")
+    sys.exit(code)
+os.execv(os.environ["REAL_RSYNC"], ["rsync", "-a", *args])
+"""
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    prefix = tmp_path / "prefix" / "bin"
+    prefix.mkdir(parents=True)
+    (prefix / "rsync").write_text(FAKE_RSYNC)
+    (prefix / "rsync").chmod(0o755)
+    source = tmp_path / "server"
+    source.mkdir()
+    (source / "keep").write_text("same in every snapshot\n")
+    (source / "change").write_text("v1\n")
+    monkeypatch.setenv("FAKE_SOURCE", str(source))
+    monkeypatch.setenv("REAL_RSYNC", shutil.which("rsync"))
+    return source
+
+
+def test_run_backup_mirror_writes_log_and_summary_outside_the_copy(tmp_path, fake):
+    host = make_host(tmp_path)
+    result = b.run_backup(host, dry_run=False, tty=False)
+    assert result.ok and result.exit_code == 0 and result.warning is None
+    dest = tmp_path / "web1"
+    assert sorted(os.listdir(dest)) == ["change", "keep"]
+    state = tmp_path / "web1.pullback"
+    assert (state.stat().st_mode & 0o777) == 0o700
+    summary = json.loads(Path(result.summary_path).read_text())
+    assert summary["mode"] == "mirror" and summary["exit_code"] == 0
+    assert summary["stats"]["files_transferred"] == 2
+    log = Path(result.log_path).read_text()
+    assert log.startswith("# ") and "--stats" in log.splitlines()[0]
+    assert "Number of files" in log
+    argv = (fake.parent / "server.argv").read_text()
+    assert "--progress" not in argv and "root@192.0.2.10::system/" in argv
+
+
+def test_run_backup_dry_run_writes_no_backup(tmp_path, fake):
+    result = b.run_backup(make_host(tmp_path, snapshots=2), dry_run=True, tty=False)
+    assert result.ok and result.dry_run and result.snapshot is None
+    assert not (tmp_path / "web1").exists()
+    assert "-n" in (fake.parent / "server.argv").read_text()
+
+
+def test_run_backup_snapshots_link_rename_prune(tmp_path, fake):
+    host = make_host(tmp_path, snapshots=2)
+    dest = tmp_path / "web1"
+    made = []
+    for n, version in enumerate(("v1", "v2", "v3")):
+        (fake / "change").write_text(version + "\n")
+        # Same size within the same second would pass rsync's quick check unchanged.
+        os.utime(fake / "change", (1_700_000_000 + n, 1_700_000_000 + n))
+        result = b.run_backup(host, dry_run=False, tty=False)
+        assert result.ok, result.error
+        made.append(Path(result.snapshot).name)
+    assert len(set(made)) == 3  # same-second runs get -2, -3
+    assert b.complete_snapshots(os.listdir(dest)) == made[1:]
+    assert os.readlink(dest / "latest") == made[-1]
+    older, newer = (dest / made[1]), (dest / made[2])
+    assert (older / "keep").stat().st_ino == (newer / "keep").stat().st_ino
+    assert (newer / "change").read_text() == "v3\n"
+    assert (older / "change").read_text() == "v2\n"
+    argv = (fake.parent / "server.argv").read_text().splitlines()
+    assert f"--link-dest={dest / made[1]}" in argv[-1]
+
+
+def test_run_backup_failure_keeps_snapshots_and_the_next_run_resumes(tmp_path, fake,
+                                                                     monkeypatch):
+    host = make_host(tmp_path, snapshots=3)
+    dest = tmp_path / "web1"
+    first = b.run_backup(host, dry_run=False, tty=False)
+    monkeypatch.setenv("FAKE_EXIT", "23")
+    failed = b.run_backup(host, dry_run=False, tty=False)
+    assert not failed.ok and failed.exit_code == 23 and failed.snapshot is None
+    assert "Permission denied" in failed.error and "partial transfer" in failed.error
+    assert b.complete_snapshots(os.listdir(dest)) == [Path(first.snapshot).name]
+    assert os.readlink(dest / "latest") == Path(first.snapshot).name
+    partials = b.partial_snapshots(os.listdir(dest))
+    assert len(partials) == 1
+    monkeypatch.delenv("FAKE_EXIT")
+    again = b.run_backup(host, dry_run=False, tty=False)
+    assert again.ok and "resumed" in again.warning
+    assert b.partial_snapshots(os.listdir(dest)) == []
+    # --delete (in the default options) removed what the killed run left behind.
+    assert sorted(os.listdir(again.snapshot)) == ["change", "keep"]
+
+
+def test_run_backup_code_24_is_a_success_with_a_warning(tmp_path, fake, monkeypatch):
+    monkeypatch.setenv("FAKE_EXIT", "24")
+    result = b.run_backup(make_host(tmp_path, snapshots=1), dry_run=False, tty=False)
+    assert result.ok and result.exit_code == 24 and "vanished" in result.warning
+    assert result.snapshot and b.result_label(result) == "ok (24)"
+
+
+def test_lock_refuses_a_second_run_at_once(tmp_path, fake):
+    host = make_host(tmp_path)
+    state = b.state_dir(host)
+    state.mkdir(mode=0o700)
+    held = rf"another backup of web1 is running \(pid {os.getpid()}\)"
+    with b.Lock(state / "lock", host.name), pytest.raises(b.BackupError, match=held):
+        b.run_backup(host, dry_run=False, tty=False)
+    assert b.run_backup(host, dry_run=False, tty=False).ok
+
+
+def test_run_backup_on_a_tty_echoes_and_keeps_progress(tmp_path, fake):
+    shown = io.BytesIO()
+    result = b.run_backup(make_host(tmp_path), dry_run=False, tty=True, echo=shown)
+    assert result.ok and b"Number of files" in shown.getvalue()
+    assert "--progress" in (fake.parent / "server.argv").read_text()
+
+
+def test_mirror_mode_refuses_a_folder_of_snapshots(tmp_path, fake):
+    assert b.run_backup(make_host(tmp_path, snapshots=2), dry_run=False, tty=False).ok
+    with pytest.raises(b.BackupError, match="would erase them"):
+        b.run_backup(make_host(tmp_path), dry_run=False, tty=False)
+
+
+def test_an_orphaned_rsync_keeps_the_lock(tmp_path, fake, monkeypatch):
+    """pullback killed, its rsync still running: no new run may start until rsync ends."""
+    monkeypatch.setenv("FAKE_SLEEP", "1.5")
+    host = make_host(tmp_path)
+    script = ("import sys, roles.backup as b, roles.inventory as i; "
+              "b.run_backup(i.Host.model_validate_json(sys.argv[1]), dry_run=False, tty=False)")
+    child = subprocess.Popen([sys.executable, "-c", script, host.model_dump_json(by_alias=True)],
+                             cwd=Path(__file__).resolve().parents[2])
+    lock = b.state_dir(host) / "lock"
+    deadline = time.monotonic() + 10
+    while "rsync" not in (lock.read_text() if lock.exists() else ""):
+        assert time.monotonic() < deadline and child.poll() is None
+        time.sleep(0.02)
+    child.kill()
+    child.wait()
+    with pytest.raises(b.BackupError, match=r"is running \(pid \d+, rsync pid \d+\)"):
+        b.Lock(lock, host.name).__enter__()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with b.Lock(lock, host.name):
+                break
+        except b.BackupError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_format_table():
+    rows = [
+        b.BackupResult("web1", True, 0, 12.34, {"files_transferred": 3, "files": 10,
+                                                "transferred_size": 2_500_000,
+                                                "bytes_received": 1_200},
+                       snapshot="/b/web1/2026-11-26T101500Z"),
+        b.BackupResult("db1", False, None, 0.0, error="another backup of db1 is running"),
+    ]
+    lines = b.format_table(rows).splitlines()
+    assert lines[0].split() == ["host", "result", "seconds", "files", "transferred",
+                                "received", "snapshot"]
+    assert lines[1].split() == ["web1", "ok", "12.3", "3/10", "2.5", "MB", "1.2", "KB",
+                                "2026-11-26T101500Z"]
+    assert lines[2].split() == ["db1", "failed", "0.0", "-", "-", "-", "-"]
+
+
+# --- restore ----------------------------------------------------------------------------------
+
+
+def test_restore_argv_adds_acls_and_xattrs_only_when_backed_up():
+    src = Path("/b/web1/etc/ssh")
+    plain = b.build_restore_argv(RSYNC, ["-avzx", "--numeric-ids"], src, is_dir=True, to="/r")
+    assert plain == [RSYNC, "-a", "--numeric-ids", "-H", "/b/web1/etc/ssh/", "/r/"]
+    full = b.build_restore_argv(RSYNC, ["-aHAXx"], src, is_dir=False, to="/r/")
+    assert full == [RSYNC, "-a", "--numeric-ids", "-H", "-A", "-X", "/b/web1/etc/ssh", "/r/"]
+    longs = b.build_restore_argv(RSYNC, ["-a", "--acls", "--xattrs"], src, is_dir=True,
+                                 to="/r")
+    assert "-A" in longs and "-X" in longs
+
+
+def test_restore_path_checks(tmp_path):
+    root = tmp_path / "web1"
+    (root / "etc" / "ssh").mkdir(parents=True)
+    (root / "etc" / "ssh" / "sshd_config").write_text("x")
+    (root / "bin").symlink_to("/usr/bin")
+    host = make_host(tmp_path)
+    assert b.resolve_restore_path(host, root, "/etc/ssh") == root / "etc" / "ssh"
+    assert b.resolve_restore_path(host, root, "/") == root
+    assert b.resolve_restore_path(host, root, "/bin") == root / "bin"  # the link itself
+    for bad, why in [("/etc/../../x", r"'\.\.'"), ("etc/ssh", "absolute"),
+                     ("/bin/ls", "symlink to /usr/bin"), ("/nope", "not in the backup")]:
+        with pytest.raises(b.RestoreError, match=why):
+            b.resolve_restore_path(host, root, bad)
+    data = make_host(tmp_path, source="/srv/data")
+    assert b.resolve_restore_path(data, root, "/srv/data/etc") == root / "etc"
+    with pytest.raises(b.RestoreError, match="not inside backup.source"):
+        b.resolve_restore_path(data, root, "/etc/ssh")
+
+
+def test_backup_root_picks_mirror_or_snapshot(tmp_path):
+    mirror = make_host(tmp_path)
+    with pytest.raises(b.RestoreError, match="no backup"):
+        b.backup_root(mirror, None)
+    (tmp_path / "web1").mkdir()
+    assert b.backup_root(mirror, None) == tmp_path / "web1"
+    with pytest.raises(b.RestoreError, match="does not apply"):
+        b.backup_root(mirror, "2026-11-26T101500Z")
+    snaps = make_host(tmp_path, snapshots=3)
+    with pytest.raises(b.RestoreError, match="no complete snapshot"):
+        b.backup_root(snaps, None)
+    for name in ("2026-11-25T000000Z", "2026-11-26T000000Z", "2026-11-27T000000Z.partial"):
+        (tmp_path / "web1" / name).mkdir()
+    assert b.backup_root(snaps, None).name == "2026-11-26T000000Z"
+    assert b.backup_root(snaps, "latest").name == "2026-11-26T000000Z"
+    assert b.backup_root(snaps, "2026-11-25T000000Z").name == "2026-11-25T000000Z"
+    with pytest.raises(b.RestoreError, match="no snapshot"):
+        b.backup_root(snaps, "2026-11-27T000000Z.partial")
+
+
+def test_run_restore_refuses_non_empty_and_inside_the_backup(tmp_path):
+    host = make_host(tmp_path)
+    (tmp_path / "web1" / "etc").mkdir(parents=True)
+    (tmp_path / "web1" / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "other").write_text("")
+    with pytest.raises(b.RestoreError, match="not empty"):
+        b.run_restore(host, path="/etc", to=str(target))
+    with pytest.raises(b.RestoreError, match="inside the backup"):
+        b.run_restore(host, path="/etc", to=str(tmp_path / "web1" / "x"))
+    result = b.run_restore(host, path="/etc", to=str(target), force=True)
+    assert result.ok, result.output
+    assert (target / "hosts").read_text() == "127.0.0.1 localhost\n"
+    assert (target / "other").exists()
+
+
+# --- start-up cost ----------------------------------------------------------------------------
+
+
+def test_backup_import_path_has_no_ssh_library():
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "import roles.backup, roles.fleet"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], check=True)
+    imported = {line.split("|")[-1].strip().split(".")[0]
+                for line in result.stderr.splitlines() if "|" in line}
+    assert "roles" in imported
+    assert not imported & {"paramiko", "fabric", "cryptography", "invoke"}
+
+
+# --- the tasks' input checks (no host is contacted) -------------------------------------------
+
+
+def cli(tmp_path: Path, *args: str, **host) -> subprocess.CompletedProcess:
+    inventory = tmp_path / "inventory.yaml"
+    entries = "".join(
+        f"  {name}:\n    address: 192.0.2.{i + 1}\n    forced_command: {mode}\n"
+        for i, (name, mode) in enumerate(host.items()))
+    inventory.write_text(f"defaults:\n  admin_user: admin\n  backup_key: {tmp_path}/key\n"
+                         f"  backup:\n    destination: {tmp_path}/b/{{name}}\n"
+                         f"hosts:\n{entries}")
+    return subprocess.run([str(Path(sys.executable).parent / "invoke"), *args,
+                           "--inventory", str(inventory)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], check=False, timeout=60)
+
+
+def test_backup_task_exits_3_for_captured_mode(tmp_path):
+    result = cli(tmp_path, "backup", web1="daemon", web2="captured")
+    assert result.returncode == 3
+    assert "web2: captured mode needs `invoke capture-command`" in result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_restore_task_needs_exactly_one_host(tmp_path):
+    result = cli(tmp_path, "restore", "--path", "/etc", "--to", str(tmp_path / "r"),
+                 web1="daemon", web2="daemon")
+    assert result.returncode == 2 and "exactly one --host" in result.stderr
+    result = cli(tmp_path, "restore", "--host", "web1", "--path", "/etc/../root",
+                 "--to", str(tmp_path / "r"), web1="daemon")
+    assert result.returncode == 2 and "'..'" in result.stderr
