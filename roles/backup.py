@@ -87,6 +87,10 @@ def ssh_command(host: Host) -> str:
         "-o", f"UserKnownHostsFile={host.known_hosts}",
         "-o", "BatchMode=yes",
         "-o", "IdentitiesOnly=yes",
+        # An unattended run must not hang forever on a dead network.
+        "-o", "ConnectTimeout=30",
+        "-o", "ServerAliveInterval=30",
+        "-o", "ServerAliveCountMax=4",
     ])
 
 

@@ -21,7 +21,8 @@ from roles.inventory import Host
 
 RSYNC = "/opt/pullback/bin/rsync"
 SSH_E = ("ssh -i /keys/backup -p 2222 -o StrictHostKeyChecking=yes "
-         "-o UserKnownHostsFile=/keys/known_hosts -o BatchMode=yes -o IdentitiesOnly=yes")
+         "-o UserKnownHostsFile=/keys/known_hosts -o BatchMode=yes -o IdentitiesOnly=yes "
+         "-o ConnectTimeout=30 -o ServerAliveInterval=30 -o ServerAliveCountMax=4")
 
 
 def make_host(tmp: Path | None = None, **backup) -> Host:
@@ -101,7 +102,8 @@ def test_ssh_command_survives_rsync_splitting_with_spaces():
     assert shlex.split(e) == [
         "ssh", "-i", "/my keys/backup", "-p", "2222", "-o", "StrictHostKeyChecking=yes",
         "-o", "UserKnownHostsFile=/my keys/known hosts", "-o", "BatchMode=yes",
-        "-o", "IdentitiesOnly=yes"]
+        "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30",
+        "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4"]
 
 
 def test_ipv6_address_is_bracketed():
