@@ -5,6 +5,18 @@ from __future__ import annotations
 import difflib
 
 
+def split_lines(data: bytes) -> list[bytes]:
+    """Lines with their endings; only ``\\n`` ends a line (as for sshd and rsyncd).
+
+    ``b"".join(split_lines(data)) == data`` always holds.
+    """
+    parts = data.split(b"\n")
+    lines = [part + b"\n" for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
 def _lines(data: bytes) -> list[str]:
     # Split on "\n" only (a lone "\r" is not a line break for sshd or rsyncd) and keep
     # undecodable bytes visible instead of failing.

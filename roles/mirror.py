@@ -9,7 +9,6 @@ served on 127.0.0.1 under the upstream layout so the real download + checksum pa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -19,6 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from roles.rsync_build import sha256_file
 
 DEBIAN_ORIGS = {
     # version: (Debian suite, upstream SHA-256 the orig tarball must equal)
@@ -32,13 +33,6 @@ UPSTREAM_LAYOUT = "pub/rsync/src/rsync-{version}.tar.gz"
 class MirrorError(Exception):
     pass
 
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_debian_orig(version: str, cache_dir: Path) -> Path:

@@ -23,7 +23,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from roles.diffs import unified
+from roles.diffs import split_lines, unified
 from roles.render import render
 
 DEFAULT_COMMENT = "pullback-backup"
@@ -295,14 +295,6 @@ def _parse_entry(text: str) -> _Entry | None:
     return _Entry(tuple(options), fields[0], fields[1], comment)
 
 
-def _split_lines(data: bytes) -> list[bytes]:
-    """Lines with their endings; only ``\\n`` ends a line (as for sshd)."""
-    parts = data.split(b"\n")
-    lines = [part + b"\n" for part in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
-
 
 def _body_and_eol(line: bytes) -> tuple[bytes, bytes]:
     for eol in (b"\r\n", b"\n"):
@@ -334,7 +326,7 @@ def plan_authorized_keys(current: bytes | None, line: str, key: PublicKey) -> Ke
     if not current:
         return KeysPlan(current, wanted + b"\n", True, 0, ())
 
-    lines = _split_lines(current)
+    lines = split_lines(current)
     file_eol = _body_and_eol(lines[0])[1] or b"\n"
     out: list[bytes] = []
     replaced = 0

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from roles.diffs import unified
+from roles.diffs import split_lines, unified
 from roles.render import render
 
 MARKER = "# managed by pullback"
@@ -152,16 +152,9 @@ def render_module(settings: RsyncdSettings) -> str:
     )
 
 
-def _split_lines(data: bytes) -> list[bytes]:
-    parts = data.split(b"\n")
-    lines = [part + b"\n" for part in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
-
 
 def parse_rsyncd_conf(text: bytes) -> RsyncdConf:
-    lines = _split_lines(text)
+    lines = split_lines(text)
     decoded = [ln.decode("utf-8", "surrogateescape").rstrip("\r\n") for ln in lines]
     sections: list[Section] = []
     directives: list[str] = []

@@ -28,7 +28,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
-from roles.diffs import unified
+from roles.diffs import split_lines, unified
 
 SSH_DIR = "/etc/ssh"
 PERMIT_ROOT_LOGIN_VALUES = frozenset(
@@ -122,14 +122,6 @@ class _Directive:
 
 _GLOBAL = _Context(None, None)
 
-
-def _split_lines(content: bytes) -> list[bytes]:
-    """Split on b"\\n" only, keeping the line ends; joining gives ``content`` back."""
-    parts = content.split(b"\n")
-    lines = [part + b"\n" for part in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
 
 
 def _text_lines(content: bytes) -> list[str]:
@@ -244,7 +236,7 @@ def _walk_file(
     except KeyError:
         raise ValueError(f"facts lack the content of {path}, which sshd reads") from None
     context = inherited
-    for index, raw in enumerate(_split_lines(content)):
+    for index, raw in enumerate(split_lines(content)):
         line = _parse_line(raw)
         if line is None:
             continue
@@ -341,7 +333,7 @@ def _file_line_end(lines: list[bytes]) -> bytes:
 
 
 def _replace_line(content: bytes, line_index: int, want: str) -> bytes:
-    lines = _split_lines(content)
+    lines = split_lines(content)
     raw = lines[line_index]
     line = _parse_line(raw)
     if line is None:  # the walk found a directive here
@@ -365,7 +357,7 @@ def _is_comment(line: bytes) -> bool:
 
 def _insert_global(content: bytes, want: str) -> bytes:
     """Insert `PermitRootLogin <want>` into the global section of the main file."""
-    lines = _split_lines(content)
+    lines = split_lines(content)
     end = _file_line_end(lines)
     new_line = b"PermitRootLogin " + want.encode("ascii") + end
     first_match = next(
