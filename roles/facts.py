@@ -70,7 +70,9 @@ printf 'OPENSSH %s\n' "$(ssh -V 2>&1 | head -n1)"
 sshd=$(command -v sshd || echo /usr/sbin/sshd)
 printf 'SSHD %s\n' "$sshd"
 emit {SSHD_CONFIG}
-awk 'tolower($1)=="include"{{for(i=2;i<=NF;i++)print $i}}' {SSHD_CONFIG} 2>/dev/null |
+# sshd reads a CR as whitespace: a CRLF file's Include must not yield "*.conf\r".
+awk '{{gsub(/\r/, " ")}} tolower($1)=="include"{{for(i=2;i<=NF;i++)print $i}}' \
+  {SSHD_CONFIG} 2>/dev/null |
 while read -r pattern; do
   case "$pattern" in /*) glob=$pattern ;; *) glob=/etc/ssh/$pattern ;; esac
   for f in $glob; do

@@ -71,6 +71,7 @@ class SetupPlan:
     forced_command: str | None
     warnings: tuple[str, ...] = ()
     steps: dict[str, str] = field(default_factory=dict)  # step -> "ok" | "changed"
+    create_root_ssh: bool = False  # /root/.ssh does not exist: a failure removes it again
 
     @property
     def changed(self) -> bool:
@@ -188,6 +189,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         client_addr=facts.client_addr, sshd=facts.sshd, service=facts.service,
         pidfile=facts.effective.get("pidfile", "/run/sshd.pid"),
         forced_command=forced_command, warnings=tuple(warnings), steps=steps,
+        create_root_ssh=fix_root_ssh and root_ssh is None,
     )
 
 
@@ -210,6 +212,7 @@ def apply_script(plan: SetupPlan) -> str:
         "set -u",
         "umask 077",
         f"sshd={_q(plan.sshd)}",
+        "rd=0",
     ]
     restore = ["restore() {"]
     for i, change in enumerate(plan.changes):
@@ -219,14 +222,18 @@ def apply_script(plan: SetupPlan) -> str:
         restore.append(f'  if [ "$r{i}" = 1 ]; then {undo}; fi')
     restore.append("  :")
     restore.append("}")
-    cands = " ".join(_q(c.path + ".pullback-new") for c in plan.changes) or ":"
+    cands = " ".join(_q(c.path + ".pullback-new") for c in plan.changes)
+    remove_cands = f"rm -f {cands} 2>/dev/null; " if cands else ""
     out += restore
+    # A /root/.ssh this script created goes too: "nothing changed" must hold for folders.
     out.append(
         "fail() { printf 'PULLBACK_FAIL %s\\n' \"$*\"; restore; "
-        f"rm -f {cands} 2>/dev/null; exit 1; }}"
+        f"{remove_cands}"
+        f'if [ "$rd" = 1 ]; then rmdir {ROOT_SSH} 2>/dev/null; fi; exit 1; }}'
     )
     if plan.fix_root_ssh:
-        out.append(f"[ -d {ROOT_SSH} ] || mkdir {ROOT_SSH} || fail 'cannot create {ROOT_SSH}'")
+        out.append(f"[ -d {ROOT_SSH} ] || {{ mkdir {ROOT_SSH} && rd=1; }} || "
+                   f"fail 'cannot create {ROOT_SSH}'")
         out.append(f"chown 0:0 {ROOT_SSH} && chmod 0700 {ROOT_SSH} || fail 'cannot set "
                    f"{ROOT_SSH} to 0700 root:root'")
     # Stage and validate every candidate before anything is replaced.
@@ -294,6 +301,8 @@ def rollback_script(plan: SetupPlan) -> str:
             out.append(f"rm -f {target} || rc=1")
         else:
             out.append(f"mv -fT {bak} {target} || rc=1")
+    if plan.create_root_ssh:
+        out.append(f"rmdir {ROOT_SSH} 2>/dev/null || :")  # only when empty: ours alone
     if plan.reload_sshd:
         out.append(f"{reload_command(plan)} || rc=1")
     out.append('exit "$rc"')
