@@ -17,7 +17,7 @@ reloaded again.
 from __future__ import annotations
 
 import base64
-import difflib
+import dataclasses
 import hashlib
 import shlex
 import time
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from roles import rootkey, rsyncd, sshd
+from roles.diffs import unified
 from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, HostFacts
 from roles.inventory import Host
 
@@ -51,11 +52,7 @@ class FileChange:
     check_line: str | None = None  # authorized_keys: the managed line, for ssh-keygen -l
 
     def diff(self) -> str:
-        old = (self.old or b"").decode(errors="replace").splitlines(keepends=True)
-        new = self.new.decode(errors="replace").splitlines(keepends=True)
-        lines = difflib.unified_diff(
-            old, new, "/dev/null" if self.old is None else f"a{self.path}", f"b{self.path}")
-        return "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+        return unified(self.path, self.old, self.new)
 
 
 @dataclass(frozen=True)
@@ -417,10 +414,11 @@ def setup_host(host: Host, *, dry_run: bool = False,
         else:
             forced = captured_command
         plan = plan_setup(facts, host, public_key, forced)
-        plan = SetupPlan(**{**plan.__dict__, "warnings": (*warnings, *plan.warnings)})
+        plan = dataclasses.replace(plan, warnings=(*warnings, *plan.warnings))
         if dry_run:
             actions = ("would reload sshd",) if plan.reload_sshd else ()
-            return Outcome(host.name, plan.steps, warnings=plan.warnings,
+            steps = {k: "would change" if v == "changed" else v for k, v in plan.steps.items()}
+            return Outcome(host.name, steps, warnings=plan.warnings,
                            diffs=tuple(c.diff() for c in plan.changes), actions=actions)
         return apply(conn, host, plan, check_login)
     except (SetupError, ValueError, RuntimeError) as exc:

@@ -455,7 +455,10 @@ def test_backup_key_cannot_write_to_the_server(lab_env: Lab, set_up: SetUp, tmp_
     push = local(["rsync", "-e", rsync_e(target), str(payload), f"{ROOT_AT}::system/tmp/x"],
                  timeout=60)
     assert push.returncode != 0
-    assert b"read only" in push.stderr, push.stderr
+    # The daemon's "ERROR: module is read only" can be lost when it closes the channel
+    # before the client reads it (seen once in CI): the exit code and the absent file
+    # are what prove the refusal; the message, when it arrives, must be that one.
+    assert not push.stderr or b"read only" in push.stderr, push.stderr
     assert not infra_host(lab_env, target.lab).file("/tmp/x").exists
 
 
@@ -490,8 +493,8 @@ def test_dry_run_prints_diffs_and_changes_nothing(lab_env: Lab, fresh_host: lab.
     expected_conf = "".join("+" + ln for ln in EXPECTED_RSYNCD.decode().splitlines(True))
     assert f"--- /dev/null\n+++ b/etc/rsyncd.conf\n@@ -0,0 +1,11 @@\n{expected_conf}" in out
     assert step_lines(out, target.name) == {
-        "sshd_config": "changed", "authorized_keys": "changed", "rsyncd.conf": "changed",
-        "action": "would reload sshd",
+        "sshd_config": "would change", "authorized_keys": "would change",
+        "rsyncd.conf": "would change", "action": "would reload sshd",
     }
     after = snapshot(fresh_host)
     assert after == before
