@@ -86,7 +86,7 @@ def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
         hosts,
         lambda h: setup.setup_host(h, dry_run=dry_run),
         lambda h, exc: setup.Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
-        parallel=16,
+        parallel=32,
     )
     _report(outcomes)
 

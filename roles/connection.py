@@ -32,10 +32,20 @@ class RoundTrips:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: dict[str, int] = {}
+        self.connections: dict[str, int] = {}
 
     def add(self, host: str) -> None:
         with self._lock:
             self.counts[host] = self.counts.get(host, 0) + 1
+
+    def connected(self, host: str) -> None:
+        with self._lock:
+            self.connections[host] = self.connections.get(host, 0) + 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self.counts.clear()
+            self.connections.clear()
 
 
 ROUND_TRIPS = RoundTrips()
@@ -74,6 +84,7 @@ def connect(host: Host, timeout: float = 10) -> Connection:
         host.address, user=host.admin_user, port=host.port, config=config,
         connect_timeout=int(timeout), connect_kwargs=connect_kwargs,
     )
+    ROUND_TRIPS.connected(host.name)
     conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
     conn.client.load_host_keys(str(known_hosts))
     try:
