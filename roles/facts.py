@@ -13,6 +13,8 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
+from roles import platforms
+
 SSHD_CONFIG = "/etc/ssh/sshd_config"
 AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
 RSYNCD_CONF = "/etc/rsyncd.conf"
@@ -42,15 +44,31 @@ class HostFacts:
     rsync: dict[str, str] = field(default_factory=dict)  # binary path -> `--version` line 1
     os_id: str = ""
     os_codename: str = ""
+    os_like: tuple[str, ...] = ()              # /etc/os-release ID_LIKE
 
     def content(self, path: str) -> bytes | None:
         fact = self.files.get(path)
         return fact.content if fact else None
 
+    @property
+    def platform(self) -> platforms.Platform:
+        """The host's row in the per-OS table (Debian defaults for an unknown Linux)."""
+        found = platforms.lookup(self.os_id, self.os_codename, self.os_like)
+        return found or platforms.DEFAULT
+
+    @property
+    def pidfile(self) -> str:
+        """sshd's pidfile: what ``sshd -T`` says, else the platform's default."""
+        return self.effective.get("pidfile") or self.platform.pidfile or "/run/sshd.pid"
+
 
 def gather_script(rsync_binaries: list[str]) -> str:
     """The POSIX sh script; ``$1`` is the login shell's ``$SSH_CONNECTION``."""
     binaries = " ".join(shlex.quote(b) for b in rsync_binaries)
+    known_sshd = platforms.candidates("sshd_binaries")
+    sshd_paths = " ".join(shlex.quote(b) for b in known_sshd)
+    units = " ".join(shlex.quote(u) for u in platforms.candidates("service"))
+    spec = platforms.connection_spec("$addr")
     return rf"""
 set -u
 emit() {{
@@ -65,9 +83,14 @@ addr=${{1%% *}}
 printf 'CLIENT %s\n' "$addr"
 if [ -r /etc/os-release ]; then
   . /etc/os-release; printf 'OS %s %s\n' "${{ID:-}}" "${{VERSION_CODENAME:-}}"
+  printf 'OSLIKE %s\n' "${{ID_LIKE:-}}"
 fi
 printf 'OPENSSH %s\n' "$(ssh -V 2>&1 | head -n1)"
-sshd=$(command -v sshd || echo /usr/sbin/sshd)
+sshd=
+for s in $(command -v sshd) {sshd_paths}; do
+  if [ -x "$s" ]; then sshd=$s; break; fi
+done
+sshd=${{sshd:-{shlex.quote(known_sshd[0])}}}
 printf 'SSHD %s\n' "$sshd"
 emit {SSHD_CONFIG}
 # sshd reads a CR as whitespace: a CRLF file's Include must not yield "*.conf\r".
@@ -86,13 +109,13 @@ for d in /root/.ssh; do
 done
 emit {AUTHORIZED_KEYS}
 emit {RSYNCD_CONF}
-if out=$("$sshd" -T -C "user=root,host=$addr,addr=$addr" 2>&1); then
+if out=$("$sshd" -T -C "{spec}" 2>&1); then
   printf '%s\n' "$out" | sed 's/^/T /'
 else
   printf 'TERR %s\n' "$(printf '%s' "$out" | tr '\n' ' ')"
 fi
 if [ -d /run/systemd/system ]; then
-  for unit in ssh sshd; do
+  for unit in {units}; do
     if systemctl is-active --quiet "$unit" 2>/dev/null; then
       printf 'SERVICE %s\n' "$unit"; break
     fi
@@ -117,7 +140,7 @@ def parse_report(text: str) -> HostFacts:
     effective: dict[str, str] = {}
     rsync: dict[str, str] = {}
     values: dict[str, Any] = {"client": "", "openssh": None, "sshd": "/usr/sbin/sshd",
-                              "terr": "", "service": None, "os": ("", "")}
+                              "terr": "", "service": None, "os": ("", ""), "like": ()}
     lines = text.splitlines()
     if not lines or lines[-1] != "END":
         raise ValueError("the fact report is incomplete (no END line)")
@@ -143,6 +166,8 @@ def parse_report(text: str) -> HostFacts:
         elif tag == "OS":
             os_id, _, codename = rest.partition(" ")
             values["os"] = (os_id, codename.strip())
+        elif tag == "OSLIKE":
+            values["like"] = tuple(rest.split())
         elif tag == "OPENSSH":
             match = _OPENSSH.search(rest)
             values["openssh"] = (int(match[1]), int(match[2])) if match else None
@@ -166,6 +191,7 @@ def parse_report(text: str) -> HostFacts:
         client_addr=values["client"], openssh=values["openssh"], sshd=values["sshd"],
         effective=effective, sshd_T_error=values["terr"], service=values["service"],
         rsync=rsync, os_id=values["os"][0], os_codename=values["os"][1],
+        os_like=values["like"],
     )
 
 

@@ -6,20 +6,31 @@ and ``lab/Containerfile`` adds the toolchain and an ``admin`` user with sudo. Co
 publish sshd on a random 127.0.0.1 port; their host keys are read with ``exec`` (never
 trusted on first use) into the lab's ``known_hosts``, and a lab inventory is written under
 ``.state/lab/``. Only containers carrying this lab's label are ever removed.
+
+Every Debian release marked tested in ``roles/platforms.py`` (bullseye, bookworm, trixie)
+is built the same way: this machine's debootstrap (bookworm's) has scripts for all three
+and debian-archive-keyring 2023.3 already holds the trixie archive keys, so signatures are
+checked with the stock keyring. ``up(releases=[...])`` starts one container per release,
+named after it, and builds the missing images concurrently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from roles import mirror
+from roles import mirror, platforms
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB_DIR = ROOT / "lab"
@@ -33,6 +44,11 @@ def state_dir(prefix: str = PREFIX) -> Path:
     return STATE / ("lab" if prefix == PREFIX else prefix)
 
 DEFAULT_RELEASE = "bookworm"
+# The releases the lab can play and the matrix test proves: the tested Debian rows.
+RELEASES: tuple[str, ...] = tuple(
+    p.codename for p in platforms.tested() if "debian" in p.os_ids and p.codename
+)
+_RELEASE = re.compile(r"^[a-z][a-z0-9-]{1,30}$")
 BASE_PACKAGES = "openssh-server,rsync,sudo,python3,procps,ca-certificates"
 DEFAULT_RSYNC_VERSION = "3.2.7"
 
@@ -46,6 +62,7 @@ class LabHost:
     name: str
     port: int
     host_key: str  # "ssh-ed25519 AAAA..."
+    release: str = ""  # the Debian codename of the container's image
 
     @property
     def known_hosts_line(self) -> str:
@@ -100,12 +117,33 @@ def base_image(release: str) -> str:
     return f"localhost/pullback-lab-base:{release}"
 
 
+def _recipe_digest() -> str:
+    """A short hash of the image recipe: a changed Containerfile means a new image tag."""
+    digest = hashlib.sha256()
+    for name in ("Containerfile", "entrypoint.sh"):
+        digest.update((LAB_DIR / name).read_bytes())
+    return digest.hexdigest()[:10]
+
+
 def remote_image(release: str, compiler: bool = True) -> str:
     kind = "remote" if compiler else "bare"
-    return f"localhost/pullback-lab-{kind}:{release}"
+    return f"localhost/pullback-lab-{kind}:{release}-{_recipe_digest()}"
+
+
+def parse_releases(text: str) -> list[str]:
+    """``"bullseye, trixie"`` -> ``["bullseye", "trixie"]``: codenames, in order, once each."""
+    releases = list(dict.fromkeys(r.strip().lower() for r in text.split(",") if r.strip()))
+    if not releases:
+        raise LabError("no release given: e.g. --os " + ",".join(RELEASES))
+    for release in releases:
+        if not _RELEASE.match(release):
+            raise LabError(f"{release!r} is not a Debian codename (e.g. {', '.join(RELEASES)})")
+    return releases
 
 
 def build_base(release: str = DEFAULT_RELEASE, log=print) -> str:
+    if not _RELEASE.match(release):
+        raise LabError(f"{release!r} is not a Debian codename")
     image = base_image(release)
     if image_exists(image):
         return image
@@ -122,6 +160,10 @@ def build_base(release: str = DEFAULT_RELEASE, log=print) -> str:
         if result.returncode != 0:
             tail = result.stdout.decode(errors="replace").strip().splitlines()[-5:]
             raise LabError(f"debootstrap {release} failed: {' / '.join(tail)}")
+        # Without the archive keys debootstrap only warns and goes on unverified.
+        if b"Valid Release signature" not in result.stdout:
+            raise LabError(f"debootstrap {release}: the Release file was not verified; "
+                           "install (or update) debian-archive-keyring")
         tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
         try:
             imported = subprocess.run(
@@ -152,10 +194,29 @@ def build_images(release: str = DEFAULT_RELEASE, compiler: bool = True, log=prin
     return image
 
 
+def build_releases(releases: Sequence[str], compiler: bool = True,
+                   log=print) -> dict[str, str]:
+    """Build the images of several releases at once (debootstrap is mostly waiting on the
+    archive); return release -> remote image."""
+    if len(releases) <= 1:
+        return {r: build_images(r, compiler, log=log) for r in releases}
+    with ThreadPoolExecutor(max_workers=len(releases)) as pool:
+        images = list(pool.map(lambda r: build_images(r, compiler, log=log), releases))
+    return dict(zip(releases, images, strict=True))
+
+
 # --- keys and state -----------------------------------------------------------------------
 
 
+_key_lock = threading.Lock()  # containers start from threads; ssh-keygen must run once
+
+
 def ensure_key(path: Path, comment: str) -> Path:
+    with _key_lock:
+        return _ensure_key(path, comment)
+
+
+def _ensure_key(path: Path, comment: str) -> Path:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(
@@ -229,11 +290,32 @@ def start(name: str, image: str) -> None:
     )
 
 
+def host_names(prefix: str, count: int, releases: Sequence[str] | None = None,
+               release: str = DEFAULT_RELEASE) -> list[tuple[str, str]]:
+    """(name, release) of each container: ``P-1..P-N`` of ``release`` for the plain form,
+    ``P-RELEASE`` (``P-RELEASE-1..N`` with a count) when ``releases`` are named."""
+    if count < 1:
+        raise LabError("--count must be at least 1")
+    if not releases:
+        return [(f"{prefix}-{i}", release) for i in range(1, count + 1)]
+    if count == 1:
+        return [(f"{prefix}-{r}", r) for r in releases]
+    return [(f"{prefix}-{r}-{i}", r) for r in releases for i in range(1, count + 1)]
+
+
 def up(count: int = 1, prefix: str = PREFIX, release: str = DEFAULT_RELEASE,
-       compiler: bool = True, log=print) -> list[LabHost]:
-    """Start (or reuse) ``count`` lab containers and write the lab inventory."""
-    image = build_images(release, compiler, log=log)
-    return [ensure_host(f"{prefix}-{index}", image) for index in range(1, count + 1)]
+       compiler: bool = True, log=print,
+       releases: Sequence[str] | None = None) -> list[LabHost]:
+    """Start (or reuse) lab containers: ``count`` of ``release``, or ``count`` of each of
+    ``releases`` (named after the release). Images are built first, concurrently."""
+    wanted = host_names(prefix, count, releases, release)
+    images = build_releases(list(dict.fromkeys(r for _, r in wanted)), compiler, log=log)
+    with ThreadPoolExecutor(max_workers=min(8, len(wanted))) as pool:
+        return list(pool.map(lambda job: ensure_host(job[0], images[job[1]]), wanted))
+
+
+def container_image(name: str) -> str:
+    return _out(engine("inspect", "--format", "{{.Config.Image}}", name))
 
 
 def ensure_host(name: str, image: str) -> LabHost:
@@ -241,9 +323,13 @@ def ensure_host(name: str, image: str) -> LabHost:
     if not is_running(name):
         engine("rm", "-f", name, check=False)
         start(name, image)
+    elif container_image(name) != image:
+        raise LabError(f"{name} runs {container_image(name)}, not {image}; "
+                       "remove it first (invoke lab.down)")
     port = published_port(name)
     wait_for_sshd(name, port)
-    return LabHost(name=name, port=port, host_key=read_host_key(name))
+    release = image.rpartition(":")[2]
+    return LabHost(name=name, port=port, host_key=read_host_key(name), release=release)
 
 
 def remove(*names: str) -> None:
@@ -313,6 +399,8 @@ def render_inventory(hosts: list[LabHost], mirror_port: int | None,
         "hosts:",
     ]
     for host in hosts:
+        if host.release:
+            lines.append(f"  # Debian {host.release}")
         lines += [f"  {host.name}:", "    address: 127.0.0.1", f"    port: {host.port}"]
     return "\n".join(lines) + "\n"
 

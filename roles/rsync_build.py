@@ -36,6 +36,8 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
+from roles import platforms
+
 # SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
 # from at least one independent packaging recipe (OpenEmbedded, Spack, Homebrew, Nix); the
 # 3.2.7 sum also matches Debian bookworm's rsync_3.2.7.orig.tar.gz byte for byte (see
@@ -597,34 +599,11 @@ def local_install_needs_sudo(prefix: Path) -> bool:
 # --------------------------------------------------------------------------- toolchain
 
 
-@dataclass(frozen=True)
-class PackageManager:
-    name: str  # the binary probed with ``command -v``
-    install: tuple[str, ...]  # argv before the package names
-    packages: tuple[str, ...]
-    refresh: tuple[str, ...] = ()  # run first: a fresh Debian image has empty apt lists
-
-    @property
-    def commands(self) -> list[list[str]]:
-        return ([list(self.refresh)] if self.refresh else []) + [[*self.install, *self.packages]]
-
-
-# The only per-OS difference in a build: how to get a C compiler, make and libc headers.
-# (Debian's gcc only recommends libc6-dev, so a minimal image can have gcc without headers.)
-PACKAGE_MANAGERS: tuple[PackageManager, ...] = (
-    PackageManager(
-        "apt-get",
-        ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y"),
-        ("gcc", "make", "libc6-dev"),
-        refresh=("apt-get", "update"),
-    ),
-    PackageManager("dnf", ("dnf", "install", "-y"), ("gcc", "make")),
-    PackageManager("yum", ("yum", "install", "-y"), ("gcc", "make")),
-    PackageManager("zypper", ("zypper", "--non-interactive", "install"), ("gcc", "make")),
-    PackageManager("apk", ("apk", "add", "--no-cache"), ("build-base",)),
-)
-
-MACOS_HINT = "install Apple's command line tools: xcode-select --install"
+# The only per-OS difference in a build is how to get a C compiler, make and libc headers:
+# the package managers and their packages live in the per-OS table (roles/platforms.py).
+PackageManager = platforms.PackageManager
+PACKAGE_MANAGERS: tuple[PackageManager, ...] = platforms.PACKAGE_MANAGERS
+MACOS_HINT = next(p.toolchain_hint for p in platforms.PLATFORMS if p.name == "macos")
 
 
 @dataclass(frozen=True)
@@ -640,7 +619,12 @@ class ToolchainFacts:
     make: str
     compiles: bool
     package_manager: str
-    os_name: str
+    os_name: str  # `uname -s`
+    os_id: str = ""  # /etc/os-release ID, when there is one
+
+    @property
+    def platform(self) -> platforms.Platform | None:
+        return platforms.lookup(self.os_id, kernel=self.os_name)
 
     @property
     def ok(self) -> bool:
@@ -662,8 +646,9 @@ _TOOLCHAIN_PROBE = "\n".join(
         f"for p in {' '.join(pm.name for pm in PACKAGE_MANAGERS)}; do",
         '  if command -v "$p" >/dev/null 2>&1; then pm=$p; break; fi',
         "done",
-        'printf "cc=%s\\nmake=%s\\ncompiles=%s\\npm=%s\\nos=%s\\n" '
-        '"$cc" "$mk" "$ok" "$pm" "$(uname -s)"',
+        'id=$( (. /etc/os-release && printf %s "${ID:-}") 2>/dev/null || true)',
+        'printf "cc=%s\\nmake=%s\\ncompiles=%s\\npm=%s\\nos=%s\\nid=%s\\n" '
+        '"$cc" "$mk" "$ok" "$pm" "$(uname -s)" "$id"',
     ]
 )
 
@@ -678,6 +663,7 @@ def gather_toolchain(c: Any) -> ToolchainFacts:
         compiles=kv.get("compiles") == "yes",
         package_manager=kv.get("pm", ""),
         os_name=kv.get("os", ""),
+        os_id=kv.get("id", ""),
     )
 
 
@@ -704,8 +690,9 @@ def ensure_toolchain(c: Any, *, install: bool, sudo: bool, log: Log = print) -> 
         )
         if gone
     )
-    if facts.os_name == "Darwin":
-        raise ToolchainError(f"missing {missing}; {MACOS_HINT}")
+    platform = facts.platform
+    if platform is not None and platform.package_manager is None and platform.toolchain_hint:
+        raise ToolchainError(f"missing {missing}; {platform.toolchain_hint}")
     if not facts.package_manager:
         raise ToolchainError(
             f"missing {missing} and no known package manager "
