@@ -1,10 +1,17 @@
 """backup and restore: build the pull's argv, run it, keep snapshots, copy paths back out.
 
-Daemon mode only for now (captured mode needs ``invoke capture-command``). The pull is::
+The pull is::
 
     RSYNC -e "ssh -i KEY -p PORT -o StrictHostKeyChecking=yes -o UserKnownHostsFile=KH
               -o BatchMode=yes -o IdentitiesOnly=yes" OPTIONS --stats [--exclude=P ...]
-          [-n] [--max-delete=N] [--link-dest=DEST/<newest>] root@ADDR::MODULE/SOURCE/ DEST/
+          [-n] [--max-delete=N] [--link-dest=DEST/<newest>] SRC DEST/
+
+with ``SRC`` ``root@ADDR::MODULE/SOURCE/`` in daemon mode (the forced command is an rsync
+daemon) and ``root@ADDR:SOURCE/`` in captured mode (the forced command is the gate that
+``invoke capture-command`` installed; see ``roles.capture``). Before a captured-mode run the
+capture record's fingerprint is recomputed (options, excludes, source, the local rsync's
+version line; the remote one is the recorded one, as backup has no admin access) and the run
+is refused when it differs: the forced command would no longer match what the client sends.
 
 Layout on the backup host (``DEST`` is ``backup.destination`` with ``{name}``)::
 
@@ -52,7 +59,6 @@ from typing import Any, BinaryIO
 
 from roles.inventory import Host
 
-CAPTURED_NOT_READY = "captured mode needs `invoke capture-command` (not implemented yet)"
 STATE_SUFFIX = ".pullback"
 PARTIAL = ".partial"
 LATEST = "latest"
@@ -68,10 +74,6 @@ class BackupError(Exception):
     """A backup could not start (lock held, no rsync, unusable destination)."""
 
 
-class CapturedModeError(BackupError):
-    """Captured mode is not available yet; the task exits 3."""
-
-
 class RestoreError(Exception):
     """Bad restore input (path, target, snapshot); the task exits 2."""
 
@@ -79,13 +81,17 @@ class RestoreError(Exception):
 # --- argv (pure) ------------------------------------------------------------------------
 
 
-def ssh_command(host: Host) -> str:
-    """The ``-e`` value: strict host keys from the inventory, only the backup key, no prompt."""
+def ssh_command(host: Host, *, interactive: bool = False) -> str:
+    """The ``-e`` value: strict host keys from the inventory, only the backup key.
+
+    Unattended runs never prompt (``BatchMode``: a passphrase key needs an agent); an
+    interactive run on a terminal may ask for the key's passphrase, once per host.
+    """
     return shlex.join([
         "ssh", "-i", host.backup_key, "-p", str(host.port),
         "-o", "StrictHostKeyChecking=yes",
         "-o", f"UserKnownHostsFile={host.known_hosts}",
-        "-o", "BatchMode=yes",
+        "-o", f"BatchMode={'no' if interactive else 'yes'}",
         "-o", "IdentitiesOnly=yes",
         # An unattended run must not hang forever on a dead network.
         "-o", "ConnectTimeout=30",
@@ -95,15 +101,19 @@ def ssh_command(host: Host) -> str:
 
 
 def source_spec(host: Host) -> str:
-    """``root@ADDR::MODULE/SOURCE/``: the double colon is what a daemon forced command needs.
+    """Daemon mode ``root@ADDR::MODULE/SOURCE/``; captured mode ``root@ADDR:/SOURCE/``.
 
-    A single colon would make rsync start its own ``rsync --server --sender`` over ssh, the
-    daemon forced command would answer with its greeting, and the client would fail with
-    "protocol version mismatch -- is your shell clean?" (the seed's bug). The trailing slash
-    puts SOURCE's contents (not a folder named after it) into the destination.
+    Daemon mode needs the double colon: a single colon would make rsync start its own
+    ``rsync --server --sender`` over ssh, the daemon forced command would answer with its
+    greeting, and the client would fail with "protocol version mismatch -- is your shell
+    clean?" (the seed's bug). Captured mode needs the single colon: the gate runs exactly
+    the ``rsync --server --sender ... . /SOURCE/`` that such a client sends. The trailing
+    slash puts SOURCE's contents (not a folder named after it) into the destination.
     """
     address = f"[{host.address}]" if ":" in host.address else host.address
     path = host.backup.source.strip("/")
+    if host.forced_command == "captured":
+        return f"root@{address}:/{path + '/' if path else ''}"
     return f"root@{address}::{host.backup.module}/{path + '/' if path else ''}"
 
 
@@ -121,14 +131,18 @@ def _drop_progress(options: Iterable[str]) -> list[str]:
 
 def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
                link_dest: str | None = None) -> list[str]:
-    """The daemon-mode pull of ``host`` into ``dest``, as an argv list (no shell)."""
-    if host.forced_command == "captured":
-        raise CapturedModeError(CAPTURED_NOT_READY)
+    """The pull of ``host`` into ``dest``, as an argv list (no shell).
+
+    capture-command builds its capture runs with this same function, so what it records is
+    what a backup sends.
+    """
     options = list(host.backup.options) if tty else _drop_progress(host.backup.options)
-    argv = [local_rsync, "-e", ssh_command(host), *options, "--stats"]
+    argv = [local_rsync, "-e", ssh_command(host, interactive=tty), *options, "--stats"]
     argv += [f"--exclude={pattern}" for pattern in host.backup.exclude]
     if dry_run:
-        argv.append("-n")  # daemon mode: the forced command does not depend on client flags
+        # Daemon mode: the daemon takes the client's options. Captured mode: the gate runs
+        # the recorded dry-run command, which is what a client with -n sends.
+        argv.append("-n")
     if host.backup.max_delete is not None:
         argv.append(f"--max-delete={host.backup.max_delete}")
     if link_dest is not None:
@@ -210,12 +224,13 @@ def _types(text: str) -> dict[str, int]:
             for kind, count in re.findall(r"(\w+): ([\d,.]+[KMGTP]?)(?:,|$)", text)}
 
 
-# Lines worth quoting when rsync fails: rsync's own messages, the daemon's, ssh's.
+# Lines worth quoting when rsync fails: rsync's own messages, the daemon's, ssh's, the
+# captured-mode gate's.
 _ERROR_LINE = re.compile(
     rb"(?:^|\r)((?:rsync(?: error| warning)?: |@ERROR|ERROR: |ssh: |Host key verification "
     rb"failed|Permission denied|Deletions stopped|protocol version mismatch|No \S+ host key "
     rb"is known|Connection closed|Connection reset|kex_exchange_identification|IO error "
-    rb"encountered|file has vanished|@@@@)[^\r\n]*)",
+    rb"encountered|file has vanished|pullback gate: |@@@@)[^\r\n]*)",
     re.MULTILINE,
 )
 
@@ -277,7 +292,8 @@ EXIT_CODES: dict[int, str] = {
     10: "error in socket I/O: the connection dropped",
     11: "error in file I/O: the local destination is full or not writable",
     12: "error in the rsync protocol data stream: usually the remote side died, or the "
-        "forced command does not match what the client sent",
+        "forced command does not match what the client sent ('pullback gate: refused': the "
+        "options or an rsync changed since the capture; run `invoke capture-command` again)",
     13: "errors with program diagnostics",
     14: "error in rsync's IPC code",
     20: "interrupted (SIGINT, SIGTERM or SIGUSR1)",
@@ -550,10 +566,22 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     ``tty``: keep the progress options and show rsync's output live (on ``echo``, default
     this process's stdout).
     """
-    if host.forced_command == "captured":
-        raise CapturedModeError(CAPTURED_NOT_READY)
+    from roles import keys
+
     rsync, warning = find_local_rsync(host)
     warnings = [warning] if warning else []
+    fingerprint: str | None = None
+    if host.forced_command == "captured":
+        from roles import capture
+
+        try:
+            fingerprint = capture.require_record(host, rsync).fingerprint
+        except capture.CaptureError as exc:
+            raise BackupError(str(exc)) from None
+    try:
+        keys.check_private_key(Path(host.backup_key))
+    except keys.KeyError_ as exc:
+        raise BackupError(str(exc)) from None
     dest = Path(host.destination.rstrip("/"))
     state = state_dir(host)
     logs = state / "logs"
@@ -617,10 +645,14 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         )
         summary = {**asdict(result), "run": run, "started": started.isoformat(),
                    "mode": "snapshot" if snapshots else "mirror", "argv": argv,
-                   "destination": str(dest), "pruned": pruned}
+                   "destination": str(dest), "pruned": pruned,
+                   "forced_command": host.forced_command, "capture_fingerprint": fingerprint}
         tmp = logs / f".{run}.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, logs / f"{run}.json")
+        from roles import status  # status reads these summaries; it imports this module
+
+        status.prune_logs(logs)
         return result
 
 

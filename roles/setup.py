@@ -19,21 +19,22 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import posixpath
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from roles import rootkey, rsyncd, sshd
+from roles import platforms, rootkey, rsyncd, sshd
 from roles.diffs import unified
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, HostFacts
+from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, FileFact, HostFacts
 from roles.inventory import Host
 
 WANT = "forced-commands-only"
 ROOT_SSH = "/root/.ssh"
 BACKUP_SUFFIX = ".pullback-bak"
-RESTRICT_SINCE = (7, 2)  # OpenSSH version that knows the `restrict` option
+PRIVATE = (0o700, 0, 0)  # mode, uid, gid of pullback's own scripts and folders on a host
 
 
 class SetupError(Exception):
@@ -50,6 +51,7 @@ class FileChange:
     uid: int
     gid: int
     check_line: str | None = None  # authorized_keys: the managed line, for ssh-keygen -l
+    check_sh: bool = False         # a script of ours: `sh -n` must accept the candidate
 
     def diff(self) -> str:
         return unified(self.path, self.old, self.new)
@@ -69,10 +71,24 @@ class SetupPlan:
     warnings: tuple[str, ...] = ()
     steps: dict[str, str] = field(default_factory=dict)  # step -> "ok" | "changed"
     create_root_ssh: bool = False  # /root/.ssh does not exist: a failure removes it again
+    make_dirs: tuple[str, ...] = ()  # pullback's own folders to create / set to 0700 root
 
     @property
     def changed(self) -> bool:
-        return bool(self.changes) or self.fix_root_ssh
+        return bool(self.changes) or self.fix_root_ssh or bool(self.make_dirs)
+
+
+@dataclass(frozen=True)
+class HelperFile:
+    """A root-only script of pullback's own (captured mode: the capture script, the gate).
+
+    Installed by the same apply script as every other file (guard, candidate, ``sh -n``,
+    backup, ``mv -T``), mode 0700 root:root, in a 0700 root folder created on demand.
+    """
+
+    step: str
+    path: str
+    content: bytes
 
 
 # --- planning (pure) --------------------------------------------------------------------
@@ -95,10 +111,14 @@ def daemon_command(facts: HostFacts, host: Host) -> tuple[str, list[str]]:
 
 
 def plan_setup(facts: HostFacts, host: Host, public_key: str,
-               forced_command: str | None) -> SetupPlan:
+               forced_command: str | None, helpers: tuple[HelperFile, ...] = (),
+               private_dirs: tuple[str, ...] = ()) -> SetupPlan:
     """Compute every change for ``host`` from its facts; no I/O.
 
     ``forced_command`` None means: install no key (captured mode before any capture).
+    ``helpers`` are root-only scripts the forced command needs (their current state is read
+    from ``facts.files``, their folders' from ``facts.dirs``); ``private_dirs`` are more
+    folders of ours that must exist, 0700 root.
     """
     warnings: list[str] = []
     changes: list[FileChange] = []
@@ -142,7 +162,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         warnings.append("no captured command yet: no key installed; run `invoke capture-command`")
     else:
         key = rootkey.parse_public_key(public_key)
-        restrict = facts.openssh is None or facts.openssh >= RESTRICT_SINCE
+        restrict = facts.openssh is None or platforms.supports_restrict(facts.openssh)
         options = rootkey.build_options(forced_command, restrict=restrict, from_=host.from_)
         line = rootkey.render_key_line(key, options).rstrip("\n")
         rootkey.validate_key_line(line, forced_command=forced_command)
@@ -177,16 +197,60 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         else:
             steps["rsyncd.conf"] = "ok"
 
-    # authorized_keys before sshd_config: the key works as soon as root login is limited.
-    order = {"rsyncd.conf": 0, "authorized_keys": 1, "sshd_config": 2}
-    changes.sort(key=lambda change: order[change.step])
+    # Scripts of ours (captured mode): before the key line that points at them.
+    wanted_dirs = dict.fromkeys([*(posixpath.dirname(h.path) for h in helpers), *private_dirs])
+    make_dirs = tuple(d for d in wanted_dirs if facts.dirs.get(d) != PRIVATE)
+    for helper in helpers:
+        fact = facts.files.get(helper.path)
+        current = None if fact is None else (fact.content, (fact.mode, fact.uid, fact.gid))
+        if current != (helper.content, PRIVATE):
+            changes.append(FileChange(helper.step, helper.path, fact.content if fact else None,
+                                      helper.content, *PRIVATE, check_sh=True))
+            steps[helper.step] = "changed"
+        else:
+            steps[helper.step] = "ok"
+    if wanted_dirs:
+        steps["folders"] = "changed" if make_dirs else "ok"
+
+    # authorized_keys before sshd_config: the key works as soon as root login is limited;
+    # the scripts a forced command runs come before the key line naming them.
+    order = {"rsyncd.conf": 0, "authorized_keys": 2, "sshd_config": 3}
+    changes.sort(key=lambda change: order.get(change.step, 1))
     return SetupPlan(
         host=host.name, changes=tuple(changes), fix_root_ssh=fix_root_ssh,
         reload_sshd=any(c.step == "sshd_config" for c in changes),
         client_addr=facts.client_addr, sshd=facts.sshd, service=facts.service,
-        pidfile=facts.effective.get("pidfile", "/run/sshd.pid"),
+        pidfile=facts.pidfile,
         forced_command=forced_command, warnings=tuple(warnings), steps=steps,
-        create_root_ssh=fix_root_ssh and root_ssh is None,
+        create_root_ssh=fix_root_ssh and root_ssh is None, make_dirs=make_dirs,
+    )
+
+
+def facts_after(facts: HostFacts, plan: SetupPlan) -> HostFacts:
+    """The facts as they are once ``plan`` was applied (pure): lets a second plan follow the
+    first one without reading the host again; the apply script's "unchanged since it was
+    read" guard still catches anyone else's edit in between."""
+    files = dict(facts.files)
+    for change in plan.changes:
+        files[change.path] = FileFact(change.path, change.new, change.mode, change.uid,
+                                      change.gid)
+    dirs = dict(facts.dirs)
+    for folder in plan.make_dirs:
+        dirs[folder] = PRIVATE
+    if plan.fix_root_ssh:
+        dirs[ROOT_SSH] = PRIVATE
+    effective = dict(facts.effective)
+    if plan.reload_sshd:
+        effective["permitrootlogin"] = WANT
+    return dataclasses.replace(facts, files=files, dirs=dirs, effective=effective,
+                               missing=facts.missing - set(files))
+
+
+def merge_facts(facts: HostFacts, more: HostFacts) -> HostFacts:
+    """``facts`` plus the files and folders of a second, smaller read (``gather_files``)."""
+    return dataclasses.replace(
+        facts, files={**facts.files, **more.files}, dirs={**facts.dirs, **more.dirs},
+        missing=(facts.missing | more.missing) - set(more.files),
     )
 
 
@@ -210,6 +274,7 @@ def apply_script(plan: SetupPlan) -> str:
         "umask 077",
         f"sshd={_q(plan.sshd)}",
         "rd=0",
+        *(f"d{i}=0" for i in range(len(plan.make_dirs))),
     ]
     restore = ["restore() {"]
     for i, change in enumerate(plan.changes):
@@ -222,17 +287,28 @@ def apply_script(plan: SetupPlan) -> str:
     cands = " ".join(_q(c.path + ".pullback-new") for c in plan.changes)
     remove_cands = f"rm -f {cands} 2>/dev/null; " if cands else ""
     out += restore
-    # A /root/.ssh this script created goes too: "nothing changed" must hold for folders.
+    # A /root/.ssh (or folder of ours) this script created goes too: "nothing changed" must
+    # hold for folders.
+    remove_dirs = "".join(
+        f'if [ "$d{i}" = 1 ]; then rmdir {_q(folder)} 2>/dev/null; fi; '
+        for i, folder in reversed(list(enumerate(plan.make_dirs))))
     out.append(
         "fail() { printf 'PULLBACK_FAIL %s\\n' \"$*\"; restore; "
         f"{remove_cands}"
-        f'if [ "$rd" = 1 ]; then rmdir {ROOT_SSH} 2>/dev/null; fi; exit 1; }}'
+        f'if [ "$rd" = 1 ]; then rmdir {ROOT_SSH} 2>/dev/null; fi; {remove_dirs}exit 1; }}'
     )
     if plan.fix_root_ssh:
         out.append(f"[ -d {ROOT_SSH} ] || {{ mkdir {ROOT_SSH} && rd=1; }} || "
                    f"fail 'cannot create {ROOT_SSH}'")
         out.append(f"chown 0:0 {ROOT_SSH} && chmod 0700 {ROOT_SSH} || fail 'cannot set "
                    f"{ROOT_SSH} to 0700 root:root'")
+    for i, folder in enumerate(plan.make_dirs):
+        # Missing parents (/usr/local/libexec) get the usual 0755, only our folder is 0700.
+        parent, target = _q(posixpath.dirname(folder)), _q(folder)
+        out.append(f"[ -d {target} ] || {{ (umask 022 && mkdir -p {parent}) && mkdir {target} "
+                   f"&& d{i}=1; }} || fail {_q('cannot create ' + folder)}")
+        out.append(f"chown 0:0 {target} && chmod 0700 {target} || "
+                   f"fail {_q('cannot set ' + folder + ' to 0700 root:root')}")
     # Stage and validate every candidate before anything is replaced.
     for change in plan.changes:
         target, cand = _q(change.path), _q(change.path + ".pullback-new")
@@ -257,6 +333,9 @@ def apply_script(plan: SetupPlan) -> str:
                 f'out=$("$sshd" -t -f {cand} 2>&1) || '
                 f'fail "sshd -t rejects the new {change.path}: $out"'
             )
+        if change.check_sh:
+            out.append(f'out=$(sh -n {cand} 2>&1) || fail "sh -n rejects the new {change.path}: '
+                       '$out"')
         if change.check_line is not None:
             line_file = _q(change.path + ".pullback-line")
             out.append(
@@ -274,7 +353,7 @@ def apply_script(plan: SetupPlan) -> str:
         out.append(f"mv -fT {cand} {target} && r{i}=1 || fail {cannot}")
     if plan.reload_sshd:
         addr = plan.client_addr
-        spec = _q(f"user=root,host={addr},addr={addr}")
+        spec = _q(platforms.connection_spec(addr))
         out.append('out=$("$sshd" -t 2>&1) || fail "sshd -t rejects the configuration: $out"')
         out.append(
             f'eff=$("$sshd" -T -C {spec} 2>/dev/null | '
@@ -337,7 +416,7 @@ def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
     """Open a NEW admin connection, use sudo, and confirm the effective setting."""
     from roles.connection import ConnectError, connect, run
 
-    spec = f"user=root,host={plan.client_addr},addr={plan.client_addr}"
+    spec = platforms.connection_spec(plan.client_addr)
     last = ""
     for _ in range(attempts):
         try:
@@ -394,26 +473,85 @@ def read_public_key(host: Host) -> str:
         ) from None
 
 
+def read_files_script(paths: list[str], dirs: list[str], clear: list[str]) -> str:
+    """Report ``paths`` and ``dirs`` in the fact report's format, then remove ``clear``."""
+    out = [
+        "set -u",
+        "emit() {",
+        "  if [ -f \"$1\" ]; then",
+        "    printf 'FILE %s %s\\n' \"$(stat -c '%a %u %g' \"$1\")\" \"$1\"",
+        "    base64 -w0 < \"$1\"; echo",
+        "  else",
+        "    printf 'MISSING %s\\n' \"$1\"",
+        "  fi",
+        "}",
+    ]
+    out += [f"emit {_q(path)}" for path in paths]
+    out += [f"if [ -d {_q(d)} ]; then printf 'DIR %s %s\\n' \"$(stat -c '%a %u %g' {_q(d)})\" "
+            f"{_q(d)}; fi" for d in dirs]
+    out += [f"rm -f {_q(path)} || exit 1" for path in clear]
+    out.append("echo END")
+    return "\n".join(out) + "\n"
+
+
+def gather_files(c: Any, host_name: str, paths: Iterable[str], dirs: Iterable[str] = (),
+                 clear: Iterable[str] = ()) -> HostFacts:
+    """Read a few root-only files and folders in one round trip (then remove ``clear``).
+
+    The answer is a partial ``HostFacts`` (files, missing, dirs): merge it with
+    ``merge_facts``. It is a separate read so that the main fact report stays the same for
+    every mode.
+    """
+    from roles.connection import sudo_script
+    from roles.facts import parse_report
+
+    paths = list(paths)
+    result = sudo_script(c, read_files_script(paths, list(dirs), list(clear)), host=host_name)
+    if result.exited != 0 or not result.stdout.rstrip().endswith("END"):
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise RuntimeError(f"reading {', '.join(paths) or 'files'} as root failed "
+                           f"(exit {result.exited}): {detail[-1] if detail else 'no output'}")
+    return parse_report(result.stdout.rstrip("\n"))
+
+
 def setup_host(host: Host, *, dry_run: bool = False,
                captured_command: str | None = None,
                check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
-    """Gather, plan and (unless ``dry_run``) apply setup-remote on one host."""
+    """Gather, plan and (unless ``dry_run``) apply setup-remote on one host.
+
+    Captured mode: with a local capture record (``invoke capture-command``) the forced
+    command is the gate, installed or repaired from the record; without one no key line is
+    installed. ``captured_command`` overrides that with a forced command of the caller's.
+    """
+    from roles import capture
     from roles.connection import ConnectError, connect
     from roles.facts import gather
 
+    record = None
     try:
         public_key = read_public_key(host)
+        if host.forced_command == "captured" and captured_command is None:
+            record = capture.load_record(host)
         conn = connect(host)
-    except (SetupError, ConnectError) as exc:
+    except (SetupError, ConnectError, capture.CaptureError) as exc:
         return Outcome(host.name, {}, error=str(exc))
     try:
-        facts = gather(conn, host.name, [host.rsync.remote_binary])
+        binaries = [host.rsync.remote_binary]
+        if record is not None and record.remote_rsync not in binaries:
+            binaries.append(record.remote_rsync)
+        facts = gather(conn, host.name, binaries)
         warnings: list[str] = []
+        helpers: tuple[HelperFile, ...] = ()
         if host.forced_command == "daemon":
             forced, warnings = daemon_command(facts, host)
+        elif record is not None:
+            forced, helpers = capture.GATE, (capture.gate_file(record),)
+            warnings = capture.check_remote(record, facts)
+            facts = merge_facts(facts, gather_files(conn, host.name, [capture.GATE],
+                                                    [capture.LIBEXEC]))
         else:
             forced = captured_command
-        plan = plan_setup(facts, host, public_key, forced)
+        plan = plan_setup(facts, host, public_key, forced, helpers)
         plan = dataclasses.replace(plan, warnings=(*warnings, *plan.warnings))
         if dry_run:
             actions = ("would reload sshd",) if plan.reload_sshd else ()

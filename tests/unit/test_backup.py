@@ -20,6 +20,7 @@ from roles import backup as b
 from roles.inventory import Host
 
 RSYNC = "/opt/pullback/bin/rsync"
+# Off a terminal ssh never prompts; on a terminal BatchMode=no lets it ask for a passphrase.
 SSH_E = ("ssh -i /keys/backup -p 2222 -o StrictHostKeyChecking=yes "
          "-o UserKnownHostsFile=/keys/known_hosts -o BatchMode=yes -o IdentitiesOnly=yes "
          "-o ConnectTimeout=30 -o ServerAliveInterval=30 -o ServerAliveCountMax=4")
@@ -34,6 +35,9 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
     }
     if tmp is not None:
         data["rsync"] = {"local_prefix": str(tmp / "prefix")}
+        key = tmp / "backup-key"  # run_backup refuses a missing or readable key
+        key.touch(mode=0o600, exist_ok=True)
+        data["backup_key"] = str(key)
     return Host.model_validate(data)
 
 
@@ -90,7 +94,8 @@ def test_build_argv(settings, kwargs, tail):
     host = make_host(**settings)
     kwargs = {"dest": host.destination, **kwargs}
     argv = b.build_argv(host, local_rsync=RSYNC, **kwargs)
-    assert argv[:3] == [RSYNC, "-e", SSH_E]
+    batch = "BatchMode=no" if kwargs["tty"] else "BatchMode=yes"
+    assert argv[:3] == [RSYNC, "-e", SSH_E.replace("BatchMode=yes", batch)]
     assert argv[3:] == tail
     assert "::" in argv[-2] and not argv[-2].startswith("root@192.0.2.10:/")
 
@@ -111,10 +116,19 @@ def test_ipv6_address_is_bracketed():
     assert b.source_spec(host) == "root@[2001:db8::7]::system/"
 
 
-def test_captured_mode_is_refused_clearly():
-    host = make_host().model_copy(update={"forced_command": "captured"})
-    with pytest.raises(b.CapturedModeError, match="capture-command"):
-        b.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC, dest="/d")
+@pytest.mark.parametrize(("source", "dry_run", "tail"), [
+    ("/", False, ["root@192.0.2.10:/", "/backups/web1/"]),
+    ("/srv/data", False, ["root@192.0.2.10:/srv/data/", "/backups/web1/"]),
+    ("/srv/data/", True, ["-n", "root@192.0.2.10:/srv/data/", "/backups/web1/"]),
+])
+def test_captured_mode_pulls_with_a_single_colon(source, dry_run, tail):
+    """The gate runs `rsync --server --sender ... . /SOURCE/`: what a `host:` pull sends."""
+    host = make_host(source=source).model_copy(update={"forced_command": "captured"})
+    argv = b.build_argv(host, dry_run=dry_run, tty=False, local_rsync=RSYNC,
+                        dest="/backups/web1")
+    assert argv[:3] == [RSYNC, "-e", SSH_E]
+    assert argv[3:] == [*DEFAULT, "--stats", *tail]
+    assert "::" not in argv[-2]
 
 
 def test_link_dest_must_be_absolute():
@@ -276,6 +290,16 @@ def test_describe_ssh_and_daemon_failures():
 NOW = datetime(2026, 11, 26, 10, 15, 0, tzinfo=UTC)
 
 
+def test_a_refusal_by_the_gate_is_quoted():
+    scanner = b.OutputScanner()
+    scanner.feed(b"pullback gate: refused: rsync --server --sender -vlogDtprxzen . /etc/\n"
+                 b"rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]\n"
+                 b"rsync error: error in rsync protocol data stream (code 12) at io.c(232)\n")
+    scanner.close()
+    assert scanner.errors[0].startswith("pullback gate: refused: rsync --server")
+    assert "capture-command" in b.describe_failure(12, scanner.errors)
+
+
 def test_run_id_naming_and_collisions():
     assert b.new_run_id(NOW, []) == "2026-11-26T101500Z"
     assert b.new_run_id(NOW, ["2026-11-26T101500Z"]) == "2026-11-26T101500Z-2"
@@ -312,15 +336,18 @@ def test_stale_partials_resume_or_delete():
 # --- run_backup with a stand-in rsync ----------------------------------------------------------
 
 FAKE_RSYNC = """#!/usr/bin/env python3
-# Stand-in for the pinned rsync: a local copy from $FAKE_SOURCE instead of the daemon pull.
+# Stand-in for the pinned rsync: a local copy from $FAKE_SOURCE instead of the pull.
 import os, sys, time
+if sys.argv[1:] == ["--version"]:
+    print("rsync  version 9.9.9  protocol version 99")
+    sys.exit(0)
 args, skip = [], False
 for a in sys.argv[1:]:
     if skip:
         skip = False
     elif a == "-e":
         skip = True
-    elif "::" in a:
+    elif a.startswith("root@"):
         args.append(os.environ["FAKE_SOURCE"] + "/")
     elif a not in ("-z", "-avzx"):
         args.append(a)
@@ -480,6 +507,75 @@ def test_an_orphaned_rsync_keeps_the_lock(tmp_path, fake, monkeypatch):
             time.sleep(0.1)
 
 
+def captured_host(tmp_path: Path, **backup) -> Host:
+    return make_host(tmp_path, **backup).model_copy(update={"forced_command": "captured"})
+
+
+def write_record(host: Host, rsync_version: str = "rsync  version 9.9.9  protocol version 99"):
+    from roles import capture
+
+    sent = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
+    words = tuple(sent.split(" "))
+    settings = host.backup
+    record = capture.CaptureRecord(
+        host=host.name, captured_at="2026-11-26T10:15:00Z", source=settings.source,
+        options=settings.options, exclude=settings.exclude, sent=sent,
+        sent_dry_run=" ".join(capture.dry_run_variant(words)), remote_rsync="/usr/bin/rsync",
+        remote_version="rsync  version 3.2.7  protocol version 31",
+        local_rsync=host.rsync.local_binary, local_version=rsync_version,
+        fingerprint=capture.fingerprint(settings.options, settings.exclude, settings.source,
+                                        rsync_version,
+                                        "rsync  version 3.2.7  protocol version 31"))
+    capture.save_record(host, record)
+    return record
+
+
+def test_run_backup_captured_mode_runs_on_a_matching_record(tmp_path, fake):
+    host = captured_host(tmp_path)
+    record = write_record(host)
+    result = b.run_backup(host, dry_run=False, tty=False)
+    assert result.ok, result.error
+    assert sorted(os.listdir(tmp_path / "web1")) == ["change", "keep"]
+    summary = json.loads(Path(result.summary_path).read_text())
+    assert summary["forced_command"] == "captured"
+    assert summary["capture_fingerprint"] == record.fingerprint
+    assert summary["argv"][-2] == "root@192.0.2.10:/"
+    dry = b.run_backup(host, dry_run=True, tty=False)
+    assert dry.ok and "-n" in json.loads(Path(dry.summary_path).read_text())["argv"]
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"options": ("-avzx", "--numeric-ids", "--delete", "-H")}, "backup.options"),
+    ({"exclude": ("/proc/*",)}, "backup.exclude"),
+    ({"source": "/srv"}, "backup.source"),
+])
+def test_run_backup_refuses_drift_before_touching_anything(tmp_path, fake, change, named):
+    write_record(captured_host(tmp_path))
+    host = captured_host(tmp_path, **change)
+    with pytest.raises(b.BackupError, match=rf"^{named} changed since the capture of "
+                       r"2026-11-26T10:15:00Z: .*run `invoke capture-command` again$"):
+        b.run_backup(host, dry_run=False, tty=False)
+    assert not (tmp_path / "web1").exists()
+    assert not (fake.parent / "server.argv").exists()  # rsync never ran a pull
+    assert not (b.state_dir(host) / "logs").exists()
+
+
+def test_run_backup_refuses_a_new_local_rsync(tmp_path, fake):
+    host = captured_host(tmp_path)
+    write_record(host, rsync_version="rsync  version 3.2.7  protocol version 31")
+    with pytest.raises(b.BackupError, match="^the local rsync changed since the capture"):
+        b.run_backup(host, dry_run=False, tty=False)
+
+
+def test_run_backup_refuses_a_damaged_record(tmp_path, fake):
+    host = captured_host(tmp_path)
+    write_record(host)
+    path = b.state_dir(host) / "capture.json"
+    path.write_text(path.read_text().replace("--numeric-ids . /", "--numeric-ids . /etc/"))
+    with pytest.raises(b.BackupError, match=r"capture record .* is damaged .*capture-command"):
+        b.run_backup(host, dry_run=False, tty=False)
+
+
 def test_format_table():
     rows = [
         b.BackupResult("web1", True, 0, 12.34, {"files_transferred": 3, "files": 10,
@@ -595,10 +691,12 @@ def cli(tmp_path: Path, *args: str, **host) -> subprocess.CompletedProcess:
                           cwd=Path(__file__).resolve().parents[2], check=False, timeout=60)
 
 
-def test_backup_task_exits_3_for_captured_mode(tmp_path):
-    result = cli(tmp_path, "backup", web1="daemon", web2="captured")
-    assert result.returncode == 3
-    assert "web2: captured mode needs `invoke capture-command`" in result.stderr
+def test_backup_task_refuses_captured_mode_without_a_capture(tmp_path):
+    result = cli(tmp_path, "backup", web2="captured")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (f"web2: failed: no capture record for web2 ({tmp_path}/b/web2.pullback/"
+            "capture.json): run `invoke capture-command` first") in result.stderr
+    assert result.stdout.splitlines()[1].split()[:2] == ["web2", "failed"]
     assert not (tmp_path / "b").exists()
 
 
@@ -609,3 +707,28 @@ def test_restore_task_needs_exactly_one_host(tmp_path):
     result = cli(tmp_path, "restore", "--host", "web1", "--path", "/etc/../root",
                  "--to", str(tmp_path / "r"), web1="daemon")
     assert result.returncode == 2 and "'..'" in result.stderr
+
+
+def test_run_backup_refuses_a_key_others_can_read(tmp_path, fake):
+    host = make_host(tmp_path)
+    Path(host.backup_key).chmod(0o644)
+    with pytest.raises(b.BackupError, match=r"mode 0644.*chmod 600"):
+        b.run_backup(host, dry_run=False, tty=False)
+    assert not (tmp_path / "web1").exists()
+
+
+def test_run_backup_keeps_only_the_newest_runs_logs(tmp_path, fake):
+    from roles import status
+
+    logs = tmp_path / "web1.pullback" / "logs"
+    logs.mkdir(parents=True)
+    for day in range(1, 36):  # 35 old runs, each a .log and a .json
+        for suffix in (".log", ".json"):
+            (logs / f"2026-10-{day:02d}T020000Z{suffix}").write_text("{}\n")
+    (logs / "notes.txt").write_text("not ours\n")
+    result = b.run_backup(make_host(tmp_path), dry_run=False, tty=False)
+    assert result.ok
+    runs = sorted({name.rsplit(".", 1)[0] for name in os.listdir(logs) if name != "notes.txt"})
+    assert len(runs) == status.DEFAULT_KEEP_LOGS
+    assert runs[-1] == Path(result.log_path).stem  # the run just made is kept
+    assert "2026-10-01T020000Z" not in runs and (logs / "notes.txt").exists()
