@@ -13,13 +13,34 @@ class KeyError_(Exception):
 
 
 def check_private_key(path: Path) -> None:
-    """Refuse a private key that others can read (ssh itself would refuse it too)."""
-    mode = stat.S_IMODE(path.stat().st_mode)
+    """Refuse a missing key, or one whose mode lets the group or others at it.
+
+    ssh refuses such a key too ("UNPROTECTED PRIVATE KEY FILE"), but only when a run
+    starts; checking first gives the ``chmod`` that fixes it. Any group/other bit counts
+    (ssh's own rule: ``mode & 077``).
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise KeyError_(f"{path} does not exist: create it with `invoke keygen`") from None
+    except OSError as exc:
+        raise KeyError_(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyError_(f"{path} is not a regular file")
+    mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
         raise KeyError_(
             f"{path} has mode {mode:04o}: others can read the key that reads every file on "
             f"your servers; fix with: chmod 600 {path}"
         )
+
+
+def key_has_passphrase(path: Path) -> bool:
+    """True when ``path`` is encrypted: ``ssh-keygen -y`` cannot read it with an empty
+    passphrase. The passphrase itself is never asked for here."""
+    result = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", str(path)], check=False,
+                            capture_output=True, stdin=subprocess.DEVNULL)
+    return result.returncode != 0
 
 
 def ensure_backup_key(path: Path, *, passphrase: bool = False) -> str:

@@ -1,0 +1,694 @@
+"""schedule: run ``invoke backup`` unattended on the backup host, daily.
+
+Which scheduler (``--kind`` overrides the choice):
+
+- macOS: a launchd job, ``/Library/LaunchDaemons/io.pullback.backup.plist`` (root) or
+  ``~/Library/LaunchAgents/io.pullback.backup.plist`` (a user);
+- Linux with systemd running (``/run/systemd/system`` exists, what ``sd_booted()`` checks):
+  ``pullback-backup.service`` + ``pullback-backup.timer`` in ``/etc/systemd/system`` (root)
+  or ``~/.config/systemd/user`` (``--user`` or not root);
+- otherwise cron: ``/etc/cron.d/pullback-backup`` (root) or a marked block in the user's
+  crontab (``--user`` or not root).
+
+Every file starts with a "managed by pullback" line (the crontab block sits between
+``# BEGIN pullback-backup`` and ``# END pullback-backup``); ``--remove`` deletes only what
+carries it, and an install never overwrites a file without it. The job runs
+``VENV/bin/invoke -r REPO backup --inventory ABS_PATH [--host H ...]``.
+
+Random delay: systemd's timer has ``RandomizedDelaySec=30min`` (a new draw every day) and
+``Persistent=true`` (a run missed while the machine was off starts at boot). cron and launchd
+have no random delay, and ``sleep $((RANDOM % N))`` is not POSIX sh, so the time is shifted by
+a FIXED offset of 0-29 minutes computed at install time from a SHA-256 of this machine's
+name and the scheduled host names: backup hosts spread out, each keeps the same time.
+
+Overlap: systemd never starts a second instance of an active oneshot service, launchd never
+starts a running job again, and for cron (or a run by hand) the backup's lock refuses the
+second run at once.
+
+Layers: ``gather`` reads this machine (files, tools, the user crontab), ``plan_install`` /
+``plan_remove`` are pure and compute the files and commands, ``apply_schedule`` writes
+(temp file + rename) and runs ``systemctl`` / ``launchctl`` only when that manager runs
+here. ``root=`` and ``home=`` let tests aim everything at a temporary folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from roles.render import render
+
+MARKER = "managed by pullback"
+UNIT = "pullback-backup"
+SERVICE = f"{UNIT}.service"
+TIMER = f"{UNIT}.timer"
+CRON_FILE = "pullback-backup"  # cron.d file names must not contain dots
+LABEL = "io.pullback.backup"
+PLIST = f"{LABEL}.plist"
+BEGIN = f"# BEGIN {UNIT}"
+END = f"# END {UNIT}"
+KINDS = ("systemd", "cron", "launchd")
+DEFAULT_AT = "02:30"
+DELAY_MINUTES = 30
+CRON_MAX_COMMAND = 900  # Vixie/Debian cron cuts a command at 1000 bytes
+# cron and launchd start jobs with a minimal PATH; ssh and a PATH rsync live in these.
+PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+REPO = Path(__file__).resolve().parent.parent
+CRON_DAEMONS = frozenset({"cron", "crond", "cronie", "fcron", "busybox"})
+
+_AT = re.compile(r"^(\d{1,2}):(\d{2})$")
+_SAFE = re.compile(r"^[A-Za-z0-9_@+=:,./-]+$")
+_UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class ScheduleError(Exception):
+    """Bad input (``--at``, paths, kind); the task exits 2."""
+
+
+class ApplyError(Exception):
+    """Writing a file or running systemctl / launchctl / crontab failed; the task exits 1."""
+
+
+# --- the job (pure) -----------------------------------------------------------------------
+
+
+def parse_at(text: str) -> tuple[int, int]:
+    """``"02:30"`` -> ``(2, 30)``; anything but a 24-hour HH:MM is a ScheduleError."""
+    match = _AT.match(text.strip()) if isinstance(text, str) else None
+    if not match or int(match[1]) > 23 or int(match[2]) > 59:
+        raise ScheduleError(f"--at must be HH:MM on a 24-hour clock (e.g. 02:30), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def _checked_path(value: str, what: str) -> str:
+    if _UNSAFE_CHARS.search(value):
+        raise ScheduleError(f"{what} must not contain control characters or newlines: {value!r}")
+    if not value.startswith("/"):
+        raise ScheduleError(f"{what} must be an absolute path, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Job:
+    """What the schedule runs, and when (before any random delay or offset)."""
+
+    argv: tuple[str, ...]
+    hosts: tuple[str, ...]  # () means every host of the inventory at run time
+    inventory: str
+    at: tuple[int, int] = (2, 30)
+    agent_socket: str | None = None
+
+    @property
+    def what(self) -> str:
+        return ", ".join(self.hosts) if self.hosts else f"every host in {self.inventory}"
+
+    @property
+    def at_text(self) -> str:
+        return f"{self.at[0]:02d}:{self.at[1]:02d}"
+
+
+def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_AT,
+              agent_socket: str | None = None, invoke: str | None = None,
+              repo: str | Path = REPO) -> Job:
+    """The scheduled command: ``INVOKE -r REPO backup --inventory ABS [--host H ...]``.
+
+    ``invoke`` defaults to the ``invoke`` beside this Python (the project's venv), never
+    resolved through symlinks: the venv's own script must run.
+    """
+    hour_minute = parse_at(at)
+    inventory = os.path.abspath(os.fspath(inventory))
+    invoke = invoke or str(Path(sys.executable).parent / "invoke")
+    _checked_path(invoke, "the invoke program")
+    _checked_path(inventory, "--inventory")
+    repo = _checked_path(os.path.abspath(os.fspath(repo)), "the repository")
+    if agent_socket is not None:
+        _checked_path(agent_socket, "--agent-socket")
+        if not _SAFE.match(agent_socket):
+            raise ScheduleError(f"--agent-socket may only contain letters, digits and "
+                                f"_@+=:,./- (it goes into units and crontabs): {agent_socket!r}")
+    names = tuple(dict.fromkeys(hosts))
+    argv = [invoke, "-r", repo, "backup", "--inventory", inventory]
+    for name in names:
+        argv += ["--host", name]
+    return Job(argv=tuple(argv), hosts=names, inventory=inventory, at=hour_minute,
+               agent_socket=agent_socket)
+
+
+def delay_offset(seed: str, minutes: int = DELAY_MINUTES) -> int:
+    """A fixed pseudo-random offset in ``[0, minutes)`` minutes, the same for the same seed."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % minutes
+
+
+def shifted(at: tuple[int, int], minutes: int) -> tuple[int, int]:
+    """``at`` plus ``minutes``, wrapping at midnight."""
+    total = (at[0] * 60 + at[1] + minutes) % (24 * 60)
+    return divmod(total, 60)
+
+
+def seed_for(hostname: str, job: Job) -> str:
+    return f"{hostname} {','.join(job.hosts) or '*'}"
+
+
+# --- quoting (pure) -----------------------------------------------------------------------
+
+
+def systemd_escape(text: str) -> str:
+    """Escape ``%`` (a unit-file specifier) as ``%%``."""
+    return text.replace("%", "%%")
+
+
+def systemd_word(arg: str) -> str:
+    """One ExecStart= word: specifiers and ``$`` escaped, double-quoted unless plain."""
+    arg = systemd_escape(arg).replace("$", "$$")
+    if arg and _SAFE.match(arg.replace("%", "").replace("$", "")):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_exec(argv: Iterable[str]) -> str:
+    return " ".join(systemd_word(arg) for arg in argv)
+
+
+def cron_command(job: Job) -> str:
+    """The crontab command field: ``sh`` syntax, ``%`` escaped (cron turns it into a newline).
+
+    Environment goes inline (``PATH=... cmd``) so a user's crontab lines after our block
+    are not affected. stdout (the summary table) is dropped; stderr reaches cron's mail.
+    """
+    env = [f"PATH={PATH_ENV}"]
+    if job.agent_socket:
+        env.append(f"SSH_AUTH_SOCK={job.agent_socket}")
+    line = " ".join([*env, shlex.join(job.argv), ">/dev/null"])
+    return line.replace("%", "\\%")
+
+
+# --- rendering (pure) ---------------------------------------------------------------------
+
+
+def render_service(job: Job, *, system: bool) -> str:
+    agent_env = None
+    if job.agent_socket:
+        agent_env = systemd_word(f"SSH_AUTH_SOCK={job.agent_socket}").replace("$$", "$")
+    return render("pullback-backup.service.j2", marker=MARKER, what=systemd_escape(job.what),
+                  system=system, exec_start=systemd_exec(job.argv), agent_env=agent_env)
+
+
+def render_timer(job: Job) -> str:
+    return render("pullback-backup.timer.j2", marker=MARKER, what=systemd_escape(job.what),
+                  at=job.at_text, delay_minutes=DELAY_MINUTES)
+
+
+def render_cron(job: Job, *, system: bool, hostname: str) -> str:
+    seed = seed_for(hostname, job)
+    offset = delay_offset(seed)
+    hour, minute = shifted(job.at, offset)
+    return render("pullback-backup.cron.j2", marker=MARKER, what=job.what, at=job.at_text,
+                  time=f"{hour:02d}:{minute:02d}", offset=offset, seed=seed, hour=hour,
+                  minute=minute, system=system, command=cron_command(job), begin=BEGIN,
+                  end=END)
+
+
+def render_plist(job: Job, *, hostname: str, error_log: str) -> str:
+    seed = seed_for(hostname, job)
+    offset = delay_offset(seed)
+    hour, minute = shifted(job.at, offset)
+    # "--" may not appear inside an XML comment.
+    return render("io.pullback.backup.plist.j2", marker=MARKER, at=job.at_text,
+                  what_comment=job.what.replace("--", "- -"),
+                  seed_comment=seed.replace("--", "- -"),
+                  time=f"{hour:02d}:{minute:02d}", offset=offset, seed=seed, hour=hour,
+                  minute=minute, label=LABEL, argv=job.argv, path_env=PATH_ENV,
+                  agent_socket=job.agent_socket, error_log=error_log)
+
+
+# --- facts (read-only) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Facts:
+    root: Path
+    home: Path
+    config_home: Path
+    system: str  # platform.system(): "Linux", "Darwin", ...
+    euid: int
+    hostname: str
+    systemd_running: bool
+    cron_running: bool
+    tools: dict[str, str | None]  # systemctl, crontab, launchctl -> path or None
+    files: dict[Path, str | None]  # every path a schedule may live at -> its text
+    crontab: str | None = None  # the user's crontab ("" when empty), None when not read
+    timer_enabled: bool = False
+    launchd_loaded: bool = False
+
+
+def is_managed(text: str) -> bool:
+    """A file of ours: the marker on one of its first lines."""
+    return any(MARKER in line for line in text.splitlines()[:6])
+
+
+def locations(root: Path, home: Path, config_home: Path, *, user: bool) -> dict[str, list[Path]]:
+    """Where each kind of schedule lives for the system (root) or for one user."""
+    if user:
+        units = config_home / "systemd" / "user"
+        return {"systemd": [units / SERVICE, units / TIMER], "cron": [],
+                "launchd": [home / "Library" / "LaunchAgents" / PLIST]}
+    units = root / "etc" / "systemd" / "system"
+    return {"systemd": [units / SERVICE, units / TIMER],
+            "cron": [root / "etc" / "cron.d" / CRON_FILE],
+            "launchd": [root / "Library" / "LaunchDaemons" / PLIST]}
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+
+
+def _cron_running(root: Path) -> bool:
+    proc = root / "proc"
+    try:
+        entries = [p for p in proc.iterdir() if p.name.isdigit()]
+    except OSError:
+        return False
+    for entry in entries:
+        try:
+            if (entry / "comm").read_text().strip() in CRON_DAEMONS:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _hostname() -> str:
+    name = socket.gethostname().split(".")[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "_", name) or "localhost"
+
+
+def _quiet(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(argv), capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+
+
+def user_scope(euid: int, user: bool) -> bool:
+    """Not root means a user schedule whatever was asked: system files need root."""
+    return user or euid != 0
+
+
+def gather(*, user: bool = False, root: Path = Path("/"), home: Path | None = None,
+           tools: dict[str, str | None] | None = None, euid: int | None = None,
+           hostname: str | None = None, system: str | None = None) -> Facts:
+    """Read what decides the plan: the scheduler running here, our files, the crontab."""
+    home = home or Path.home()
+    euid = os.geteuid() if euid is None else euid
+    xdg = os.environ.get("XDG_CONFIG_HOME") if root == Path("/") else None
+    config_home = Path(xdg) if xdg and xdg.startswith("/") else home / ".config"
+    if tools is None:
+        tools = {name: shutil.which(name) for name in ("systemctl", "crontab", "launchctl")}
+    scope_user = user_scope(euid, user)
+    paths = [p for scope in (False, True)
+             for group in locations(root, home, config_home, user=scope).values() for p in group]
+    files = {p: _read(p) for p in paths}
+    systemd_running = (root / "run" / "systemd" / "system").is_dir()
+    system = system or platform.system()
+    crontab = None
+    crontab_bin, systemctl, launchctl = (tools.get(name) for name in
+                                         ("crontab", "systemctl", "launchctl"))
+    if scope_user and crontab_bin:
+        result = _quiet(crontab_bin, "-l")
+        # "no crontab for USER" is exit 1 with nothing on stdout: an empty crontab.
+        crontab = result.stdout if result.returncode == 0 else ""
+    timer_enabled = False
+    if systemd_running and systemctl:
+        flags = ["--user"] if scope_user else []
+        timer_enabled = _quiet(systemctl, *flags, "is-enabled", TIMER).stdout.strip() == "enabled"
+    launchd_loaded = False
+    if system == "Darwin" and launchctl:
+        target = f"{launchd_domain(euid, scope_user)}/{LABEL}"
+        launchd_loaded = _quiet(launchctl, "print", target).returncode == 0
+    return Facts(root=root, home=home, config_home=config_home, system=system, euid=euid,
+                 hostname=hostname or _hostname(), systemd_running=systemd_running,
+                 cron_running=_cron_running(root), tools=dict(tools), files=files,
+                 crontab=crontab, timer_enabled=timer_enabled, launchd_loaded=launchd_loaded)
+
+
+def launchd_domain(euid: int, user: bool) -> str:
+    return f"gui/{euid}" if user else "system"
+
+
+# --- the plan (pure) ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileStep:
+    path: Path
+    old: str | None
+    new: str | None  # None: remove the file
+
+    @property
+    def state(self) -> str:
+        if self.new is None:
+            return "removed"
+        if self.old is None:
+            return "created"
+        return "unchanged" if self.old == self.new else "updated"
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # "systemd", "cron", "launchd"; "remove" for plan_remove
+    user: bool
+    files: tuple[FileStep, ...] = ()
+    crontab: tuple[str, str] | None = None  # (old, new) user crontab text
+    crontab_bin: str | None = None
+    before: tuple[tuple[str, ...], ...] = ()  # stop / unload, failures ignored
+    after: tuple[tuple[str, ...], ...] = ()  # reload / enable / load, failures reported
+    manual: tuple[str, ...] = ()  # what the user must run: the manager is not running here
+    down: str | None = None  # why the manager commands are not run ("systemd is not running")
+    notes: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()  # refuse to apply
+
+    @property
+    def changed(self) -> bool:
+        return (any(step.state != "unchanged" for step in self.files)
+                or (self.crontab is not None and self.crontab[0] != self.crontab[1])
+                or bool(self.after))
+
+
+def resolve_kind(facts: Facts, requested: str | None) -> str:
+    if requested:
+        if requested not in KINDS:
+            raise ScheduleError(f"--kind must be one of {', '.join(KINDS)}, got {requested!r}")
+        return requested
+    if facts.system == "Darwin":
+        return "launchd"
+    if facts.systemd_running:
+        return "systemd"
+    return "cron"
+
+
+def strip_block(text: str) -> str:
+    """``text`` without our ``# BEGIN``/``# END`` block; every other line byte for byte."""
+    out: list[str] = []
+    inside = False
+    for line in text.splitlines(keepends=True):
+        stripped = line.rstrip("\r\n")
+        if stripped == BEGIN:
+            inside = True
+            continue
+        if inside and stripped == END:
+            inside = False
+            continue
+        if not inside:
+            out.append(line)
+    if inside:
+        raise ScheduleError(f"the crontab has '{BEGIN}' without '{END}': fix it by hand "
+                            "(crontab -e)")
+    return "".join(out)
+
+
+def merge_crontab(old: str, block: str) -> str:
+    rest = strip_block(old)
+    if rest and not rest.endswith("\n"):
+        rest += "\n"
+    return rest + block
+
+
+def _systemctl(facts: Facts, user: bool, *args: str) -> tuple[str, ...]:
+    return (facts.tools.get("systemctl") or "systemctl", *(["--user"] if user else []), *args)
+
+
+def _error_log(facts: Facts, user: bool) -> str:
+    base = facts.home if user else Path("/")
+    return str(base / "Library" / "Logs" / "pullback-backup.log")
+
+
+def _desired(facts: Facts, job: Job, kind: str, user: bool) -> dict[Path, str]:
+    where = locations(facts.root, facts.home, facts.config_home, user=user)[kind]
+    if kind == "systemd":
+        return {where[0]: render_service(job, system=not user), where[1]: render_timer(job)}
+    if kind == "launchd":
+        return {where[0]: render_plist(job, hostname=facts.hostname,
+                                       error_log=_error_log(facts, user))}
+    if user:
+        return {}  # the user's crontab, not a file
+    return {where[0]: render_cron(job, system=True, hostname=facts.hostname)}
+
+
+def _removals(facts: Facts, user: bool, keep: Iterable[Path] = ()) -> tuple[
+        list[FileStep], list[str]]:
+    """Our files in this scope (except ``keep``) to delete; notes for foreign ones."""
+    steps: list[FileStep] = []
+    notes: list[str] = []
+    kept = set(keep)
+    for paths in locations(facts.root, facts.home, facts.config_home, user=user).values():
+        for path in paths:
+            text = facts.files.get(path)
+            if path in kept or text is None:
+                continue
+            if is_managed(text):
+                steps.append(FileStep(path, text, None))
+            else:
+                notes.append(f"left alone: {path} is not {MARKER}")
+    return steps, notes
+
+
+def plan_install(facts: Facts, job: Job, *, kind: str | None = None,
+                 user: bool = False) -> Plan:
+    """Files and commands for a schedule of ``job``; our other schedules in scope go."""
+    kind = resolve_kind(facts, kind)
+    user = user_scope(facts.euid, user)
+    notes: list[str] = []
+    problems: list[str] = []
+    if user and facts.euid != 0:
+        notes.append("not root: installing a schedule for this user")
+    desired = _desired(facts, job, kind, user)
+    files: list[FileStep] = []
+    for path, text in desired.items():
+        old = facts.files.get(path)
+        if old is not None and not is_managed(old):
+            problems.append(f"{path} exists and is not {MARKER}: move it away first")
+        files.append(FileStep(path, old, text))
+    removals, foreign = _removals(facts, user, keep=desired)
+    files += removals
+    notes += foreign
+    crontab: tuple[str, str] | None = None
+    if user and facts.crontab is not None and (kind == "cron" or BEGIN in facts.crontab):
+        block = render_cron(job, system=False, hostname=facts.hostname) if kind == "cron" \
+            else ""
+        try:
+            crontab = (facts.crontab, merge_crontab(facts.crontab, block))
+        except ScheduleError as exc:
+            problems.append(str(exc))
+    if kind == "cron" and len(cron_command(job)) > CRON_MAX_COMMAND:
+        problems.append(f"the cron command is longer than {CRON_MAX_COMMAND} characters "
+                        "(cron truncates it): schedule fewer --host names, or none (every "
+                        "host of the inventory)")
+    if user and kind == "cron" and not facts.tools.get("crontab"):
+        problems.append("crontab not found: install cron (e.g. apt-get install cron), or "
+                        "use --kind systemd")
+
+    before: list[tuple[str, ...]] = []
+    after: list[tuple[str, ...]] = []
+    manual: list[str] = []
+    down: str | None = None
+    changed = any(step.state != "unchanged" for step in files)
+    stopping_systemd = any(step.new is None and step.path.name in (SERVICE, TIMER)
+                           for step in files)
+    if kind == "systemd" or stopping_systemd:
+        if facts.systemd_running and facts.tools.get("systemctl"):
+            if stopping_systemd:
+                before.append(_systemctl(facts, user, "disable", "--now", TIMER))
+            if changed:
+                after.append(_systemctl(facts, user, "daemon-reload"))
+            if kind == "systemd" and (changed or not facts.timer_enabled):
+                after.append(_systemctl(facts, user, "enable", "--now", TIMER))
+        elif kind == "systemd":
+            down = "systemctl not found" if facts.systemd_running else "systemd is not running"
+            flag = " --user" if user else ""
+            manual.append(f"systemctl{flag} daemon-reload && systemctl{flag} enable --now "
+                          f"{TIMER}")
+    if kind == "systemd" and user:
+        notes.append("user units run only while you are logged in unless lingering is on: "
+                     "loginctl enable-linger \"$USER\"")
+    if kind == "launchd":
+        plist = next(iter(desired))
+        domain = launchd_domain(facts.euid, user)
+        if facts.system == "Darwin" and facts.tools.get("launchctl"):
+            launchctl = facts.tools["launchctl"] or "launchctl"
+            if changed and facts.launchd_loaded:
+                before.append((launchctl, "bootout", f"{domain}/{LABEL}"))
+            if changed or not facts.launchd_loaded:
+                after.append((launchctl, "bootstrap", domain, str(plist)))
+        else:
+            down = "launchd is not running (not macOS)"
+            manual.append(f"launchctl bootstrap {domain} {shlex.quote(str(plist))}")
+    if kind == "cron" and not user and not facts.cron_running:
+        notes.append("no cron daemon is running here: the entry runs once cron does "
+                     "(e.g. apt-get install cron)")
+    if kind == "cron":
+        notes.append("cron does not catch up a run missed while the machine was off; "
+                     "`invoke status` flags a backup that is too old")
+    return Plan(kind=kind, user=user, files=tuple(files), crontab=crontab,
+                crontab_bin=facts.tools.get("crontab"), before=tuple(before),
+                after=tuple(after), manual=tuple(manual), down=down, notes=tuple(notes),
+                problems=tuple(problems))
+
+
+def plan_remove(facts: Facts, *, user: bool = False) -> Plan:
+    """Delete every schedule of ours in this scope; leave foreign files alone."""
+    user = user_scope(facts.euid, user)
+    files, notes = _removals(facts, user)
+    problems: list[str] = []
+    crontab: tuple[str, str] | None = None
+    if user and facts.crontab and BEGIN in facts.crontab:
+        try:
+            crontab = (facts.crontab, strip_block(facts.crontab))
+        except ScheduleError as exc:
+            problems.append(str(exc))
+    before: list[tuple[str, ...]] = []
+    after: list[tuple[str, ...]] = []
+    if any(step.path.name in (SERVICE, TIMER) for step in files) and facts.systemd_running \
+            and facts.tools.get("systemctl"):
+        before.append(_systemctl(facts, user, "disable", "--now", TIMER))
+        after.append(_systemctl(facts, user, "daemon-reload"))
+    if any(step.path.name == PLIST for step in files) and facts.launchd_loaded:
+        before.append((facts.tools.get("launchctl") or "launchctl", "bootout",
+                       f"{launchd_domain(facts.euid, user)}/{LABEL}"))
+    if not files and crontab is None:
+        notes.append("no pullback schedule found" + (" for this user" if user else ""))
+    return Plan(kind="remove", user=user, files=tuple(files), crontab=crontab,
+                crontab_bin=facts.tools.get("crontab"), before=tuple(before),
+                after=tuple(after), notes=tuple(notes), problems=tuple(problems))
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def describe(plan: Plan, *, dry_run: bool) -> list[str]:
+    """What was (or, with ``dry_run``, would be) done, as lines; dry runs show the text."""
+    lines: list[str] = []
+    would = "would " if dry_run else ""
+    for argv in plan.before:
+        lines.append(f"{would}run: {shlex.join(argv)}")
+    for step in plan.files:
+        state = f"would be {step.state}" if dry_run and step.state != "unchanged" \
+            else step.state
+        if dry_run and step.new is not None:
+            lines.append(f"# {step.path} ({state})")
+            lines += step.new.splitlines()
+        else:
+            lines.append(f"{step.path}: {state}")
+    if plan.crontab is not None:
+        old, new = plan.crontab
+        state = "unchanged" if old == new else ("would be updated" if dry_run else "updated")
+        lines.append(f"# crontab of this user ({state})")
+        if dry_run:
+            lines += new.splitlines()
+    for argv in plan.after:
+        lines.append(f"{would}run: {shlex.join(argv)}")
+    if plan.down:
+        done = "would write" if dry_run else "wrote"
+        what = "the plist" if plan.kind == "launchd" else "units"
+        lines.append(f"{plan.down}: {done} {what}; enable them with: {'; '.join(plan.manual)}")
+    lines += [f"note: {note}" for note in plan.notes]
+    if not plan.changed and plan.kind != "remove" and not plan.problems:
+        lines.append("schedule already as wanted")
+    return lines
+
+
+# --- applying -----------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` through a temp file in the same folder and a rename.
+
+    The temp name starts with a dot: cron ignores such files in ``/etc/cron.d`` and systemd
+    ignores names without a unit suffix, so a half-written file is never picked up.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.pullback-tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+Runner = Callable[..., subprocess.CompletedProcess]
+
+
+def apply_schedule(plan: Plan, *, run: Runner = subprocess.run) -> list[str]:
+    """Stop, write / remove, reload; return the outcome lines. Raise ApplyError on failure."""
+    if plan.problems:
+        raise ApplyError("; ".join(plan.problems))
+    for argv in plan.before:  # unloading something not loaded is fine
+        run(list(argv), capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+    for step in plan.files:
+        try:
+            if step.new is None:
+                current = _read(step.path)
+                if current is not None and is_managed(current):
+                    step.path.unlink()
+            elif step.state != "unchanged":
+                write_atomic(step.path, step.new.encode())
+        except OSError as exc:
+            raise ApplyError(f"{step.path}: {exc.strerror or exc}") from None
+    if plan.crontab is not None and plan.crontab[0] != plan.crontab[1]:
+        crontab = plan.crontab_bin or "crontab"
+        now = run([crontab, "-l"], capture_output=True, text=True, check=False,
+                  stdin=subprocess.DEVNULL)
+        if (now.stdout if now.returncode == 0 else "") != plan.crontab[0]:
+            raise ApplyError("the crontab changed since it was read; run again")
+        result = run([crontab, "-"], input=plan.crontab[1], capture_output=True, text=True,
+                     check=False)
+        if result.returncode != 0:
+            raise ApplyError(f"crontab - failed: {(result.stderr or '').strip()}")
+    for argv in plan.after:
+        result = run(list(argv), capture_output=True, text=True, check=False,
+                     stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            raise ApplyError(f"{shlex.join(argv)} failed (exit {result.returncode}): "
+                             f"{(result.stderr or result.stdout or '').strip()}")
+    return describe(plan, dry_run=False)
+
+
+@dataclass
+class KeyReport:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_keys(paths: Iterable[str], *, agent_socket: str | None) -> KeyReport:
+    """A schedule whose key others can read (or that is missing) would fail every night."""
+    from roles import keys
+
+    report = KeyReport()
+    for path in dict.fromkeys(paths):
+        try:
+            keys.check_private_key(Path(path))
+        except keys.KeyError_ as exc:
+            report.problems.append(str(exc))
+            continue
+        if keys.key_has_passphrase(Path(path)) and not agent_socket:
+            report.warnings.append(
+                f"{path} has a passphrase: unattended runs need an ssh-agent holding it; "
+                "load it once after boot and pass --agent-socket (see the README)")
+    return report

@@ -1,0 +1,225 @@
+"""status: what the last backups of each host did, from local files only.
+
+Reads the run summaries ``DEST.pullback/logs/<run>.json`` that ``backup`` writes and lists
+the complete snapshots in ``DEST``; no host is contacted. Dry runs are not backups and are
+ignored. A host is STALE when its newest good backup (exit 0 or 24) started more than
+``backup.max_age`` hours ago, or when it never had one: ``invoke status`` then exits 1, so
+a monitor (cron mail, Nagios/Icinga ``check_by_ssh``, a systemd ``OnFailure=``) can alert.
+
+Age is measured from the START of the run: the data is at least that old.
+
+Log retention: ``plan_log_prune`` keeps the newest N runs' ``.log`` + ``.json`` pairs
+(``DEFAULT_KEEP_LOGS``); ``prune_logs`` applies it and is meant to run at the end of each
+backup, while the lock is held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from roles.backup import complete_snapshots, human_bytes, run_key, state_dir
+from roles.inventory import Host
+
+DEFAULT_KEEP_LOGS = 30
+LOG_SUFFIXES = (".log", ".json")
+
+
+@dataclass(frozen=True)
+class Run:
+    run: str
+    started: datetime
+    ok: bool
+    exit_code: int | None
+    seconds: float
+    transferred: int | None = None  # rsync's "Total transferred file size"
+    received: int | None = None  # bytes over the wire
+    dry_run: bool = False
+    error: str | None = None
+
+    @property
+    def result(self) -> str:
+        if not self.ok:
+            return "failed" if self.exit_code is None else f"failed ({self.exit_code})"
+        return "ok (24)" if self.exit_code == 24 else "ok"
+
+
+def _started(data: dict[str, Any], run: str) -> datetime:
+    text = data.get("started")
+    if isinstance(text, str):
+        value = datetime.fromisoformat(text)
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    # No "started" field: the run id is the UTC start time.
+    key = run_key(run)
+    if key is None:
+        raise ValueError(f"no start time and {run!r} is not a run id")
+    return datetime.strptime(key[0], "%Y-%m-%dT%H%M%SZ").replace(tzinfo=UTC)
+
+
+def parse_summary(data: Any, run: str) -> Run:
+    """A ``logs/<run>.json`` summary; ValueError when it is not one."""
+    if not isinstance(data, dict) or not isinstance(data.get("ok"), bool):
+        raise ValueError("not a backup summary (no boolean 'ok')")
+    stats = data.get("stats") if isinstance(data.get("stats"), dict) else {}
+    code = data.get("exit_code")
+    seconds = data.get("seconds")
+
+    def number(key: str) -> int | None:
+        value = stats.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    return Run(
+        run=str(data.get("run") or run),
+        started=_started(data, run),
+        ok=data["ok"],
+        exit_code=code if isinstance(code, int) else None,
+        seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
+        transferred=number("transferred_size"),
+        received=number("bytes_received"),
+        dry_run=bool(data.get("dry_run")),
+        error=data.get("error") if isinstance(data.get("error"), str) else None,
+    )
+
+
+def read_runs(logs: Path) -> tuple[list[Run], list[str]]:
+    """Every readable summary in ``logs`` (oldest first) and one line per unreadable one."""
+    runs: list[Run] = []
+    problems: list[str] = []
+    try:
+        names = os.listdir(logs)
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        return [], [f"cannot read {logs}: {exc.strerror}"]
+    for name in names:
+        stem, dot, ext = name.rpartition(".")
+        if not dot or ext != "json" or run_key(stem) is None:
+            continue  # temp files (.RUN.json.tmp), the .log files, strangers
+        try:
+            runs.append(parse_summary(json.loads((logs / name).read_text()), stem))
+        except (OSError, ValueError) as exc:
+            problems.append(f"skipped {logs / name}: {exc}")
+    runs.sort(key=lambda r: (r.started, run_key(r.run) or (r.run, 0)))
+    return runs, problems
+
+
+@dataclass(frozen=True)
+class HostStatus:
+    host: str
+    max_age: float  # hours
+    last: Run | None
+    newest_good: Run | None
+    age_hours: float | None  # of the newest good backup
+    snapshots: int | None  # complete snapshots; None in mirror mode
+    stale: bool
+    problems: tuple[str, ...] = ()
+
+    @property
+    def state(self) -> str:
+        if self.newest_good is None:
+            return "STALE (never)"
+        return f"STALE (> {self.max_age:g}h)" if self.stale else "fresh"
+
+
+def plan_status(host: str, runs: Iterable[Run], *, now: datetime, max_age: float,
+                snapshots: int | None = None, problems: Iterable[str] = ()) -> HostStatus:
+    """Pure: the newest real run, the newest good one, its age, and whether it is stale."""
+    real = sorted((r for r in runs if not r.dry_run), key=lambda r: r.started)
+    good = [r for r in real if r.ok]
+    newest_good = good[-1] if good else None
+    age = None
+    if newest_good is not None:
+        # A clock set back must not make a backup look fresher than "just now".
+        age = max(0.0, (now - newest_good.started).total_seconds() / 3600)
+    return HostStatus(
+        host=host, max_age=max_age, last=real[-1] if real else None, newest_good=newest_good,
+        age_hours=age, snapshots=snapshots, stale=age is None or age > max_age,
+        problems=tuple(problems),
+    )
+
+
+def gather_status(host: Host, now: datetime | None = None) -> HostStatus:
+    """Read ``host``'s summaries and snapshots on this machine; contact nothing."""
+    now = now or datetime.now(UTC)
+    runs, problems = read_runs(state_dir(host) / "logs")
+    snapshots = None
+    if host.backup.snapshots:
+        dest = Path(host.destination.rstrip("/"))
+        try:
+            snapshots = len(complete_snapshots(os.listdir(dest)))
+        except FileNotFoundError:
+            snapshots = 0
+        except OSError as exc:
+            problems.append(f"cannot list {dest}: {exc.strerror}")
+    return plan_status(host.name, runs, now=now, max_age=host.backup.max_age,
+                       snapshots=snapshots, problems=problems)
+
+
+def format_age(hours: float | None) -> str:
+    if hours is None:
+        return "never"
+    minutes = round(hours * 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    if minutes < 48 * 60:
+        return f"{minutes // 60}h {minutes % 60:02d}m"
+    return f"{minutes // 1440}d {minutes % 1440 // 60}h"
+
+
+def format_table(statuses: Iterable[HostStatus]) -> str:
+    rows = [("host", "last run (UTC)", "result", "seconds", "transferred", "received",
+             "snapshots", "newest good", "state")]
+    for s in statuses:
+        last = s.last
+        rows.append((
+            s.host,
+            last.started.astimezone(UTC).strftime("%Y-%m-%d %H:%M") if last else "never",
+            last.result if last else "-",
+            f"{last.seconds:.1f}" if last else "-",
+            human_bytes(last.transferred) if last else "-",
+            human_bytes(last.received) if last else "-",
+            "mirror" if s.snapshots is None else str(s.snapshots),
+            format_age(s.age_hours) + (" ago" if s.age_hours is not None else ""),
+            s.state,
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip() for row in rows) + "\n"
+
+
+# --- log retention ------------------------------------------------------------------------
+
+
+def plan_log_prune(names: Iterable[str], keep: int) -> list[str]:
+    """Files in ``logs/`` to delete so that only the newest ``keep`` runs remain.
+
+    A run is ``<run>.log`` and ``<run>.json`` together; both go or both stay. Names that
+    are not run files (temp files, a user's notes) are never touched. ``keep <= 0`` keeps
+    everything.
+    """
+    if keep <= 0:
+        return []
+    by_run: dict[str, list[str]] = {}
+    for name in names:
+        for suffix in LOG_SUFFIXES:
+            if name.endswith(suffix) and run_key(name[:-len(suffix)]) is not None:
+                by_run.setdefault(name[:-len(suffix)], []).append(name)
+    ordered = sorted(by_run, key=lambda run: run_key(run) or (run, 0))
+    return sorted(name for run in ordered[:-keep] for name in by_run[run])
+
+
+def prune_logs(logs: Path, keep: int = DEFAULT_KEEP_LOGS) -> list[str]:
+    """Delete the run files ``plan_log_prune`` names; return them. Call it with the lock held."""
+    removed: list[str] = []
+    for name in plan_log_prune(os.listdir(logs), keep):
+        try:
+            (logs / name).unlink()
+            removed.append(name)
+        except FileNotFoundError:
+            continue
+    return removed

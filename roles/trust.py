@@ -1,0 +1,252 @@
+"""trust: pin a host's SSH host key in the inventory's ``known_hosts``, after a person checks it.
+
+Nothing in pullback accepts an unknown host key (Fabric connections use ``RejectPolicy``,
+the backup's ssh runs with ``StrictHostKeyChecking=yes``); this is the one deliberate way
+in. The key is fetched with a bare SSH key exchange (paramiko ``Transport``, no
+authentication, nothing trusted), its type and SHA256 fingerprint are shown, and only after
+a "yes" on the terminal (or ``--yes``) is one line appended to ``known_hosts``:
+
+    [ADDRESS]:PORT KEYTYPE BASE64        (plain ADDRESS when the port is 22)
+
+Lines are written unhashed, so a person can read which hosts are pinned; ssh and paramiko
+also read hashed (``|1|salt|hash``) entries, and this module matches those too. A key
+already pinned for that name and type: "already trusted", nothing written. A DIFFERENT key
+pinned (or the server no longer offering the pinned key type, or the key listed as
+``@revoked``): refused, never replaced; the message says how to remove the old line once
+the change is known to be genuine. The file is rewritten through a temp file and a rename.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from roles.inventory import Host
+from roles.schedule import write_atomic
+
+
+class TrustError(Exception):
+    """Refused or failed; the task exits 1."""
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+def known_hosts_name(address: str, port: int) -> str:
+    """The name ssh and paramiko look up: ``[addr]:port``, or ``addr`` for port 22."""
+    return address if port == 22 else f"[{address}]:{port}"
+
+
+@dataclass(frozen=True)
+class HostKey:
+    type: str  # "ssh-ed25519", "ecdsa-sha2-nistp256", "ssh-rsa"
+    blob: str  # base64, as in known_hosts
+
+    @property
+    def fingerprint(self) -> str:
+        """``SHA256:...`` as ``ssh-keygen -l`` prints it (base64, no padding)."""
+        digest = hashlib.sha256(base64.b64decode(self.blob)).digest()
+        return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+    def line(self, name: str) -> str:
+        return f"{name} {self.type} {self.blob}\n"
+
+
+@dataclass(frozen=True)
+class Pinned:
+    lineno: int
+    key: HostKey
+    revoked: bool = False
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("|1|"):
+        try:
+            _, _, salt, digest = pattern.split("|")
+            mac = hmac.new(base64.b64decode(salt), name.encode(), hashlib.sha1).digest()
+            return hmac.compare_digest(base64.b64encode(mac).decode(), digest)
+        except ValueError:
+            return False
+    return pattern == name
+
+
+def pinned_keys(text: str, name: str) -> list[Pinned]:
+    """The entries of known_hosts ``text`` for ``name`` (plain or hashed; ``@revoked`` too).
+
+    ``@cert-authority`` lines, comments and malformed lines are ignored, as are wildcard
+    patterns (pullback writes and needs exact names).
+    """
+    found: list[Pinned] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        revoked = False
+        if fields[0].startswith("@"):
+            if fields[0] != "@revoked":
+                continue
+            revoked = True
+            fields = fields[1:]
+        if len(fields) < 3:
+            continue
+        patterns, key_type, blob = fields[:3]
+        if any(_matches(p, name) for p in patterns.split(",")):
+            found.append(Pinned(lineno, HostKey(key_type, blob), revoked))
+    return found
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "add", "already", "refuse"
+    reason: str = ""
+
+
+def plan_trust(pinned: list[Pinned], offered: HostKey, name: str, known_hosts: str) -> Decision:
+    """Add an unknown key; "already" for the same key; refuse a different or revoked one."""
+    for entry in pinned:
+        if entry.revoked and entry.key.blob == offered.blob:
+            return Decision("refuse", f"{known_hosts}:{entry.lineno} marks this key "
+                                      "@revoked; refusing")
+    for entry in pinned:
+        if not entry.revoked and entry.key.type == offered.type:
+            if entry.key.blob == offered.blob:
+                return Decision("already")
+            return Decision("refuse", mismatch_message(name, known_hosts, entry, offered))
+    return Decision("add")
+
+
+def mismatch_message(name: str, known_hosts: str, entry: Pinned, offered: HostKey) -> str:
+    return (
+        f"HOST KEY MISMATCH for {name}: {known_hosts}:{entry.lineno} pins {entry.key.type} "
+        f"{entry.key.fingerprint}, the host now offers {offered.fingerprint}. Refusing: "
+        "either the server was reinstalled or someone is in the middle. Check the key on "
+        "the server's console (ssh-keygen -lf /etc/ssh/ssh_host_*_key.pub); only if the change "
+        f"is genuine, remove the old entry with `ssh-keygen -R '{name}' -f {known_hosts}` and "
+        "run trust-host again"
+    )
+
+
+def appended(old: bytes, line: str) -> bytes:
+    """``old`` with ``line`` added; a missing final newline is added first."""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    return old + line.encode()
+
+
+# --- the network --------------------------------------------------------------------------
+
+
+def _rsa_types(types: list[str]) -> list[str]:
+    # A pinned "ssh-rsa" key is negotiated with the SHA-2 signature algorithms.
+    out: list[str] = []
+    for key_type in types:
+        out += ["rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"] if key_type == "ssh-rsa" \
+            else [key_type]
+    return list(dict.fromkeys(out))
+
+
+def fetch_host_key(address: str, port: int, *, key_types: list[str] | None = None,
+                   timeout: float = 10) -> HostKey:
+    """The server's host key from a key exchange only: no authentication, nothing trusted.
+
+    ``key_types`` restricts the negotiation to the types already pinned, so a host with
+    several keys is compared on the key that is pinned (as paramiko's client does).
+    """
+    import paramiko
+
+    try:
+        sock = socket.create_connection((address, port), timeout=timeout)
+    except OSError as exc:
+        raise TrustError(f"cannot connect to {address}:{port}: {exc}") from None
+    transport = paramiko.Transport(sock)
+    try:
+        if key_types:
+            supported = set(transport.get_security_options().key_types)
+            wanted = [t for t in _rsa_types(key_types) if t in supported]
+            if not wanted:
+                raise TrustError(f"the pinned key types {', '.join(key_types)} are not "
+                                 "supported here; refusing")
+            transport.get_security_options().key_types = wanted
+        try:
+            transport.start_client(timeout=timeout)
+        except paramiko.SSHException as exc:
+            if key_types:
+                raise TrustError(
+                    f"{address}:{port} no longer offers a {'/'.join(key_types)} host key, the "
+                    f"type pinned in known_hosts ({exc}); refusing: the host key changed"
+                ) from None
+            raise TrustError(f"SSH key exchange with {address}:{port} failed: {exc}") from None
+        key = transport.get_remote_server_key()
+        return HostKey(key.get_name(), key.get_base64())
+    finally:
+        transport.close()
+        sock.close()
+
+
+# --- one host -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    host: str
+    state: str  # "added", "already trusted", "declined"
+    key: HostKey
+    name: str
+    known_hosts: str
+
+
+def read_known_hosts(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    except OSError as exc:
+        raise TrustError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def describe_key(host: Host, key: HostKey) -> str:
+    return (f"{host.name}: {host.address}:{host.port} offers {key.type} {key.fingerprint}\n"
+            f"  compare it with what the server itself shows (on its console, not over this "
+            f"network): ssh-keygen -lf /etc/ssh/ssh_host_{_file_type(key.type)}_key.pub")
+
+
+def _file_type(key_type: str) -> str:
+    if key_type.startswith("ecdsa-"):
+        return "ecdsa"
+    return {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa"}.get(key_type, "*")
+
+
+def trust_host(host: Host, confirm, *, show=print, timeout: float = 10) -> Outcome:
+    """Fetch, show, confirm (``confirm(question) -> bool``), pin. Raise TrustError to refuse.
+
+    ``confirm`` raises TrustError itself when there is no terminal to ask on.
+    """
+    path = Path(host.known_hosts)
+    name = known_hosts_name(host.address, host.port)
+    old = read_known_hosts(path)
+    pinned = pinned_keys(old.decode("utf-8", "replace"), name)
+    types = list(dict.fromkeys(p.key.type for p in pinned if not p.revoked))
+    key = fetch_host_key(host.address, host.port, key_types=types or None, timeout=timeout)
+    decision = plan_trust(pinned, key, name, str(path))
+    if decision.action == "refuse":
+        raise TrustError(f"{host.name}: {decision.reason}")
+    if decision.action == "already":
+        return Outcome(host.name, "already trusted", key, name, str(path))
+    show(describe_key(host, key))
+    if not confirm(f"Trust this key for {host.name} and add it to {path}? [y/N] "):
+        return Outcome(host.name, "declined", key, name, str(path))
+    # Written while we waited for the answer? Start again rather than lose that edit.
+    if read_known_hosts(path) != old:
+        raise TrustError(f"{path} changed while waiting for the answer; run trust-host again")
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    mode = 0o644
+    if path.exists():
+        mode = os.stat(path).st_mode & 0o777
+    write_atomic(path, appended(old, key.line(name)), mode)
+    return Outcome(host.name, "added", key, name, str(path))

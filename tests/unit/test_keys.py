@@ -1,0 +1,55 @@
+"""roles.keys: a private key others can read is refused with the chmod that fixes it;
+a passphrase is detected without ever asking for it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from roles import keys
+
+
+def make_key(path: Path, passphrase: str = "") -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", str(path)],
+                   check=True, stdin=subprocess.DEVNULL)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400, 0o700])
+def test_a_private_key_only_its_owner_can_read_is_accepted(tmp_path, mode):
+    key = make_key(tmp_path / "key")
+    key.chmod(mode)
+    keys.check_private_key(key)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o620, 0o602, 0o777])
+def test_a_key_with_any_group_or_other_bit_is_refused_with_the_fix(tmp_path, mode):
+    key = make_key(tmp_path / "key")
+    key.chmod(mode)
+    with pytest.raises(keys.KeyError_) as info:
+        keys.check_private_key(key)
+    assert str(info.value) == (
+        f"{key} has mode {mode:04o}: others can read the key that reads every file on your "
+        f"servers; fix with: chmod 600 {key}")
+
+
+def test_a_missing_key_or_a_folder_is_refused(tmp_path):
+    with pytest.raises(keys.KeyError_, match="does not exist: create it with `invoke keygen`"):
+        keys.check_private_key(tmp_path / "missing")
+    with pytest.raises(keys.KeyError_, match="is not a regular file"):
+        keys.check_private_key(tmp_path)
+
+
+def test_ensure_backup_key_refuses_an_existing_readable_key(tmp_path):
+    key = make_key(tmp_path / "key")
+    key.chmod(0o644)
+    with pytest.raises(keys.KeyError_, match="chmod 600"):
+        keys.ensure_backup_key(key)
+    assert key.stat().st_mode & 0o777 == 0o644  # reported, never changed behind your back
+
+
+def test_key_has_passphrase(tmp_path):
+    assert not keys.key_has_passphrase(make_key(tmp_path / "open"))
+    assert keys.key_has_passphrase(make_key(tmp_path / "locked", "correct horse battery"))
