@@ -130,8 +130,17 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, version=None, local_o
 @task(iterable=["host"], help=HOST_HELP)
 def capture_command(c, inventory=DEFAULT_INVENTORY, host=None):
     """Capture the exact command the client's rsync sends and force exactly that."""
-    _hosts(inventory, host)
-    _not_implemented("capture-command")
+    from roles import capture, fleet, setup
+
+    hosts = _hosts(inventory, host)
+    if not any(h.forced_command == "captured" for h in hosts):
+        raise Exit("capture-command: no selected host has forced_command: captured", code=2)
+    outcomes = fleet.for_each(
+        hosts, capture.capture_host,
+        lambda h, exc: setup.Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
+        parallel=16,
+    )
+    _report(outcomes)
 
 
 @task(iterable=["host"], help={**HOST_HELP, "dry_run": "rsync -n: show what would change"})
@@ -141,9 +150,6 @@ def backup(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
     from roles import fleet
 
     hosts = _hosts(inventory, host)
-    captured = [h.name for h in hosts if h.forced_command == "captured"]
-    if captured:
-        raise Exit(f"backup: {', '.join(captured)}: {pulls.CAPTURED_NOT_READY}", code=3)
     # Live output only for one host on a terminal: several interleaved streams are noise.
     tty = len(hosts) == 1 and sys.stdout.isatty()
 
@@ -200,25 +206,134 @@ def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snaps
     print(f"{h.name}: restored {path} from {result.source} into {to}")
 
 
-@task(iterable=["host"], help=HOST_HELP)
-def doctor(c, inventory=DEFAULT_INVENTORY, host=None):
-    """Diagnose why a backup fails: shell, protocol, forced command, sshd."""
-    _hosts(inventory, host)
-    _not_implemented("doctor")
+@task(iterable=["host"], help={**HOST_HELP, "explain": "explain a pasted rsync error "
+                                "message or exit code; no host is contacted"})
+def doctor(c, inventory=DEFAULT_INVENTORY, host=None, explain=None):
+    """Diagnose why a backup fails: host key, shell, rsync, sshd, forced command, test pull."""
+    from roles import doctor as diagnosis
+
+    if explain is not None:
+        print(diagnosis.explain_rsync_error(explain))
+        return
+    reports = diagnosis.diagnose_all(_hosts(inventory, host))
+    for report in reports:
+        print(diagnosis.format_report(report))
+    bad = [r.host for r in reports if r.errors]
+    if bad:
+        raise Exit(f"doctor: errors on {', '.join(bad)}", code=1)
 
 
 @task(iterable=["host"], help=HOST_HELP)
 def verify(c, inventory=DEFAULT_INVENTORY, host=None):
-    """Check each remote's hardened state with the testinfra checks."""
-    _hosts(inventory, host)
-    _not_implemented("verify")
+    """Check each remote's hardened state with the testinfra checks (tests/infra)."""
+    from roles import verify as checks
+
+    hosts = _hosts(inventory, host)
+    try:
+        results = checks.run_checks(Path(inventory), hosts)
+    except checks.VerifyError as exc:
+        raise Exit(f"verify: {exc}", code=1) from None
+    print(checks.format_results(results), end="")
+    bad = sorted({r.host for r in results if r.failed})
+    if bad:
+        raise Exit(f"verify: failed: {', '.join(bad)}", code=1)
+
+
+@task(iterable=["host"], help={
+    **HOST_HELP,
+    "host": "host to back up; repeat for several (default: every host of the inventory at "
+            "run time)",
+    "at": "daily start, HH:MM 24-hour (default 02:30); systemd adds up to 30 min at random, "
+          "cron/launchd a fixed offset",
+    "remove": "remove the schedule (only files marked 'managed by pullback')",
+    "dry_run": "print the files and their paths, write nothing",
+    "user": "a schedule for this user (systemd --user, crontab, LaunchAgents)",
+    "kind": "systemd, cron or launchd (default: the one running here)",
+    "agent_socket": "SSH_AUTH_SOCK for the runs: an ssh-agent holding a passphrase key",
+})
+def schedule(c, inventory=DEFAULT_INVENTORY, host=None, at="02:30", remove=False,
+             dry_run=False, user=False, kind=None, agent_socket=None):
+    """Run the backup daily: systemd timer, cron entry or launchd job on this machine."""
+    from roles import schedule as sched
+
+    try:
+        if remove:
+            plan = sched.plan_remove(sched.gather(user=user), user=user)
+        else:
+            sched.parse_at(at)
+            hosts = _hosts(inventory, host)
+            job = sched.build_job(inventory, [h.name for h in hosts] if host else [], at=at,
+                                  agent_socket=agent_socket)
+            if not Path(job.argv[0]).is_file():
+                raise Exit(f"schedule: {job.argv[0]} not found: run from the project's "
+                           "venv (.venv/bin/invoke)", code=2)
+            keys = sched.check_keys([h.backup_key for h in hosts], agent_socket=agent_socket)
+            for warning in keys.warnings:
+                print(f"schedule: warning: {warning}", file=sys.stderr)
+            if keys.problems:
+                raise Exit("\n".join(f"schedule: {p}" for p in keys.problems), code=1)
+            plan = sched.plan_install(sched.gather(user=user), job, kind=kind, user=user)
+    except sched.ScheduleError as exc:
+        raise Exit(f"schedule: {exc}", code=2) from None
+    if plan.problems:
+        raise Exit("\n".join(f"schedule: {p}" for p in plan.problems), code=1)
+    try:
+        lines = sched.describe(plan, dry_run=True) if dry_run else sched.apply_schedule(plan)
+    except sched.ApplyError as exc:
+        raise Exit(f"schedule: {exc}", code=1) from None
+    print("\n".join(lines))
 
 
 @task(iterable=["host"], help=HOST_HELP)
-def schedule(c, inventory=DEFAULT_INVENTORY, host=None):
-    """Install a systemd timer / cron entry that runs the backup."""
-    _hosts(inventory, host)
-    _not_implemented("schedule")
+def status(c, inventory=DEFAULT_INVENTORY, host=None):
+    """Last run, result and age of the newest good backup per host; exit 1 if stale."""
+    from roles import status as report
+
+    statuses = [report.gather_status(h) for h in _hosts(inventory, host)]
+    for s in statuses:
+        for problem in s.problems:
+            print(f"{s.host}: warning: {problem}", file=sys.stderr)
+    print(report.format_table(statuses), end="")
+    stale = [s.host for s in statuses if s.stale]
+    if stale:
+        raise Exit(f"status: no good backup within backup.max_age: {', '.join(stale)}", code=1)
+
+
+@task(iterable=["host"], help={
+    **HOST_HELP,
+    "host": "host whose key to trust (required; repeat for several)",
+    "yes": "trust without asking (check the fingerprint some other way first)",
+})
+def trust_host(c, inventory=DEFAULT_INVENTORY, host=None, yes=False):
+    """Show a host's SSH key fingerprint; pin it in known_hosts once confirmed."""
+    from roles import trust
+
+    if not host:
+        raise Exit("trust-host: name the host(s) with --host", code=2)
+    hosts = _hosts(inventory, host)
+
+    def confirm(question: str) -> bool:
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            raise trust.TrustError("no terminal to confirm on: check the fingerprint, then "
+                                   "run again with --yes")
+        return input(question).strip().lower() in ("y", "yes")
+
+    failed = []
+    for h in hosts:
+        try:
+            outcome = trust.trust_host(h, confirm)
+        except trust.TrustError as exc:
+            print(f"{h.name}: refused: {exc}", file=sys.stderr)
+            failed.append(h.name)
+            continue
+        print(f"{h.name}: {outcome.state}: {outcome.name} {outcome.key.type} "
+              f"{outcome.key.fingerprint} ({outcome.known_hosts})")
+        if outcome.state == "declined":
+            failed.append(h.name)
+    if failed:
+        raise Exit(f"trust-host: not trusted: {', '.join(failed)}", code=1)
 
 
 # --- the lab --------------------------------------------------------------------------------
@@ -231,14 +346,17 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-@task(help={**LAB_HELP, "count": "number of containers (default 1)",
-            "release": "Debian release of the image (default bookworm)"})
-def lab_up(c, count=1, release="bookworm", prefix="pullback-lab"):
+@task(help={**LAB_HELP, "count": "number of containers (default 1; per release with --os)",
+            "release": "Debian release of the image (default bookworm)",
+            "os": "comma-separated Debian releases, one container each named after it "
+                  "(e.g. bullseye,bookworm,trixie)"})
+def lab_up(c, count=1, release="bookworm", prefix="pullback-lab", os=""):
     """Start lab containers playing remote servers; write .state/lab/inventory.yaml."""
     from roles import lab
 
     try:
-        hosts = lab.up(count=int(count), prefix=prefix, release=release)
+        releases = lab.parse_releases(os) if os else None
+        hosts = lab.up(count=int(count), prefix=prefix, release=release, releases=releases)
         port = lab.start_mirror(prefix)
         path = lab.write_inventory(hosts, port, prefix)
     except (lab.LabError, lab.mirror.MirrorError) as exc:
@@ -275,7 +393,7 @@ def lab_status(c, prefix="pullback-lab"):
 
 ns = Collection(
     keygen, setup_remote, build_rsync, capture_command, backup, restore, doctor, verify,
-    schedule,
+    schedule, status, trust_host,
 )
 lab_collection = Collection("lab")
 lab_collection.add_task(lab_up, "up")

@@ -1,0 +1,1314 @@
+"""doctor: the seed's manual troubleshooting, automated.
+
+Per host, each finding is three lines: what is wrong, why it breaks the backup, the fix;
+levels ``ok``, ``warn``, ``error`` (any error: exit 1). The checks, in the seed's order of
+discovery:
+
+1. host key and reachability: the admin login with strict host keys; an unknown or changed
+   key is an error that shows the fingerprint the server offers (read with a bare
+   paramiko ``Transport``, which trusts nothing);
+2. clean shell: an admin login running ``true`` must print zero bytes, and so must root's
+   shell when sshd starts the forced command (simulated as sshd does it: ``SHELL -c`` with
+   ``SSH_CLIENT`` set, so Debian's bash reads ``~/.bashrc``); the startup file that prints
+   is named;
+3. rsync on both ends: the binaries the backup uses (local: ``find_local_rsync``; remote:
+   the forced command's, the capture gate's recorded one, else ``rsync.prefix``),
+   versions, protocols, the inventory's pin;
+4. sshd: ``sshd -T -C`` for the backup host's connection (permitrootlogin,
+   pubkeyauthentication, authorizedkeysfile, strictmodes) and the managed key line;
+5. the forced command against what the backup sends: a daemon forced command with a
+   captured-mode inventory (the seed's "protocol version mismatch -- is your shell
+   clean?"), a dry-run flag baked into the command, a missing rsync path, rsyncd.conf
+   without ``uid = 0`` or without the module, options drifted since capture. Captured
+   mode is checked both ways: a hand-made ``rsync --server --sender`` forced command
+   against what the local rsync sends now (``simulate_sent_command``: a fake ``-e``
+   records it, no network), and capture-command's gate against its local record
+   (``capture.check_drift``), the gate's content and the remote rsync's version;
+6. a dry-run pull of ``/etc/hostname`` with the backup key (daemon ``::``; single colon
+   for a captured-mode inventory facing a daemon command, which shows the seed's error),
+   its failure explained. A gate serves only the recorded source: no test pull there.
+
+Round trips: the admin login, ``facts.gather`` (one), ``true`` (one), one read-only root
+script for the rest (one), and one more only when a shell turns out not to be clean. The
+pull is one ssh connection with the backup key. Everything that decides is pure and
+unit-tested; this module imports no SSH library at import time (``backup`` may import
+``explain_rsync_error`` without paying for paramiko).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import fnmatch
+import hashlib
+import ipaddress
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from roles import backup, rootkey, rsyncd
+from roles.diffs import split_lines
+from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, HostFacts
+from roles.inventory import Host
+from roles.rsync_build import parse_version_output
+
+LEVELS = ("ok", "warn", "error")
+WANT_PERMIT = "forced-commands-only"
+PROBE_PATH = "/etc/hostname"
+SSHD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sshd's default
+SHOW_BYTES = 200
+PULL_TIMEOUT = 60.0
+MIN_GOOD_PROTOCOL = 30  # rsync 3.0: incremental recursion, the protocol every 3.x speaks
+OLDEST_PROTOCOL = 20    # rsync 3.x refuses older peers
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    level: str  # "ok" | "warn" | "error"
+    what: str
+    why: str = ""
+    fix: str = ""
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"unknown level {self.level!r}")
+
+
+@dataclass
+class Report:
+    host: str
+    target: str  # "ADDR:PORT"
+    findings: list[Finding] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warn"]
+
+
+def ok(check: str, what: str) -> Finding:
+    return Finding(check, "ok", what)
+
+
+def warn(check: str, what: str, why: str, fix: str) -> Finding:
+    return Finding(check, "warn", what, why, fix)
+
+
+def error(check: str, what: str, why: str, fix: str) -> Finding:
+    return Finding(check, "error", what, why, fix)
+
+
+# --- rsync's own error messages (pure) ---------------------------------------------------
+
+_SIGNATURES: tuple[tuple[str, str, str], ...] = (
+    # (regex, label, explanation)
+    (r"Host key verification failed|REMOTE HOST IDENTIFICATION HAS CHANGED|"
+     r"No \S+ host key is known", "Host key verification failed",
+     "the server's host key is not the one in the inventory's known_hosts (unknown or "
+     "changed). pullback never accepts an unknown key: verify the fingerprint out of band "
+     "(`invoke doctor` shows it) and add it to known_hosts."),
+    (r"Permission denied \(publickey", "Permission denied (publickey)",
+     "sshd refused the backup key: PermitRootLogin is not forced-commands-only (or is no), "
+     "the key is not in /root/.ssh/authorized_keys or has no command=, from= excludes this "
+     "client, or StrictModes rejects the file modes. Run `invoke doctor`, then "
+     "`invoke setup-remote`."),
+    (r"Connection refused|Connection timed out|No route to host|Could not resolve hostname|"
+     r"Network is unreachable", "network",
+     "ssh could not reach sshd: wrong address or port in the inventory, sshd down, or a "
+     "firewall."),
+    (r"rsync: (?:command )?not found|rsync: No such file or directory|"
+     r"/rsync: not found", "rsync not found",
+     "the forced command names an rsync that does not exist on the server: run "
+     "`invoke build-rsync` (installs rsync.prefix/bin/rsync), then `invoke setup-remote`."),
+    (r"pullback gate: refused", "pullback gate: refused",
+     "the capture gate (captured mode's forced command) refused what the client sent: only "
+     "the recorded pull of backup.source and its dry run pass. The options, excludes, source "
+     "or local rsync changed since capture (run `invoke capture-command` again), or the "
+     "client used daemon mode's host::module (set forced_command: captured)."),
+    (r"protocol version mismatch", "protocol version mismatch -- is your shell clean?",
+     "the client read something other than rsync's greeting. With pullback this is almost "
+     "always a daemon forced command (`rsync --server --daemon .`) answering a single-colon "
+     "source (root@host:/): the daemon's '@RSYNCD:' greeting is not what a single-colon "
+     "client expects. Daemon mode needs root@host::MODULE/ (forced_command: daemon), or "
+     "install the captured command (`invoke capture-command`). Otherwise a startup file of "
+     "the remote account (~/.bashrc, /etc/bash.bashrc, ~/.ssh/rc, /etc/ssh/sshrc) prints text "
+     "on stdout: `invoke doctor` runs the clean-shell test for the admin and for root."),
+    (r"rather than greeting", "server sent ... rather than greeting",
+     "the daemon-mode client read text where the daemon's '@RSYNCD:' greeting belongs: a "
+     "startup file of root's shell (~/.bashrc, /etc/bash.bashrc, /etc/ssh/sshrc) prints it "
+     "when sshd starts the forced command. `invoke doctor` names the file; make it silent."),
+    (r"did not see server greeting", "did not see server greeting",
+     "the daemon-mode client got no '@RSYNCD:' greeting: the forced command did not start an "
+     "rsync daemon (its rsync path is missing, or it is not `rsync --server --daemon .`) or "
+     "sshd closed the session. `invoke doctor` checks the forced command."),
+    (r"@ERROR: Unknown module", "@ERROR: Unknown module",
+     "the rsync daemon started by the forced command has no such module: /etc/rsyncd.conf "
+     "(or the --config= of the forced command) lacks [MODULE], or backup.module differs. "
+     "Run `invoke setup-remote`."),
+    (r"@ERROR: access denied", "@ERROR: access denied",
+     "the module's `hosts allow` / `hosts deny` (or `auth users`) refuses the client. Over "
+     "ssh the daemon sees the address from SSH_CONNECTION; let setup-remote rewrite the "
+     "module or fix those lines by hand."),
+    (r"@ERROR: max connections", "@ERROR: max connections reached",
+     "another pull of this host is running (max connections = 1), or a stale lock file; "
+     "wait for it or check `lock file` in rsyncd.conf."),
+    (r"module is read only", "module is read only",
+     "something tried to WRITE to the server through the backup key: the module is "
+     "read-only by design; pull, never push."),
+    (r"Invalid file index", "Invalid file index",
+     "the two ends disagree about the file list: the forced command does not match what the "
+     "client sent (a dry-run `n` baked into it, or options changed since it was captured), "
+     "or two incompatible rsync builds (the seed's 2.6.8). Re-capture with the real options "
+     "(`invoke capture-command`) and run one build on both ends (`invoke build-rsync`)."),
+    (r"failed: Permission denied \(13\)", "Permission denied (13) on the server",
+     "the daemon cannot read those files: the module lacks `uid = 0` / `gid = 0`, so a root "
+     "daemon dropped to nobody. Run `invoke setup-remote`."),
+    (r"connection unexpectedly closed", "connection unexpectedly closed",
+     "the remote side ended the session: the forced command's rsync is missing or crashed, "
+     "sshd refused the key (PermitRootLogin, authorized_keys, from=), or the remote rsync "
+     "refused the options. The line before it in the output usually names the cause; "
+     "`invoke doctor` checks the forced command's path and runs a test pull."),
+    (r"error in rsync protocol data stream", "error in rsync protocol data stream",
+     "rsync code 12: the data stream broke, usually because the remote rsync died or the "
+     "forced command does not match what the client sent (dry-run flag, drifted options)."),
+    (r"file has vanished", "file has vanished",
+     "files changed while they were copied (code 24): harmless for a live system; pullback "
+     "counts the run as a success with a warning."),
+    (r"writefd_unbuffered failed|Broken pipe", "broken pipe",
+     "one side stopped reading: look for the other side's error before it (often a "
+     "forced-command mismatch or a remote crash)."),
+)
+_CODE_PATTERNS = (
+    re.compile(r"\(code (\d+)\)"),
+    re.compile(r"\b(?:exit|exited|exit code|exit status|code|status)[ :=]+(\d+)\b", re.I),
+)
+
+
+def explain_rsync_error(text: str) -> str:
+    """Explanations for the known rsync/ssh errors in a pasted ``text`` (pure).
+
+    Accepts whole outputs, single lines or a bare exit code (``12``).
+    """
+    found: list[str] = []
+    for pattern, label, explanation in _SIGNATURES:
+        if re.search(pattern, text, re.IGNORECASE):
+            found.append(f"{label}:\n  {explanation}")
+    codes: list[int] = []
+    stripped = text.strip()
+    if stripped.isdigit():
+        codes.append(int(stripped))
+    for pattern in _CODE_PATTERNS:
+        codes.extend(int(m) for m in pattern.findall(text))
+    for code in dict.fromkeys(codes):
+        found.append(f"rsync exit code {code}:\n  {backup.explain_exit(code)}")
+    if not found:
+        return ("no known rsync error in this text; run `invoke doctor --host H`: it checks "
+                "the shell, both rsyncs, sshd, the forced command and makes a test pull")
+    return "\n".join(found)
+
+
+def signature(text: str) -> str | None:
+    """The label of the first known signature in ``text``, if any."""
+    for pattern, label, _ in _SIGNATURES:
+        if re.search(pattern, text, re.IGNORECASE):
+            return label
+    return None
+
+
+# --- the managed key line and its forced command (pure) ----------------------------------
+
+
+@dataclass(frozen=True)
+class ForcedCommand:
+    text: str
+    argv: tuple[str, ...]
+
+    @property
+    def binary(self) -> str:
+        return self.argv[0] if self.argv else ""
+
+    @property
+    def is_rsync(self) -> bool:
+        return "rsync" in os.path.basename(self.binary)
+
+    @property
+    def daemon(self) -> bool:
+        return "--daemon" in self.argv
+
+    @property
+    def sender(self) -> bool:
+        return "--server" in self.argv and "--sender" in self.argv
+
+    @property
+    def short_flags(self) -> str:
+        """Letters of the short-option clusters, up to ``e`` (what follows ``e`` is the
+        capability string, ``e.iLsfxCIvu``, not options)."""
+        letters = ""
+        for word in self.argv[1:]:
+            if word.startswith("-") and not word.startswith("--") and len(word) > 1:
+                letters += word[1:].split("e", 1)[0]
+        return letters
+
+    @property
+    def dry_run(self) -> bool:
+        return "n" in self.short_flags or "--dry-run" in self.argv
+
+    @property
+    def config(self) -> str:
+        for word in self.argv:
+            if word.startswith("--config="):
+                return word.removeprefix("--config=")
+        return RSYNCD_CONF
+
+    def without_dry_run(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for word in self.argv:
+            if word == "--dry-run":
+                continue
+            if word.startswith("-") and not word.startswith("--") and "n" in word.split("e")[0]:
+                head, sep, tail = word[1:].partition("e")
+                word = "-" + head.replace("n", "") + sep + tail
+            out.append(word)
+        return tuple(out)
+
+
+def parse_forced_command(text: str) -> ForcedCommand:
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError:
+        argv = tuple(text.split())
+    return ForcedCommand(text, argv)
+
+
+@dataclass(frozen=True)
+class KeyLine:
+    line: str
+    options: tuple[str, ...]          # raw, quotes kept
+    flags: frozenset[str]             # flag options, lower case
+    command: str | None
+    from_: str | None
+    count: int                        # lines carrying the backup key's blob
+    problem: str = ""                 # sshd cannot parse the options
+
+    @property
+    def forced(self) -> ForcedCommand | None:
+        return parse_forced_command(self.command) if self.command is not None else None
+
+    @property
+    def missing_restrictions(self) -> list[str]:
+        if "restrict" in self.flags:
+            return []
+        return [o for o in rootkey.CLASSIC_NO_OPTIONS if o.lower() not in self.flags]
+
+
+def find_key_line(content: bytes | None, blob: str) -> KeyLine | None:
+    """The first authorized_keys line carrying ``blob`` (sshd uses the first), parsed."""
+    if not content:
+        return None
+    found: list[KeyLine] = []
+    for raw in split_lines(content):
+        text = raw.decode("utf-8", "surrogateescape").strip(" \t\r\n")
+        if not text or text.startswith("#") or blob not in text:
+            continue
+        try:
+            options, rest = rootkey.parse_options(text)
+        except ValueError as exc:
+            if blob in text.split():
+                found.append(KeyLine(text, (), frozenset(), None, None, 0, str(exc)))
+            continue
+        fields = rest.split()
+        if len(fields) < 2 or fields[1] != blob:
+            continue
+        flags: set[str] = set()
+        values: dict[str, str] = {}
+        problem = ""
+        for option in options:
+            try:
+                name, value = rootkey.split_option(option)
+            except ValueError as exc:
+                problem = str(exc)
+                continue
+            if value is None:
+                flags.add(name.lower())
+            else:
+                values.setdefault(name.lower(), value)
+        found.append(KeyLine(text, tuple(options), frozenset(flags), values.get("command"),
+                             values.get("from"), 0, problem))
+    if not found:
+        return None
+    return dataclasses.replace(found[0], count=len(found))
+
+
+def from_allows(patterns: str, addr: str) -> bool:
+    """sshd's ``from=`` for an address: a negated match refuses, else any match allows
+    (host name patterns are not resolved here)."""
+    allowed = False
+    for raw in patterns.split(","):
+        negated = raw.startswith("!")
+        pattern = raw[1:] if negated else raw
+        if "/" in pattern:
+            try:
+                hit = ipaddress.ip_address(addr) in ipaddress.ip_network(pattern, strict=False)
+            except ValueError:
+                hit = False
+        else:
+            hit = fnmatch.fnmatchcase(addr, pattern)
+        if hit and negated:
+            return False
+        allowed = allowed or hit
+    return allowed
+
+
+# --- what a single-colon client sends (local, no network) -------------------------------
+
+_FAKE_RSH = '#!/bin/sh\nprintf \'%s\\0\' "$@" > "$0.args"\nexit 1\n'
+
+
+def simulate_sent_command(local_rsync: str, host: Host,
+                          options: Iterable[str] | None = None) -> tuple[str, ...]:
+    """The command the local rsync sends for a single-colon pull of ``backup.source``:
+    run it with ``-e`` pointing at a script that records its arguments and fails, as
+    capture-command does on the server, but without a network."""
+    chosen = backup._drop_progress(host.backup.options if options is None else options)
+    with tempfile.TemporaryDirectory(prefix="pullback-doctor-") as tmp:
+        fake = Path(tmp) / "rsh"
+        fake.write_text(_FAKE_RSH)
+        fake.chmod(0o700)
+        address = f"[{host.address}]" if ":" in host.address else host.address
+        source = host.backup.source.rstrip("/") + "/"
+        argv = [local_rsync, "-e", str(fake), *chosen, f"root@{address}:{source}",
+                str(Path(tmp) / "dest") + "/"]
+        subprocess.run(argv, capture_output=True, check=False, timeout=30,
+                       stdin=subprocess.DEVNULL)
+        args_file = Path(str(fake) + ".args")
+        if not args_file.exists():
+            raise RuntimeError(f"{local_rsync} did not start its remote shell")
+        words = args_file.read_bytes().decode(errors="replace").split("\0")[:-1]
+    if host.address in words:
+        words = words[words.index(host.address) + 1:]
+    return tuple(words)
+
+
+def same_command(forced: tuple[str, ...], sent: tuple[str, ...]) -> bool:
+    """Equal apart from the program (the forced command calls rsync by full path) and a
+    trailing slash on the path."""
+    def norm(argv: tuple[str, ...]) -> tuple[str, ...]:
+        body = list(argv[1:])
+        if body and body[-1].startswith("/"):
+            body[-1] = body[-1].rstrip("/") or "/"
+        return tuple(body)
+    return norm(forced) == norm(sent)
+
+
+# --- the host's read-only root script (pure text + parser) -------------------------------
+
+_PROBE_FUNCTION = r"""
+probe() {  # $1 shell, $2 home: "PROBE BYTES FILE" for each startup file that prints
+  sh_=$1; home=$2
+  case "${sh_##*/}" in
+    bash) opts="--norc --noprofile"; files="/etc/bash.bashrc $home/.bashrc" ;;
+    zsh) opts="-f"; files="/etc/zsh/zshenv /etc/zshenv $home/.zshenv" ;;
+    *) opts=""; files="" ;;
+  esac
+  for f in $files; do
+    [ -f "$f" ] || continue
+    n=$(cd "$home" 2>/dev/null; env -i HOME="$home" PATH="$P" "$sh_" $opts -c '. "$1"' sh "$f" \
+        </dev/null 2>/dev/null | wc -c)
+    printf 'PROBE %s %s\n' "$n" "$f"
+  done
+  for f in /etc/ssh/sshrc "$home/.ssh/rc"; do
+    [ -f "$f" ] || continue
+    n=$(cd "$home" 2>/dev/null; env -i HOME="$home" PATH="$P" /bin/sh "$f" </dev/null \
+        2>/dev/null | wc -c)
+    printf 'PROBE %s %s\n' "$n" "$f"
+  done
+}
+"""
+
+
+def root_script(program: str, rsync: str, files: Iterable[str], client_addr: str) -> str:
+    """One read-only root script: does the forced command's ``program`` exist (found as
+    sshd would: root's shell, sshd's default PATH), the ``rsync`` it runs and its version,
+    the contents of ``files`` (a daemon's non-default config, the gate), and root's shell
+    started as sshd starts a forced command."""
+    q = shlex.quote
+    addr = client_addr or "127.0.0.1"
+    listed = " ".join(q(f) for f in files)
+    return rf"""
+set -u
+P={q(SSHD_PATH)}
+{_PROBE_FUNCTION}
+resolve() {{
+  case "$1" in
+    /*) if [ -f "$1" ] && [ -x "$1" ]; then printf '%s' "$1"; fi ;;
+    *) PATH=$P command -v "$1" 2>/dev/null || true ;;
+  esac
+}}
+echo PULLBACK_DOCTOR
+if [ -n {q(program)} ]; then
+  found=$(resolve {q(program)})
+  if [ -n "$found" ]; then printf 'PROGRAM %s\n' "$found"; else echo NOPROGRAM; fi
+fi
+found=$(resolve {q(rsync)})
+if [ -n "$found" ]; then
+  printf 'BIN %s\n' "$found"
+  printf 'BINVERSION %s\n' "$("$found" --version 2>&1 | head -n1)"
+fi
+for f in {listed}; do
+  if [ -f "$f" ]; then printf 'FILE %s\n' "$f"; base64 -w0 < "$f"; echo
+  else printf 'MISSING %s\n' "$f"; fi
+done
+shell=$(getent passwd root | cut -d: -f7)
+[ -n "$shell" ] || shell=/bin/sh
+printf 'SHELL %s\n' "$shell"
+if [ -x "$shell" ]; then
+  out=$(mktemp); err=$(mktemp)
+  (cd /root 2>/dev/null; env -i HOME=/root USER=root LOGNAME=root SHELL="$shell" PATH="$P" \
+    SSH_CLIENT={q(addr + " 0 22")} SSH_CONNECTION={q(addr + " 0 0.0.0.0 22")} \
+    timeout 10 "$shell" -c true) </dev/null >"$out" 2>"$err"
+  printf 'ROOTOUT '; base64 -w0 < "$out"; echo
+  printf 'ROOTERR '; base64 -w0 < "$err"; echo
+  if [ -s "$out" ]; then probe "$shell" /root; fi
+  rm -f "$out" "$err"
+fi
+echo END
+"""
+
+
+def admin_probe_script() -> str:
+    """Run as the admin (no sudo): which of its startup files prints."""
+    return rf"""
+P={shlex.quote(SSHD_PATH)}
+{_PROBE_FUNCTION}
+printf '\nPULLBACK_DOCTOR\n'
+entry=$(getent passwd "$(id -un)")
+home=$(printf '%s' "$entry" | cut -d: -f6)
+shell=$(printf '%s' "$entry" | cut -d: -f7)
+printf 'SHELL %s\n' "$shell"
+probe "$shell" "$home"
+echo END
+"""
+
+
+@dataclass(frozen=True)
+class RootFacts:
+    program: str | None = None         # the forced command's program, resolved; None: missing
+    binary: str | None = None          # the rsync it runs, resolved; None: missing
+    version_line: str = ""
+    files: dict[str, bytes] = field(default_factory=dict)
+    missing: frozenset[str] = frozenset()
+    shell: str = ""
+    root_stdout: bytes = b""
+    root_stderr: bytes = b""
+    probes: tuple[tuple[int, str], ...] = ()
+
+
+def _after_marker(text: str) -> list[str]:
+    """Lines after our marker: a dirty login prints its junk before it."""
+    lines = text.splitlines()
+    if "PULLBACK_DOCTOR" not in lines:
+        raise ValueError("no PULLBACK_DOCTOR marker in the output")
+    lines = lines[lines.index("PULLBACK_DOCTOR") + 1:]
+    if not lines or lines[-1] != "END":
+        raise ValueError("the doctor report is incomplete (no END line)")
+    return lines[:-1]
+
+
+def parse_probes(lines: Iterable[str]) -> tuple[tuple[int, str], ...]:
+    out: list[tuple[int, str]] = []
+    for line in lines:
+        tag, _, rest = line.partition(" ")
+        if tag == "PROBE":
+            count, _, path = rest.strip().partition(" ")
+            if count.isdigit():
+                out.append((int(count), path))
+    return tuple(out)
+
+
+def parse_root_report(text: str) -> RootFacts:
+    values: dict[str, Any] = {}
+    files: dict[str, bytes] = {}
+    missing: set[str] = set()
+    lines = _after_marker(text)
+    index = 0
+    while index < len(lines):
+        tag, _, rest = lines[index].partition(" ")
+        if tag == "PROGRAM":
+            values["program"] = rest.strip()
+        elif tag == "BIN":
+            values["binary"] = rest.strip()
+        elif tag == "BINVERSION":
+            values["version_line"] = rest.strip()
+        elif tag == "FILE":
+            index += 1
+            files[rest] = base64.b64decode(lines[index]) if lines[index] else b""
+        elif tag == "MISSING":
+            missing.add(rest)
+        elif tag == "SHELL":
+            values["shell"] = rest.strip()
+        elif tag == "ROOTOUT":
+            values["root_stdout"] = base64.b64decode(rest.strip())
+        elif tag == "ROOTERR":
+            values["root_stderr"] = base64.b64decode(rest.strip())
+        index += 1
+    return RootFacts(**values, files=files, missing=frozenset(missing),
+                     probes=parse_probes(lines))
+
+
+# --- the checks (pure) -------------------------------------------------------------------
+
+
+def show_bytes(data: bytes) -> str:
+    shown = repr(data[:SHOW_BYTES])
+    return shown + (f" (first {SHOW_BYTES} of {len(data)})" if len(data) > SHOW_BYTES else "")
+
+
+def _culprits(probes: Iterable[tuple[int, str]]) -> list[str]:
+    return [f"{path} ({count} bytes)" for count, path in probes if count > 0]
+
+
+def check_clean_shell(who: str, shell: str, stdout: bytes, stderr: bytes,
+                      probes: Iterable[tuple[int, str]], *, root: bool) -> list[Finding]:
+    check = "clean shell"
+    session = ("root's shell when sshd starts the forced command" if root
+               else "an admin login running `true`") + (f" ({shell})" if shell else "")
+    culprits = _culprits(probes)
+    if culprits:
+        where = "it comes from " + ", ".join(culprits)
+    else:
+        where = (f"none of {who}'s startup files prints on its own: look at what "
+                 "/etc/bash.bashrc and ~/.bashrc source, /etc/ssh/sshrc and ~/.ssh/rc "
+                 "(not /etc/motd or ~/.profile: sshd shows motd and bash reads ~/.profile "
+                 "only for interactive logins)")
+    findings: list[Finding] = []
+    if stdout:
+        why = ("rsync reads the remote side's stdout as its protocol, so these bytes arrive "
+               "before rsync's greeting: 'protocol version mismatch -- is your shell clean?'")
+        if not root:
+            why += ("; the admin's startup files are the probe the seed used, and root's "
+                    "usually follow the same pattern")
+        findings.append(error(
+            check, f"{session} printed {len(stdout)} bytes on stdout: "
+                   f"{show_bytes(stdout)}; {where}",
+            why, "remove that output, or print only on a terminal: guard it with "
+                 "`[ -t 1 ] &&` or put it after the `case $- in *i*)` test of ~/.bashrc"))
+    if stderr:
+        findings.append(warn(
+            check, f"{session} printed {len(stderr)} bytes on stderr: "
+                   f"{show_bytes(stderr)}",
+            "stderr does not break rsync's protocol, but it lands in every backup log and "
+            "often means a startup file runs commands that expect a terminal",
+            "make the startup files silent for non-interactive sessions"))
+    if not findings:
+        findings.append(ok(check, f"{session} prints nothing"))
+    return findings
+
+
+def _keys_file_for_root(value: str) -> bool:
+    for token in value.split():
+        path = token.replace("%h", "/root").replace("%u", "root").replace("%%", "%")
+        if not path.startswith("/"):
+            path = "/root/" + path
+        if os.path.normpath(path) == AUTHORIZED_KEYS:
+            return True
+    return False
+
+
+def check_sshd(facts: HostFacts) -> list[Finding]:
+    check = "sshd"
+    spec = f"sshd -T -C user=root,host={facts.client_addr},addr={facts.client_addr}"
+    if facts.sshd_T_error:
+        return [error(check, f"`{spec}` fails: {facts.sshd_T_error}",
+                      "sshd cannot parse its configuration: the next reload or restart fails "
+                      "and nobody can log in, the backup key included",
+                      "fix the file `sshd -t` names, then run `invoke setup-remote`")]
+    eff = facts.effective
+    findings: list[Finding] = []
+    permit = eff.get("permitrootlogin", "")
+    if permit == WANT_PERMIT:
+        findings.append(ok(check, f"permitrootlogin {permit} for root from {facts.client_addr}"))
+    elif permit == "no":
+        findings.append(error(
+            check, f"sshd applies PermitRootLogin no to root from {facts.client_addr}",
+            "sshd refuses every root login, the backup key's included: 'Permission denied "
+            "(publickey)', rsync exit 255", "run `invoke setup-remote` (it sets "
+            "forced-commands-only where sshd reads it; a Match block must be fixed by hand)"))
+    else:
+        findings.append(error(
+            check, f"sshd applies PermitRootLogin {permit or '(unknown)'} to root from "
+                   f"{facts.client_addr}, not {WANT_PERMIT}",
+            "the backup works, but root keys without command= (and passwords, with yes) "
+            "still give a full root shell: the restricted key is not the only way in",
+            "run `invoke setup-remote`; if it reports a Match block, fix that block by hand"))
+    pubkey = eff.get("pubkeyauthentication", "yes")
+    if pubkey != "yes":
+        findings.append(error(
+            check, f"pubkeyauthentication {pubkey}",
+            "sshd accepts no key at all: the backup key is refused (rsync exit 255)",
+            "set `PubkeyAuthentication yes` in sshd_config (or the drop-in / Match block "
+            "that turns it off) and reload sshd"))
+    else:
+        findings.append(ok(check, "pubkeyauthentication yes"))
+    keys_file = eff.get("authorizedkeysfile", ".ssh/authorized_keys .ssh/authorized_keys2")
+    if _keys_file_for_root(keys_file):
+        findings.append(ok(check, f"authorizedkeysfile {keys_file}"))
+    else:
+        findings.append(error(
+            check, f"authorizedkeysfile is {keys_file!r}: sshd does not read "
+                   f"{AUTHORIZED_KEYS}",
+            "the managed key line is in a file sshd never reads: the key is refused",
+            "add .ssh/authorized_keys to AuthorizedKeysFile (or install the key where it "
+            "points) and reload sshd"))
+    return findings
+
+
+def check_key_files(facts: HostFacts) -> list[Finding]:
+    check = "key files"
+    strict = facts.effective.get("strictmodes", "yes") == "yes"
+    findings: list[Finding] = []
+    for path, want, kind in ((os.path.dirname(AUTHORIZED_KEYS), 0o700, "folder"),
+                             (AUTHORIZED_KEYS, 0o600, "file")):
+        fact = facts.dirs.get(path) if kind == "folder" else (
+            (facts.files[path].mode, facts.files[path].uid, facts.files[path].gid)
+            if path in facts.files else None)
+        if fact is None:
+            findings.append(error(
+                check, f"{path} does not exist", "sshd finds no key for root",
+                "run `invoke setup-remote`"))
+            continue
+        mode, uid, gid = fact
+        shown = f"{path} is {mode:04o} {uid}:{gid}"
+        if strict and (uid != 0 or mode & 0o022):
+            findings.append(error(
+                check, shown + f", not {want:04o} 0:0",
+                "StrictModes: sshd ignores authorized_keys when it or its folder is owned by "
+                "another user or writable by group or others: the key is refused",
+                f"chown 0:0 {path} && chmod {want:04o} {path} (or `invoke setup-remote`)"))
+        elif (mode, uid, gid) != (want, 0, 0):
+            findings.append(warn(
+                check, shown + f", not {want:04o} 0:0",
+                "sshd still accepts the key, but other users can read which keys log in as "
+                "root; `invoke verify` fails on it",
+                f"chown 0:0 {path} && chmod {want:04o} {path} (or `invoke setup-remote`)"))
+        else:
+            findings.append(ok(check, shown))
+    return findings
+
+
+def check_key_line(key: KeyLine | None, host: Host, facts: HostFacts) -> list[Finding]:
+    check = "key line"
+    mode_fix = ("`invoke setup-remote`" if host.forced_command == "daemon"
+                else "`invoke capture-command`")
+    if key is None:
+        return [error(check, f"the backup key ({host.backup_pubkey}) is not in "
+                             f"{AUTHORIZED_KEYS}",
+                      "sshd refuses the backup key: 'Permission denied (publickey)', exit 255",
+                      f"run {mode_fix}")]
+    findings: list[Finding] = []
+    if key.problem:
+        findings.append(error(check, f"sshd cannot use the key line's options: {key.problem}",
+                              "sshd skips a line whose options it cannot parse: the key is "
+                              "refused", f"run {mode_fix} (it rewrites the line)"))
+    if key.count > 1:
+        findings.append(warn(check, f"the backup key appears on {key.count} lines",
+                             "sshd uses the first; the others are dead text that may hold an "
+                             "older, wider command", f"run {mode_fix} (it keeps one line)"))
+    if key.command is None:
+        findings.append(error(
+            check, "the backup key's line has no command=",
+            "under PermitRootLogin forced-commands-only sshd refuses it; under anything "
+            "else it is a full root shell", f"run {mode_fix}"))
+    missing = key.missing_restrictions
+    if missing:
+        findings.append(error(
+            check, "the key line has neither `restrict` nor " + ", ".join(missing),
+            "the key can open tunnels, forward the agent or X11, or get a pty: far more "
+            "than running rsync", f"run {mode_fix}"))
+    if key.from_ is not None and facts.client_addr and \
+            not from_allows(key.from_, facts.client_addr):
+        findings.append(error(
+            check, f"from=\"{key.from_}\" does not match this client ({facts.client_addr} as "
+                   "the server sees it)",
+            "sshd refuses the key from here: 'Permission denied (publickey)', exit 255",
+            "set the inventory's `from` to include that address and run setup-remote"))
+    if host.from_ is not None and key.from_ != host.from_:
+        findings.append(warn(
+            check, f"the line has from={key.from_!r}, the inventory says {host.from_!r}",
+            "the installed restriction is not the one the inventory asks for",
+            f"run {mode_fix}"))
+    if not findings or all(f.level == "ok" for f in findings):
+        options = ",".join(o for o in key.options if not o.lower().startswith("command="))
+        findings.append(ok(check, f"command=\"{key.command}\" with {options or 'no options'}"))
+    return findings
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What doctor knows of captured mode: the local record (capture-command's) and the
+    command the local rsync sends now (simulated)."""
+
+    record: Any = None            # roles.capture.CaptureRecord
+    problem: str = ""             # the record is missing a part, damaged or for another host
+    sent: tuple[str, ...] | None = None
+    local_version: str = ""       # the local rsync's --version line 1
+
+
+def _gate_exec_lines(text: bytes) -> list[ForcedCommand]:
+    out = []
+    for line in text.decode(errors="replace").splitlines():
+        stripped = line.strip()
+        if stripped.startswith("exec "):
+            out.append(parse_forced_command(stripped.removeprefix("exec ")))
+    return out
+
+
+def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
+    """Captured mode through capture-command's gate: record, drift, the installed gate."""
+    from roles import capture as captured
+
+    check = "forced command"
+    again = "run `invoke capture-command` again"
+    findings: list[Finding] = []
+    if capture.problem:
+        return [error(check, capture.problem,
+                      "the backup refuses a captured-mode run without a valid record", again)]
+    record = capture.record
+    if record is None:
+        return [error(check, f"the forced command is the capture gate, but there is no capture "
+                             f"record here ({captured.record_path(host)})",
+                      "the backup refuses a captured-mode run without it (it was captured "
+                      "from another machine, or the record was removed)", again)]
+    drift = captured.check_drift(host, record, capture.local_version)
+    sent = " ".join(capture.sent) if capture.sent else None
+    if sent is not None and sent != record.sent:
+        drift = (drift or "").split(": the forced command")[0] or "the command"
+        drift += f"; the client now sends {sent!r}, the gate allows {record.sent!r}"
+    if drift:
+        findings.append(error(
+            check, f"drifted since capture: {drift.split(': the forced command')[0]}",
+            "the gate allows only the recorded commands: the client now sends another one "
+            "and the gate refuses it (the backup itself refuses first, naming the drift)",
+            again))
+    gate = root.files.get(captured.GATE)
+    if gate is not None:
+        for exec_line in _gate_exec_lines(gate)[:1]:
+            if exec_line.dry_run:
+                findings.append(error(
+                    check, f"the gate's real command holds a dry-run flag: "
+                           f"{exec_line.text!r}",
+                    "a real run against a forced `n` breaks the protocol ('Invalid file "
+                    "index') and was measured deleting destination files before it failed",
+                    again))
+        if gate != captured.gate_file(record).content:
+            findings.append(error(
+                check, f"{captured.GATE} on the host is not the gate of the local capture "
+                       "record (edited by hand, or captured from another backup host)",
+                "the gate compares the client's command byte for byte: commands recorded "
+                "elsewhere are refused, or an edited gate runs what nobody recorded", again))
+    if root.binary is None:
+        findings.append(error(
+            check, f"{record.remote_rsync}, the rsync the gate runs, is gone from the host",
+            "the gate's exec fails: 'connection unexpectedly closed' (exit 12)",
+            "run `invoke build-rsync`, then `invoke capture-command` again"))
+    elif root.version_line != record.remote_version:
+        findings.append(error(
+            check, f"{record.remote_rsync} is now {root.version_line!r}, captured with "
+                   f"{record.remote_version!r}",
+            "the captured command carries the capabilities of the rsyncs it was captured "
+            "with; another build may speak differently", again))
+    return findings
+
+
+def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
+                         rsyncd_text: bytes | None,
+                         capture: Capture | None = None) -> list[Finding]:
+    """The signatures of section 5 of the module docstring."""
+    from roles import capture as captured
+
+    check = "forced command"
+    capture = capture or Capture()
+    gate = forced.binary == captured.GATE
+    findings: list[Finding] = []
+    if root.program is None:
+        fix = ("run `invoke build-rsync` (it installs it) and then `invoke setup-remote`"
+               if forced.binary == host.rsync.remote_binary else
+               "run `invoke setup-remote` (daemon mode) or `invoke capture-command` so the "
+               "command names a program that exists")
+        findings.append(error(
+            check, f"the forced command's program {forced.binary} does not exist on the host",
+            "sshd runs the forced command whatever the client asks; its shell fails with "
+            "'not found' and the client sees 'did not see server greeting' (daemon, exit 5) "
+            "or 'connection unexpectedly closed' (exit 12)", fix))
+    elif not forced.is_rsync and not gate:
+        findings.append(warn(
+            check, f"the forced command runs {forced.binary}, neither rsync nor pullback's gate",
+            "doctor cannot tell which rsync it starts or what it allows",
+            "make sure it execs the pinned rsync by full path"))
+    if forced.daemon and host.forced_command == "captured":
+        findings.append(error(
+            check, "the forced command is an rsync daemon (--daemon) but the inventory says "
+                   "forced_command: captured, so the backup pulls root@host:/ (one colon)",
+            "a single-colon client starts `rsync --server --sender` and expects its reply, "
+            "but the daemon answers with its '@RSYNCD:' greeting: 'protocol version mismatch "
+            "-- is your shell clean?' (the seed's error; the shell is not the problem)",
+            "either set `forced_command: daemon` for this host (the backup then pulls "
+            f"root@host::{host.backup.module}/), or run `invoke capture-command` to install "
+            "the command the client really sends"))
+    elif host.forced_command == "daemon" and not forced.daemon and (forced.is_rsync or gate):
+        findings.append(error(
+            check, f"the inventory uses daemon mode but the forced command is not a daemon: "
+                   f"{forced.text!r}",
+            f"the backup pulls root@host::{host.backup.module}/ and expects the daemon's "
+            "'@RSYNCD:' greeting; a --server --sender command answers with protocol data "
+            "instead (exit 5 or 12)",
+            "run `invoke setup-remote` (it installs the daemon command), or set "
+            "`forced_command: captured` if the capture is what you want"))
+    if forced.dry_run:
+        findings.append(error(
+            check, f"the forced command holds a dry-run flag: {forced.text!r} ('n' in "
+                   f"-{forced.short_flags})",
+            "it was captured from a `-n` run; a real run against it breaks the protocol "
+            "('Invalid file index', exit 2 or 12), and a real run was measured deleting "
+            "destination files before it failed",
+            "run `invoke capture-command` (it captures with the real options, never -n, and "
+            "installs a gate that runs the real command or its dry run) and do not run a "
+            "real backup until then"))
+    if forced.sender and capture.sent is not None and host.forced_command == "captured":
+        mine = parse_forced_command(" ".join(forced.without_dry_run()))
+        if not same_command(mine.argv, capture.sent):
+            findings.append(error(
+                check, f"drifted since capture: the forced command {forced.text!r} is not what "
+                       f"the client sends now: {' '.join(capture.sent)!r}",
+                "sshd runs the forced command, not the client's: when the options, the "
+                "source or the local rsync changed since capture, the two ends disagree "
+                "about the protocol ('Invalid file index', 'error in rsync protocol data "
+                "stream', exit 2 or 12)",
+                "run `invoke capture-command` again"))
+    if gate and host.forced_command == "captured" and root.program is not None:
+        findings.extend(check_gate(host, root, capture))
+    if forced.daemon:
+        findings.extend(check_rsyncd(host, forced, root, rsyncd_text))
+    if not any(f.level != "ok" for f in findings):
+        findings.insert(0, ok(check, f"{forced.text!r} fits {host.forced_command} mode"))
+    return findings
+
+
+_RSYNCD_ERRORS = ("no [", "uid", "gid", "path", "read only", "write only", "defined")
+
+
+def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
+                 text: bytes | None) -> list[Finding]:
+    check = "rsyncd.conf"
+    config = forced.config
+    if config != RSYNCD_CONF:
+        text = root.files.get(config)
+    if text is None:
+        return [error(check, f"{config} does not exist",
+                      "the daemon started by the forced command has no module: '@ERROR: "
+                      "Unknown module' (exit 5)", "run `invoke setup-remote`")]
+    try:
+        problems = rsyncd.check_module(text, host.backup.module, path="/")
+    except ValueError as exc:
+        return [error(check, f"{config} cannot be parsed: {exc}",
+                      "rsyncd refuses to start with it", "fix the file or run "
+                      "`invoke setup-remote`")]
+    findings: list[Finding] = []
+    for problem in problems:
+        if problem.startswith("no ["):
+            findings.append(error(
+                check, f"{config}: {problem}",
+                f"the pull asks for ::{host.backup.module}/: '@ERROR: Unknown module' (exit 5)",
+                "run `invoke setup-remote`"))
+        elif problem.startswith(("uid", "gid")):
+            findings.append(error(
+                check, f"{config} [{host.backup.module}]: {problem}",
+                "the daemon drops to nobody: most of / is unreadable ('Permission denied "
+                "(13)', exit 23, an incomplete backup)",
+                f"run `invoke setup-remote` (it writes uid = 0 and gid = 0 into "
+                f"[{host.backup.module}])"))
+        elif problem.startswith(_RSYNCD_ERRORS):
+            findings.append(error(
+                check, f"{config} [{host.backup.module}]: {problem}",
+                "the module does not serve exactly / read-only: a wrong or writable backup "
+                "source", "run `invoke setup-remote`"))
+        else:
+            findings.append(warn(
+                check, f"{config} [{host.backup.module}]: {problem}",
+                "not fatal for a pull, but weaker than pullback's module",
+                "run `invoke setup-remote`"))
+    if not findings:
+        findings.append(ok(check, f"[{host.backup.module}] path = /, uid = 0, gid = 0, "
+                                  "read only, list = false"))
+    return findings
+
+
+@dataclass(frozen=True)
+class RsyncEnd:
+    path: str
+    version: str | None
+    protocol: int | None
+    note: str = ""  # why it is not the pinned build, or why the version is unknown
+    line: str = ""  # `--version` line 1
+
+
+def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> list[Finding]:
+    check = "rsync"
+    findings: list[Finding] = []
+    pinned = host.rsync.version
+    for label, end, fix in (
+        ("local", local, "run `invoke build-rsync --local-only`"),
+        ("remote", remote, "run `invoke build-rsync --remote-only`, then `invoke setup-remote` "
+                           "so the forced command calls it"),
+    ):
+        if end is None:
+            continue
+        if end.version is None:
+            findings.append(error(check, f"{label} rsync {end.path}: {end.note}",
+                                  "the backup cannot run without it", fix))
+            continue
+        shown = f"{label} {end.path}: rsync {end.version}, protocol {end.protocol}"
+        issues = [end.note] if end.note else []
+        if end.version != pinned:
+            issues.append(f"not the inventory's rsync.version {pinned}")
+        if issues:
+            findings.append(warn(
+                check, f"{shown}; {'; '.join(issues)}",
+                "the backup runs another build than the one pinned and tested; two "
+                "different builds are how the seed's protocol trouble began", fix))
+        else:
+            findings.append(ok(check, shown))
+    if local and remote and local.protocol and remote.protocol:
+        low = min(local.protocol, remote.protocol)
+        if low < OLDEST_PROTOCOL:
+            findings.append(error(
+                check, f"protocol {low} is older than rsync 3.x accepts ({OLDEST_PROTOCOL})",
+                "the two ends cannot talk at all ('protocol incompatibility', exit 2)",
+                "run `invoke build-rsync` so both ends run the same release"))
+        elif low < MIN_GOOD_PROTOCOL:
+            findings.append(warn(
+                check, f"protocols {local.protocol} and {remote.protocol}: the pull speaks "
+                       f"protocol {low}",
+                "pre-3.0 protocols are where the seed met 'Invalid file index' and crashes; "
+                f"its last-resort fallback was `--protocol={low}` on the client",
+                "run `invoke build-rsync` so both ends run the same, current release"))
+        else:
+            same = "same" if local.protocol == remote.protocol else "they negotiate"
+            findings.append(ok(check, f"protocols {local.protocol} and {remote.protocol}: "
+                                      f"{same} protocol {low}, both >= {MIN_GOOD_PROTOCOL}"))
+    return findings
+
+
+def version_end(path: str, text: str, note: str = "") -> RsyncEnd:
+    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    try:
+        version, protocol = parse_version_output(text)
+    except ValueError:
+        return RsyncEnd(path, None, None, f"`--version` printed {first[:80]!r}", first)
+    return RsyncEnd(path, version, protocol, note, first)
+
+
+# --- talking to the host -------------------------------------------------------------------
+
+
+def host_key_fingerprint(key_blob: bytes) -> str:
+    digest = hashlib.sha256(key_blob).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def offered_host_key(address: str, port: int, timeout: float = 10) -> tuple[str, bytes]:
+    """``(type, blob)`` of the host key sshd offers, without trusting or authenticating."""
+    import socket
+
+    import paramiko
+
+    sock = socket.create_connection((address, port), timeout=timeout)
+    transport = paramiko.Transport(sock)
+    try:
+        transport.start_client(timeout=timeout)
+        key = transport.get_remote_server_key()
+        return key.get_name(), key.asbytes()
+    finally:
+        transport.close()
+        sock.close()
+
+
+def known_host_label(host: Host) -> str:
+    return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+
+
+def check_unreachable(host: Host, message: str) -> Finding:
+    """Classify a failed admin login: unknown or changed host key, or another reason."""
+    import paramiko
+
+    check = "host key"
+    label = known_host_label(host)
+    try:
+        key_type, blob = offered_host_key(host.address, host.port)
+    except Exception as exc:  # noqa: BLE001 - any failure: report the login's own message
+        return error("reach", f"cannot reach sshd at {host.address}:{host.port}: {exc}",
+                     "neither the admin tasks nor the backup can connect",
+                     "check address and port in the inventory, that sshd runs, and firewalls")
+    fingerprint = host_key_fingerprint(blob)
+    known = paramiko.HostKeys()
+    with contextlib.suppress(OSError, paramiko.SSHException):
+        known.load(host.known_hosts)
+    entries = known.lookup(label) or {}
+    if not entries:
+        return error(
+            check, f"{label} offers {key_type} {fingerprint}, and {host.known_hosts} has no key "
+                   "for it",
+            "pullback and the backup (StrictHostKeyChecking=yes) refuse an unknown host key: "
+            "'Host key verification failed', exit 255",
+            f"verify {fingerprint} out of band (on the server: ssh-keygen -lf "
+            f"/etc/ssh/ssh_host_{key_type.removeprefix('ssh-').split('-')[0]}_key.pub), then "
+            f"add `ssh-keyscan -p {host.port} {host.address}` output to {host.known_hosts}")
+    expected = entries.get(key_type)
+    if expected is not None and expected.asbytes() != blob:
+        return error(
+            check, f"HOST KEY CHANGED: {label} offers {key_type} {fingerprint}, "
+                   f"{host.known_hosts} has {host_key_fingerprint(expected.asbytes())}",
+            "a reinstalled server, or someone in the middle; the backup refuses to connect "
+            "(exit 255)", "find out why it changed; only then replace the line in "
+                          f"{host.known_hosts}")
+    return error("reach", f"admin login as {host.admin_user} fails: {message}",
+                 "pullback's admin tasks (setup-remote, doctor, verify) cannot run",
+                 "check admin_user, admin_key and that the admin's key is authorized")
+
+
+def run_raw(conn: Any, command: str, host_name: str, timeout: float = 20) -> tuple[int, bytes,
+                                                                                    bytes]:
+    """Exit code and the exact bytes of stdout and stderr (Fabric would decode them)."""
+    from roles.connection import ROUND_TRIPS
+
+    ROUND_TRIPS.add(host_name)
+    _, stdout, stderr = conn.client.exec_command(command, timeout=timeout)
+    out, err = stdout.read(), stderr.read()
+    return stdout.channel.recv_exit_status(), out, err
+
+
+def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
+    try:
+        path, note = backup.find_local_rsync(host)
+    except backup.BackupError as exc:
+        return RsyncEnd(host.rsync.local_binary, None, None, str(exc)), None
+    result = subprocess.run([path, "--version"], capture_output=True, check=False, timeout=30)
+    line = result.stdout.decode(errors="replace")
+    if note:
+        note = f"{host.rsync.local_binary} is not built, PATH's rsync is used"
+    return version_end(path, line, note or ""), path
+
+
+def pull_argv(host: Host, local_rsync: str, dest: str, *, single_colon: bool) -> list[str]:
+    """The backup's argv (``backup.build_argv``) with -n, pulling only ``PROBE_PATH``."""
+    daemon_host = host.model_copy(update={"forced_command": "daemon"})
+    argv = backup.build_argv(daemon_host, dry_run=True, tty=False, local_rsync=local_rsync,
+                             dest=dest)
+    address = f"[{host.address}]" if ":" in host.address else host.address
+    argv[-2] = (f"root@{address}:{PROBE_PATH}" if single_colon
+                else f"root@{address}::{host.backup.module}{PROBE_PATH}")
+    return argv
+
+
+def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
+    check = "test pull"
+    with tempfile.TemporaryDirectory(prefix="pullback-doctor-") as tmp:
+        argv = pull_argv(host, local_rsync, tmp, single_colon=single_colon)
+        shown = argv[-2]
+        try:
+            result = subprocess.run(argv, capture_output=True, check=False,
+                                    timeout=PULL_TIMEOUT, stdin=subprocess.DEVNULL,
+                                    env=backup._rsync_env())
+        except subprocess.TimeoutExpired:
+            return error(check, f"dry-run pull of {shown} hung for {PULL_TIMEOUT:.0f} s",
+                         "a backup would hang the same way",
+                         "check the network and that the forced command is rsync")
+    output = result.stdout + result.stderr
+    if result.returncode == 0:
+        return ok(check, f"dry-run pull of {shown} with the backup key works")
+    scanner = backup.OutputScanner()
+    scanner.feed(output + b"\n")
+    scanner.close()
+    text = output.decode(errors="replace")
+    # rsync's and ssh's error lines, plus the remote shell's ("sh: 1: /x/rsync: not found")
+    # and the gate's, which the backup's scanner does not look for: output order.
+    wanted = set(scanner.errors)
+    lines = list(dict.fromkeys(
+        line.strip() for line in text.replace("\r", "\n").splitlines()
+        if line.strip() and (line.strip() in wanted or signature(line))))
+    if len(lines) > 3:
+        lines = [*lines[:2], lines[-1]]  # the first (the cause) and rsync's summary
+    known = signature(text)
+    explained = explain_rsync_error(text).splitlines()
+    return error(
+        check, f"dry-run pull of {shown} with the backup key fails: rsync exit "
+               f"{result.returncode}: {' / '.join(lines) or 'no message'}",
+        f"{backup.explain_exit(result.returncode)}"
+        + (f" (the '{known}' signature)" if known else ""),
+        explained[1].strip() if known else "see the findings above")
+
+
+def _remote_binary(key: KeyLine | None, host: Host) -> str:
+    forced = key.forced if key else None
+    if forced and forced.binary and forced.is_rsync:
+        return forced.binary
+    return host.rsync.remote_binary
+
+
+def _admin_shell(conn: Any, host: Host, findings: list[Finding]) -> None:
+    """The clean-shell test for the admin login; a second trip only when it is not clean."""
+    from roles.connection import run
+
+    _, out, err = run_raw(conn, "true", host.name)
+    probes: tuple[tuple[int, str], ...] = ()
+    shell = ""
+    if out or err:
+        probe = run(conn, admin_probe_script(), host=host.name)
+        with contextlib.suppress(ValueError):
+            lines = _after_marker(probe.stdout)
+            probes = parse_probes(lines)
+            shell = next((ln.split(" ", 1)[1] for ln in lines if ln.startswith("SHELL ")), "")
+    findings.extend(check_clean_shell(host.admin_user, shell, out, err, probes, root=False))
+
+
+def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | None,
+                  local_path: str | None, findings: list[Finding]) -> Capture:
+    from roles import capture as captured
+
+    if host.forced_command != "captured":
+        return Capture()
+    record, problem = None, ""
+    try:
+        record = captured.load_record(host)
+    except captured.CaptureError as exc:
+        problem = str(exc)
+    sent = None
+    if forced is not None and (forced.sender or forced.binary == captured.GATE) and local_path:
+        try:
+            sent = simulate_sent_command(local_path, host)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+            findings.append(warn("forced command", f"cannot tell what the client sends: {exc}",
+                                 "the drift check is skipped", "check the local rsync"))
+    return Capture(record, problem, sent, local.line if local else "")
+
+
+def _pull_or_skip(host: Host, forced: ForcedCommand | None, local_path: str) -> Finding:
+    from roles import capture as captured
+
+    if host.forced_command == "captured" and forced is not None and not forced.daemon:
+        if forced.binary == captured.GATE:
+            return ok("test pull", "skipped: the gate runs only the recorded pull of "
+                                   "backup.source and its dry run; `invoke backup --dry-run` "
+                                   "goes through it")
+        return ok("test pull", "skipped: the forced command serves only the captured source, "
+                               "whatever path a test pull asks for")
+    return try_pull(host, local_path, single_colon=host.forced_command == "captured")
+
+
+def diagnose(host: Host) -> Report:
+    """Every check for one host; never raises for a host problem (it becomes a finding)."""
+    from roles import capture as captured
+    from roles.connection import ConnectError, connect, sudo_script
+    from roles.facts import gather
+
+    started = time.monotonic()
+    report = Report(host.name, f"{host.address}:{host.port}")
+    findings = report.findings
+    local, local_path = local_rsync_end(host)
+    try:
+        blob = rootkey.parse_public_key(Path(host.backup_pubkey).read_text()).blob
+    except (OSError, ValueError) as exc:
+        blob = None
+        findings.append(error("backup key", f"cannot read {host.backup_pubkey}: {exc}",
+                              "without the backup key there is no backup",
+                              "run `invoke keygen`"))
+    forced: ForcedCommand | None = None
+    try:
+        conn = connect(host)
+    except ConnectError as exc:
+        findings.append(check_unreachable(host, str(exc)))
+        conn = None
+    if conn is not None:
+        try:
+            key = conn.client.get_transport().get_remote_server_key()
+            findings.append(ok("host key", f"{key.get_name()} "
+                                           f"{host_key_fingerprint(key.asbytes())} matches "
+                                           f"{host.known_hosts}"))
+            _admin_shell(conn, host, findings)
+            facts = gather(conn, host.name, [host.rsync.remote_binary])
+            key_line = find_key_line(facts.content(AUTHORIZED_KEYS), blob) if blob else None
+            forced = key_line.forced if key_line else None
+            capture = _capture_info(host, forced, local, local_path, findings)
+            gate = forced is not None and forced.binary == captured.GATE
+            rsync = (capture.record.remote_rsync if gate and capture.record
+                     else _remote_binary(key_line, host))
+            files = [captured.GATE] if gate else []
+            if forced is not None and forced.daemon and forced.config != RSYNCD_CONF:
+                files.append(forced.config)
+            script = root_script(forced.binary if forced else "", rsync, files,
+                                 facts.client_addr)
+            root = parse_root_report(sudo_script(conn, script, host=host.name).stdout)
+            if root.shell:
+                findings.extend(check_clean_shell("root", root.shell, root.root_stdout,
+                                                  root.root_stderr, root.probes, root=True))
+            remote = (version_end(root.binary, root.version_line) if root.binary else
+                      RsyncEnd(rsync, None, None, "does not exist on the host"))
+            findings.extend(check_rsync(host, local, remote))
+            findings.extend(check_sshd(facts))
+            findings.extend(check_key_files(facts))
+            if blob:
+                findings.extend(check_key_line(key_line, host, facts))
+            if forced is not None:
+                findings.extend(check_forced_command(host, forced, root,
+                                                     facts.content(RSYNCD_CONF), capture))
+        except Exception as exc:  # noqa: BLE001 - a broken probe is a finding, not a crash
+            findings.append(error("doctor", f"{type(exc).__name__}: {exc}",
+                                  "doctor could not finish its checks",
+                                  "run it again; report it if it stays"))
+        finally:
+            conn.close()
+    if blob and local_path:
+        findings.append(_pull_or_skip(host, forced, local_path))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def diagnose_all(hosts: list[Host]) -> list[Report]:
+    from roles import fleet
+
+    def failed(host: Host, exc: Exception) -> Report:
+        return Report(host.name, f"{host.address}:{host.port}", [error(
+            "doctor", f"{type(exc).__name__}: {exc}", "doctor could not finish its checks",
+            "run it again; report it if it stays")])
+
+    return fleet.for_each(hosts, diagnose, failed, parallel=8)
+
+
+# --- output --------------------------------------------------------------------------------
+
+_INDENT = " " * 24
+
+
+def format_report(report: Report) -> str:
+    lines = [f"{report.host} ({report.target})"]
+    for f in report.findings:
+        lines.append(f"  {f.level:6} {f.check:14} {f.what}")
+        if f.level != "ok":
+            lines.append(f"{_INDENT}why: {f.why}")
+            lines.append(f"{_INDENT}fix: {f.fix}")
+    errors, warnings = len(report.errors), len(report.warnings)
+    lines.append(f"  => {errors} error{'s' * (errors != 1)}, {warnings} "
+                 f"warning{'s' * (warnings != 1)} ({report.seconds:.1f} s)")
+    return "\n".join(lines) + "\n"

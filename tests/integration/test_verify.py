@@ -1,0 +1,174 @@
+"""`invoke verify` (tests/infra run by roles.verify) against real lab hosts: a provisioned
+host passes every check; changes made by hand fail exactly the check that covers them; a
+host never set up fails per check next to a good one; an unknown host key is one error;
+captured mode checks the gate instead of the rsyncd module.
+
+As in test_doctor.py the inventory pins what the lab image really has (rsync 3.2.7 at
+/usr/bin/rsync, ``rsync.prefix: /usr``), so "the installed rsync version" is checked for
+real without building rsync here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from roles import capture, keys, lab
+from roles.facts import RSYNCD_CONF
+from roles.inventory import load
+from roles.setup import setup_host
+from tests.integration.conftest import Lab
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+INVOKE = str(Path(sys.executable).parent / "invoke")
+NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+PINNED = {"prefix": "/usr", "version": "3.2.7"}
+DROP_IN = "/etc/ssh/sshd_config.d/00-verify-test.conf"
+
+ROOT_SSH = "/root/.ssh is a 0700 root:root folder"
+PERMIT = "sshd -T: PermitRootLogin forced-commands-only for the backup host"
+MODULE = "rsyncd.conf module: path /, uid 0, gid 0, read only, list false (daemon mode)"
+GATE = "captured mode: the gate is 0700 root:root and rendered from the local capture record"
+CHECKS = [
+    PERMIT,
+    "sshd -T: PubkeyAuthentication yes",
+    ROOT_SSH,
+    "/root/.ssh/authorized_keys is a 0600 root:root file",
+    "the backup key's line forces the command of the inventory's mode",
+    "the backup key's line has restrict or every no-* option, and the inventory's from=",
+    MODULE,
+    GATE,
+    "the forced command runs the pinned rsync (rsync.prefix/bin/rsync)",
+    "rsync.prefix/bin/rsync reports the inventory's rsync.version",
+]
+
+
+def sh(host: lab.LabHost, script: str) -> None:
+    lab.engine("exec", host.name, "sh", "-c", script, timeout=60)
+
+
+def run_verify(inventory: Path) -> tuple[subprocess.CompletedProcess, dict[tuple[str, str], str]]:
+    result = subprocess.run([INVOKE, "verify", "--inventory", str(inventory)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180, check=False,
+                            env=NO_AGENT)
+    rows: dict[tuple[str, str], str] = {}
+    for line in result.stdout.splitlines():
+        fields = line.split(None, 2)
+        if len(fields) == 3 and fields[1] in ("PASS", "FAIL", "SKIP", "ERROR"):
+            name, status, rest = fields
+            check = next((c for c in (*CHECKS, "admin login") if rest.startswith(c)), rest)
+            rows[(name, check)] = status + rest[len(check):]
+    return result, rows
+
+
+@pytest.fixture(scope="module")
+def provisioned(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[lab.LabHost, Path]]:
+    host = lab_env.start("verify")
+    work = tmp_path_factory.mktemp("verify")
+    inventory = lab_env.inventory([host], path=work / "inventory.yaml", defaults={
+        "rsync": PINNED, "backup": {"destination": str(work / "backups" / "{name}")}})
+    h = load(inventory).hosts[host.name]
+    keys.ensure_backup_key(Path(h.backup_key))
+    outcome = setup_host(h)
+    assert outcome.error is None, outcome
+    try:
+        yield host, inventory
+    finally:
+        lab_env.remove(host)
+
+
+def test_provisioned_host_passes_every_check(provisioned):
+    host, inventory = provisioned
+    result, rows = run_verify(inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    expected = {(host.name, c): "PASS" for c in CHECKS}
+    expected[(host.name, GATE)] = "SKIP: daemon mode uses no gate"
+    assert rows == expected
+    assert result.stdout.splitlines()[-1] == "9 pass, 1 skip"
+
+
+@pytest.mark.parametrize(("change", "undo", "check", "message"), [
+    ("chmod 644 /root/.ssh", "chmod 700 /root/.ssh", ROOT_SSH,
+     "/root/.ssh is a folder with mode 0644, owner 0:0"),
+    (f"printf 'PermitRootLogin yes\\n' > {DROP_IN}", f"rm -f {DROP_IN}", PERMIT,
+     "permitrootlogin yes"),
+    (f"cp {RSYNCD_CONF} /root/rsyncd.saved && sed -i 's/read only = yes/read only = no/' "
+     f"{RSYNCD_CONF}", f"mv /root/rsyncd.saved {RSYNCD_CONF}", MODULE,
+     "read only is 'no', should be yes"),
+])
+def test_a_change_by_hand_fails_the_check_that_covers_it(provisioned, change, undo, check,
+                                                         message):
+    host, inventory = provisioned
+    sh(host, change)
+    try:
+        result, rows = run_verify(inventory)
+    finally:
+        sh(host, undo)
+    assert result.returncode == 1
+    assert "verify: failed: " + host.name in result.stderr
+    failed = {k: v for k, v in rows.items() if not v.startswith(("PASS", "SKIP"))}
+    assert list(failed) == [(host.name, check)], result.stdout
+    assert failed[(host.name, check)].startswith("FAIL: ") and message in failed[(host.name, check)]
+
+
+def test_a_host_never_set_up_fails_beside_a_good_one(lab_env: Lab, provisioned):
+    good, inventory = provisioned
+    bare = lab_env.start("verify-bare")
+    try:
+        both = lab_env.inventory([good, bare], path=inventory.with_name("both.yaml"),
+                                 defaults={"rsync": PINNED})
+        result, rows = run_verify(both)
+    finally:
+        lab_env.remove(bare)
+    assert result.returncode == 1
+    assert f"verify: failed: {bare.name}" in result.stderr
+    assert all(rows[(good.name, c)].startswith(("PASS", "SKIP")) for c in CHECKS)
+    assert rows[(bare.name, PERMIT)].startswith("FAIL: ")
+    assert rows[(bare.name, ROOT_SSH)] == "FAIL: /root/.ssh does not exist"
+    # the hosts come out in inventory order
+    names = [line.split()[0] for line in result.stdout.splitlines()[:-1]]
+    assert names == [good.name] * len(CHECKS) + [bare.name] * len(CHECKS)
+
+
+def test_unknown_host_key_is_one_error(lab_env: Lab, provisioned):
+    host, inventory = provisioned
+    other = lab_env.inventory([host], path=inventory.with_name("unknown.yaml"),
+                              defaults={"rsync": PINNED})
+    other.with_suffix(".known_hosts").write_text("")
+    result, rows = run_verify(other)
+    assert result.returncode == 1
+    (status,) = rows.values()
+    assert list(rows) == [(host.name, "admin login")]
+    assert status.startswith("ERROR: cannot log in as the admin") and \
+        "Host key verification failed" in status
+
+
+def test_captured_mode_checks_the_gate(lab_env: Lab, provisioned):
+    host, inventory = provisioned
+    work = inventory.parent / "captured"
+    captured = lab_env.inventory([host], path=inventory.with_name("captured.yaml"), defaults={
+        "rsync": PINNED, "forced_command": "captured",
+        "backup": {"destination": str(work / "{name}")}})
+    keys_before = "cp /root/.ssh/authorized_keys /root/keys.saved"
+    sh(host, keys_before)
+    try:
+        outcome = capture.capture_host(load(captured).hosts[host.name])
+        assert outcome.error is None, outcome
+        result, rows = run_verify(captured)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert rows[(host.name, GATE)] == "PASS"
+        assert rows[(host.name, MODULE)] == "SKIP: captured mode uses no rsyncd module"
+        sh(host, f"chmod 0755 {capture.GATE}")
+        result, rows = run_verify(captured)
+        assert result.returncode == 1
+        assert rows[(host.name, GATE)].startswith("FAIL: ") and "0755" in rows[(host.name, GATE)]
+    finally:
+        sh(host, "mv /root/keys.saved /root/.ssh/authorized_keys")
