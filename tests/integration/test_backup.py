@@ -89,13 +89,19 @@ def invoke(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
 Entry = tuple[str, int, int, int, int, bytes, str | None]  # type mode uid gid mtime link sha
 
 
-def remote_tree(host: lab.LabHost, top: str) -> tuple[dict[bytes, Entry], dict[bytes, int]]:
-    """Every path under ``top`` on the host: metadata from find, hashes from sha256sum."""
-    out = sh(host, f"find {top} -printf '%P\\0%y\\0%m\\0%U\\0%G\\0%T@\\0%l\\0%i\\0'")
+def remote_tree(host: lab.LabHost, top: str, *, xdev: bool = False,
+                ) -> tuple[dict[bytes, Entry], dict[bytes, int]]:
+    """Every path under ``top`` on the host: metadata from find, hashes from sha256sum.
+
+    ``xdev``: stay on ``top``'s file system, as ``rsync -x`` does (the engine bind-mounts
+    /etc/hosts, /etc/hostname and /etc/resolv.conf into a container).
+    """
+    x = " -xdev" if xdev else ""
+    out = sh(host, f"find {top}{x} -printf '%P\\0%y\\0%m\\0%U\\0%G\\0%T@\\0%l\\0%i\\0'")
     fields = out.split(b"\0")[:-1]
     assert len(fields) % 8 == 0
     hashes: dict[bytes, str] = {}
-    hashed = sh(host, f"cd {top} && find . -type f -exec sha256sum -z {{}} +")
+    hashed = sh(host, f"cd {top} && find .{x} -type f -exec sha256sum -z {{}} +")
     for record in hashed.split(b"\0")[:-1]:
         digest, name = record.split(b"  ", 1)
         hashes[name.removeprefix(b"./")] = digest.decode()

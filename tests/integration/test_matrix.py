@@ -15,10 +15,8 @@ Captured mode is not covered here yet (it is being built); daemon mode is.
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.server
 import os
-import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +33,7 @@ from roles.connection import connect, run
 from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
 from roles.inventory import Host, load
 from tests.integration.conftest import Lab, infra_host
+from tests.integration.test_backup import local_tree, remote_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.matrix]
 
@@ -286,46 +285,6 @@ def test_end_state_with_testinfra(lab_env: Lab, matrix: Matrix, converged: Conve
 # --- backup ---------------------------------------------------------------------------------
 
 
-Entry = tuple[str, int, int, int, int, bytes, str | None]  # type mode uid gid mtime link sha
-
-
-def remote_tree(host: lab.LabHost, top: str) -> dict[bytes, Entry]:
-    out = sh(host, f"find {top} -xdev -printf '%P\\0%y\\0%m\\0%U\\0%G\\0%T@\\0%l\\0'")
-    fields = out.split(b"\0")[:-1]
-    hashes: dict[bytes, str] = {}
-    for record in sh(host, f"cd {top} && find . -xdev -type f -exec sha256sum -z {{}} +"
-                     ).split(b"\0")[:-1]:
-        digest, name = record.split(b"  ", 1)
-        hashes[name.removeprefix(b"./")] = digest.decode()
-    tree: dict[bytes, Entry] = {}
-    for i in range(0, len(fields), 7):
-        rel, kind, mode, uid, gid, mtime, link = fields[i:i + 7]
-        tree[rel] = (kind.decode(), int(mode, 8), int(uid), int(gid),
-                     int(mtime.split(b".")[0]), link, hashes.get(rel))
-    return tree
-
-
-KINDS = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l"}
-
-
-def local_tree(top: Path) -> dict[bytes, Entry]:
-    base = os.fsencode(top)
-    tree: dict[bytes, Entry] = {}
-    for dirpath, dirnames, filenames in os.walk(base):
-        for name in [*dirnames, *filenames, *([b""] if dirpath == base else [])]:
-            path = os.path.join(dirpath, name) if name else dirpath
-            info = os.lstat(path)
-            kind = KINDS.get(stat.S_IFMT(info.st_mode), "?")
-            digest = None
-            if kind == "f":
-                with open(path, "rb") as handle:
-                    digest = hashlib.file_digest(handle, "sha256").hexdigest()
-            rel = os.path.relpath(path, base) if name else b""
-            tree[rel] = (kind, stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid,
-                         int(info.st_mtime), os.readlink(path) if kind == "l" else b"", digest)
-    return tree
-
-
 @pytest.mark.parametrize("release", RELEASES)
 def test_daemon_backup_of_etc_is_exact(matrix: Matrix, backed_up, release):
     host, lab_host = matrix.hosts[release], matrix.labs[release]
@@ -333,7 +292,7 @@ def test_daemon_backup_of_etc_is_exact(matrix: Matrix, backed_up, release):
     assert result.ok and result.error is None, result
     assert result.warning is None, result.warning  # the local end used the matrix build
     dest = Path(host.destination)
-    mine, theirs = local_tree(dest), remote_tree(lab_host, SOURCE)
+    mine, theirs = local_tree(dest)[0], remote_tree(lab_host, SOURCE, xdev=True)[0]
     assert sorted(mine) == sorted(theirs)
     different = {rel: (theirs[rel], mine[rel]) for rel in theirs if mine[rel] != theirs[rel]}
     assert different == {}
