@@ -19,6 +19,10 @@ HOST_HELP = {
     "inventory": "inventory file (default: inventory.yaml)",
     "host": "host name from the inventory; repeat for several (default: every host)",
 }
+FLEET_HELP = {
+    **HOST_HELP,
+    "shard": "K/N: only the hosts of shard K of N (several backup hosts split one inventory)",
+}
 
 
 def _inventory(path: str) -> Inventory:
@@ -30,12 +34,19 @@ def _inventory(path: str) -> Inventory:
         raise Exit(code=2) from None
 
 
-def _hosts(path: str, names: list[str] | None):
+def _hosts(path: str, names: list[str] | None, shard: str | None = None):
+    from roles.inventory import parse_shard
+
     inventory = _inventory(path)
     try:
-        return inventory.select(names)
+        selected = inventory.select(names, parse_shard(shard) if shard else None)
     except InventoryError as exc:
         raise Exit(str(exc), code=2) from None
+    except ValueError as exc:
+        raise Exit(str(exc), code=2) from None
+    if not selected:
+        raise Exit(f"no host of {path} is in shard {shard}", code=2)
+    return selected
 
 
 def _not_implemented(name: str) -> None:
@@ -76,12 +87,12 @@ def _report(outcomes) -> None:
         raise Exit(f"failed: {', '.join(failed)}", code=1)
 
 
-@task(iterable=["host"], help={**HOST_HELP, "dry_run": "print the diffs, change nothing"})
-def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
+@task(iterable=["host"], help={**FLEET_HELP, "dry_run": "print the diffs, change nothing"})
+def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False):
     """Harden each remote: PermitRootLogin, restricted root key, rsyncd.conf."""
     from roles import fleet, setup
 
-    hosts = _hosts(inventory, host)
+    hosts = _hosts(inventory, host, shard)
     outcomes = fleet.for_each(
         hosts,
         lambda h: setup.setup_host(h, dry_run=dry_run),
@@ -92,15 +103,15 @@ def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
 
 
 @task(iterable=["host"], help={
-    **HOST_HELP,
+    **FLEET_HELP,
     "version": "build this version instead of the inventory's rsync.version",
     "local_only": "build only on this machine",
     "remote_only": "build only on the hosts",
     "check": "run rsync's `make check` after make",
     "no_install_packages": "never install compiler packages; print the command instead",
 })
-def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, version=None, local_only=False,
-                remote_only=False, check=False, no_install_packages=False):
+def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=None,
+                local_only=False, remote_only=False, check=False, no_install_packages=False):
     """Build the pinned rsync from verified source on both ends, in parallel."""
     from roles import lab, rsync_build
 
@@ -111,7 +122,7 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, version=None, local_o
             rsync_build.validate_version(version)
         except ValueError as exc:
             raise Exit(f"build-rsync: {exc}", code=2) from None
-    hosts = _hosts(inventory, host)
+    hosts = _hosts(inventory, host, shard)
     results = rsync_build.build_everywhere(
         hosts, version=version, local=not remote_only, remote=not local_only, check=check,
         install_packages=not no_install_packages, cache_dir=lab.STATE / "downloads",
@@ -127,12 +138,12 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, version=None, local_o
         raise Exit("build-rsync: failed", code=1)
 
 
-@task(iterable=["host"], help=HOST_HELP)
-def capture_command(c, inventory=DEFAULT_INVENTORY, host=None):
+@task(iterable=["host"], help=FLEET_HELP)
+def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Capture the exact command the client's rsync sends and force exactly that."""
     from roles import capture, fleet, setup
 
-    hosts = _hosts(inventory, host)
+    hosts = _hosts(inventory, host, shard)
     if not any(h.forced_command == "captured" for h in hosts):
         raise Exit("capture-command: no selected host has forced_command: captured", code=2)
     outcomes = fleet.for_each(
@@ -143,13 +154,13 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None):
     _report(outcomes)
 
 
-@task(iterable=["host"], help={**HOST_HELP, "dry_run": "rsync -n: show what would change"})
-def backup(c, inventory=DEFAULT_INVENTORY, host=None, dry_run=False):
+@task(iterable=["host"], help={**FLEET_HELP, "dry_run": "rsync -n: show what would change"})
+def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False):
     """Pull / from each host with the backup key (unattended)."""
     from roles import backup as pulls
     from roles import fleet
 
-    hosts = _hosts(inventory, host)
+    hosts = _hosts(inventory, host, shard)
     # Live output only for one host on a terminal: several interleaved streams are noise.
     tty = len(hosts) == 1 and sys.stdout.isatty()
 
@@ -206,16 +217,16 @@ def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snaps
     print(f"{h.name}: restored {path} from {result.source} into {to}")
 
 
-@task(iterable=["host"], help={**HOST_HELP, "explain": "explain a pasted rsync error "
+@task(iterable=["host"], help={**FLEET_HELP, "explain": "explain a pasted rsync error "
                                 "message or exit code; no host is contacted"})
-def doctor(c, inventory=DEFAULT_INVENTORY, host=None, explain=None):
+def doctor(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, explain=None):
     """Diagnose why a backup fails: host key, shell, rsync, sshd, forced command, test pull."""
     from roles import doctor as diagnosis
 
     if explain is not None:
         print(diagnosis.explain_rsync_error(explain))
         return
-    reports = diagnosis.diagnose_all(_hosts(inventory, host))
+    reports = diagnosis.diagnose_all(_hosts(inventory, host, shard))
     for report in reports:
         print(diagnosis.format_report(report))
     bad = [r.host for r in reports if r.errors]
@@ -223,12 +234,12 @@ def doctor(c, inventory=DEFAULT_INVENTORY, host=None, explain=None):
         raise Exit(f"doctor: errors on {', '.join(bad)}", code=1)
 
 
-@task(iterable=["host"], help=HOST_HELP)
-def verify(c, inventory=DEFAULT_INVENTORY, host=None):
+@task(iterable=["host"], help=FLEET_HELP)
+def verify(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Check each remote's hardened state with the testinfra checks (tests/infra)."""
     from roles import verify as checks
 
-    hosts = _hosts(inventory, host)
+    hosts = _hosts(inventory, host, shard)
     try:
         results = checks.run_checks(Path(inventory), hosts)
     except checks.VerifyError as exc:
@@ -240,7 +251,7 @@ def verify(c, inventory=DEFAULT_INVENTORY, host=None):
 
 
 @task(iterable=["host"], help={
-    **HOST_HELP,
+    **FLEET_HELP,
     "host": "host to back up; repeat for several (default: every host of the inventory at "
             "run time)",
     "at": "daily start, HH:MM 24-hour (default 02:30); systemd adds up to 30 min at random, "
@@ -251,7 +262,7 @@ def verify(c, inventory=DEFAULT_INVENTORY, host=None):
     "kind": "systemd, cron or launchd (default: the one running here)",
     "agent_socket": "SSH_AUTH_SOCK for the runs: an ssh-agent holding a passphrase key",
 })
-def schedule(c, inventory=DEFAULT_INVENTORY, host=None, at="02:30", remove=False,
+def schedule(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, at="02:30", remove=False,
              dry_run=False, user=False, kind=None, agent_socket=None):
     """Run the backup daily: systemd timer, cron entry or launchd job on this machine."""
     from roles import schedule as sched
@@ -261,9 +272,9 @@ def schedule(c, inventory=DEFAULT_INVENTORY, host=None, at="02:30", remove=False
             plan = sched.plan_remove(sched.gather(user=user), user=user)
         else:
             sched.parse_at(at)
-            hosts = _hosts(inventory, host)
+            hosts = _hosts(inventory, host, shard)
             job = sched.build_job(inventory, [h.name for h in hosts] if host else [], at=at,
-                                  agent_socket=agent_socket)
+                                  agent_socket=agent_socket, shard=shard)
             if not Path(job.argv[0]).is_file():
                 raise Exit(f"schedule: {job.argv[0]} not found: run from the project's "
                            "venv (.venv/bin/invoke)", code=2)
@@ -284,12 +295,12 @@ def schedule(c, inventory=DEFAULT_INVENTORY, host=None, at="02:30", remove=False
     print("\n".join(lines))
 
 
-@task(iterable=["host"], help=HOST_HELP)
-def status(c, inventory=DEFAULT_INVENTORY, host=None):
+@task(iterable=["host"], help=FLEET_HELP)
+def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Last run, result and age of the newest good backup per host; exit 1 if stale."""
     from roles import status as report
 
-    statuses = [report.gather_status(h) for h in _hosts(inventory, host)]
+    statuses = [report.gather_status(h) for h in _hosts(inventory, host, shard)]
     for s in statuses:
         for problem in s.problems:
             print(f"{s.host}: warning: {problem}", file=sys.stderr)

@@ -7,6 +7,7 @@ own value wins; lists are replaced, not concatenated).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -268,18 +269,42 @@ class Inventory:
     path: Path
     hosts: dict[str, Host]
 
-    def select(self, names: Iterable[str] | None) -> list[Host]:
-        """The hosts named (in inventory order), or every host when none are named."""
+    def select(self, names: Iterable[str] | None,
+               shard: tuple[int, int] | None = None) -> list[Host]:
+        """The hosts named (in inventory order), or every host when none are named.
+
+        ``shard=(K, N)`` keeps only the hosts of shard K of N (see ``shard_of``).
+        """
         wanted = list(names or [])
         if not wanted:
-            return list(self.hosts.values())
+            return [h for h in self.hosts.values()
+                    if shard is None or shard_of(h.name, shard[1]) == shard[0]]
         unknown = [n for n in wanted if n not in self.hosts]
         if unknown:
             known = ", ".join(self.hosts) or "(none)"
             raise InventoryError(
                 [f"{self.path}: unknown host {', '.join(unknown)} (known: {known})"]
             )
-        return [self.hosts[n] for n in self.hosts if n in wanted]
+        return [self.hosts[n] for n in self.hosts if n in wanted
+                and (shard is None or shard_of(n, shard[1]) == shard[0])]
+
+
+def shard_of(name: str, count: int) -> int:
+    """The shard (1..count) a host belongs to, from a hash of its name alone.
+
+    Several backup hosts split one inventory with ``--shard K/N``: every host lands in
+    exactly one shard, and adding or removing hosts never moves the others.
+    """
+    digest = hashlib.sha256(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/3"`` -> ``(2, 3)``; ValueError with a one-line message otherwise."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 1 <= int(match[1]) <= int(match[2]) <= 1000:
+        raise ValueError(f"--shard {text!r}: expected K/N with 1 <= K <= N <= 1000, e.g. 2/3")
+    return int(match[1]), int(match[2])
 
 
 # --- loading with line numbers ----------------------------------------------------------

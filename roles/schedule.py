@@ -119,8 +119,9 @@ class Job:
 
 def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_AT,
               agent_socket: str | None = None, invoke: str | None = None,
-              repo: str | Path = REPO) -> Job:
-    """The scheduled command: ``INVOKE -r REPO backup --inventory ABS [--host H ...]``.
+              repo: str | Path = REPO, shard: str | None = None) -> Job:
+    """The scheduled command: ``INVOKE -r REPO backup --inventory ABS [--host H ...]``
+    (plus ``--shard K/N`` when this backup host runs one shard of the inventory).
 
     ``invoke`` defaults to the ``invoke`` beside this Python (the project's venv), never
     resolved through symlinks: the venv's own script must run.
@@ -140,6 +141,10 @@ def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_
     argv = [invoke, "-r", repo, "backup", "--inventory", inventory]
     for name in names:
         argv += ["--host", name]
+    if shard is not None:
+        from roles.inventory import parse_shard
+
+        argv += ["--shard", "{}/{}".format(*parse_shard(shard))]
     return Job(argv=tuple(argv), hosts=names, inventory=inventory, at=hour_minute,
                agent_socket=agent_socket)
 

@@ -77,6 +77,14 @@ def test_build_job_runs_the_venv_invoke_with_absolute_paths(tmp_path, monkeypatc
     assert s.build_job("inv.yaml", [], repo=REPO).what == f"every host in {tmp_path}/inv.yaml"
 
 
+def test_build_job_passes_a_shard_through(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    j = s.build_job("inv.yaml", [], repo=REPO, shard=" 2/3")
+    assert j.argv[-2:] == ("--shard", "2/3")
+    with pytest.raises(ValueError, match="expected K/N"):
+        s.build_job("inv.yaml", [], repo=REPO, shard="2/3; rm -rf /")
+
+
 @pytest.mark.parametrize("socket_path", ["run/agent.sock", "/run/a b.sock", "/run/x\n.sock",
                                          "/run/%t.sock", "/run/$HOME.sock"])
 def test_agent_socket_must_be_a_plain_absolute_path(socket_path):

@@ -1,0 +1,82 @@
+"""The task list and selection flags, through the real `invoke` program (no host contacted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from roles.inventory import load_text, parse_shard, shard_of
+
+ROOT = Path(__file__).resolve().parents[2]
+INVOKE = str(Path(sys.executable).parent / "invoke")
+TASKS = ["keygen", "setup-remote", "build-rsync", "capture-command", "backup", "restore",
+         "doctor", "verify", "schedule", "status", "trust-host", "lab.up", "lab.down",
+         "lab.status"]
+
+
+def invoke(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([INVOKE, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_every_task_is_listed_with_help():
+    listed = invoke("--list")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split()[0] for line in listed.stdout.splitlines()[2:] if line.strip()
+             and line.startswith("  ") and not line.startswith("    ")]
+    assert sorted(names) == sorted(TASKS)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_has_working_help(task):
+    result = invoke("--help", task)
+    assert result.returncode == 0, result.stderr
+    assert "--inventory" in result.stdout or task.startswith("lab.")
+
+
+HOSTS = "\n".join(f"  h{i}: {{address: 192.0.2.{i}}}" for i in range(1, 41))
+INVENTORY = textwrap.dedent("""\
+    defaults: {admin_user: u, backup_key: /k}
+    hosts:
+    """) + HOSTS + "\n"
+
+
+def test_shards_partition_the_inventory_and_are_stable():
+    inventory = load_text(INVENTORY)
+    shards = [inventory.select(None, (k, 3)) for k in (1, 2, 3)]
+    names = [h.name for shard in shards for h in shard]
+    assert sorted(names) == sorted(inventory.hosts)  # every host exactly once
+    assert all(shards)
+    counts = Counter(shard_of(f"host-{i}", 4) for i in range(1000))
+    assert set(counts) == {1, 2, 3, 4} and min(counts.values()) > 200  # spread evenly
+    # Adding hosts never moves the existing ones.
+    more = load_text(INVENTORY + "  new1: {address: 192.0.2.200}\n")
+    assert [h.name for h in more.select(None, (2, 3)) if h.name != "new1"] == \
+        [h.name for h in shards[1]]
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "1/0", "x", "1/2/3", "-1/2", ""])
+def test_bad_shard_is_a_one_line_error(text):
+    with pytest.raises(ValueError, match=r"expected K/N"):
+        parse_shard(text)
+
+
+def test_shard_flag_selects_hosts_without_contacting_any(tmp_path):
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(INVENTORY.replace("/k", str(tmp_path / "key")).replace(
+        "defaults: {", f"defaults: {{backup: {{destination: '{tmp_path}/b/{{name}}'}}, "))
+    expected = sorted(h.name for h in load_text(inventory.read_text()).select(None, (2, 3)))
+    result = invoke("status", "--inventory", str(inventory), "--shard", "2/3")
+    # status reads only local summaries: every selected host is "never backed up" (exit 1)
+    assert result.returncode == 1, result.stderr
+    shown = sorted(line.split()[0] for line in result.stdout.splitlines()
+                   if line.startswith("h") and not line.startswith("host "))
+    assert shown == expected
+    bad = invoke("status", "--inventory", str(inventory), "--shard", "5/3")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "expected K/N" in bad.stderr
