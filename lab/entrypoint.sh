@@ -1,6 +1,7 @@
 #!/bin/sh
-# Start of a lab container: fresh host keys, the admin's key from the environment, sshd in
-# the foreground (not PID 1: the engine's --init is, so SIGHUP reaches sshd).
+# Start of a lab container: fresh host keys, the admin's key from the environment (for
+# `admin` and `operator`), sshd in the foreground (not PID 1: the engine's --init is, so
+# SIGHUP reaches sshd).
 set -eu
 ssh-keygen -A >/dev/null
 mkdir -p /run/sshd
@@ -8,4 +9,9 @@ install -d -m 0700 -o admin -g admin /home/admin/.ssh
 printf '%s\n' "${PULLBACK_ADMIN_PUBKEY:?PULLBACK_ADMIN_PUBKEY is not set}" > /home/admin/.ssh/authorized_keys
 chown admin:admin /home/admin/.ssh/authorized_keys
 chmod 0600 /home/admin/.ssh/authorized_keys
+# `operator` (sudo needs a password) logs in with the same key.
+install -d -m 0700 -o operator -g "$(id -gn operator)" /home/operator/.ssh
+printf '%s\n' "$PULLBACK_ADMIN_PUBKEY" > /home/operator/.ssh/authorized_keys
+chown operator:"$(id -gn operator)" /home/operator/.ssh/authorized_keys
+chmod 0600 /home/operator/.ssh/authorized_keys
 exec /usr/sbin/sshd -D -e

@@ -6,6 +6,15 @@ Fabric's ``Connection`` silently trusts unknown host keys (its constructor sets 
 
 Fabric and paramiko are imported lazily so that tasks that never open an SSH connection
 (``backup`` runs rsync locally) do not pay for them at start-up.
+
+sudo: with ``sudo_password: true`` the password is asked once per admin user (getpass),
+kept in this process's memory only, and given to sudo on stdin (``sudo -S``, Fabric's
+``sudo`` with ``password=``). It is deliberately NOT put into Fabric's Config: invoke logs
+every config layer at DEBUG level whenever it merges them. Without it every root command
+runs as ``sudo -n``: sudo never waits for a password, so a host whose sudo wants one fails
+at once with a clear ``SudoError`` instead of hanging (or answering sudo's prompt with
+Fabric's unset password, "None"). A rejected password is a ``SudoError`` too; neither
+message ever contains the password.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ if TYPE_CHECKING:
 
 class ConnectError(Exception):
     pass
+
+
+class SudoError(RuntimeError):
+    """sudo refused to run a command as root (no password given, or a wrong one)."""
 
 
 class RoundTrips:
@@ -65,10 +78,16 @@ def sudo_password(host: Host) -> str | None:
     return _sudo_passwords[host.admin_user]
 
 
+def forget_sudo_password(user: str) -> None:
+    """Drop a password sudo rejected: the next connection asks again."""
+    with _prompt_lock:
+        _sudo_passwords.pop(user, None)
+
+
 def connect(host: Host, timeout: float = 10) -> Connection:
     """Open an admin connection to ``host``; raise ConnectError with a one-line reason."""
     import paramiko
-    from fabric import Config, Connection
+    from fabric import Connection
 
     known_hosts = Path(host.known_hosts)
     if not known_hosts.is_file():
@@ -79,11 +98,12 @@ def connect(host: Host, timeout: float = 10) -> Connection:
     connect_kwargs: dict[str, Any] = {"look_for_keys": host.admin_key is None}
     if host.admin_key:
         connect_kwargs["key_filename"] = [host.admin_key]
-    config = Config(overrides={"sudo": {"password": sudo_password(host)}})
+    password = sudo_password(host)
     conn = Connection(
-        host.address, user=host.admin_user, port=host.port, config=config,
+        host.address, user=host.admin_user, port=host.port,
         connect_timeout=int(timeout), connect_kwargs=connect_kwargs,
     )
+    conn._set(_pullback_sudo_password=password)  # a plain attribute, not config (see above)
     ROUND_TRIPS.connected(host.name)
     conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
     conn.client.load_host_keys(str(known_hosts))
@@ -113,13 +133,38 @@ def run(c: Any, command: str | list[str], *, sudo: bool = False, host: str = "",
     """Run one remote command (an argv list is quoted with shlex.join); count the trip.
 
     Root work with pipes or redirections goes through ``sudo sh -c <quoted script>``:
-    Fabric's ``sudo`` only prefixes the command.
+    Fabric's ``sudo`` only prefixes the command. ``sudo=True`` raises ``SudoError`` when
+    sudo wants a password the inventory does not allow for, or rejects the one typed.
     """
     if isinstance(command, list):
         command = shlex.join(command)
     ROUND_TRIPS.add(host or getattr(c, "host", "local"))
-    runner = c.sudo if sudo else c.run
-    return runner(command, hide=True, warn=warn, in_stream=False)
+    if not sudo:
+        return c.run(command, hide=True, warn=warn, in_stream=False)
+    from invoke.exceptions import AuthFailure
+
+    user = getattr(c, "user", None) or "the admin"
+    where = f"{host or getattr(c, 'host', 'local')}: sudo as {user}"
+    password = getattr(c, "_pullback_sudo_password", None)
+    if password is None:
+        # Never Fabric's sudo without a password: it would answer sudo's prompt with "None".
+        result = c.run(f"sudo -n {command}", hide=True, warn=True, in_stream=False)
+        if result.exited != 0 and "a password is required" in result.stderr:
+            raise SudoError(
+                f"{where} needs a password on this host: set `sudo_password: true` for it "
+                "in the inventory (asked once per run), or allow NOPASSWD sudo for that user"
+            )
+        if result.exited != 0 and not warn:
+            from invoke.exceptions import UnexpectedExit
+
+            raise UnexpectedExit(result)
+        return result
+    try:
+        return c.sudo(command, password=password, hide=True, warn=warn, in_stream=False)
+    except AuthFailure:
+        forget_sudo_password(user)
+        raise SudoError(f"{where} rejected the password (wrong sudo password); "
+                        "nothing ran as root") from None
 
 
 def sudo_script(c: Any, script: str, *, host: str = "") -> Any:
