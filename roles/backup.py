@@ -32,6 +32,15 @@ removes anything stale in it and the data already pulled is not pulled again; wi
 snapshot. Only the run holding the lock touches ``.partial`` folders, so a running job's
 folder is never removed.
 
+Empty-source guard: in mirror mode ``backup.max_delete`` becomes rsync's ``--max-delete``
+(exit 25, the destination kept). A new snapshot deletes nothing, so there it is checked
+after the pull instead: when ``Number of files`` (``--stats``) fell by more than
+``max_delete`` below the newest complete snapshot's (its ``logs/<snapshot>.json``; without
+one, counted on disk), the ``.partial`` is removed rather than promoted, ``latest`` and
+every snapshot stay as they are, nothing is pruned and the run fails naming both counts.
+Removed, not kept: kept it would only be resumed by the next run, and left unpromoted it
+would hold the disk for nothing; the run's log and summary show what the source sent.
+
 Progress: on a terminal the user's ``--progress`` (or ``--info=progress2``, which needs a
 local rsync >= 3.1) is kept and the output is shown live; otherwise those options are
 dropped and the output goes only to the log. Nothing here imports Fabric or paramiko:
@@ -540,6 +549,50 @@ def stream(argv: list[str], log: BinaryIO, echo: BinaryIO | None,
     return code, scanner
 
 
+def count_entries(root: Path) -> int:
+    """What rsync's ``Number of files`` counts for a copy of ``root``: every entry (files,
+    folders, links, devices...), ``root`` itself included; links are not followed."""
+    total = 1
+    stack = [root]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                total += 1
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+    return total
+
+
+def snapshot_file_count(dest: Path, logs: Path, snapshot: str) -> tuple[int, str]:
+    """``(count, where)``: ``Number of files`` of the run that made ``snapshot`` (its summary
+    in ``logs``), else counted on disk (a summary pruned away or written before the count
+    was recorded)."""
+    try:
+        data = json.loads((logs / f"{snapshot}.json").read_text())
+        files = data["stats"]["files"]
+        if isinstance(files, int) and not isinstance(files, bool) and data.get("ok"):
+            return files, f"{logs / snapshot}.json"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return count_entries(dest / snapshot), f"counted in {dest / snapshot}"
+
+
+def check_shrink(files: int | None, previous: int, snapshot: str, where: str,
+                 max_delete: int) -> str | None:
+    """Why a snapshot run must not be promoted (its source shrank too much), or None."""
+    if files is None:
+        return (f"rsync printed no 'Number of files', so the empty-source guard "
+                f"(backup.max_delete {max_delete}) cannot compare the run with snapshot "
+                f"{snapshot}")
+    dropped = previous - files
+    if dropped <= max_delete:
+        return None
+    return (f"the source has {files} files, the newest snapshot {snapshot} has {previous} "
+            f"({where}): {dropped} fewer, more than backup.max_delete {max_delete}; the "
+            "source may have come back empty or nearly empty (a missing mount, a failed "
+            "disk)")
+
+
 def _finish_snapshot(dest: Path, partial: Path, run: str, keep: int,
                      warnings: list[str]) -> tuple[str, list[str]]:
     """Rename the partial into place, point ``latest`` at it (atomically), prune."""
@@ -603,6 +656,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         run = new_run_id(started, [*entries, *(p.stem for p in logs.iterdir())])
         link_dest: str | None = None
         target = dest
+        newest: str | None = None
         if snapshots:
             newest = newest_snapshot(entries)
             link_dest = str(dest / newest) if newest else None
@@ -630,9 +684,28 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         if code == 24:
             warnings.append("some files vanished on the server during the transfer "
                             "(rsync code 24); everything else was copied")
+        refused: str | None = None
+        max_delete = host.backup.max_delete
+        if ok and snapshots and newest is not None and max_delete is not None:
+            previous, where = snapshot_file_count(dest, logs, newest)
+            shrunk = check_shrink(stats.get("files"), previous, newest, where, max_delete)
+            if shrunk and dry_run:
+                warnings.append(f"a real run would be refused: {shrunk}")
+            elif shrunk:
+                refused = (f"refused to promote the run: {shrunk}. The run was removed, "
+                           "`latest` and every snapshot are unchanged, nothing was pruned; "
+                           "check the server, and only if the drop is intended raise "
+                           "backup.max_delete for one run")
         snapshot: str | None = None
         pruned: list[str] = []
-        if ok and snapshots and not dry_run:
+        if refused:
+            ok, error = False, refused
+            try:
+                if target.exists():
+                    _rmtree(target)
+            except OSError as exc:  # never promoted; the next run resumes or removes it
+                warnings.append(f"could not remove the refused {target.name}: {exc}")
+        elif ok and snapshots and not dry_run:
             snapshot, pruned = _finish_snapshot(dest, target, run, snapshots, warnings)
         elif not ok and snapshots and not dry_run and target.exists():
             warnings.append(f"{target.name} kept for the next run; earlier snapshots are "

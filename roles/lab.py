@@ -281,11 +281,18 @@ def read_host_key(name: str) -> str:
     return f"{fields[0]} {fields[1]}"
 
 
-def start(name: str, image: str) -> None:
+def start(name: str, image: str, *, tmpfs: Sequence[str] = ()) -> None:
+    """Run container ``name``; ``tmpfs``: absolute paths that get a tmpfs of their own
+    (``--tmpfs PATH``: a second file system inside the tree, as ``rsync -x`` must skip)."""
     pubkey = (admin_key().with_suffix(".pub")).read_text().strip()
+    mounts: list[str] = []
+    for path in tmpfs:
+        if not path.startswith("/") or "," in path or ":" in path:
+            raise LabError(f"--tmpfs wants an absolute path without ',' or ':': {path!r}")
+        mounts += ["--tmpfs", path]
     engine(
         "run", "-d", "--name", name, "--hostname", name, "--init",
-        "--label", f"{LABEL}=1", "-p", "127.0.0.1::22",
+        "--label", f"{LABEL}=1", "-p", "127.0.0.1::22", *mounts,
         "-e", f"PULLBACK_ADMIN_PUBKEY={pubkey}", image,
     )
 
@@ -318,11 +325,14 @@ def container_image(name: str) -> str:
     return _out(engine("inspect", "--format", "{{.Config.Image}}", name))
 
 
-def ensure_host(name: str, image: str) -> LabHost:
-    """Start container ``name`` from ``image`` unless it runs; wait for its sshd."""
+def ensure_host(name: str, image: str, *, tmpfs: Sequence[str] = ()) -> LabHost:
+    """Start container ``name`` from ``image`` unless it runs; wait for its sshd.
+
+    ``tmpfs`` applies only when the container is started here (a running one is reused as
+    it is)."""
     if not is_running(name):
         engine("rm", "-f", name, check=False)
-        start(name, image)
+        start(name, image, tmpfs=tmpfs)
     elif container_image(name) != image:
         raise LabError(f"{name} runs {container_image(name)}, not {image}; "
                        "remove it first (invoke lab.down)")

@@ -52,12 +52,13 @@ class Lab:
             return self.images[release]
 
     def start(self, tag: str = "", image: str | None = None,
-              release: str | None = None) -> lab.LabHost:
+              release: str | None = None, tmpfs: tuple[str, ...] = ()) -> lab.LabHost:
+        """A new container; ``tmpfs``: paths inside it that get their own tmpfs mount."""
         if image is None and release is not None:
             image = self.image_for(release)
         name = f"{PREFIX}-{os.getpid()}-{next(_counter)}{'-' + tag if tag else ''}"
         self.started.append(name)
-        host = lab.ensure_host(name, image or self.image)
+        host = lab.ensure_host(name, image or self.image, tmpfs=tmpfs)
         return host
 
     def remove(self, host: lab.LabHost) -> None:

@@ -2,9 +2,12 @@
 
 One container for the module, hardened for real by ``setup_host`` (daemon forced command;
 the host's Debian rsync 3.2.7 serves it because /usr/local/bin/rsync is not built here) and
-seeded with a tree that hurts. Locally ``rsync.local_prefix`` has no build, so the fallback
+seeded with a tree that hurts, with a tmpfs mounted inside it (``MOUNT``: a second file
+system that ``-x`` must skip). Locally ``rsync.local_prefix`` has no build, so the fallback
 ``rsync`` on PATH is used, with its warning. Every comparison is path by path: type, mode,
-numeric owner, mtime (whole seconds), link target, content hash, and shared inodes.
+numeric owner, mtime (whole seconds), link target, content hash, and shared inodes; like
+``rsync -x`` it stays on the tree's file system (``find -xdev``): the mount point is
+compared, its contents are not.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import pytest
 
 from roles import backup as pulls
 from roles import keys, lab
-from roles.inventory import Host, load
+from roles.inventory import DEFAULT_OPTIONS, Host, load
 from roles.setup import setup_host
 from tests.integration.conftest import Lab
 
@@ -34,14 +37,18 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 INVOKE = str(Path(sys.executable).parent / "invoke")
 DATA = "/srv/data"
+MOUNT = f"{DATA}/mnt"  # the module's host mounts a tmpfs here (elsewhere: a plain folder)
 OPTIONS = ["-avzHx", "--numeric-ids", "--delete", "--progress"]
 
 SEED = r"""
 set -eu
 D=/srv/data
-rm -rf "$D"
-mkdir -p "$D/some/dir/deeper" "$D/empty"
+# Everything but mnt, which may be a mount point (rm -rf cannot remove one).
+mkdir -p "$D"
+find "$D" -mindepth 1 -maxdepth 1 ! -name mnt -exec rm -rf {} +
+mkdir -p "$D/some/dir/deeper" "$D/empty" "$D/mnt"
 cd "$D"
+printf 'on the second file system\n' > mnt/other-fs
 printf 'with spaces\n' > 'a file with spaces'
 printf 'newline\n' > "$(printf 'new\nline')"
 printf 'latin-1\n' > "$(printf 'caf\351')"
@@ -71,6 +78,20 @@ printf 'added\n' > 'added file' && mkdir -p added-dir/sub && chown 4243:4244 add
 ln hard1 added-dir/hard3
 chmod 0700 root-only
 chown 4243 some/dir/ghost-owned
+"""
+
+
+# The source comes back (nearly) empty, as when its data disk is not mounted: everything
+# moves aside but the mount point (then the tree is `.` and `mnt`); RESTORE moves it back.
+EMPTY = r"""
+set -eu
+mkdir /srv/away
+find /srv/data -mindepth 1 -maxdepth 1 ! -name mnt -exec mv -t /srv/away {} +
+"""
+RESTORE = r"""
+set -eu
+find /srv/away -mindepth 1 -maxdepth 1 -exec mv -t /srv/data {} +
+rmdir /srv/away
 """
 
 
@@ -141,7 +162,8 @@ def local_tree(top: Path) -> tuple[dict[bytes, Entry], dict[bytes, int]]:
 
 
 def assert_same(host: lab.LabHost, top: str, local: Path) -> dict[bytes, Entry]:
-    remote, remote_inodes = remote_tree(host, top)
+    """``local`` is an exact copy of ``top`` on the host's file system (as ``rsync -x``)."""
+    remote, remote_inodes = remote_tree(host, top, xdev=True)
     mine, my_inodes = local_tree(local)
     assert sorted(mine) == sorted(remote)
     for rel, entry in remote.items():
@@ -169,7 +191,7 @@ def summary_of(result: subprocess.CompletedProcess, dest: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def remote(lab_env: Lab) -> Iterator[lab.LabHost]:
-    host = lab_env.start("backup")
+    host = lab_env.start("backup", tmpfs=(MOUNT,))
     try:
         yield host
     finally:
@@ -225,6 +247,8 @@ def test_mirror_backup_is_an_exact_copy_then_follows_changes(remote, mirror):
     assert tree[b"new\nline"][0] == "f" and tree[b"caf\xe9"][0] == "f"
     assert tree[b"dangling"][0] == "l" and tree[b"empty"][0] == "d"
     assert tree[b"big.bin"][0] == "f" and (dest / "big.bin").stat().st_size == 20_000_000
+    # -x: the mount point is copied (an empty folder with the mount's metadata), not its file.
+    assert tree[b"mnt"][0] == "d" and os.listdir(dest / "mnt") == []
 
     summary = summary_of(result, dest)
     assert summary["ok"] and summary["mode"] == "mirror"
@@ -298,6 +322,54 @@ def test_restore_round_trips_a_folder_and_refuses_a_non_empty_target(remote, mir
                     "--path", f"{DATA}/../etc", "--to", str(work / "escape"))
     assert escape.returncode == 2 and "'..'" in escape.stderr
     assert not (work / "escape").exists()
+
+
+def test_x_copies_the_mount_point_but_not_the_second_file_system(lab_env, remote, mirror,
+                                                                 work):
+    """The default options (-avzx, no -H): the tmpfs at MOUNT arrives as an empty folder."""
+    data_dev, mount_dev = sh(remote, f"stat -c %d {DATA} {MOUNT}").split()
+    assert data_dev != mount_dev, "MOUNT is not a file system of its own"
+    assert b"mnt/other-fs" in remote_tree(remote, DATA)[0]  # there, one file system down
+    inventory, host = write_inventory(lab_env, remote, work, "default-options",
+                                      options=list(DEFAULT_OPTIONS))
+    dest = Path(host.destination)
+    result = invoke("backup", "--inventory", str(inventory))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "-avzx" in summary_of(result, dest)["argv"]
+    assert (dest / "mnt").is_dir() and not (dest / "mnt").is_symlink()
+    assert os.listdir(dest / "mnt") == [] and not os.path.lexists(dest / "mnt" / "other-fs")
+    # Path by path what find -xdev sees, the mount point's own metadata (its tmpfs root's)
+    # included; without -H hard links arrive as separate copies, so no inode check.
+    theirs = remote_tree(remote, DATA, xdev=True)[0]
+    assert b"mnt" in theirs and b"mnt/other-fs" not in theirs
+    assert local_tree(dest)[0] == theirs
+
+
+def test_mirror_guard_stops_the_deletions_of_an_emptied_source(lab_env, remote, mirror, work):
+    """Mirror mode: backup.max_delete is rsync's --max-delete (exit 25, explained)."""
+    inventory, host = write_inventory(lab_env, remote, work, "mirror-guarded", max_delete=3)
+    dest = Path(host.destination)
+    first = invoke("backup", "--inventory", str(inventory))
+    assert first.returncode == 0, first.stdout + first.stderr
+    before = set(local_tree(dest)[0])
+    assert len(before) > 15
+    sh(remote, EMPTY)
+    try:
+        stopped = invoke("backup", "--inventory", str(inventory))
+    finally:
+        sh(remote, RESTORE)
+    assert stopped.returncode == 1, stopped.stdout + stopped.stderr
+    assert stopped.stdout.splitlines()[1].split()[:2] == [remote.name, "failed"]
+    assert "rsync exit 25: Deletions stopped due to --max-delete limit" in stopped.stderr
+    assert "check the server before raising backup.max_delete" in stopped.stderr
+    after = set(local_tree(dest)[0])
+    assert after <= before and len(before - after) <= 3, sorted(before - after)
+    summary = summary_of(stopped, dest)
+    assert summary["exit_code"] == 25 and "--max-delete=3" in summary["argv"]
+    # The source is back: the next run is an exact copy again.
+    again = invoke("backup", "--inventory", str(inventory))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert_same(remote, DATA, dest)
 
 
 # --- snapshot mode --------------------------------------------------------------------------
@@ -375,4 +447,47 @@ def test_a_killed_pull_keeps_the_snapshots_and_the_next_run_resumes(lab_env, rem
     assert pulls.partial_snapshots(os.listdir(dest)) == []
     newest = os.readlink(dest / "latest")
     assert newest not in before and len(pulls.complete_snapshots(os.listdir(dest))) == 2
+    assert_same(remote, DATA, dest / newest)
+
+
+def test_snapshot_guard_refuses_an_emptied_source_and_the_next_run_goes_on(lab_env, remote,
+                                                                           mirror, work):
+    """A new snapshot deletes nothing, so --max-delete cannot fire: the file count of the
+    run is compared with the newest snapshot's, and a collapse is never promoted."""
+    inventory, host = write_inventory(lab_env, remote, work, "guarded", snapshots=2,
+                                      max_delete=3)
+    dest = Path(host.destination)
+    for _ in range(2):
+        result = invoke("backup", "--inventory", str(inventory))
+        assert result.returncode == 0, result.stdout + result.stderr
+    good = pulls.complete_snapshots(os.listdir(dest))
+    assert len(good) == 2 and os.readlink(dest / "latest") == good[-1]
+    files = summary_of(result, dest)["stats"]["files"]
+    kept = {name: local_tree(dest / name) for name in good}
+    sh(remote, EMPTY)
+    try:
+        # More refused runs than snapshots kept: pruning would otherwise have begun.
+        refused = [invoke("backup", "--inventory", str(inventory)) for _ in range(3)]
+    finally:
+        sh(remote, RESTORE)
+    for run in refused:
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert run.stdout.splitlines()[1].split()[:2] == [remote.name, "failed"]
+        assert (f"refused to promote the run: the source has 2 files, the newest snapshot "
+                f"{good[-1]} has {files} (") in run.stderr  # `.` and the mount point
+        assert f"{files - 2} fewer, more than backup.max_delete 3" in run.stderr
+    summary = summary_of(refused[-1], dest)
+    assert not summary["ok"] and summary["pruned"] == [] and summary["snapshot"] is None
+    assert summary["stats"]["files"] == 2 and "--link-dest=" + str(dest / good[-1]) in \
+        summary["argv"]
+    assert sorted(os.listdir(dest)) == sorted([*good, "latest"])  # no .partial left behind
+    assert os.readlink(dest / "latest") == good[-1]
+    assert {name: local_tree(dest / name) for name in good} == kept
+
+    # The data is back: the next run is promoted, linked to the last good snapshot.
+    back = invoke("backup", "--inventory", str(inventory))
+    assert back.returncode == 0, back.stdout + back.stderr
+    newest = os.readlink(dest / "latest")
+    assert pulls.complete_snapshots(os.listdir(dest)) == [good[-1], newest]
+    assert (dest / newest / "big.bin").stat().st_ino == (dest / good[-1] / "big.bin").stat().st_ino
     assert_same(remote, DATA, dest / newest)

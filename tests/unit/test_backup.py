@@ -450,6 +450,96 @@ def test_run_backup_failure_keeps_snapshots_and_the_next_run_resumes(tmp_path, f
     assert sorted(os.listdir(again.snapshot)) == ["change", "keep"]
 
 
+def test_check_shrink_limits():
+    assert b.check_shrink(90, 100, "S", "w", 10) is None  # exactly max_delete fewer: fine
+    assert b.check_shrink(500, 100, "S", "w", 0) is None  # growth is never refused
+    refused = b.check_shrink(89, 100, "S", "w", 10)
+    assert "has 89 files" in refused and "S has 100 (w): 11 fewer" in refused
+    assert "backup.max_delete 10" in refused
+    assert b.check_shrink(99, 100, "S", "w", 0)  # 0: any drop is refused
+    assert "no 'Number of files'" in b.check_shrink(None, 100, "S", "w", 10)
+
+
+def test_count_entries_counts_what_rsync_counts(tmp_path):
+    stats = b.parse_stats(real_stats(tmp_path))
+    (tmp_path / "dst" / "sub" / "dangling").symlink_to("/nonexistent")
+    (tmp_path / "dst" / "dirlink").symlink_to("sub")  # a link to a folder is not followed
+    assert b.count_entries(tmp_path / "dst") == stats["files"] + 2
+
+
+def test_snapshot_guard_refuses_an_emptied_source(tmp_path, fake):
+    """A new snapshot deletes nothing, so --max-delete never fires: the guard compares the
+    file counts and neither promotes the run nor prunes, and the next good run goes on."""
+    host = make_host(tmp_path, snapshots=2, max_delete=1)
+    dest = tmp_path / "web1"
+    (fake / "sub").mkdir()
+    (fake / "sub" / "more").write_text("more\n")
+    first = b.run_backup(host, dry_run=False, tty=False)
+    second = b.run_backup(host, dry_run=False, tty=False)
+    assert first.ok and second.ok and first.stats["files"] == 5  # ., keep, change, sub, more
+    good = b.complete_snapshots(os.listdir(dest))
+    assert good == [Path(first.snapshot).name, Path(second.snapshot).name]
+
+    shutil.rmtree(fake / "sub")
+    (fake / "keep").unlink()
+    (fake / "change").unlink()
+    # A dry run only warns: it promotes nothing anyway.
+    dry = b.run_backup(host, dry_run=True, tty=False)
+    assert dry.ok and "a real run would be refused: the source has 1 files" in dry.warning
+    for _ in range(3):  # more runs than snapshots kept: still nothing is pruned
+        refused = b.run_backup(host, dry_run=False, tty=False)
+        assert not refused.ok and refused.exit_code == 0 and refused.snapshot is None
+        assert refused.stats["files"] == 1
+        assert (f"the source has 1 files, the newest snapshot {good[-1]} has 5 "
+                f"({b.state_dir(host) / 'logs' / good[-1]}.json): 4 fewer, more than "
+                "backup.max_delete 1") in refused.error
+        assert b.result_label(refused) == "failed"
+        assert sorted(os.listdir(dest)) == sorted([*good, "latest"])  # no .partial either
+        assert os.readlink(dest / "latest") == good[-1]
+        assert sorted(os.listdir(dest / good[-1])) == ["change", "keep", "sub"]
+        summary = json.loads(Path(refused.summary_path).read_text())
+        assert not summary["ok"] and summary["pruned"] == [] and summary["snapshot"] is None
+
+    # The guard needs the newest snapshot's summary only as a shortcut: without it (logs
+    # pruned after many refused runs), the snapshot is counted on disk.
+    (b.state_dir(host) / "logs" / f"{good[-1]}.json").unlink()
+    again = b.run_backup(host, dry_run=False, tty=False)
+    assert not again.ok and f"has 5 (counted in {dest / good[-1]})" in again.error
+
+    # One file fewer is within max_delete 1; with the data back the next run succeeds.
+    (fake / "keep").write_text("same in every snapshot\n")
+    (fake / "change").write_text("v2\n")
+    (fake / "sub").mkdir()
+    back = b.run_backup(host, dry_run=False, tty=False)
+    assert back.ok, back.error
+    assert back.stats["files"] == 4 and back.warning is None
+    assert b.complete_snapshots(os.listdir(dest)) == [good[-1], Path(back.snapshot).name]
+    assert os.readlink(dest / "latest") == Path(back.snapshot).name
+
+
+def test_snapshot_guard_is_off_without_max_delete(tmp_path, fake):
+    host = make_host(tmp_path, snapshots=2)
+    assert b.run_backup(host, dry_run=False, tty=False).ok
+    for name in ("keep", "change"):
+        (fake / name).unlink()
+    empty = b.run_backup(host, dry_run=False, tty=False)
+    assert empty.ok and os.listdir(empty.snapshot) == []
+
+
+def test_mirror_guard_is_rsyncs_max_delete(tmp_path, fake):
+    """Mirror mode: --max-delete stops rsync's deletions (exit 25), the files stay."""
+    host = make_host(tmp_path, max_delete=1)
+    dest = tmp_path / "web1"
+    assert b.run_backup(host, dry_run=False, tty=False).ok
+    for name in ("keep", "change"):
+        (fake / name).unlink()
+    stopped = b.run_backup(host, dry_run=False, tty=False)
+    assert not stopped.ok and stopped.exit_code == 25
+    assert "Deletions stopped due to --max-delete limit" in stopped.error
+    assert "check the server before raising backup.max_delete" in stopped.error
+    assert len(os.listdir(dest)) == 1  # one deletion allowed, the other stopped
+
+
 def test_run_backup_code_24_is_a_success_with_a_warning(tmp_path, fake, monkeypatch):
     monkeypatch.setenv("FAKE_EXIT", "24")
     result = b.run_backup(make_host(tmp_path, snapshots=1), dry_run=False, tty=False)
