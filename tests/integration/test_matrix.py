@@ -7,7 +7,10 @@ step runs for the whole fleet in ONE call, concurrently, as the tasks do:
 build-rsync (the same upstream 3.2.7 on every host and on the client, from a loopback
 mirror serving Debian's byte-identical orig tarball), setup-remote (twice: the second run
 must change nothing anywhere), and a daemon-mode backup of /etc compared path by path.
-Captured mode is not covered here yet (it is being built); daemon mode is.
+Then every host is switched to captured mode (a second inventory, its own destinations, so
+the daemon copies stay as they are): setup-remote installs no key for captured mode,
+capture-command records what the matrix build sends and installs the gate, a captured-mode
+backup of /etc is compared path by path again, and one more setup-remote changes nothing.
 
 ``PULLBACK_MATRIX=bookworm`` (comma-separated) runs a subset locally; CI runs all three.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -27,13 +31,14 @@ from typing import Any
 
 import pytest
 
-from roles import backup, fleet, keys, lab, mirror, platforms, setup
+from roles import backup, capture, fleet, keys, lab, mirror, platforms, setup
 from roles import rsync_build as rb
 from roles.connection import connect, run
 from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
 from roles.inventory import Host, load
 from tests.integration.conftest import Lab, infra_host
 from tests.integration.test_backup import local_tree, remote_tree
+from tests.integration.test_setup_remote import snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.matrix]
 
@@ -44,6 +49,9 @@ FORCED = f"{PREFIX}/bin/rsync --server --daemon ."
 SOURCE = "/etc"
 OPTIONS = ["-aHx", "--numeric-ids", "--delete"]
 WATCHED = (SSHD_CONFIG, AUTHORIZED_KEYS, RSYNCD_CONF)
+# Captured mode adds pullback's own root-only folders and scripts on the host.
+CAPTURED_WATCHED = (*WATCHED, "/root/.ssh", capture.LIBEXEC, capture.GATE,
+                    capture.CAPTURE_SCRIPT, capture.REMOTE_STATE, capture.CAPTURED_FILE)
 DEBIAN_VERSION = {"bullseye": "11.", "bookworm": "12.", "trixie": "13."}
 
 
@@ -66,6 +74,7 @@ RELEASES = selected_releases()
 @dataclass
 class Matrix:
     hosts: dict[str, Host]  # release -> inventory host
+    captured: dict[str, Host]  # release -> the same host in captured mode
     labs: dict[str, lab.LabHost]
     work: Path
     timings: dict[str, float]
@@ -136,16 +145,20 @@ def matrix(lab_env: Lab, source_url: str,
             lambda r: lab_env.start(r, release=r), RELEASES)))
     labs = dict(zip(RELEASES, started, strict=True))
     try:
-        inventory = lab_env.inventory(started, path=work / "inventory.yaml", defaults={
-            "rsync": {"version": VERSION, "url": source_url, "prefix": PREFIX,
-                      "local_prefix": str(work / "local")},
-            "backup": {"destination": str(work / "backups" / "{name}"), "source": SOURCE,
-                       "options": OPTIONS},
-        })
-        loaded = load(inventory)
-        hosts = {r: loaded.hosts[labs[r].name] for r in RELEASES}
+        def inventory(name: str, mode: str) -> dict[str, Host]:
+            path = lab_env.inventory(started, path=work / f"{name}.yaml", defaults={
+                "forced_command": mode,
+                "rsync": {"version": VERSION, "url": source_url, "prefix": PREFIX,
+                          "local_prefix": str(work / "local")},
+                "backup": {"destination": str(work / name / "{name}"), "source": SOURCE,
+                           "options": OPTIONS},
+            })
+            loaded = load(path)
+            return {r: loaded.hosts[labs[r].name] for r in RELEASES}
+
+        hosts, captured = inventory("backups", "daemon"), inventory("captured", "captured")
         keys.ensure_backup_key(Path(hosts[RELEASES[0]].backup_key))
-        yield Matrix(hosts, labs, work, timings)
+        yield Matrix(hosts, captured, labs, work, timings)
     finally:
         print(f"\nmatrix timings: {timings}")
         for host in started:
@@ -159,11 +172,22 @@ def built(matrix: Matrix) -> list[rb.EndResult]:
         list(matrix.hosts.values()), cache_dir=matrix.work / "cache", log=lambda _: None))
 
 
-def setup_all(matrix: Matrix) -> dict[str, setup.Outcome]:
-    outcomes = fleet.for_each(
-        list(matrix.hosts.values()), setup.setup_host,
-        lambda host, exc: setup.Outcome(host.name, {}, error=f"{type(exc).__name__}: {exc}"))
+def failed(host: Host, exc: Exception) -> setup.Outcome:
+    return setup.Outcome(host.name, {}, error=f"{type(exc).__name__}: {exc}")
+
+
+def setup_all(hosts: dict[str, Host]) -> dict[str, setup.Outcome]:
+    outcomes = fleet.for_each(list(hosts.values()), setup.setup_host, failed)
     return {o.host: o for o in outcomes}
+
+
+def backup_all(hosts: dict[str, Host]) -> dict[str, backup.BackupResult]:
+    results = fleet.for_each(
+        list(hosts.values()),
+        lambda host: backup.run_backup(host, dry_run=False, tty=False),
+        lambda host, exc: backup.BackupResult(host.name, False, None, 0.0,
+                                              error=f"{type(exc).__name__}: {exc}"))
+    return {r.host: r for r in results}
 
 
 @dataclass
@@ -178,9 +202,9 @@ class Converged:
 def converged(matrix: Matrix, built: list[rb.EndResult]) -> Converged:
     """setup-remote over the fleet, then once more."""
     assert all(r.error is None for r in built), [r.error for r in built if r.error]
-    first = timed(matrix.timings, "setup-remote", lambda: setup_all(matrix))
+    first = timed(matrix.timings, "setup-remote", lambda: setup_all(matrix.hosts))
     before = {r: (watched(h), sighups(h)) for r, h in matrix.labs.items()}
-    second = timed(matrix.timings, "setup-remote again", lambda: setup_all(matrix))
+    second = timed(matrix.timings, "setup-remote again", lambda: setup_all(matrix.hosts))
     after = {r: (watched(h), sighups(h)) for r, h in matrix.labs.items()}
     return Converged(first, second, before, after)
 
@@ -188,12 +212,68 @@ def converged(matrix: Matrix, built: list[rb.EndResult]) -> Converged:
 @pytest.fixture(scope="module")
 def backed_up(matrix: Matrix, converged: Converged) -> dict[str, backup.BackupResult]:
     assert all(o.error is None for o in converged.first.values())
-    results = timed(matrix.timings, "backup", lambda: fleet.for_each(
-        list(matrix.hosts.values()),
-        lambda host: backup.run_backup(host, dry_run=False, tty=False),
-        lambda host, exc: backup.BackupResult(host.name, False, None, 0.0,
-                                              error=f"{type(exc).__name__}: {exc}")))
-    return {r.host: r for r in results}
+    return timed(matrix.timings, "backup", lambda: backup_all(matrix.hosts))
+
+
+def pull_uncaptured(host: Host, dest: Path) -> subprocess.CompletedProcess:
+    """A captured-mode pull (``root@ADDR:/etc/``) with the backup key, exactly as backup
+    would run it, before any capture: whatever key line the host has must not serve it."""
+    argv = backup.build_argv(host, dry_run=False, tty=False,
+                             local_rsync=host.rsync.local_binary, dest=str(dest))
+    return subprocess.run(argv, capture_output=True, text=True, errors="replace",
+                          timeout=60, check=False, stdin=subprocess.DEVNULL)
+
+
+@dataclass
+class Switched:
+    """Every release switched to captured mode after its daemon-mode backup."""
+    daemon_copies: dict[str, dict]  # release -> local_tree of the daemon copy, before
+    first_setup: dict[str, setup.Outcome]  # setup-remote in captured mode, no capture yet
+    before_setup: dict[str, dict[str, str]]  # release -> snapshot of CAPTURED_WATCHED
+    after_setup: dict[str, dict[str, str]]
+    uncaptured: dict[str, subprocess.CompletedProcess]  # a captured-mode pull, then
+    captures: dict[str, setup.Outcome]  # capture-command
+    records: dict[str, capture.CaptureRecord | None]
+    backups: dict[str, backup.BackupResult]
+    again: dict[str, setup.Outcome]  # setup-remote once more, after the capture
+    before_again: dict[str, tuple[dict[str, str], int]]  # (snapshot, SIGHUPs)
+    after_again: dict[str, tuple[dict[str, str], int]]
+
+
+@pytest.fixture(scope="module")
+def switched(matrix: Matrix, backed_up: dict[str, backup.BackupResult]) -> Switched:
+    """setup-remote, capture-command, backup and setup-remote again, all in captured mode."""
+    hosts, labs, timings = matrix.captured, matrix.labs, matrix.timings
+    daemon_copies = {r: local_tree(Path(h.destination))[0] for r, h in matrix.hosts.items()}
+    before_setup = {r: snapshot(h, CAPTURED_WATCHED) for r, h in labs.items()}
+    first = timed(timings, "captured: setup-remote", lambda: setup_all(hosts))
+    after_setup = {r: snapshot(h, CAPTURED_WATCHED) for r, h in labs.items()}
+    uncaptured = timed(timings, "captured: pull before capture", lambda: dict(zip(
+        RELEASES, fleet.for_each(
+            list(hosts.values()),
+            lambda h: pull_uncaptured(h, matrix.work / "uncaptured" / h.name),
+            lambda h, exc: subprocess.CompletedProcess([], -1, "", f"{exc}")),
+        strict=True)))
+    # capture-command's per-host entry, on the fleet as the task runs it.
+    captured = timed(timings, "captured: capture-command", lambda: {
+        o.host: o for o in fleet.for_each(list(hosts.values()), capture.capture_host,
+                                          failed)})
+    records = {r: capture.load_record(h) for r, h in hosts.items()}
+    backups = timed(timings, "captured: backup", lambda: backup_all(hosts))
+    before_again = {r: (snapshot(h, CAPTURED_WATCHED), sighups(h)) for r, h in labs.items()}
+    again = timed(timings, "captured: setup-remote again", lambda: setup_all(hosts))
+    after_again = {r: (snapshot(h, CAPTURED_WATCHED), sighups(h)) for r, h in labs.items()}
+    return Switched(daemon_copies, first, before_setup, after_setup, uncaptured, captured,
+                    records, backups, again, before_again, after_again)
+
+
+def assert_exact_copy(lab_host: lab.LabHost, dest: Path) -> dict:
+    """``dest`` holds the host's SOURCE path by path (``find -xdev``, as ``rsync -x``)."""
+    mine, theirs = local_tree(dest)[0], remote_tree(lab_host, SOURCE, xdev=True)[0]
+    assert sorted(mine) == sorted(theirs)
+    different = {rel: (theirs[rel], mine[rel]) for rel in theirs if mine[rel] != theirs[rel]}
+    assert different == {}
+    return mine
 
 
 # --- build-rsync ----------------------------------------------------------------------------
@@ -292,12 +372,94 @@ def test_daemon_backup_of_etc_is_exact(matrix: Matrix, backed_up, release):
     assert result.ok and result.error is None, result
     assert result.warning is None, result.warning  # the local end used the matrix build
     dest = Path(host.destination)
-    mine, theirs = local_tree(dest)[0], remote_tree(lab_host, SOURCE, xdev=True)[0]
-    assert sorted(mine) == sorted(theirs)
-    different = {rel: (theirs[rel], mine[rel]) for rel in theirs if mine[rel] != theirs[rel]}
-    assert different == {}
+    mine = assert_exact_copy(lab_host, dest)
     # It is this release's /etc (each host went to its own destination), and root-only
     # files came along: the daemon reads as uid 0.
     assert (dest / "debian_version").read_text().startswith(DEBIAN_VERSION[release])
     assert mine[b"shadow"][1] == 0o640 and mine[b"shadow"][6] is not None
     assert mine[b"ssh/ssh_host_ed25519_key"][1:3] == (0o600, 0)
+
+
+# --- captured mode --------------------------------------------------------------------------
+
+
+def test_captured_setup_installs_no_usable_key_before_a_capture(matrix: Matrix,
+                                                                switched: Switched):
+    for release, host in matrix.captured.items():
+        outcome = switched.first_setup[host.name]
+        assert outcome.error is None, (release, outcome)
+        # No key line written, no gate, no rsyncd.conf step (daemon mode only), no reload.
+        assert outcome.steps == {"sshd_config": "ok", "authorized_keys": "skipped"}, release
+        assert outcome.actions == () and outcome.diffs == (), release
+        assert "no captured command yet: no key installed; run `invoke capture-command`" \
+            in outcome.warnings, (release, outcome.warnings)
+        assert switched.after_setup[release] == switched.before_setup[release], release
+        assert switched.after_setup[release][capture.GATE] == "missing", release
+        # The daemon line it leaves in place serves no captured-mode pull: its greeting is
+        # no rsync sender, and nothing arrives.
+        pulled = switched.uncaptured[release]
+        assert pulled.returncode not in backup.OK_CODES, (release, pulled.stderr)
+        assert "protocol version mismatch" in pulled.stderr, (release, pulled.stderr)
+        assert not any((matrix.work / "uncaptured" / host.name).glob("*")), release
+
+
+def test_capture_records_the_matrix_rsync_on_every_release(matrix: Matrix,
+                                                          switched: Switched):
+    for release, host in matrix.captured.items():
+        outcome = switched.captures[host.name]
+        assert outcome.error is None, (release, outcome)
+        assert outcome.steps == {
+            "capture-script": "changed", "capture": "ok", "capture-dry-run": "ok",
+            "gate": "changed", "authorized_keys": "changed", "record": "written",
+            "proof-dry-run": "ok"}, release
+        # Both ends run the matrix build: no "not installed"/"not built" fallback.
+        assert outcome.warnings == (), (release, outcome.warnings)
+        record = switched.records[release]
+        assert record is not None, release
+        assert record.command.startswith(f"{PREFIX}/bin/rsync --server --sender -"), \
+            (release, record.command)
+        assert record.command.endswith(f" . {SOURCE}/"), (release, record.command)
+        assert record.dry_run_command.startswith(f"{PREFIX}/bin/rsync --server --sender -")
+        assert (record.remote_rsync, record.remote_version) == (f"{PREFIX}/bin/rsync",
+                                                                VERSION_LINE), release
+        assert (record.local_rsync, record.local_version) == (host.rsync.local_binary,
+                                                              VERSION_LINE), release
+        assert f"runs: {record.command}" in outcome.actions, release
+        state = switched.before_again[release][0]
+        assert state[capture.GATE].endswith(" 700 0 0"), (release, state)
+        assert state[capture.CAPTURED_FILE] == "missing", release  # read, then removed
+        assert sh(matrix.labs[release], f"cat {AUTHORIZED_KEYS}").startswith(
+            f'restrict,command="{capture.GATE}",'.encode()), release
+    # The same rsync on every end sends the same command to every release.
+    recorded = {r.sent for r in switched.records.values() if r is not None}
+    assert len(recorded) == 1, recorded
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_captured_backup_of_etc_is_exact(matrix: Matrix, switched: Switched, release):
+    host, lab_host = matrix.captured[release], matrix.labs[release]
+    result = switched.backups[host.name]
+    assert result.ok and result.error is None, result
+    assert result.warning is None, result.warning
+    dest = Path(host.destination)
+    assert dest != Path(matrix.hosts[release].destination)
+    mine = assert_exact_copy(lab_host, dest)
+    assert (dest / "debian_version").read_text().startswith(DEBIAN_VERSION[release])
+    # The gate runs the sender as root: root-only files came along.
+    assert mine[b"shadow"][1] == 0o640 and mine[b"shadow"][6] is not None
+    assert mine[b"ssh/ssh_host_ed25519_key"][1:3] == (0o600, 0)
+    # The daemon-mode copy was not touched by the switch.
+    daemon_dest = Path(matrix.hosts[release].destination)
+    assert local_tree(daemon_dest)[0] == switched.daemon_copies[release]
+
+
+def test_a_second_captured_setup_changes_nothing_on_any_release(matrix: Matrix,
+                                                                switched: Switched):
+    for release, host in matrix.captured.items():
+        outcome = switched.again[host.name]
+        assert outcome.error is None, (release, outcome)
+        assert outcome.steps == {"sshd_config": "ok", "authorized_keys": "ok", "gate": "ok",
+                                 "folders": "ok"}, (release, outcome.steps)
+        assert outcome.actions == () and outcome.diffs == (), release
+        assert outcome.warnings == (), (release, outcome.warnings)
+        assert switched.after_again[release] == switched.before_again[release], release
