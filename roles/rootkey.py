@@ -311,19 +311,23 @@ def _describe(entry: _Entry) -> str:
     return f"{label} {entry.comment}" if entry.comment else label
 
 
-def plan_authorized_keys(current: bytes | None, line: str, key: PublicKey) -> KeysPlan:
-    """Put ``line`` (the backup key's rendered line) into ``current``.
+def plan_authorized_keys(current: bytes | None, line: str | None, key: PublicKey) -> KeysPlan:
+    """Put ``line`` (the backup key's rendered line) into ``current``; None removes it.
 
     Every other line is kept byte for byte. The managed line is the first line carrying
     ``key.blob``: it is rewritten in place (with that line's own ending) and later lines
     with the same blob are dropped. Without one, the line is appended using the file's
-    line ending (that of its first line), after adding a missing final newline.
+    line ending (that of its first line), after adding a missing final newline. With
+    ``line=None`` every line carrying ``key.blob`` is dropped: the key grants nothing.
     """
-    entry = _parse_entry(line)
-    if entry is None or entry.blob != key.blob or "\n" in line or "\r" in line:
-        raise ValueError("the key line must be one authorized_keys line for this key")
-    wanted = line.encode()
+    if line is not None:
+        entry = _parse_entry(line)
+        if entry is None or entry.blob != key.blob or "\n" in line or "\r" in line:
+            raise ValueError("the key line must be one authorized_keys line for this key")
+    wanted = line.encode() if line is not None else None
     if not current:
+        if wanted is None:
+            return KeysPlan(current, current or b"", False, 0, ())
         return KeysPlan(current, wanted + b"\n", True, 0, ())
 
     lines = split_lines(current)
@@ -343,13 +347,13 @@ def plan_authorized_keys(current: bytes | None, line: str, key: PublicKey) -> Ke
             ours = key.blob in text.split()
         if ours:
             replaced += 1
-            if replaced == 1:
+            if replaced == 1 and wanted is not None:
                 out.append(wanted + (eol or file_eol))
             continue
         if found is not None and not any(o.lower().startswith("command=") for o in found.options):
             unrestricted.append(_describe(found))
         out.append(raw)
-    if not replaced:
+    if not replaced and wanted is not None:
         if not out[-1].endswith(b"\n"):
             out[-1] += file_eol
         out.append(wanted + file_eol)

@@ -158,8 +158,21 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
     fix_root_ssh = root_ssh != (0o700, 0, 0)
     current_keys = facts.content(AUTHORIZED_KEYS)
     if forced_command is None:
-        steps["authorized_keys"] = "skipped"
-        warnings.append("no captured command yet: no key installed; run `invoke capture-command`")
+        # Captured mode before a capture: the key must grant nothing, so a line it still
+        # has from another mode (a daemon forced command) goes.
+        key = rootkey.parse_public_key(public_key)
+        removal = rootkey.plan_authorized_keys(current_keys, None, key)
+        fact = facts.files.get(AUTHORIZED_KEYS)
+        if removal.changed and fact is not None:
+            changes.append(FileChange("authorized_keys", AUTHORIZED_KEYS, current_keys,
+                                      removal.new, fact.mode, fact.uid, fact.gid))
+            steps["authorized_keys"] = "removed"
+            warnings.append("no captured command yet: the backup key's earlier line was "
+                            "removed; run `invoke capture-command`")
+        else:
+            steps["authorized_keys"] = "skipped"
+            warnings.append("no captured command yet: no key installed; "
+                            "run `invoke capture-command`")
     else:
         key = rootkey.parse_public_key(public_key)
         restrict = facts.openssh is None or platforms.supports_restrict(facts.openssh)

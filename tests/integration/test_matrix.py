@@ -388,18 +388,21 @@ def test_captured_setup_installs_no_usable_key_before_a_capture(matrix: Matrix,
     for release, host in matrix.captured.items():
         outcome = switched.first_setup[host.name]
         assert outcome.error is None, (release, outcome)
-        # No key line written, no gate, no rsyncd.conf step (daemon mode only), no reload.
-        assert outcome.steps == {"sshd_config": "ok", "authorized_keys": "skipped"}, release
+        # The key's daemon-mode line goes (the key must grant nothing before a capture);
+        # no gate, no rsyncd.conf step (daemon mode only), no reload.
+        assert outcome.steps == {"sshd_config": "ok", "authorized_keys": "removed"}, release
         assert outcome.actions == () and outcome.diffs == (), release
-        assert "no captured command yet: no key installed; run `invoke capture-command`" \
-            in outcome.warnings, (release, outcome.warnings)
-        assert switched.after_setup[release] == switched.before_setup[release], release
-        assert switched.after_setup[release][capture.GATE] == "missing", release
-        # The daemon line it leaves in place serves no captured-mode pull: its greeting is
-        # no rsync sender, and nothing arrives.
+        assert "no captured command yet: the backup key's earlier line was removed; run " \
+            "`invoke capture-command`" in outcome.warnings, (release, outcome.warnings)
+        before, after = switched.before_setup[release], switched.after_setup[release]
+        assert {k: v for k, v in after.items() if k != AUTHORIZED_KEYS} == \
+            {k: v for k, v in before.items() if k != AUTHORIZED_KEYS}, release
+        assert after[AUTHORIZED_KEYS] != before[AUTHORIZED_KEYS], release
+        assert after[capture.GATE] == "missing", release
+        # With no line the key is refused outright, and nothing arrives.
         pulled = switched.uncaptured[release]
         assert pulled.returncode not in backup.OK_CODES, (release, pulled.stderr)
-        assert "protocol version mismatch" in pulled.stderr, (release, pulled.stderr)
+        assert "Permission denied" in pulled.stderr, (release, pulled.stderr)
         assert not any((matrix.work / "uncaptured" / host.name).glob("*")), release
 
 

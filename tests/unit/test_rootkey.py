@@ -413,3 +413,20 @@ def test_plan_rejects_line_for_another_key() -> None:
 )
 def test_diff(plan: KeysPlan, expected: str) -> None:
     assert plan.diff() == expected
+
+
+@pytest.mark.parametrize(
+    ("current", "expected"),
+    [
+        (None, b""),
+        (b"", b""),
+        (b"# admin\r\n" + ADMIN_B + b"\r\n" + LINE_B + b"\r\n", b"# admin\r\n" + ADMIN_B + b"\r\n"),
+        (OLD_B + b"\n" + ADMIN_B + b"\n" + LINE_B, ADMIN_B + b"\n"),  # every copy goes
+        (ADMIN_B + b"\n", ADMIN_B + b"\n"),  # not there: nothing changes
+    ],
+    ids=["missing-file", "empty-file", "crlf-others-kept", "duplicates", "absent"],
+)
+def test_plan_removes_the_managed_key(current: bytes | None, expected: bytes) -> None:
+    plan = plan_authorized_keys(current, None, KEY)
+    assert plan.new == expected
+    assert plan.changed == (current is not None and expected != current)

@@ -289,6 +289,22 @@ def test_captured_mode_without_a_capture_installs_no_key():
     assert any("capture-command" in w for w in plan.warnings)
 
 
+def test_captured_mode_without_a_capture_removes_the_keys_earlier_line():
+    host = HOST.model_copy(update={"forced_command": "captured"})
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOjU+F2JOd0QARlf267qaP3SXDRhcS6OKWP3RfcIOxyH x"
+    keys = f"# ops\n{KEY_LINE}\ncommand=\"/bin/true\" {other}\n".encode()
+    plan = plan_setup(make_facts({SSHD_CONFIG: STOCK, AUTHORIZED_KEYS: (keys, 0o600, 0, 0)}),
+                      host, PUBLIC_KEY, None)
+    change = next(c for c in plan.changes if c.step == "authorized_keys")
+    assert change.new == f"# ops\ncommand=\"/bin/true\" {other}\n".encode()
+    assert plan.steps["authorized_keys"] == "removed"
+    again = plan_setup(make_facts({SSHD_CONFIG: STOCK,
+                                   AUTHORIZED_KEYS: (change.new, 0o600, 0, 0)}),
+                       host, PUBLIC_KEY, None)
+    assert [c.step for c in again.changes] == ["sshd_config"]
+    assert again.steps["authorized_keys"] == "skipped"
+
+
 def test_old_openssh_gets_no_restrict_option():
     plan = plan_setup(make_facts({SSHD_CONFIG: STOCK}, openssh=(7, 1)), HOST, PUBLIC_KEY, FORCED)
     keys_change = next(c for c in plan.changes if c.step == "authorized_keys")
