@@ -66,7 +66,9 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
+from roles import rsync_errors
 from roles.inventory import Host
+from roles.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
 
 STATE_SUFFIX = ".pullback"
 PARTIAL = ".partial"
@@ -282,53 +284,6 @@ class OutputScanner:
         return bytes(self._tail[-self._tail_bytes:]).decode(errors="replace")
 
 
-EXIT_CODES: dict[int, str] = {
-    0: "success",
-    1: "syntax or usage error: an option the local rsync does not know; check "
-       "backup.options against its version",
-    2: "protocol incompatibility: the two rsyncs disagree; both ends must run the same "
-       "rsync: `invoke build-rsync`",
-    3: "errors selecting input/output files or folders: backup.source is probably not "
-       "there on the host",
-    4: "requested action not supported by one of the rsyncs (an option the other end "
-       "does not know)",
-    5: "error starting the client-server protocol: '@ERROR: Unknown module' means the "
-       "rsyncd.conf module is missing (`invoke setup-remote`); 'max connections' means "
-       "another pull of this host runs; 'protocol version mismatch -- is your shell clean?' "
-       "means a daemon forced command was used without host::module, or the login prints "
-       "text",
-    6: "the rsync daemon could not write its log file",
-    10: "error in socket I/O: the connection dropped",
-    11: "error in file I/O: the local destination is full or not writable",
-    12: "error in the rsync protocol data stream: usually the remote side died, or the "
-        "forced command does not match what the client sent ('pullback gate: refused': the "
-        "options or an rsync changed since the capture; run `invoke capture-command` again)",
-    13: "errors with program diagnostics",
-    14: "error in rsync's IPC code",
-    20: "interrupted (SIGINT, SIGTERM or SIGUSR1)",
-    21: "waitpid() failed",
-    22: "rsync could not allocate memory",
-    23: "partial transfer due to error: some files could not be read or written (see the "
-        "log; 'Permission denied' on the server side means the daemon does not run as "
-        "uid 0)",
-    24: "partial transfer: some files vanished on the server while they were copied",
-    25: "the --max-delete limit stopped deletions: the source may have come back empty or "
-        "nearly empty; check the server before raising backup.max_delete",
-    30: "timeout in data send/receive",
-    35: "timeout waiting for the daemon connection",
-    255: "ssh failed: host key unknown or changed, backup key rejected (PermitRootLogin, "
-         "authorized_keys), or the network",
-}
-
-
-def explain_exit(code: int) -> str:
-    if code in EXIT_CODES:
-        return EXIT_CODES[code]
-    if code < 0:
-        return f"rsync was killed by signal {-code}"
-    return f"rsync exit code {code} (see `man rsync`, EXIT VALUES)"
-
-
 def last_error(lines: Iterable[str]) -> str:
     """rsync's last error line; with the generic ``rsync error: ... (code N)`` summary, the
     specific message before it too."""
@@ -344,8 +299,13 @@ def last_error(lines: Iterable[str]) -> str:
 
 
 def describe_failure(code: int, errors: Iterable[str]) -> str:
+    """rsync's last error line and what it means: a known message's explanation when the
+    output holds one (it names the cause better than the exit code), else the code's."""
+    errors = list(errors)
     line = last_error(errors)
-    return f"rsync exit {code}{': ' + line if line else ''} -- {explain_exit(code)}"
+    known = rsync_errors.explanation("\n".join(errors))
+    return (f"rsync exit {code}{': ' + line if line else ''} -- "
+            f"{known or explain_exit(code)}")
 
 
 # --- snapshots (pure) -------------------------------------------------------------------

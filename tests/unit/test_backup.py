@@ -279,8 +279,15 @@ def test_scanner_finds_errors_across_chunks_and_keeps_only_the_tail():
 
 
 def test_describe_ssh_and_daemon_failures():
-    assert b.describe_failure(255, ["Host key verification failed."]) == (
-        "rsync exit 255: Host key verification failed. -- " + b.EXIT_CODES[255])
+    # A known message explains more than its exit code does.
+    host_key = b.describe_failure(255, ["Host key verification failed."])
+    assert host_key.startswith("rsync exit 255: Host key verification failed. -- the server's "
+                               "host key is not the one in the inventory's known_hosts")
+    seed = b.describe_failure(5, ["protocol version mismatch -- is your shell clean?",
+                                  "rsync error: protocol incompatibility (code 2)"])
+    assert "daemon forced command" in seed and "root@host::MODULE/" in seed
+    # Without a known message the exit code's meaning is used.
+    assert b.describe_failure(255, ["ssh: something new"]).endswith(b.EXIT_CODES[255])
     assert "Unknown module" in b.describe_failure(5, ["@ERROR: Unknown module 'system'"])
     assert b.describe_failure(12, []).startswith("rsync exit 12 -- ")
 
