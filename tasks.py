@@ -49,10 +49,6 @@ def _hosts(path: str, names: list[str] | None, shard: str | None = None):
     return selected
 
 
-def _not_implemented(name: str) -> None:
-    raise Exit(f"{name}: not implemented yet", code=3)
-
-
 @task(iterable=["host"], help={**HOST_HELP, "passphrase": "protect the key with a passphrase "
                                 "(ssh-keygen prompts; it is never stored)"})
 def keygen(c, inventory=DEFAULT_INVENTORY, host=None, passphrase=False):
