@@ -330,12 +330,15 @@ def ensure_host(name: str, image: str, *, tmpfs: Sequence[str] = ()) -> LabHost:
 
     ``tmpfs`` applies only when the container is started here (a running one is reused as
     it is)."""
+    if is_running(name) and container_image(name) != image:
+        # A lab container from an older recipe (or another release): a lab host holds
+        # nothing worth keeping, so it is replaced rather than reused stale.
+        if name not in container_names(""):
+            raise LabError(f"{name} is not a lab container; refusing to replace it")
+        engine("rm", "-f", "-t", "2", name)
     if not is_running(name):
         engine("rm", "-f", name, check=False)
         start(name, image, tmpfs=tmpfs)
-    elif container_image(name) != image:
-        raise LabError(f"{name} runs {container_image(name)}, not {image}; "
-                       "remove it first (invoke lab.down)")
     port = published_port(name)
     wait_for_sshd(name, port)
     release = image.rpartition(":")[2]

@@ -92,3 +92,12 @@ def test_invoke_lab_up_status_down(tmp_path):
     assert down.returncode == 0, down.stderr
     assert lab.container_names(prefix) == []
     assert lab.mirror.server_port(lab.state_dir(prefix) / "mirror.pid") is None
+
+
+def test_a_container_from_an_older_image_is_replaced(lab_env: Lab):
+    other = lab.build_images(compiler=False)  # another image: the "bare" one
+    host = lab_env.start("stale", image=other)
+    assert lab.container_image(host.name) == other
+    again = lab.ensure_host(host.name, lab_env.image)
+    assert lab.container_image(host.name) == lab_env.image
+    assert lab.is_running(host.name) and again.host_key != host.host_key  # a new container
