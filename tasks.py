@@ -105,9 +105,12 @@ def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=
     "remote_only": "build only on the hosts",
     "check": "run rsync's `make check` after make",
     "no_install_packages": "never install compiler packages; print the command instead",
+    "require_signature": "fail unless upstream's .asc signature is checked and good "
+                         "(needs gpg and rsync.gpg_keyring)",
 })
 def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=None,
-                local_only=False, remote_only=False, check=False, no_install_packages=False):
+                local_only=False, remote_only=False, check=False, no_install_packages=False,
+                require_signature=False):
     """Build the pinned rsync from verified source on both ends, in parallel."""
     from roles import lab, rsync_build
 
@@ -122,6 +125,7 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
     results = rsync_build.build_everywhere(
         hosts, version=version, local=not remote_only, remote=not local_only, check=check,
         install_packages=not no_install_packages, cache_dir=lab.STATE / "downloads",
+        require_signature=require_signature,
     )
     for r in results:
         end = "local" if r.end.startswith("local:") else r.end

@@ -118,6 +118,7 @@ class RsyncSettings(_Strict):
     sha256: str | None = None
     prefix: AbsPath = "/usr/local"
     local_prefix: AbsPath = "/usr/local"
+    gpg_keyring: AbsPath | None = None  # keyring file with upstream's signing keys (optional)
 
     @field_validator("url", "mirrors")
     @classmethod

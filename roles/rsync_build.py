@@ -8,7 +8,8 @@ Layers:
 - pure: ``validate_version``, ``expected_sha256``, ``build_flags``, ``stamp_text``,
   ``parse_version_output``, ``security_warning`` (unit-tested tables);
 - client only: ``fetch_tarball`` (mirrors tried in order, local cache, sha256 checked
-  before anything is kept);
+  before anything is kept; then, optionally, upstream's ``.asc`` signature checked with gpg
+  against the pinned signers in ``SIGNERS``: ``check_signature``);
 - either end: ``installed_rsync``, ``ensure_toolchain`` and ``build_rsync`` take ``c``,
   an ``invoke.Context`` (local) or a ``fabric.Connection`` (remote): same run/sudo API.
   The remote never needs internet: the caller uploads the verified tarball (SFTP, as the
@@ -25,6 +26,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import tempfile
 import time
 import urllib.error
@@ -248,6 +251,248 @@ def _download(url: str, dest: Path, log: Log) -> str:
     return h.hexdigest()
 
 
+@dataclass(frozen=True)
+class Signer:
+    """A key that signs upstream's ``rsync-VERSION.tar.gz.asc`` for a range of releases."""
+
+    fingerprint: str  # the primary key's fingerprint, 40 hex digits
+    name: str
+    first: str  # first release signed with this key
+    before: str | None = None  # first release no longer signed with it; None: still current
+
+    def signs(self, version: str) -> bool:
+        key = _version_key(version)
+        return key >= _version_key(self.first) and (
+            self.before is None or key < _version_key(self.before)
+        )
+
+
+# Who signs upstream's detached ``rsync-VERSION.tar.gz.asc`` (beside each tarball on
+# download.samba.org), by primary-key fingerprint. From ../shared/DESIGN.md ("rsync versions,
+# sums and builds"): releases up to 3.2.x are signed with Wayne Davison's DSA key, 3.4.0 and
+# later with Andrew Tridgell's RSA key. Wayne's range starts at 2.6.9, the oldest release
+# pullback knows; 3.3.x is not pinned (DESIGN.md does not say who signed it), so its
+# signature is "not checked". The SHA-256 pin above stays the primary check.
+SIGNERS: tuple[Signer, ...] = (
+    Signer("0048C8B026D4C96F0E589C2F6C859FB14B96A8C5", "Wayne Davison", "2.6.9", "3.3.0"),
+    Signer("9FEF112DCE19A0DC7E882CB81BB24997A8535F6F", "Andrew Tridgell", "3.4.0"),
+)
+
+MAX_ASC_BYTES = 1 << 20  # a detached signature is well under 1 KiB
+GPG_TIMEOUT = 60.0
+_GPG_STATUS_RE = re.compile(r"^\[GNUPG:\] ([A-Z_]+)(?: (.*))?$")
+
+
+class SignatureError(FetchError):
+    """A BAD signature (tarball refused), or none checked when one is required."""
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """``status`` is "good", "not checked" or "bad"; ``line`` is what the user sees."""
+
+    status: str
+    detail: str
+
+    @property
+    def line(self) -> str:
+        return f"signature: {self.status} ({self.detail})"
+
+
+def signers_for(version: str, signers: Sequence[Signer] = SIGNERS) -> list[Signer]:
+    """The pinned keys allowed to sign ``version``'s tarball (empty: none pinned)."""
+    return [s for s in signers if s.signs(version)]
+
+
+def parse_gpg_status(text: str) -> list[tuple[str, list[str]]]:
+    """``[(keyword, args), ...]`` from gpg's ``--status-fd`` lines; other lines ignored."""
+    records: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        m = _GPG_STATUS_RE.match(line.rstrip("\r"))
+        if m:
+            records.append((m[1], m[2].split(" ") if m[2] else []))
+    return records
+
+
+def keyring_fingerprints(colons: str) -> set[str]:
+    """Primary-key fingerprints in ``gpg --with-colons --list-keys`` output."""
+    found: set[str] = set()
+    primary = False
+    for line in colons.splitlines():
+        fields = line.split(":")
+        if fields[0] in ("pub", "sub"):
+            primary = fields[0] == "pub"
+        elif fields[0] == "fpr" and primary and len(fields) > 9:
+            found.add(fields[9].upper())
+            primary = False
+    return found
+
+
+def judge_gpg_status(status: str, returncode: int, allowed: Sequence[Signer]) -> SignatureCheck:
+    """Verdict on one ``gpg --status-fd 1 --verify SIG FILE`` run.
+
+    Good only when gpg exits 0, no signature in the file failed, and a VALIDSIG names one of
+    ``allowed`` as its primary key. Call it only with a keyring that holds an allowed key:
+    then a signature by a key missing from it (NO_PUBKEY) is someone else's, and refused.
+    """
+    pinned = " or ".join(f"{s.name} {s.fingerprint}" for s in allowed) or "nobody"
+    by_fpr = {s.fingerprint.upper(): s for s in allowed}
+    records = parse_gpg_status(status)
+    if not records:
+        return SignatureCheck("not checked", f"gpg failed, exit {returncode}, no status output")
+    valid: list[str] = []
+    for keyword, args in records:
+        first = args[0] if args else "?"
+        if keyword == "BADSIG":
+            return SignatureCheck("bad", f"BAD signature by key {first}: the tarball and its "
+                                         ".asc do not match")
+        if keyword == "REVKEYSIG":
+            return SignatureCheck("bad", f"made by key {first}, which is revoked")
+        if keyword == "NODATA":
+            return SignatureCheck("bad", "the .asc holds no readable OpenPGP signature")
+        if keyword == "ERRSIG":
+            # ERRSIG <keyid> <pkalgo> <hashalgo> <class> <time> <rc> [<issuer fingerprint>]
+            rc = args[5] if len(args) > 5 else "?"
+            issuer = args[6] if len(args) > 6 and args[6] != "-" else first
+            if rc == "9":
+                return SignatureCheck("bad", f"made by key {issuer}, which is not in the "
+                                             f"keyring; rsync is signed by {pinned}")
+            return SignatureCheck("not checked", f"gpg cannot check the signature by {issuer} "
+                                                 f"(ERRSIG rc {rc})")
+        if keyword == "VALIDSIG":
+            # VALIDSIG <signing key fpr> ... 9 fields ... [<primary key fpr>]
+            valid.append((args[9] if len(args) > 9 else first).upper())
+    if returncode != 0:
+        return SignatureCheck("bad", f"gpg --verify exited {returncode}")
+    for fpr in valid:
+        if fpr in by_fpr:
+            return SignatureCheck("good", f"{by_fpr[fpr].name}, {fpr}")
+    if valid:
+        return SignatureCheck("bad", f"a good signature, but by key {valid[0]}, not {pinned}")
+    return SignatureCheck("bad", "gpg reported no valid signature")
+
+
+def _gpg(gpg: str, home: str, args: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run gpg with ``GNUPGHOME=home`` (never the user's ~/.gnupg), no agent, no tty."""
+    env = {**os.environ, "GNUPGHOME": home, "LC_ALL": "C"}
+    return subprocess.run(
+        [gpg, "--batch", "--no-tty", "--no-autostart", *args],
+        capture_output=True, text=True, env=env, timeout=GPG_TIMEOUT, check=False,
+    )
+
+
+def _fetch_asc(url: str, dest: Path) -> str | None:
+    """Download ``url`` into ``dest`` (via a temp file); return None or why it failed."""
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT) as resp:  # noqa: S310 - scheme checked by caller
+                data = resp.read(MAX_ASC_BYTES + 1)
+        except urllib.error.HTTPError as e:
+            return f"HTTP {e.code} {e.reason}"
+        except urllib.error.URLError as e:
+            return str(e.reason)
+        except (OSError, HTTPException, ValueError) as e:
+            return f"{type(e).__name__}: {e}"
+        tmp.write_bytes(data[:MAX_ASC_BYTES])  # oversized: gpg finds no signature, refused
+        tmp.chmod(0o644)
+        os.replace(tmp, dest)
+        return None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def check_signature(
+    tarball: Path,
+    version: str,
+    asc_urls: Sequence[str],
+    keyring: str | Path | None,
+    *,
+    signers: Sequence[Signer] = SIGNERS,
+) -> SignatureCheck:
+    """Check upstream's detached signature of an already SHA-256-verified ``tarball``.
+
+    Nothing is downloaded unless the check can run: gpg on PATH, a ``keyring`` file, a pinned
+    signer for ``version`` among ``signers`` and that signer's key in the keyring. The
+    signature is ``tarball.asc`` when cached, else the first of ``asc_urls`` that serves one
+    (saved as ``tarball.asc``). gpg runs in a temporary GNUPGHOME on a copy of the keyring
+    (dearmored if it is an armored export). Never raises for a bad signature: the caller
+    decides (``fetch_tarball`` refuses it).
+    """
+    gpg = shutil.which("gpg")
+    if gpg is None:
+        return SignatureCheck("not checked", "no gpg on PATH")
+    if keyring is None:
+        return SignatureCheck("not checked", "no keyring: set rsync.gpg_keyring")
+    allowed = signers_for(version, signers)
+    if not allowed:
+        return SignatureCheck("not checked", f"no pinned signer for rsync {version}")
+    keyring = Path(keyring)
+    if not keyring.is_file():
+        raise FetchError(f"rsync.gpg_keyring {keyring}: no such file")
+    asc = tarball.with_name(tarball.name + ".asc")
+    with tempfile.TemporaryDirectory(prefix="pullback-gpg.") as home:
+        ring = os.path.join(home, "signers.gpg")
+        if keyring.read_bytes()[:64].lstrip().startswith(b"-----BEGIN PGP"):
+            res = _gpg(gpg, home, ["--dearmor", "--output", ring, str(keyring)])
+            if res.returncode != 0:
+                raise FetchError(f"rsync.gpg_keyring {keyring}: gpg --dearmor failed: "
+                                 f"{res.stderr.strip()}")
+        else:
+            shutil.copyfile(keyring, ring)
+        keys = ["--no-default-keyring", "--keyring", ring]
+        res = _gpg(gpg, home, [*keys, "--with-colons", "--list-keys"])
+        held = keyring_fingerprints(res.stdout)
+        if not any(s.fingerprint.upper() in held for s in allowed):
+            names = " or ".join(f"{s.name} {s.fingerprint}" for s in allowed)
+            return SignatureCheck("not checked", f"keyring {keyring} has no key of {names}")
+        if not asc.is_file():
+            failures: list[str] = []
+            for url in asc_urls:
+                why = _fetch_asc(url, asc)
+                if why is None:
+                    break
+                failures.append(f"{url} ({why})")
+            else:
+                what = "; ".join(failures) or "no URL"
+                return SignatureCheck("not checked", f"no .asc at {what}")
+        res = _gpg(gpg, home, [*keys, "--status-fd", "1", "--verify", str(asc), str(tarball)])
+        return judge_gpg_status(res.stdout, res.returncode, allowed)
+
+
+def _signature_step(
+    target: Path,
+    version: str,
+    asc_urls: Sequence[str],
+    keyring: str | Path | None,
+    *,
+    require: bool,
+    signers: Sequence[Signer],
+    log: Log,
+) -> None:
+    """Log the one signature line; refuse a bad one (cached files removed) or a missing one
+    when ``require``."""
+    check = check_signature(target, version, asc_urls, keyring, signers=signers)
+    log(f"{target.name}: {check.line}")
+    if check.status == "bad":
+        asc = target.with_name(target.name + ".asc")
+        for path in (target, asc):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        raise SignatureError(
+            f"{target.name}: REFUSED, bad signature: {check.detail}. The sha256 matched, so "
+            f"the .asc or the keyring is wrong; removed {target} and its .asc from the cache"
+        )
+    if check.status != "good" and require:
+        raise SignatureError(
+            f"{target.name}: signature not checked ({check.detail}) and --require-signature "
+            "asks for a good one"
+        )
+
+
 def fetch_tarball(
     version: str,
     urls: Sequence[str],
@@ -255,6 +500,9 @@ def fetch_tarball(
     cache_dir: Path,
     *,
     log: Log = print,
+    keyring: str | Path | None = None,
+    require_signature: bool = False,
+    signers: Sequence[Signer] = SIGNERS,
 ) -> Path:
     """Return ``cache_dir/rsync-<version>.tar.gz``, verified against ``sha256``.
 
@@ -262,6 +510,12 @@ def fetch_tarball(
     re-verified and reused without any download. A download lands in a temporary file in
     ``cache_dir``; only a file with the right SHA-256 is renamed into place, so a bad
     download never reaches extraction. Raises ``FetchError`` listing each URL's failure.
+
+    Then the signature (``check_signature``, one "signature: ..." line): ``<url>.asc`` of
+    the URL that served the tarball (for a cached tarball: the cached .asc, else each URL's
+    in order), checked against ``signers`` with ``keyring``. A bad one raises
+    ``SignatureError`` and removes the cached tarball; "not checked" is an error only with
+    ``require_signature``.
     """
     validate_version(version)
     sha256 = sha256.strip().lower()
@@ -276,6 +530,11 @@ def fetch_tarball(
         found = sha256_file(target)
         if found == sha256:
             log(f"{name}: cached copy {target} verified (sha256 {sha256[:12]}...)")
+            asc_urls = [t.replace("{version}", version) + ".asc" for t in urls]
+            asc_urls = [u for u in asc_urls
+                        if urllib.parse.urlsplit(u).scheme in ("http", "https", "file")]
+            _signature_step(target, version, asc_urls, keyring,
+                            require=require_signature, signers=signers, log=log)
             return target
         log(f"{name}: cached copy has sha256 {found}, expected {sha256}; discarding it")
         target.unlink()
@@ -311,10 +570,14 @@ def fetch_tarball(
             tmp.chmod(0o644)
             os.replace(tmp, target)
             log(f"{name}: sha256 verified, saved to {target}")
-            return target
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        with contextlib.suppress(FileNotFoundError):  # a stale .asc from an earlier source
+            target.with_name(name + ".asc").unlink()
+        _signature_step(target, version, [url + ".asc"], keyring,
+                        require=require_signature, signers=signers, log=log)
+        return target
 
     lines = "\n".join(f"  {f}" for f in failures) or "  (no URLs given)"
     raise FetchError(f"could not get a verified {name} (sha256 {sha256}):\n{lines}")
@@ -776,7 +1039,8 @@ def _local_end(prefix: str, tarball: Path, version: str, sha256: str, *, check: 
 
 def build_everywhere(hosts: list[Any], *, version: str | None = None, local: bool = True,
                      remote: bool = True, check: bool = False, install_packages: bool = True,
-                     cache_dir: Path, log: Log = print) -> list[EndResult]:
+                     cache_dir: Path, require_signature: bool = False,
+                     log: Log = print) -> list[EndResult]:
     """Fetch + verify once, then build on the local end and every host at the same time.
 
     Every end must end up reporting the same version; a mismatch is an error on that end.
@@ -804,7 +1068,9 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
                 warning = security_warning(wanted)
                 if warning:
                     log(f"warning: {warning}")
-                path = fetch_tarball(wanted, host.rsync.urls, sha, cache_dir, log=log)
+                path = fetch_tarball(wanted, host.rsync.urls, sha, cache_dir, log=log,
+                                     keyring=host.rsync.gpg_keyring,
+                                     require_signature=require_signature)
                 tarballs[wanted] = (path, sha)
         except (ValueError, FetchError) as exc:
             results.append(EndResult(host.name, error=str(exc)))

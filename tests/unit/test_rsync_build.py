@@ -389,3 +389,209 @@ def test_toolchain_macos_hint() -> None:
     c = FakeContext("cc=\nmake=\ncompiles=no\npm=\nos=Darwin\n")
     with pytest.raises(rb.ToolchainError, match="xcode-select --install"):
         rb.ensure_toolchain(c, install=True, sudo=False)
+
+
+# ----------------------------------------------------------------------------- signature
+
+WAYNE = "0048C8B026D4C96F0E589C2F6C859FB14B96A8C5"
+TRIDGE = "9FEF112DCE19A0DC7E882CB81BB24997A8535F6F"
+SUBKEY = "1111111111111111111111111111111111111111"
+OTHER = "2222222222222222222222222222222222222222"
+
+
+def validsig(signing: str, primary: str | None = None) -> str:
+    tail = f" {primary}" if primary else ""
+    return f"[GNUPG:] VALIDSIG {signing} 2025-01-15 1736900000 0 4 0 1 10 00{tail}"
+
+
+def test_signer_table_pins_the_two_upstream_keys() -> None:
+    assert {s.fingerprint for s in rb.SIGNERS} == {WAYNE, TRIDGE}
+    for s in rb.SIGNERS:
+        assert re.fullmatch(r"[0-9A-F]{40}", s.fingerprint), s
+    assert [s.name for s in rb.signers_for("2.6.9")] == ["Wayne Davison"]
+    assert [s.name for s in rb.signers_for("3.2.7")] == ["Wayne Davison"]
+    assert [s.name for s in rb.signers_for("3.4.0")] == ["Andrew Tridgell"]
+    assert [s.name for s in rb.signers_for("3.5.1")] == ["Andrew Tridgell"]
+    assert rb.signers_for("3.3.0") == []  # not pinned: "not checked", never "good"
+    assert rb.signers_for("2.6.8") == []
+    for version in rb.KNOWN_SHA256:  # every pinned tarball has exactly one pinned signer
+        assert len(rb.signers_for(version)) == 1, version
+
+
+def test_signers_for_takes_an_injected_table() -> None:
+    mine = (rb.Signer(OTHER, "Test", "3.0.0", "3.1.0"),)
+    assert rb.signers_for("3.0.9", mine) == list(mine)
+    assert rb.signers_for("3.1.0", mine) == []
+
+
+def test_parse_gpg_status_keeps_only_status_lines() -> None:
+    text = (
+        "gpg: Signature made Thu\n"
+        "[GNUPG:] NEWSIG\n"
+        "[GNUPG:] GOODSIG 6C859FB14B96A8C5 Wayne Davison <wayne@opencoder.net>\r\n"
+        f"{validsig(WAYNE, WAYNE)}\n"
+        "[GNUPG:] not a keyword\n"
+    )
+    records = rb.parse_gpg_status(text)
+    assert [k for k, _ in records] == ["NEWSIG", "GOODSIG", "VALIDSIG"]
+    assert records[0][1] == []
+    assert records[1][1][:2] == ["6C859FB14B96A8C5", "Wayne"]
+    assert records[2][1][0] == WAYNE and records[2][1][9] == WAYNE
+
+
+def test_keyring_fingerprints_takes_primary_keys_only() -> None:
+    colons = (
+        "tru::1:1736900000:0:3:1:5\n"
+        "pub:-:4096:1:1BB24997A8535F6F:1:::-:::scESC::::::23::0:\n"
+        f"fpr:::::::::{TRIDGE}:\n"
+        "uid:-::::1::X::Andrew Tridgell <tridge@samba.org>::::::::::0:\n"
+        "sub:-:4096:1:0000000000000001:1:::::s::::::23:\n"
+        f"fpr:::::::::{SUBKEY}:\n"
+        "pub:-:1024:17:6C859FB14B96A8C5:1:::-:::scESC::::::23::0:\n"
+        f"fpr:::::::::{WAYNE.lower()}:\n"
+    )
+    assert rb.keyring_fingerprints(colons) == {TRIDGE, WAYNE}
+
+
+def test_judge_good_signature_names_the_pinned_signer() -> None:
+    tridge = rb.signers_for("3.4.1")
+    status = f"[GNUPG:] NEWSIG\n[GNUPG:] GOODSIG 1BB24997A8535F6F A\n{validsig(TRIDGE, TRIDGE)}\n"
+    check = rb.judge_gpg_status(status, 0, tridge)
+    assert check == rb.SignatureCheck("good", f"Andrew Tridgell, {TRIDGE}")
+    assert check.line == f"signature: good (Andrew Tridgell, {TRIDGE})"
+
+
+def test_judge_subkey_signature_counts_for_its_primary_key() -> None:
+    status = validsig(SUBKEY, TRIDGE)
+    assert rb.judge_gpg_status(status, 0, rb.signers_for("3.4.1")).status == "good"
+    # Without the primary-key field, the signing key itself must be the pinned one.
+    assert rb.judge_gpg_status(validsig(TRIDGE), 0, rb.signers_for("3.4.1")).status == "good"
+    assert rb.judge_gpg_status(validsig(SUBKEY), 0, rb.signers_for("3.4.1")).status == "bad"
+
+
+def test_judge_wrong_pinned_signer_for_the_version_is_bad() -> None:
+    # Wayne's key is pinned, but not for 3.4.x: a 3.4.1 tarball signed by it is refused.
+    check = rb.judge_gpg_status(validsig(WAYNE, WAYNE), 0, rb.signers_for("3.4.1"))
+    assert check.status == "bad" and WAYNE in check.detail and TRIDGE in check.detail
+
+
+@pytest.mark.parametrize(
+    ("status", "rc", "words"),
+    [
+        ("[GNUPG:] NEWSIG\n[GNUPG:] BADSIG 6C859FB14B96A8C5 Wayne\n", 1, "BAD signature"),
+        ("[GNUPG:] NODATA 4\n", 2, "no readable OpenPGP signature"),
+        ("[GNUPG:] REVKEYSIG 6C859FB14B96A8C5 Wayne\n" + validsig(WAYNE, WAYNE), 0, "revoked"),
+        (
+            f"[GNUPG:] ERRSIG 018E93526F6814C4 22 8 00 1795691358 9 {OTHER}\n"
+            "[GNUPG:] NO_PUBKEY 018E93526F6814C4\n",
+            2,
+            f"{OTHER}, which is not in the keyring",
+        ),
+        (validsig(OTHER, OTHER), 0, f"by key {OTHER}, not Wayne Davison {WAYNE}"),
+        (validsig(WAYNE, WAYNE), 2, "exited 2"),
+        ("[GNUPG:] NEWSIG\n", 0, "no valid signature"),
+        # One good signature does not cover a bad one in the same file.
+        (f"{validsig(WAYNE, WAYNE)}\n[GNUPG:] BADSIG 1 X\n", 1, "BAD signature"),
+    ],
+)
+def test_judge_refuses(status: str, rc: int, words: str) -> None:
+    check = rb.judge_gpg_status(status, rc, rb.signers_for("3.2.7"))
+    assert check.status == "bad" and words in check.detail, check
+
+
+@pytest.mark.parametrize(
+    ("status", "words"),
+    [
+        ("", "gpg failed"),
+        ("[GNUPG:] ERRSIG 6C859FB14B96A8C5 17 2 00 1666000000 4 -\n", "ERRSIG rc 4"),
+    ],
+)
+def test_judge_cannot_tell(status: str, words: str) -> None:
+    check = rb.judge_gpg_status(status, 2, rb.signers_for("3.2.7"))
+    assert check.status == "not checked" and words in check.detail, check
+
+
+def test_check_signature_without_gpg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rb.shutil, "which", lambda _name: None)
+    check = rb.check_signature(
+        tmp_path / "t.tar.gz", "3.2.7", ["http://127.0.0.1:9/x.asc"], tmp_path / "ring.gpg"
+    )
+    assert check == rb.SignatureCheck("not checked", "no gpg on PATH")
+
+
+def test_check_signature_no_keyring_no_signer_missing_keyring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rb.shutil, "which", lambda _name: "/nonexistent/gpg")
+    never = ["http://127.0.0.1:9/never.asc"]  # nothing may be fetched in these cases
+    check = rb.check_signature(tmp_path / "t.tar.gz", "3.2.7", never, None)
+    assert check.line == "signature: not checked (no keyring: set rsync.gpg_keyring)"
+    check = rb.check_signature(tmp_path / "t.tar.gz", "3.3.0", never, tmp_path / "ring.gpg")
+    assert check.line == "signature: not checked (no pinned signer for rsync 3.3.0)"
+    with pytest.raises(rb.FetchError, match="gpg_keyring .*ring.gpg: no such file"):
+        rb.check_signature(tmp_path / "t.tar.gz", "3.2.7", never, tmp_path / "ring.gpg")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_prints_one_signature_line(tmp_path: Path, mirror: Mirror) -> None:
+    lines: list[str] = []
+    rb.fetch_tarball("9.9.9", [mirror.url], mirror.sha, tmp_path / "c", log=lines.append)
+    sig = [x for x in lines if "signature:" in x]
+    assert sig == [
+        "rsync-9.9.9.tar.gz: signature: not checked (no keyring: set rsync.gpg_keyring)"
+    ] or sig == ["rsync-9.9.9.tar.gz: signature: not checked (no gpg on PATH)"]
+
+
+def test_fetch_require_signature_refuses_unchecked(tmp_path: Path, mirror: Mirror) -> None:
+    cache = tmp_path / "c"
+    with pytest.raises(rb.SignatureError, match="--require-signature") as err:
+        rb.fetch_tarball(
+            "9.9.9", [mirror.url], mirror.sha, cache, log=lambda _: None, require_signature=True
+        )
+    assert isinstance(err.value, rb.FetchError)  # build_everywhere reports it per host
+    # The tarball itself passed its sha256: it stays cached, only the build is refused.
+    assert [p.name for p in cache.iterdir()] == ["rsync-9.9.9.tar.gz"]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_fetch_bad_signature_removes_cached_files(
+    tmp_path: Path, mirror: Mirror, monkeypatch: pytest.MonkeyPatch, cached: bool
+) -> None:
+    cache = tmp_path / "c"
+    if cached:
+        rb.fetch_tarball("9.9.9", [mirror.url], mirror.sha, cache, log=lambda _: None)
+    seen: list[tuple[list[str], object]] = []
+
+    def bad(
+        tarball: Path, version: str, asc_urls: list[str], keyring: object, *, signers: object
+    ) -> rb.SignatureCheck:
+        seen.append((asc_urls, signers))
+        tarball.with_name(tarball.name + ".asc").write_text("sig")
+        return rb.SignatureCheck("bad", "BAD signature by key 1234")
+
+    monkeypatch.setattr(rb, "check_signature", bad)
+    lines: list[str] = []
+    with pytest.raises(rb.SignatureError, match="REFUSED, bad signature: BAD signature"):
+        rb.fetch_tarball(
+            "9.9.9",
+            [mirror.url],
+            mirror.sha,
+            cache,
+            log=lines.append,
+            keyring=tmp_path / "ring.gpg",
+        )
+    assert list(cache.iterdir()) == []
+    assert "rsync-9.9.9.tar.gz: signature: bad (BAD signature by key 1234)" in lines
+    assert seen == [([mirror.url.replace("{version}", "9.9.9") + ".asc"], rb.SIGNERS)]
+
+
+def test_inventory_gpg_keyring_is_optional_and_absolute() -> None:
+    from roles.inventory import RsyncSettings
+
+    assert RsyncSettings().gpg_keyring is None
+    assert RsyncSettings(gpg_keyring="/etc/pullback/rsync.gpg").gpg_keyring == (
+        "/etc/pullback/rsync.gpg"
+    )
+    assert RsyncSettings(gpg_keyring="~/k.gpg").gpg_keyring == str(Path("~/k.gpg").expanduser())
+    with pytest.raises(ValueError, match="absolute"):
+        RsyncSettings(gpg_keyring="k.gpg")
