@@ -140,14 +140,40 @@ def _drop_progress(options: Iterable[str]) -> list[str]:
     return out
 
 
+def _whole_transfer_progress(options: Iterable[str]) -> list[str]:
+    """``--progress`` (per file) becomes ``--info=progress2`` (one line for the whole pull)."""
+    out: list[str] = []
+    for option in options:
+        if option == "--progress":
+            out.append("--info=progress2")
+        elif option == "-P":
+            out += ["--partial", "--info=progress2"]
+        else:
+            out.append(option)
+    return out
+
+
+def supports_progress2(version: str | None) -> bool:
+    """``--info=progress2`` exists from rsync 3.1.0."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return bool(match) and (int(match[1]), int(match[2])) >= (3, 1)
+
+
 def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
-               link_dest: str | None = None) -> list[str]:
+               link_dest: str | None = None, progress2: bool = False) -> list[str]:
     """The pull of ``host`` into ``dest``, as an argv list (no shell).
 
     capture-command builds its capture runs with this same function, so what it records is
-    what a backup sends.
+    what a backup sends (progress options never reach the server's command line).
+    On a terminal the user's progress option is kept; with ``progress2`` (both ends are
+    rsync >= 3.1) ``--progress`` becomes the whole-transfer ``--info=progress2``.
     """
-    options = list(host.backup.options) if tty else _drop_progress(host.backup.options)
+    if not tty:
+        options = _drop_progress(host.backup.options)
+    elif progress2:
+        options = _whole_transfer_progress(host.backup.options)
+    else:
+        options = list(host.backup.options)
     argv = [local_rsync, "-e", ssh_command(host, interactive=tty), *options, "--stats"]
     argv += [f"--exclude={pattern}" for pattern in host.backup.exclude]
     if dry_run:
@@ -163,6 +189,19 @@ def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: 
         argv.append(f"--link-dest={link_dest}")
     argv += [source_spec(host), dest.rstrip("/") + "/"]
     return argv
+
+
+def both_ends_have_progress2(host: Host, local_rsync: str) -> bool:
+    """Both rsyncs >= 3.1: the remote is the pinned build (rsync.version) that the forced
+    command runs; the local one is the pinned build too, else whatever PATH gave."""
+    if local_rsync == host.rsync.local_binary:
+        local_version: str | None = host.rsync.version
+    else:
+        result = subprocess.run([local_rsync, "--version"], capture_output=True, text=True,
+                                check=False)
+        match = re.search(r"version\s+v?(\d+\.\d+\.\d+)", result.stdout)
+        local_version = match[1] if match else None
+    return supports_progress2(local_version) and supports_progress2(host.rsync.version)
 
 
 def find_local_rsync(host: Host) -> tuple[str, str | None]:
@@ -629,7 +668,8 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
                     os.rename(dest / resume, target)
                     warnings.append(f"resumed the interrupted run {resume}")
         argv = build_argv(host, dry_run=dry_run, tty=tty, local_rsync=rsync,
-                          dest=str(target), link_dest=link_dest)
+                          dest=str(target), link_dest=link_dest,
+                          progress2=tty and both_ends_have_progress2(host, rsync))
         log_path = logs / f"{run}.log"
         with open(log_path, "wb") as log:
             os.fchmod(log.fileno(), 0o600)

@@ -564,10 +564,15 @@ def test_lock_refuses_a_second_run_at_once(tmp_path, fake):
     assert b.run_backup(host, dry_run=False, tty=False).ok
 
 
-def test_run_backup_on_a_tty_echoes_and_keeps_progress(tmp_path, fake):
+def test_run_backup_on_a_tty_echoes_and_shows_progress(tmp_path, fake):
     shown = io.BytesIO()
     result = b.run_backup(make_host(tmp_path), dry_run=False, tty=True, echo=shown)
     assert result.ok and b"Number of files" in shown.getvalue()
+    # Both ends are the pinned 3.2.7: one progress line for the whole pull.
+    assert "--info=progress2" in (fake.parent / "server.argv").read_text()
+    old = make_host(tmp_path)
+    old = old.model_copy(update={"rsync": old.rsync.model_copy(update={"version": "3.0.9"})})
+    assert b.run_backup(old, dry_run=False, tty=True, echo=io.BytesIO()).ok
     assert "--progress" in (fake.parent / "server.argv").read_text()
 
 
@@ -829,3 +834,38 @@ def test_run_backup_keeps_only_the_newest_runs_logs(tmp_path, fake):
     assert len(runs) == status.DEFAULT_KEEP_LOGS
     assert runs[-1] == Path(result.log_path).stem  # the run just made is kept
     assert "2026-10-01T020000Z" not in runs and (logs / "notes.txt").exists()
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (("-avzx", "--numeric-ids", "--delete", "--progress"),
+     ["-avzx", "--numeric-ids", "--delete", "--info=progress2"]),
+    (("-aHx", "-P"), ["-aHx", "--partial", "--info=progress2"]),
+    (("-a", "--info=progress2"), ["-a", "--info=progress2"]),
+])
+def test_a_terminal_with_new_rsyncs_shows_whole_transfer_progress(options, expected):
+    host = make_host(options=options)
+    argv = b.build_argv(host, dry_run=False, tty=True, local_rsync=RSYNC, dest="/d",
+                        progress2=True)
+    assert argv[3:-3] == expected and argv[-3] == "--stats"
+    # Off a terminal progress goes whatever the versions; old rsyncs keep --progress.
+    assert "--info=progress2" not in b.build_argv(host, dry_run=False, tty=False,
+                                                  local_rsync=RSYNC, dest="/d", progress2=True)
+
+
+@pytest.mark.parametrize(("version", "ok"), [
+    ("2.6.9", False), ("3.0.9", False), ("3.1.0", True), ("3.2.7", True), ("3.10.1", True),
+    (None, False), ("", False)])
+def test_progress2_needs_rsync_3_1(version, ok):
+    assert b.supports_progress2(version) is ok
+
+
+def test_both_ends_checks_the_local_rsync_on_path(tmp_path):
+    old = tmp_path / "rsync"
+    old.write_text("#!/bin/sh\necho 'rsync  version 3.0.9  protocol version 30'\n")
+    old.chmod(0o755)
+    host = make_host(tmp_path)  # rsync.version 3.2.7 on the server, local build missing
+    assert b.both_ends_have_progress2(host, str(old)) is False
+    assert b.both_ends_have_progress2(host, host.rsync.local_binary) is True
+    assert b.both_ends_have_progress2(
+        host.model_copy(update={"rsync": host.rsync.model_copy(update={"version": "2.6.9"})}),
+        host.rsync.local_binary) is False
