@@ -8,8 +8,12 @@ container for every test that changes or damages a host. Containers are named
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import itertools
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -135,3 +139,31 @@ def infra_host(lab_env: Lab, host: lab.LabHost, sudo: bool = True) -> Any:
 
     config = lab_env.ssh_config([host])
     return testinfra.get_host(f"ssh://{host.name}", ssh_config=str(config), sudo=sudo)
+
+
+# --- a loopback HTTP server (rsync source mirrors for the build tests) ------------------------
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@contextlib.contextmanager
+def serve_directory(root: Path) -> Iterator[str]:
+    """Serve ``root`` on 127.0.0.1 (a free port) in a thread; yield ``http://127.0.0.1:PORT``."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on: connecting is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -12,18 +12,14 @@ Missing tools or an unreachable Debian archive make these tests FAIL, never skip
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +32,7 @@ from roles import rsync_build as rb
 from roles.connection import connect
 from roles.inventory import Host, load
 from roles.mirror import fetch_debian_orig
-from tests.integration.conftest import Lab
+from tests.integration.conftest import Lab, closed_port, serve_directory
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -66,11 +62,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 @dataclass
 class Mirror:
     base: str  # http://127.0.0.1:PORT
@@ -83,11 +74,7 @@ class Mirror:
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # Nothing listens there once the socket is closed: connection refused at once.
-    return f"http://127.0.0.1:{port}/{UPSTREAM_PATH}"
+    return f"http://127.0.0.1:{closed_port()}/{UPSTREAM_PATH}"
 
 
 def fake_tarball(version: str) -> bytes:
@@ -117,20 +104,13 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
     bad.write_bytes(bytes(tampered))
     fake = root / UPSTREAM_PATH.format(version=FAKE_VERSION)
     fake.write_bytes(fake_tarball(FAKE_VERSION))
-    handler = functools.partial(QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_directory(root) as base:
         yield Mirror(
-            f"http://127.0.0.1:{server.server_address[1]}",
+            base,
             root,
             bad_sha=sha256_bytes(bytes(tampered)),
             fake_sha=sha256_bytes(fake.read_bytes()),
         )
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 # ------------------------------------------------------------------ helpers

@@ -17,11 +17,8 @@ backup of /etc is compared path by path again, and one more setup-remote changes
 
 from __future__ import annotations
 
-import functools
-import http.server
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +33,7 @@ from roles import rsync_build as rb
 from roles.connection import connect, run
 from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
 from roles.inventory import Host, load
-from tests.integration.conftest import Lab, infra_host
+from tests.integration.conftest import Lab, infra_host, serve_directory
 from tests.integration.test_backup import local_tree, remote_tree
 from tests.integration.test_setup_remote import snapshot
 
@@ -114,24 +111,13 @@ def client_addr(host: Host) -> str:
 # --- fixtures -------------------------------------------------------------------------------
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 @pytest.fixture(scope="module")
 def source_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Upstream's rsync-3.2.7.tar.gz (Debian's orig, byte-identical) on a loopback mirror."""
     root = tmp_path_factory.mktemp("mirror")
     mirror.populate(root, [mirror.fetch_debian_orig(VERSION, lab.STATE / "cache")])
-    handler = functools.partial(QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/{mirror.UPSTREAM_LAYOUT}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_directory(root) as base:
+        yield f"{base}/{mirror.UPSTREAM_LAYOUT}"
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,13 @@ Missing tools (make, gcc, tar, apt-get) make these tests fail, never skip.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import io
 import os
 import re
 import shutil
-import socket
 import subprocess
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +31,7 @@ import pytest
 from roles import rsync_build as rb
 from roles.lab import STATE
 from roles.mirror import fetch_debian_orig
+from tests.integration.conftest import closed_port, serve_directory
 
 VERSION = "3.2.7"
 UPSTREAM_PATH = "pub/rsync/src/rsync-{version}.tar.gz"
@@ -343,11 +340,6 @@ def test_toolchain_probe_runs_here() -> None:
 # ============================================================== real rsync 3.2.7 (slow)
 
 
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-
 @dataclass
 class HttpMirror:
     base: str  # http://127.0.0.1:PORT
@@ -376,21 +368,8 @@ def http_mirror(
     data = bytearray(good.read_bytes())
     data[len(data) // 2] ^= 0x01
     bad.write_bytes(bytes(data))
-    handler = functools.partial(QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield HttpMirror(f"http://127.0.0.1:{server.server_address[1]}", root)
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with serve_directory(root) as base:
+        yield HttpMirror(base, root)
 
 
 @dataclass

@@ -10,14 +10,10 @@ file runs in a few seconds. A missing gpg makes these tests FAIL, never skip.
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +25,7 @@ import pytest
 from roles import lab
 from roles import rsync_build as rb
 from roles.mirror import fetch_debian_orig
+from tests.integration.conftest import closed_port, serve_directory
 
 pytestmark = [pytest.mark.integration]
 
@@ -37,11 +34,6 @@ VERSION = "3.2.7"
 SHA = rb.KNOWN_SHA256[VERSION]
 NAME = f"rsync-{VERSION}.tar.gz"
 UPSTREAM_PATH = "pub/rsync/src/rsync-{version}.tar.gz"
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
 
 
 @dataclass
@@ -147,22 +139,12 @@ def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
         tarball.write_bytes(data)
         if sub in signatures:
             tarball.with_name(NAME + ".asc").write_bytes(signatures[sub])
-    handler = functools.partial(QuietHandler, directory=str(root / "www"))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Mirror(f"http://127.0.0.1:{server.server_address[1]}", keys)
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_directory(root / "www") as base:
+        yield Mirror(base, keys)
 
 
 def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/{UPSTREAM_PATH}"
+    return f"http://127.0.0.1:{closed_port()}/{UPSTREAM_PATH}"
 
 
 def fetch(mirror: Mirror, cache: Path, urls: list[str], lines: list[str], **kw: object) -> Path:
