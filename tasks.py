@@ -61,7 +61,7 @@ def keygen(c, inventory=DEFAULT_INVENTORY, host=None, passphrase=False):
             print(keys.ensure_backup_key(path, passphrase=passphrase))
         for h in hosts:
             print(keys.ensure_destination(Path(h.destination)))
-    except (keys.KeyError_, OSError) as exc:
+    except (keys.KeyFileError, OSError) as exc:
         raise Exit(f"keygen: {exc}", code=1) from None
 
 

@@ -632,7 +632,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
             raise BackupError(str(exc)) from None
     try:
         keys.check_private_key(Path(host.backup_key))
-    except keys.KeyError_ as exc:
+    except keys.KeyFileError as exc:
         raise BackupError(str(exc)) from None
     dest = Path(host.destination.rstrip("/"))
     state = state_dir(host)

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 
-class KeyError_(Exception):
+class KeyFileError(Exception):
     pass
 
 
@@ -22,14 +22,14 @@ def check_private_key(path: Path) -> None:
     try:
         info = path.stat()
     except FileNotFoundError:
-        raise KeyError_(f"{path} does not exist: create it with `invoke keygen`") from None
+        raise KeyFileError(f"{path} does not exist: create it with `invoke keygen`") from None
     except OSError as exc:
-        raise KeyError_(f"cannot read {path}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
-        raise KeyError_(f"{path} is not a regular file")
+        raise KeyFileError(f"{path} is not a regular file")
     mode = stat.S_IMODE(info.st_mode)
     if mode & 0o077:
-        raise KeyError_(
+        raise KeyFileError(
             f"{path} has mode {mode:04o}: others can read the key that reads every file on "
             f"your servers; fix with: chmod 600 {path}"
         )
@@ -48,7 +48,7 @@ def ensure_backup_key(path: Path, *, passphrase: bool = False) -> str:
     if path.exists():
         check_private_key(path)
         if not path.with_name(path.name + ".pub").exists():
-            raise KeyError_(f"{path} exists but {path}.pub is missing: ssh-keygen -y -f {path}")
+            raise KeyFileError(f"{path} exists but {path}.pub is missing: ssh-keygen -y -f {path}")
         return f"{path}: exists, kept"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     argv = ["ssh-keygen", "-q", "-t", "ed25519", "-C",
@@ -59,7 +59,7 @@ def ensure_backup_key(path: Path, *, passphrase: bool = False) -> str:
     # through this program and is never stored.
     result = subprocess.run(argv, check=False, stdin=None if passphrase else subprocess.DEVNULL)
     if result.returncode != 0:
-        raise KeyError_(f"ssh-keygen failed with exit {result.returncode}")
+        raise KeyFileError(f"ssh-keygen failed with exit {result.returncode}")
     path.chmod(0o600)
     return f"{path}: created (ed25519{', with passphrase' if passphrase else ''})"
 

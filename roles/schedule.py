@@ -689,7 +689,7 @@ def check_keys(paths: Iterable[str], *, agent_socket: str | None) -> KeyReport:
     for path in dict.fromkeys(paths):
         try:
             keys.check_private_key(Path(path))
-        except keys.KeyError_ as exc:
+        except keys.KeyFileError as exc:
             report.problems.append(str(exc))
             continue
         if keys.key_has_passphrase(Path(path)) and not agent_socket:

@@ -37,6 +37,12 @@ VERSION = "3.2.7"
 UPSTREAM_PATH = "pub/rsync/src/rsync-{version}.tar.gz"
 
 
+
+def quiet_build(tarball: Path, version: str, sha: str, prefix: Path) -> rb.BuildResult:
+    """build_rsync on this machine, no sudo, phase lines discarded."""
+    return rb.build_rsync(invoke.Context(), str(tarball), version, sha, str(prefix),
+                          sudo=False, log=lambda _: None)
+
 def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     assert not missing, f"tools needed by this test are missing: {missing}"
@@ -168,15 +174,7 @@ def test_fake_changed_flags_rebuild_and_log_dir(fake: dict[str, Path]) -> None:
 def test_fake_legacy_cflags_reach_configure_and_make(fake: dict[str, Path]) -> None:
     tarball = fake["tmp"] / "rsync-2.6.8.tar.gz"
     sha = make_fake_tarball(tarball, "2.6.8")
-    res = rb.build_rsync(
-        invoke.Context(),
-        str(tarball),
-        "2.6.8",
-        sha,
-        str(fake["prefix"]),
-        sudo=False,
-        log=lambda _: None,
-    )
+    res = quiet_build(tarball, "2.6.8", sha, fake["prefix"])
     text = Path(res.log_path).read_text()
     assert f"CFLAGS={rb.LEGACY_CFLAGS}" in text  # configure's environment
     assert re.search(rf"=== make -j\d+ 'CFLAGS={re.escape(rb.LEGACY_CFLAGS)}'\n", text)
@@ -298,15 +296,7 @@ def test_quoting_survives_hostile_tarball_path(fake: dict[str, Path]) -> None:
     odd.mkdir()
     tarball = odd / "rsync-9.9.9.tar.gz"
     sha = make_fake_tarball(tarball, "9.9.9")
-    res = rb.build_rsync(
-        invoke.Context(),
-        str(tarball),
-        "9.9.9",
-        sha,
-        str(fake["prefix"]),
-        sudo=False,
-        log=lambda _: None,
-    )
+    res = quiet_build(tarball, "9.9.9", sha, fake["prefix"])
     assert res.version == "9.9.9" and (fake["prefix"] / "bin/rsync").exists()
     assert not list(fake["tmp"].rglob("pwned*"))
 

@@ -28,7 +28,7 @@ def test_a_private_key_only_its_owner_can_read_is_accepted(tmp_path, mode):
 def test_a_key_with_any_group_or_other_bit_is_refused_with_the_fix(tmp_path, mode):
     key = make_key(tmp_path / "key")
     key.chmod(mode)
-    with pytest.raises(keys.KeyError_) as info:
+    with pytest.raises(keys.KeyFileError) as info:
         keys.check_private_key(key)
     assert str(info.value) == (
         f"{key} has mode {mode:04o}: others can read the key that reads every file on your "
@@ -36,16 +36,16 @@ def test_a_key_with_any_group_or_other_bit_is_refused_with_the_fix(tmp_path, mod
 
 
 def test_a_missing_key_or_a_folder_is_refused(tmp_path):
-    with pytest.raises(keys.KeyError_, match="does not exist: create it with `invoke keygen`"):
+    with pytest.raises(keys.KeyFileError, match="does not exist: create it with `invoke keygen`"):
         keys.check_private_key(tmp_path / "missing")
-    with pytest.raises(keys.KeyError_, match="is not a regular file"):
+    with pytest.raises(keys.KeyFileError, match="is not a regular file"):
         keys.check_private_key(tmp_path)
 
 
 def test_ensure_backup_key_refuses_an_existing_readable_key(tmp_path):
     key = make_key(tmp_path / "key")
     key.chmod(0o644)
-    with pytest.raises(keys.KeyError_, match="chmod 600"):
+    with pytest.raises(keys.KeyFileError, match="chmod 600"):
         keys.ensure_backup_key(key)
     assert key.stat().st_mode & 0o777 == 0o644  # reported, never changed behind your back
 
