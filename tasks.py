@@ -12,7 +12,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from roles.inventory import Inventory, InventoryError, load
+from roles.compiled import Inventory, InventoryError
 
 DEFAULT_INVENTORY = "inventory.yaml"
 HOST_HELP = {
@@ -25,28 +25,24 @@ FLEET_HELP = {
 }
 
 
-def _inventory(path: str) -> Inventory:
+def _inventory(path: str, loader=None) -> Inventory:
+    """The validated inventory (``roles.inventory``, imported here: pydantic is heavy), or
+    exit 2 with one line per problem."""
+    if loader is None:
+        from roles.inventory import load as loader
     try:
-        return load(path)
+        return loader(path)
     except InventoryError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         raise Exit(code=2) from None
 
 
-def _hosts(path: str, names: list[str] | None, shard: str | None = None):
-    from roles.inventory import parse_shard
-
-    inventory = _inventory(path)
+def _hosts(path: str, names: list[str] | None, shard: str | None = None, loader=None):
     try:
-        selected = inventory.select(names, parse_shard(shard) if shard else None)
+        return _inventory(path, loader).choose(names, shard)
     except InventoryError as exc:
         raise Exit(str(exc), code=2) from None
-    except ValueError as exc:
-        raise Exit(str(exc), code=2) from None
-    if not selected:
-        raise Exit(f"no host of {path} is in shard {shard}", code=2)
-    return selected
 
 
 @task(iterable=["host"], help={**HOST_HELP, "passphrase": "protect the key with a passphrase "
@@ -158,30 +154,11 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
 def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False):
     """Pull / from each host with the backup key (unattended)."""
     from roles import backup as pulls
-    from roles import fleet
+    from roles import compiled
 
-    hosts = _hosts(inventory, host, shard)
-    # Live output only for one host on a terminal: several interleaved streams are noise.
-    tty = len(hosts) == 1 and sys.stdout.isatty()
-
-    def failed(h, exc):
-        reason = str(exc) if isinstance(exc, pulls.BackupError) else \
-            f"{type(exc).__name__}: {exc}"
-        return pulls.BackupResult(h.name, ok=False, exit_code=None, seconds=0.0, error=reason)
-
-    results = fleet.for_each(
-        hosts, lambda h: pulls.run_backup(h, dry_run=dry_run, tty=tty), failed,
-        parallel=max(h.backup.parallel for h in hosts),
-    )
-    for r in results:
-        if r.warning:
-            print(f"{r.host}: warning: {r.warning}", file=sys.stderr)
-        if r.error:
-            print(f"{r.host}: failed: {r.error}", file=sys.stderr)
-        if r.log_path and not r.ok:
-            print(f"{r.host}: log: {r.log_path}", file=sys.stderr)
-    print(pulls.format_table(results), end="")
-    bad = [r.host for r in results if not r.ok]
+    # The compiled inventory: validated once, then read from the cache (roles.compiled).
+    bad = pulls.pull_all(_hosts(inventory, host, shard, loader=compiled.load),
+                         dry_run=dry_run)
     if bad:
         raise Exit(f"backup: failed: {', '.join(bad)}", code=1)
 
@@ -276,8 +253,8 @@ def schedule(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, at="02:30", 
             job = sched.build_job(inventory, [h.name for h in hosts] if host else [], at=at,
                                   agent_socket=agent_socket, shard=shard)
             if not Path(job.argv[0]).is_file():
-                raise Exit(f"schedule: {job.argv[0]} not found: run from the project's "
-                           "venv (.venv/bin/invoke)", code=2)
+                raise Exit(f"schedule: {job.argv[0]} not found: install the project into "
+                           "its venv (`./dev setup`) and run from it", code=2)
             keys = sched.check_keys([h.backup_key for h in hosts], agent_socket=agent_socket)
             for warning in keys.warnings:
                 print(f"schedule: warning: {warning}", file=sys.stderr)

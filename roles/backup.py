@@ -64,11 +64,13 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from roles import rsync_errors
-from roles.inventory import Host
 from roles.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
+
+if TYPE_CHECKING:
+    from roles.inventory import Host  # pydantic: not imported at run time
 
 STATE_SUFFIX = ".pullback"
 PARTIAL = ".partial"
@@ -763,6 +765,37 @@ def format_table(results: Iterable[BackupResult]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
                      .rstrip() for row in rows) + "\n"
+
+
+def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = None) -> list[str]:
+    """``backup`` for a fleet (``invoke backup`` and ``pullback-backup``): pull every host,
+    ``backup.parallel`` at a time; print warnings and failures (``err``) and the table
+    (``out``); return the hosts that failed. Live output only for one host on a terminal:
+    several interleaved streams are noise."""
+    from roles import fleet
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    tty = len(hosts) == 1 and out.isatty()
+
+    def failed(h: Host, exc: Exception) -> BackupResult:
+        reason = str(exc) if isinstance(exc, BackupError) else f"{type(exc).__name__}: {exc}"
+        return BackupResult(h.name, ok=False, exit_code=None, seconds=0.0, error=reason)
+
+    results = fleet.for_each(
+        hosts, lambda h: run_backup(h, dry_run=dry_run, tty=tty), failed,
+        parallel=max(h.backup.parallel for h in hosts),
+    )
+    for r in results:
+        if r.warning:
+            print(f"{r.host}: warning: {r.warning}", file=err)
+        if r.error:
+            print(f"{r.host}: failed: {r.error}", file=err)
+        if r.log_path and not r.ok:
+            print(f"{r.host}: log: {r.log_path}", file=err)
+    out.write(format_table(results))
+    out.flush()
+    return [r.host for r in results if not r.ok]
 
 
 # --- restore ----------------------------------------------------------------------------

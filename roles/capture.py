@@ -54,10 +54,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from roles import backup
-from roles.inventory import Host
 
 if TYPE_CHECKING:
     from roles.facts import HostFacts
+    from roles.inventory import Host  # pydantic: not imported at run time
     from roles.setup import HelperFile, Outcome
 
 LIBEXEC = "/usr/local/libexec/pullback"

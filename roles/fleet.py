@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from roles.inventory import Host
+if TYPE_CHECKING:
+    from roles.inventory import Host  # pydantic: not imported at run time
+
 
 T = TypeVar("T")
 
@@ -23,5 +24,7 @@ def for_each(hosts: list[Host], work: Callable[[Host], T], on_error: Callable[[H
 
     if len(hosts) <= 1:
         return [guarded(h) for h in hosts]
+    from concurrent.futures import ThreadPoolExecutor  # only for a fleet: one host starts lean
+
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(hosts)))) as pool:
         return list(pool.map(guarded, hosts))

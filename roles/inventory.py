@@ -7,11 +7,9 @@ own value wins; lists are replaced, not concatenated).
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -24,6 +22,14 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_validator,
+)
+
+from roles.compiled import (  # noqa: F401 - re-exported: the loaders share them
+    Inventory,
+    InventoryError,
+    parse_shard,
+    read_inventory,
+    shard_of,
 )
 
 DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.tar.gz"
@@ -55,14 +61,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODULE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FROM = re.compile(r"^[A-Za-z0-9.:*?!/,_-]+$")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class InventoryError(Exception):
-    """One or more problems in an inventory; ``str()`` gives one line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
 
 
 # --- field validators -------------------------------------------------------------------
@@ -265,47 +263,16 @@ class Host(_Strict):
         return self.backup_key + ".pub"
 
 
-@dataclass(frozen=True)
-class Inventory:
-    path: Path
-    hosts: dict[str, Host]
-
-    def select(self, names: Iterable[str] | None,
-               shard: tuple[int, int] | None = None) -> list[Host]:
-        """The hosts named (in inventory order), or every host when none are named.
-
-        ``shard=(K, N)`` keeps only the hosts of shard K of N (see ``shard_of``).
-        """
-        wanted = list(names or [])
-        if not wanted:
-            return [h for h in self.hosts.values()
-                    if shard is None or shard_of(h.name, shard[1]) == shard[0]]
-        unknown = [n for n in wanted if n not in self.hosts]
-        if unknown:
-            known = ", ".join(self.hosts) or "(none)"
-            raise InventoryError(
-                [f"{self.path}: unknown host {', '.join(unknown)} (known: {known})"]
-            )
-        return [self.hosts[n] for n in self.hosts if n in wanted
-                and (shard is None or shard_of(n, shard[1]) == shard[0])]
-
-
-def shard_of(name: str, count: int) -> int:
-    """The shard (1..count) a host belongs to, from a hash of its name alone.
-
-    Several backup hosts split one inventory with ``--shard K/N``: every host lands in
-    exactly one shard, and adding or removing hosts never moves the others.
-    """
-    digest = hashlib.sha256(name.encode()).digest()
-    return int.from_bytes(digest[:8], "big") % count + 1
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"2/3"`` -> ``(2, 3)``; ValueError with a one-line message otherwise."""
-    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
-    if not match or not 1 <= int(match[1]) <= int(match[2]) <= 1000:
-        raise ValueError(f"--shard {text!r}: expected K/N with 1 <= K <= N <= 1000, e.g. 2/3")
-    return int(match[1]), int(match[2])
+def dump(host: Host) -> dict[str, Any]:
+    """Every field of ``host`` and every property (``destination``, the rsync paths...), as
+    plain JSON data: what ``roles.compiled`` caches and turns back into a Record."""
+    data = host.model_dump(mode="json")
+    for model, target in ((host, data), (host.rsync, data["rsync"]),
+                          (host.backup, data["backup"])):
+        for name, value in vars(type(model)).items():
+            if isinstance(value, property):
+                target[name] = getattr(model, name)
+    return data
 
 
 # --- loading with line numbers ----------------------------------------------------------
@@ -436,11 +403,5 @@ def _message(error: Any) -> str:
 
 def load(path: str | Path) -> Inventory:
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InventoryError([f"{path}: inventory file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InventoryError([f"{path}: cannot read inventory: {exc}"]) from None
-    inventory = load_text(text, str(path))
+    inventory = load_text(read_inventory(path).decode("utf-8"), str(path))
     return Inventory(path=path, hosts=inventory.hosts)

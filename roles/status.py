@@ -21,10 +21,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from roles.backup import complete_snapshots, human_bytes, run_key, state_dir
-from roles.inventory import Host
+
+if TYPE_CHECKING:
+    from roles.inventory import Host  # pydantic: not imported at run time
 
 DEFAULT_KEEP_LOGS = 30
 LOG_SUFFIXES = (".log", ".json")

@@ -1,0 +1,251 @@
+"""The compiled inventory: a validated inventory kept as JSON, so unattended backups skip
+the validator's start-up.
+
+Validating ``inventory.yaml`` needs PyYAML and pydantic, whose imports and model set-up
+cost about 60 ms per process: more than everything else a no-change backup adds to rsync.
+``load`` validates once through ``roles.inventory`` and saves the result (every field, plus
+the computed paths, per host) to ``~/.cache/pullback/inventory-<hash of the path>.json``
+(``$XDG_CACHE_HOME`` is honoured). The next ``load`` of the same file uses it only when all
+of these still hold, else it validates again:
+
+- the key matches: a SHA-256 over the inventory's bytes, ``$HOME`` (``~`` expands
+  against it), the Python version and the source of the two modules that define the
+  result (``roles/inventory.py``, this file), so editing either one invalidates it;
+- the cache folder and file belong to this user and nobody else can write them (the
+  entry becomes the argv of a root backup, so it is trusted no more than the inventory).
+
+Writing is atomic (temporary file, rename) and best effort: a read-only home only costs
+the speed-up. Nothing here imports PyYAML or pydantic; ``Inventory``, ``InventoryError``
+and the host selection live here so that both loaders share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import stat
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1
+CACHE_MAX_AGE = 30 * 24 * 3600  # entries of inventories not loaded for 30 days are removed
+_SOURCES = (Path(__file__).with_name("inventory.py"), Path(__file__))
+
+
+class InventoryError(Exception):
+    """One or more problems in an inventory; ``str()`` gives one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Record:
+    """Read-only attribute access to a validated host (sections nest as Records, lists
+    become tuples): the same names and values as ``roles.inventory.Host``, properties
+    included, for code that only reads a host."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        object.__setattr__(self, "_data", {k: _frozen(v) for k, v in data.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __repr__(self) -> str:
+        return f"Record({self._data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and self._data == other._data
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(_plain(self), sort_keys=True))
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Record(value)
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return {k: _plain(v) for k, v in value._data.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    hosts: dict[str, Any]  # name -> roles.inventory.Host, or a Record of one
+
+    def select(self, names: Iterable[str] | None,
+               shard: tuple[int, int] | None = None) -> list[Any]:
+        """The hosts named (in inventory order), or every host when none are named.
+
+        ``shard=(K, N)`` keeps only the hosts of shard K of N (see ``shard_of``).
+        """
+        wanted = list(names or [])
+        if not wanted:
+            return [h for h in self.hosts.values()
+                    if shard is None or shard_of(h.name, shard[1]) == shard[0]]
+        unknown = [n for n in wanted if n not in self.hosts]
+        if unknown:
+            known = ", ".join(self.hosts) or "(none)"
+            raise InventoryError(
+                [f"{self.path}: unknown host {', '.join(unknown)} (known: {known})"]
+            )
+        return [self.hosts[n] for n in self.hosts if n in wanted
+                and (shard is None or shard_of(n, shard[1]) == shard[0])]
+
+    def choose(self, names: Iterable[str] | None, shard: str | None) -> list[Any]:
+        """``select`` for the command line: ``shard`` as typed (``K/N``); an unknown host,
+        a bad shard or an empty selection raise InventoryError (one line)."""
+        try:
+            selected = self.select(names, parse_shard(shard) if shard else None)
+        except ValueError as exc:
+            raise InventoryError([str(exc)]) from None
+        if not selected:
+            raise InventoryError([f"no host of {self.path} is in shard {shard}"])
+        return selected
+
+
+def shard_of(name: str, count: int) -> int:
+    """The shard (1..count) a host belongs to, from a hash of its name alone.
+
+    Several backup hosts split one inventory with ``--shard K/N``: every host lands in
+    exactly one shard, and adding or removing hosts never moves the others.
+    """
+    digest = hashlib.sha256(name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count + 1
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/3"`` -> ``(2, 3)``; ValueError with a one-line message otherwise."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 1 <= int(match[1]) <= int(match[2]) <= 1000:
+        raise ValueError(f"--shard {text!r}: expected K/N with 1 <= K <= N <= 1000, e.g. 2/3")
+    return int(match[1]), int(match[2])
+
+
+def read_inventory(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except FileNotFoundError:
+        raise InventoryError([f"{path}: inventory file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError([f"{path}: cannot read inventory: {exc}"]) from None
+    return data
+
+
+# --- the cache ------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pullback"
+
+
+def cache_file(inventory: Path) -> Path:
+    where = os.path.realpath(inventory)
+    return cache_dir() / f"inventory-{hashlib.sha256(where.encode()).hexdigest()[:32]}.json"
+
+
+def cache_key(data: bytes) -> str:
+    digest = hashlib.sha256()
+    for part in (str(FORMAT).encode(), data, os.environ.get("HOME", "").encode(),
+                 sys.version.encode(), *(p.read_bytes() for p in _SOURCES)):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
+def _private(info: os.stat_result) -> bool:
+    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def read_cache(inventory: Path, key: str) -> dict[str, Record] | None:
+    """The cached hosts of ``inventory`` for ``key``, or None (missing, stale, unsafe)."""
+    path = cache_file(inventory)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not (_private(os.fstat(fd)) and _private(os.stat(path.parent))):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            entry = json.loads(handle.read())
+        if entry.get("key") != key:
+            return None
+        return {name: Record(data) for name, data in entry["hosts"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def write_cache(inventory: Path, key: str, hosts: dict[str, dict[str, Any]]) -> bool:
+    """Save the validated hosts (atomically, mode 0600); prune entries unused for 30
+    days. False when the cache folder cannot be written or is not private."""
+    path = cache_file(inventory)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _private(os.stat(path.parent)):
+            return False
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"key": key, "inventory": os.path.realpath(inventory), "hosts": hosts},
+                      handle)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return False
+    cutoff = time.time() - CACHE_MAX_AGE
+    for old in path.parent.glob("inventory-*.json"):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            continue
+    return True
+
+
+def load(path: str | Path) -> Inventory:
+    """The inventory at ``path`` with Records for hosts: from the cache when it is
+    current, else validated by ``roles.inventory`` (InventoryError on a problem) and
+    cached. A cache hit refreshes the entry's age."""
+    path = Path(path)
+    data = read_inventory(path)
+    key = cache_key(data)
+    hosts = read_cache(path, key)
+    if hosts is not None:
+        with contextlib.suppress(OSError):
+            os.utime(cache_file(path))
+        return Inventory(path=path, hosts=hosts)
+    from roles import inventory as validator  # PyYAML + pydantic: only on a miss
+
+    validated = validator.load_text(data.decode("utf-8"), str(path))
+    dumped = {name: validator.dump(host) for name, host in validated.hosts.items()}
+    write_cache(path, key, dumped)
+    return Inventory(path=path, hosts={name: Record(d) for name, d in dumped.items()})

@@ -1,0 +1,168 @@
+"""The compiled inventory: the same hosts as the validator, used only while it is current
+and private to this user."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from roles import compiled
+from roles import inventory as validator
+from tests.unit.test_inventory import GOOD
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "pullback"
+
+
+@pytest.fixture
+def inventory(tmp_path) -> Path:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(GOOD)
+    return path
+
+
+def _everything(value):
+    """Every field and every property of a Host (or section), as plain data."""
+    if isinstance(value, compiled.Record):
+        return {k: _everything(getattr(value, k)) for k in value._data}
+    if hasattr(type(value), "model_fields"):
+        names = set(type(value).model_fields)
+        names |= {n for n, v in vars(type(value)).items() if isinstance(v, property)}
+        return {n: _everything(getattr(value, n)) for n in names}
+    if isinstance(value, tuple | list):
+        return [_everything(v) for v in value]
+    return value
+
+
+def test_a_record_has_every_field_and_property_of_the_validated_host(cache, inventory):
+    hosts = validator.load(inventory).hosts
+    records = compiled.load(inventory).hosts
+    assert list(records) == list(hosts) == ["web1", "db1"]
+    for name, host in hosts.items():
+        assert _everything(records[name]) == _everything(host)
+    db1 = records["db1"]
+    assert db1.destination == "/srv/backups/db1" and db1.rsync.remote_binary == \
+        "/opt/rsync/bin/rsync"
+    assert db1.backup.exclude == ("/var/lib/mysql/*",) and db1.from_ == \
+        "198.51.100.7,2001:db8::/32"
+    with pytest.raises(AttributeError, match="read-only"):
+        db1.port = 22
+    with pytest.raises(AttributeError):
+        _ = db1.no_such_field
+
+
+def test_the_second_load_comes_from_the_cache(cache, inventory, monkeypatch):
+    first = compiled.load(inventory)
+    (entry,) = cache.glob("inventory-*.json")
+    assert oct(entry.stat().st_mode & 0o777) == "0o600" and oct(cache.stat().st_mode & 0o777) \
+        == "0o700"
+
+    def no_validator(*args, **kwargs):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(validator, "load_text", no_validator)
+    assert compiled.load(inventory) == first
+
+
+def test_an_edited_inventory_is_validated_again(cache, inventory):
+    compiled.load(inventory)
+    inventory.write_text(GOOD.replace("port: 2222", "port: 2223"))
+    assert compiled.load(inventory).hosts["db1"].port == 2223
+    inventory.write_text(GOOD.replace("port: 2222", "port: 70000"))
+    with pytest.raises(compiled.InventoryError, match=r"inventory.yaml:\d+: hosts.db1.port: "):
+        compiled.load(inventory)
+
+
+@pytest.mark.parametrize("change", ["home", "tampered", "group-writable", "dir-open",
+                                    "garbage", "symlink"])
+def test_a_cache_entry_is_ignored_unless_current_and_private(cache, inventory, monkeypatch,
+                                                             tmp_path, change):
+    compiled.load(inventory)
+    (entry,) = cache.glob("inventory-*.json")
+    if change == "home":  # ~ expands against $HOME: another HOME is another result
+        monkeypatch.setenv("HOME", str(tmp_path))
+    elif change == "tampered":  # an entry for another inventory text
+        data = json.loads(entry.read_text())
+        data["hosts"]["db1"]["port"] = 1
+        data["key"] = "0" * 64
+        entry.write_text(json.dumps(data))
+    elif change == "group-writable":
+        data = json.loads(entry.read_text())
+        data["hosts"]["db1"]["port"] = 1
+        entry.write_text(json.dumps(data))
+        entry.chmod(0o620)
+    elif change == "dir-open":
+        data = json.loads(entry.read_text())
+        data["hosts"]["db1"]["port"] = 1
+        entry.write_text(json.dumps(data))
+        cache.chmod(0o777)
+    elif change == "garbage":
+        entry.write_text("{not json")
+    elif change == "symlink":
+        fake = tmp_path / "fake.json"
+        data = json.loads(entry.read_text())
+        data["hosts"]["db1"]["port"] = 1
+        fake.write_text(json.dumps(data))
+        fake.chmod(0o600)
+        entry.unlink()
+        entry.symlink_to(fake)
+    key = compiled.cache_key(inventory.read_bytes())
+    assert compiled.read_cache(inventory, key) is None
+    assert compiled.load(inventory).hosts["db1"].port == 2222
+
+
+def test_the_entry_names_its_key_and_inventory(cache, inventory):
+    compiled.load(inventory)
+    (entry,) = cache.glob("inventory-*.json")
+    data = json.loads(entry.read_text())
+    assert data["key"] == compiled.cache_key(inventory.read_bytes())
+    assert data["inventory"] == os.path.realpath(inventory)
+
+
+def test_an_unwritable_cache_only_costs_the_speed_up(tmp_path, inventory, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a file: the folder cannot exist
+    assert compiled.load(inventory).hosts["web1"].address == "web1.example.com"
+
+
+def test_unreadable_and_bad_inventories_are_one_line_errors(cache, tmp_path):
+    with pytest.raises(compiled.InventoryError, match=r"missing.yaml: inventory file not found"):
+        compiled.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"hosts: {a: {address: \xff}}")
+    with pytest.raises(compiled.InventoryError, match="cannot read inventory"):
+        compiled.load(bad)
+    assert not list(cache.glob("inventory-*.json"))
+
+
+def test_old_entries_are_pruned_when_one_is_written(cache, inventory, tmp_path):
+    cache.mkdir(parents=True, mode=0o700)
+    old = cache / "inventory-0123.json"
+    old.write_text("{}")
+    os.utime(old, (1, 1))
+    compiled.load(inventory)
+    assert not old.exists() and len(list(cache.glob("inventory-*.json"))) == 1
+
+
+def test_choose_reports_unknown_hosts_and_empty_shards_in_one_line(cache, inventory):
+    inv = compiled.load(inventory)
+    assert [h.name for h in inv.choose(["db1"], None)] == ["db1"]
+    with pytest.raises(compiled.InventoryError, match=r"unknown host x \(known: web1, db1\)"):
+        inv.choose(["x"], None)
+    with pytest.raises(compiled.InventoryError, match="expected K/N"):
+        inv.choose([], "3/2")
+    empty = next(f"{k}/50" for k in range(1, 51) if not inv.select(None, (k, 50)))
+    with pytest.raises(compiled.InventoryError, match=f"no host of .* is in shard {empty}"):
+        inv.choose([], empty)
+
