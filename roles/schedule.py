@@ -1,4 +1,4 @@
-"""schedule: run ``invoke backup`` unattended on the backup host, daily.
+"""schedule: run the backup unattended on the backup host, daily.
 
 Which scheduler (``--kind`` overrides the choice):
 
@@ -13,7 +13,8 @@ Which scheduler (``--kind`` overrides the choice):
 Every file starts with a "managed by pullback" line (the crontab block sits between
 ``# BEGIN pullback-backup`` and ``# END pullback-backup``); ``--remove`` deletes only what
 carries it, and an install never overwrites a file without it. The job runs
-``VENV/bin/invoke -r REPO backup --inventory ABS_PATH [--host H ...]``.
+``VENV/bin/pullback-backup --inventory ABS_PATH [--host H ...]``: ``invoke backup`` without
+invoke's start-up (``roles.unattended``), the same pull, options and exit codes.
 
 Random delay: systemd's timer has ``RandomizedDelaySec=30min`` (a new draw every day) and
 ``Persistent=true`` (a run missed while the machine was off starts at boot). cron and launchd
@@ -63,7 +64,7 @@ DELAY_MINUTES = 30
 CRON_MAX_COMMAND = 900  # Vixie/Debian cron cuts a command at 1000 bytes
 # cron and launchd start jobs with a minimal PATH; ssh and a PATH rsync live in these.
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-REPO = Path(__file__).resolve().parent.parent
+PROGRAM = "pullback-backup"  # the console script of roles.unattended (pyproject.toml)
 CRON_DAEMONS = frozenset({"cron", "crond", "cronie", "fcron", "busybox"})
 
 _AT = re.compile(r"^(\d{1,2}):(\d{2})$")
@@ -118,27 +119,26 @@ class Job:
 
 
 def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_AT,
-              agent_socket: str | None = None, invoke: str | None = None,
-              repo: str | Path = REPO, shard: str | None = None) -> Job:
-    """The scheduled command: ``INVOKE -r REPO backup --inventory ABS [--host H ...]``
-    (plus ``--shard K/N`` when this backup host runs one shard of the inventory).
+              agent_socket: str | None = None, program: str | None = None,
+              shard: str | None = None) -> Job:
+    """The scheduled command: ``PROGRAM --inventory ABS [--host H ...]`` (plus
+    ``--shard K/N`` when this backup host runs one shard of the inventory).
 
-    ``invoke`` defaults to the ``invoke`` beside this Python (the project's venv), never
-    resolved through symlinks: the venv's own script must run.
+    ``program`` defaults to the ``pullback-backup`` beside this Python (the project's venv),
+    never resolved through symlinks: the venv's own script must run.
     """
     hour_minute = parse_at(at)
     inventory = os.path.abspath(os.fspath(inventory))
-    invoke = invoke or str(Path(sys.executable).parent / "invoke")
-    _checked_path(invoke, "the invoke program")
+    program = program or str(Path(sys.executable).parent / PROGRAM)
+    _checked_path(program, "the pullback-backup program")
     _checked_path(inventory, "--inventory")
-    repo = _checked_path(os.path.abspath(os.fspath(repo)), "the repository")
     if agent_socket is not None:
         _checked_path(agent_socket, "--agent-socket")
         if not _SAFE.match(agent_socket):
             raise ScheduleError(f"--agent-socket may only contain letters, digits and "
                                 f"_@+=:,./- (it goes into units and crontabs): {agent_socket!r}")
     names = tuple(dict.fromkeys(hosts))
-    argv = [invoke, "-r", repo, "backup", "--inventory", inventory]
+    argv = [program, "--inventory", inventory]
     for name in names:
         argv += ["--host", name]
     if shard is not None:

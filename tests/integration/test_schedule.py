@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 INVOKE = str(Path(sys.executable).parent / "invoke")
+PROGRAM = str(Path(sys.executable).parent / "pullback-backup")
 BARE_ENV = {"PATH": sched.PATH_ENV, "LANG": "C.UTF-8"}  # what cron / systemd start a job with
 
 
@@ -91,7 +92,7 @@ def ready(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, Host]:
 def scheduled(work: Path, inventory: Path, host: Host, kind: str) -> str:
     """Install ``kind`` into a temporary root; return the file it wrote."""
     root = work / f"root-{kind}"
-    job = sched.build_job(inventory, [host.name], invoke=INVOKE, repo=ROOT)
+    job = sched.build_job(inventory, [host.name], program=PROGRAM)
     facts = sched.gather(root=root, home=root / "root", tools={}, euid=0)
     plan = sched.plan_install(facts, job, kind=kind)
     sched.apply_schedule(plan)
@@ -112,8 +113,7 @@ def test_the_systemd_exec_start_line_run_by_hand_backs_up(ready, remote, work):
                      if line.startswith("ExecStart=")]
     assert "%%" not in exec_start and "$$" not in exec_start  # plain paths: sh words == argv
     argv = shlex.split(exec_start)
-    assert argv == [INVOKE, "-r", str(ROOT), "backup", "--inventory", str(inventory),
-                    "--host", host.name]
+    assert argv == [PROGRAM, "--inventory", str(inventory), "--host", host.name]
     result = subprocess.run(argv, cwd="/", env=BARE_ENV, capture_output=True, text=True,
                             timeout=120, check=False, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -145,8 +145,7 @@ def test_schedule_cli_dry_run_and_bad_time(ready):
                     "--kind", "systemd", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "# /etc/systemd/system/pullback-backup.service (" in result.stdout
-    exec_line = shlex.join([INVOKE, "-r", str(ROOT), "backup", "--inventory", str(inventory),
-                            "--host", host.name])
+    exec_line = shlex.join([PROGRAM, "--inventory", str(inventory), "--host", host.name])
     assert f"ExecStart={exec_line}\n" in result.stdout
     assert "systemd is not running: would write units; enable them with: systemctl " \
            "daemon-reload && systemctl enable --now pullback-backup.timer" in result.stdout

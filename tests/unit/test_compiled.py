@@ -166,3 +166,41 @@ def test_choose_reports_unknown_hosts_and_empty_shards_in_one_line(cache, invent
     with pytest.raises(compiled.InventoryError, match=f"no host of .* is in shard {empty}"):
         inv.choose([], empty)
 
+
+def test_the_unattended_runner_imports_neither_invoke_nor_the_validator(cache, inventory):
+    """What a scheduled run loads once the inventory is compiled."""
+    compiled.load(inventory)
+    probe = ("import sys, roles.unattended as u, roles.compiled as c; "
+             f"c.load({str(inventory)!r}); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('invoke', 'fabric', 'paramiko', 'pydantic', 'yaml', 'jinja2') "
+             "or m == 'roles.inventory'))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True, check=True, env={**os.environ})
+    assert result.stdout.strip() == "[]"
+
+
+def test_pullback_backup_rejects_bad_input_with_exit_2_and_one_line(cache, inventory, tmp_path,
+                                                                   capsys):
+    from roles import unattended
+
+    cases = [
+        (["--inventory", str(tmp_path / "missing.yaml")],
+         f"{tmp_path}/missing.yaml: inventory file not found"),
+        (["--inventory", str(inventory), "--host", "nope"],
+         f"{inventory}: unknown host nope (known: web1, db1)"),
+        (["--inventory", str(inventory), "--shard", "0/2"],
+         "--shard '0/2': expected K/N with 1 <= K <= N <= 1000, e.g. 2/3"),
+    ]
+    for argv, line in cases:
+        assert unattended.main(argv) == 2
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", line + "\n")
+
+
+def test_pullback_backup_is_installed_beside_invoke():
+    program = Path(sys.executable).parent / "pullback-backup"
+    result = subprocess.run([str(program), "--help"], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0 and "--inventory" in result.stdout and "--shard" in \
+        result.stdout and "--dry-run" in result.stdout

@@ -22,13 +22,12 @@ from roles import schedule as s
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 REPO = Path(__file__).resolve().parents[2]
-INVOKE = "/opt/pullback/.venv/bin/invoke"
+PROGRAM = "/opt/pullback/.venv/bin/pullback-backup"
 INVENTORY = "/etc/pullback/inventory.yaml"
 
 
 def job(hosts=("web1", "db1"), **kwargs) -> s.Job:
-    kwargs.setdefault("invoke", INVOKE)
-    kwargs.setdefault("repo", "/opt/pullback")
+    kwargs.setdefault("program", PROGRAM)
     return s.build_job(kwargs.pop("inventory", INVENTORY), hosts, **kwargs)
 
 
@@ -67,22 +66,22 @@ def test_shifted_wraps_at_midnight(at, minutes, want):
     assert s.shifted(at, minutes) == want
 
 
-def test_build_job_runs_the_venv_invoke_with_absolute_paths(tmp_path, monkeypatch):
+def test_build_job_runs_the_venv_pullback_backup_with_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    j = s.build_job("inv.yaml", ["web1", "db1", "web1"], repo=REPO)
-    assert j.argv == (str(Path(sys.executable).parent / "invoke"), "-r", str(REPO), "backup",
+    j = s.build_job("inv.yaml", ["web1", "db1", "web1"])
+    assert j.argv == (str(Path(sys.executable).parent / "pullback-backup"),
                       "--inventory", str(tmp_path / "inv.yaml"), "--host", "web1", "--host",
                       "db1")
     assert j.hosts == ("web1", "db1")
-    assert s.build_job("inv.yaml", [], repo=REPO).what == f"every host in {tmp_path}/inv.yaml"
+    assert s.build_job("inv.yaml", []).what == f"every host in {tmp_path}/inv.yaml"
 
 
 def test_build_job_passes_a_shard_through(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    j = s.build_job("inv.yaml", [], repo=REPO, shard=" 2/3")
+    j = s.build_job("inv.yaml", [], shard=" 2/3")
     assert j.argv[-2:] == ("--shard", "2/3")
     with pytest.raises(ValueError, match="expected K/N"):
-        s.build_job("inv.yaml", [], repo=REPO, shard="2/3; rm -rf /")
+        s.build_job("inv.yaml", [], shard="2/3; rm -rf /")
 
 
 @pytest.mark.parametrize("socket_path", ["run/agent.sock", "/run/a b.sock", "/run/x\n.sock",
@@ -93,7 +92,7 @@ def test_agent_socket_must_be_a_plain_absolute_path(socket_path):
 
 
 @pytest.mark.parametrize("arg, want", [
-    ("/opt/pullback/.venv/bin/invoke", "/opt/pullback/.venv/bin/invoke"),
+    ("/opt/pullback/.venv/bin/pullback-backup", "/opt/pullback/.venv/bin/pullback-backup"),
     ("--host", "--host"),
     ("/home/me/my inventory.yaml", '"/home/me/my inventory.yaml"'),
     ("/srv/50%.yaml", "/srv/50%%.yaml"),
@@ -165,7 +164,7 @@ def test_the_plist_is_a_valid_property_list_with_the_exact_argv():
 def test_xml_special_characters_and_dashes_survive_the_plist():
     j = job(hosts=(), inventory="/srv/a--b & <c>.yaml")
     data = plistlib.loads(s.render_plist(j, hostname="h", error_log="/x.log").encode())
-    assert data["ProgramArguments"][5] == "/srv/a--b & <c>.yaml"
+    assert data["ProgramArguments"][2] == "/srv/a--b & <c>.yaml"
 
 
 def test_the_cron_time_is_at_plus_the_fixed_offset():
@@ -211,7 +210,7 @@ def test_units_are_valid(tmp_path, system):
     """The units pass ``systemd-analyze verify`` WHERE IT IS INSTALLED (it needs no running
     systemd). Without the binary this test does not skip: it still checks the unit text with
     the small ini parser above (sections, keys, the values that matter)."""
-    j = job(invoke=str(REPO / ".venv" / "bin" / "invoke"), repo=str(REPO),
+    j = job(program=str(REPO / ".venv" / "bin" / "pullback-backup"),
             agent_socket=None if system else "/run/user/1000/pullback-agent.sock")
     service, timer = write_units(tmp_path / "units", j, system=system)
 
@@ -242,7 +241,7 @@ def test_units_are_valid(tmp_path, system):
 def test_systemd_analyze_catches_a_broken_unit(tmp_path):
     """Guards the check above: a bad calendar spec must be reported."""
     analyze = shutil.which("systemd-analyze")
-    service, timer = write_units(tmp_path, job(invoke=str(REPO / ".venv/bin/invoke")),
+    service, timer = write_units(tmp_path, job(program=str(REPO / ".venv/bin/pullback-backup")),
                                  system=True)
     timer.write_text(timer.read_text().replace("02:30:00", "25:30:00"))
     if analyze is None:
