@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import os
 import stat
 import subprocess
 from pathlib import Path
@@ -52,7 +52,7 @@ def ensure_backup_key(path: Path, *, passphrase: bool = False) -> str:
         return f"{path}: exists, kept"
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     argv = ["ssh-keygen", "-q", "-t", "ed25519", "-C",
-            f"pullback-backup@{socket.gethostname()}", "-f", str(path)]
+            f"pullback-backup@{os.uname().nodename}", "-f", str(path)]
     if not passphrase:
         argv[2:2] = ["-N", ""]
     # With a passphrase, ssh-keygen prompts on the terminal itself: it never passes
