@@ -552,7 +552,10 @@ def stream(argv: list[str], log: BinaryIO, echo: BinaryIO | None,
 
 def count_entries(root: Path) -> int:
     """What rsync's ``Number of files`` counts for a copy of ``root``: every entry (files,
-    folders, links, devices...), ``root`` itself included; links are not followed."""
+    folders, links, devices...), ``root`` itself included; links are not followed.
+
+    A walk in Python, per file: only the fallback for a snapshot whose summary is gone
+    (removed by hand: log pruning keeps the summaries of complete snapshots)."""
     total = 1
     stack = [root]
     while stack:
@@ -727,7 +730,8 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         os.replace(tmp, logs / f"{run}.json")
         from roles import status  # status reads these summaries; it imports this module
 
-        status.prune_logs(logs)
+        status.prune_logs(logs, protect=complete_snapshots(os.listdir(dest))
+                          if snapshots and dest.is_dir() else ())
         return result
 
 

@@ -197,28 +197,30 @@ def format_table(statuses: Iterable[HostStatus]) -> str:
 # --- log retention ------------------------------------------------------------------------
 
 
-def plan_log_prune(names: Iterable[str], keep: int) -> list[str]:
+def plan_log_prune(names: Iterable[str], keep: int, protect: Iterable[str] = ()) -> list[str]:
     """Files in ``logs/`` to delete so that only the newest ``keep`` runs remain.
 
-    A run is ``<run>.log`` and ``<run>.json`` together; both go or both stay. Names that
-    are not run files (temp files, a user's notes) are never touched. ``keep <= 0`` keeps
-    everything.
+    A run is ``<run>.log`` and ``<run>.json`` together; both go or both stay. Runs named in
+    ``protect`` (the complete snapshots: their summaries hold the file counts the
+    empty-source guard compares with) always stay. Names that are not run files (temp
+    files, a user's notes) are never touched. ``keep <= 0`` keeps everything.
     """
     if keep <= 0:
         return []
+    kept = set(protect)
     by_run: dict[str, list[str]] = {}
     for name in names:
         for suffix in LOG_SUFFIXES:
             if name.endswith(suffix) and run_key(name[:-len(suffix)]) is not None:
                 by_run.setdefault(name[:-len(suffix)], []).append(name)
     ordered = sorted(by_run, key=lambda run: run_key(run) or (run, 0))
-    return sorted(name for run in ordered[:-keep] for name in by_run[run])
+    return sorted(name for run in ordered[:-keep] if run not in kept for name in by_run[run])
 
 
-def prune_logs(logs: Path, keep: int = DEFAULT_KEEP_LOGS) -> list[str]:
+def prune_logs(logs: Path, keep: int = DEFAULT_KEEP_LOGS, protect: Iterable[str] = ()) -> list[str]:
     """Delete the run files ``plan_log_prune`` names; return them. Call it with the lock held."""
     removed: list[str] = []
-    for name in plan_log_prune(os.listdir(logs), keep):
+    for name in plan_log_prune(os.listdir(logs), keep, protect):
         try:
             (logs / name).unlink()
             removed.append(name)

@@ -188,3 +188,14 @@ def test_prune_logs_keeps_the_newest_runs(tmp_path):
     removed = st.prune_logs(logs)
     assert len(removed) == 10 and set(ids[30:]) == {n.rsplit(".", 1)[0] for n in removed}
     assert len(os.listdir(logs)) == 2 * st.DEFAULT_KEEP_LOGS + 1
+
+
+def test_prune_logs_keeps_the_summaries_of_complete_snapshots(tmp_path):
+    """The empty-source guard reads the newest snapshot's file count from its summary: a
+    snapshot older than the newest 30 runs (failed and dry runs since) keeps it."""
+    logs = tmp_path / "logs"
+    ids = [write_summary(logs, NOW - timedelta(hours=h)) for h in range(35)]
+    oldest, older = ids[34], ids[33]
+    removed = st.prune_logs(logs, keep=5, protect=[oldest, "2020-01-01T000000Z"])
+    assert {n.rsplit(".", 1)[0] for n in removed} == set(ids[5:34])
+    assert (logs / f"{oldest}.json").exists() and not (logs / f"{older}.json").exists()
