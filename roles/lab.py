@@ -281,18 +281,31 @@ def read_host_key(name: str) -> str:
     return f"{fields[0]} {fields[1]}"
 
 
-def start(name: str, image: str, *, tmpfs: Sequence[str] = ()) -> None:
+_CPUSET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+
+
+def start(name: str, image: str, *, tmpfs: Sequence[str] = (),
+          cpuset: str | None = None) -> None:
     """Run container ``name``; ``tmpfs``: absolute paths that get a tmpfs of their own
-    (``--tmpfs PATH``: a second file system inside the tree, as ``rsync -x`` must skip)."""
+    (``--tmpfs PATH``: a second file system inside the tree, as ``rsync -x`` must skip).
+
+    ``cpuset`` (``"1"``, ``"2-3"``, ``"0,2"``): the only CPUs the container may use
+    (``--cpuset-cpus``); ``nproc`` inside reports their number. The benchmarks use it to
+    give a lab host CPUs of its own, as a real server has."""
     pubkey = (admin_key().with_suffix(".pub")).read_text().strip()
     mounts: list[str] = []
     for path in tmpfs:
         if not path.startswith("/") or "," in path or ":" in path:
             raise LabError(f"--tmpfs wants an absolute path without ',' or ':': {path!r}")
         mounts += ["--tmpfs", path]
+    limits: list[str] = []
+    if cpuset is not None:
+        if not _CPUSET.match(cpuset):
+            raise LabError(f"cpuset wants CPU numbers like 1, 0-1 or 0,2: {cpuset!r}")
+        limits += ["--cpuset-cpus", cpuset]
     engine(
         "run", "-d", "--name", name, "--hostname", name, "--init",
-        "--label", f"{LABEL}=1", "-p", "127.0.0.1::22", *mounts,
+        "--label", f"{LABEL}=1", "-p", "127.0.0.1::22", *mounts, *limits,
         "-e", f"PULLBACK_ADMIN_PUBKEY={pubkey}", image,
     )
 
@@ -312,24 +325,28 @@ def host_names(prefix: str, count: int, releases: Sequence[str] | None = None,
 
 def up(count: int = 1, prefix: str = PREFIX, release: str = DEFAULT_RELEASE,
        compiler: bool = True, log=print,
-       releases: Sequence[str] | None = None) -> list[LabHost]:
+       releases: Sequence[str] | None = None, cpuset: str | None = None) -> list[LabHost]:
     """Start (or reuse) lab containers: ``count`` of ``release``, or ``count`` of each of
-    ``releases`` (named after the release). Images are built first, concurrently."""
+    ``releases`` (named after the release). Images are built first, concurrently.
+    ``cpuset``: see ``start`` (applies to containers started here, not reused ones)."""
     wanted = host_names(prefix, count, releases, release)
     images = build_releases(list(dict.fromkeys(r for _, r in wanted)), compiler, log=log)
     with ThreadPoolExecutor(max_workers=min(8, len(wanted))) as pool:
-        return list(pool.map(lambda job: ensure_host(job[0], images[job[1]]), wanted))
+        return list(pool.map(
+            lambda job: ensure_host(job[0], images[job[1]], cpuset=cpuset), wanted
+        ))
 
 
 def container_image(name: str) -> str:
     return _out(engine("inspect", "--format", "{{.Config.Image}}", name))
 
 
-def ensure_host(name: str, image: str, *, tmpfs: Sequence[str] = ()) -> LabHost:
+def ensure_host(name: str, image: str, *, tmpfs: Sequence[str] = (),
+                cpuset: str | None = None) -> LabHost:
     """Start container ``name`` from ``image`` unless it runs; wait for its sshd.
 
-    ``tmpfs`` applies only when the container is started here (a running one is reused as
-    it is)."""
+    ``tmpfs`` and ``cpuset`` apply only when the container is started here (a running one
+    is reused as it is)."""
     if is_running(name) and container_image(name) != image:
         # A lab container from an older recipe (or another release): a lab host holds
         # nothing worth keeping, so it is replaced rather than reused stale.
@@ -338,7 +355,7 @@ def ensure_host(name: str, image: str, *, tmpfs: Sequence[str] = ()) -> LabHost:
         engine("rm", "-f", "-t", "2", name)
     if not is_running(name):
         engine("rm", "-f", name, check=False)
-        start(name, image, tmpfs=tmpfs)
+        start(name, image, tmpfs=tmpfs, cpuset=cpuset)
     port = published_port(name)
     wait_for_sshd(name, port)
     release = image.rpartition(":")[2]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from roles import lab
 from roles.connection import ConnectError, connect, run
 from roles.inventory import load
-from tests.integration.conftest import Lab, infra_host
+from tests.integration.conftest import PREFIX, Lab, infra_host
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +102,29 @@ def test_a_container_from_an_older_image_is_replaced(lab_env: Lab):
     again = lab.ensure_host(host.name, lab_env.image)
     assert lab.container_image(host.name) == lab_env.image
     assert lab.is_running(host.name) and again.host_key != host.host_key  # a new container
+
+
+def test_cpuset_gives_a_container_cpus_of_its_own(lab_env: Lab):
+    # The build benchmark's "two machines" layout: the lab host sees only its CPUs, and
+    # build_rsync's make -j follows nproc on that end.
+    cpu = str(min(os.sched_getaffinity(0)))  # one CPU this machine lets us use
+    name = f"{PREFIX}-{os.getpid()}-cpuset"
+    lab_env.started.append(name)
+    host = lab.ensure_host(name, lab_env.image, cpuset=cpu)
+    try:
+        inspected = lab.engine("inspect", "--format", "{{.HostConfig.CpusetCpus}}", name)
+        assert inspected.stdout.decode().strip() == cpu
+        conn = connect(load(lab_env.inventory([host])).hosts[name])
+        try:
+            out = run(conn, "nproc; grep Cpus_allowed_list /proc/self/status").stdout.split()
+            assert out == ["1", "Cpus_allowed_list:", cpu]
+        finally:
+            conn.close()
+    finally:
+        lab_env.remove(host)
+
+
+@pytest.mark.parametrize("cpuset", ["", "1;true", "0-", "a", "0, 1", "--cpus=2"])
+def test_a_malformed_cpuset_is_refused_before_the_engine_runs(cpuset: str):
+    with pytest.raises(lab.LabError, match="cpuset wants CPU numbers"):
+        lab.start(f"{PREFIX}-never-started", "localhost/no-such-image", cpuset=cpuset)
