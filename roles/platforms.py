@@ -6,7 +6,7 @@ manager installs a C toolchain, and whether the row was proven here (``tested``:
 matrix test runs setup-remote, build-rsync and a backup against that release) or only
 taken from the vendor's documentation. Code asks the table (``lookup``) instead of
 branching on distribution names; facts read from the host (``sshd -T``, the active systemd
-unit, ``ssh -V``) always win over a row's defaults.
+unit, the OpenSSH release from sshd's banner or ``ssh -V``) always win over a row's defaults.
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ def test_restrict_follows_the_openssh_version():
     assert platforms.supports_restrict((7, 2)) and not platforms.supports_restrict((7, 1))
     assert [BY_NAME[f"debian-{r}"].openssh for r in lab.RELEASES] == [(8, 4), (9, 2), (10, 0)]
     assert all(BY_NAME[f"debian-{r}"].restrict for r in lab.RELEASES)
-    assert BY_NAME["debian"].restrict is None  # unknown release: the host's ssh -V decides
+    assert BY_NAME["debian"].restrict is None  # unknown release: the host's OpenSSH release decides
 
 
 def test_sshd_T_spec_passes_user_host_and_addr():

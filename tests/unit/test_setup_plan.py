@@ -146,6 +146,145 @@ def test_parse_report_without_final_END_is_refused(text: str):
         parse_report(text)
 
 
+# The gather script's own form: ONE stat for every path (STAT lines), each file's content
+# as DATA + base64, sshd -T between TBEGIN and TEND. The FILE / DIR / T form above is the
+# one setup.read_files_script prints; both must give the same facts.
+SPACED = "/etc/ssh/sshd_config.d/my conf.conf"
+BATCHED = f"""\
+CLIENT 10.88.0.1
+OS debian bookworm
+OPENSSH SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3
+SSHD /usr/sbin/sshd
+INCLUDE {DROPINS} /etc/ssh/sshd_config.d/90-z.conf
+INCLUDE {DROPINS} {CLOUD}
+MISSING {AUTHORIZED_KEYS}
+STAT 644 0 0 {SSHD_CONFIG}
+STAT 600 0 4 /etc/ssh/sshd_config.d/90-z.conf
+STAT 640 0 0 {CLOUD}
+STAT 644 0 0 {RSYNCD_CONF}
+STAT 755 0 0 /root/.ssh
+DATA {SSHD_CONFIG}
+{b64(MAIN_CRLF)}
+DATA /etc/ssh/sshd_config.d/90-z.conf
+{b64(BINARY)}
+DATA {CLOUD}
+{b64(b"PermitRootLogin yes")}
+DATA {RSYNCD_CONF}
+
+TBEGIN
+port 22
+permitrootlogin yes
+PermitRootLogin no
+pidfile /run/sshd.pid
+banner none
+TEND
+RSYNC /usr/local/bin/rsync rsync  version 3.2.7  protocol version 31
+RSYNC /usr/bin/rsync rsync  version 3.2.7  protocol version 31
+END"""
+
+
+def test_batched_report_reads_the_same_facts():
+    batched, single = parse_report(BATCHED), parse_report(REPORT)
+    assert batched == single
+    assert list(batched.files) == list(single.files)  # the order the files were asked for
+
+
+def test_batched_report_a_stat_without_data_is_a_folder():
+    report = (f"STAT 640 0 0 {SPACED}\nSTAT 700 0 0 /root/.ssh\nDATA {SPACED}\n"
+              f"{b64(b'X11Forwarding no')}\nEND")
+    facts = parse_report(report)
+    assert facts.files == {SPACED: FileFact(SPACED, b"X11Forwarding no", 0o640, 0, 0)}
+    assert facts.dirs == {"/root/.ssh": (0o700, 0, 0)}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"DATA {SSHD_CONFIG}\n{b64(STOCK)}\nEND", "content but not its mode"),  # vanished
+    ("TBEGIN\nport 22\nEND", "no TEND"),
+    ("TBEGIN\nEND", "no TEND"),
+])
+def test_inconsistent_batched_report_is_refused(text: str, message: str):
+    with pytest.raises(ValueError, match=message):
+        parse_report(text)
+
+
+class _Transport:
+    def __init__(self, banner: str | None) -> None:
+        self.remote_version = banner
+
+
+class _Connection:
+    """Just enough of a Fabric connection for ``gather``: records the command it runs."""
+
+    host = "web1"
+
+    def __init__(self, banner: str | None) -> None:
+        self.transport = _Transport(banner)
+        self.commands: list[str] = []
+
+    def run(self, command: str, **_: object) -> object:
+        self.commands.append(command)
+        return dataclasses.make_dataclass("R", ["exited", "stdout", "stderr"])(
+            0, "OPENSSH SSH-2.0-OpenSSH_10.0p2 Debian-7\nEND\n", "")
+
+
+@pytest.mark.parametrize(("banner", "passed"), [
+    ("SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3", True),
+    ("SSH-2.0-OpenSSH_10.0p2 Debian-7+deb13u4", True),
+    ("SSH-2.0-OpenSSH_8.0", True),
+    ("SSH-2.0-dropbear_2022.83", False),  # not OpenSSH: the script asks ssh -V
+    ("SSH-2.0-OpenSSH", False),  # no release in it
+    ("SSH-2.0-OpenSSH_9.2p1\nOPENSSH 99.9", False),  # one fact a line
+    ("SSH-2.0-OpenSSH_9.2p1 caf\u00e9", False),
+    (None, False),
+])
+def test_gather_passes_the_banner_only_when_it_names_an_openssh_release(banner, passed):
+    from roles.facts import gather
+
+    conn = _Connection(banner)
+    facts = gather(conn, "web1", ["/usr/local/bin/rsync"])
+    argv = shlex.split(conn.commands[0])
+    assert argv[:3] == ["sudo", "-n", "sh"] and argv[-2] == "$SSH_CONNECTION"
+    assert argv[-1] == (banner if passed else "")
+    assert facts.openssh == (10, 0)
+
+
+def test_gather_script_runs_ssh_V_only_without_a_banner_and_each_rsync_once(tmp_path):
+    """Runs the real script with ``sh`` (as this user; it only reads): stand-ins for
+    ssh, sshd and rsync log their calls."""
+    from roles.facts import gather_script
+
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    stand_ins = {
+        "ssh": "echo 'OpenSSH_8.9p1 Ubuntu-3, OpenSSL 3.0.2 15 Mar 2022' >&2",
+        "sshd": "echo 'port 22'",
+        "rsync": "printf 'rsync  version 3.4.1  protocol version 32\\nCopyright\\n'",
+    }
+    for name, body in stand_ins.items():
+        tool = bin_dir / name
+        tool.write_text(f"#!/bin/sh\necho {name} >> {shlex.quote(str(log))}\n{body}\n")
+        tool.chmod(0o755)
+    rsync = str(bin_dir / "rsync")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    script = gather_script([rsync, "/nonexistent/rsync", rsync])
+    cases = [("SSH-2.0-OpenSSH_9.2p1 Debian-2", 0, "SSH-2.0-OpenSSH_9.2p1 Debian-2"),
+             ("", 1, "OpenSSH_8.9p1 Ubuntu-3, OpenSSL 3.0.2 15 Mar 2022")]
+    for banner, ssh_calls, openssh in cases:
+        log.write_text("")
+        out = subprocess.run(["sh", "-c", script, "sh", "192.0.2.1 5000 192.0.2.9 22", banner],
+                             capture_output=True, text=True, env=env, check=True).stdout
+        lines = out.splitlines()
+        assert lines[-1] == "END"
+        assert f"OPENSSH {openssh}" in lines
+        assert [line for line in lines if line.startswith("RSYNC ")] == [
+            f"RSYNC {rsync} rsync  version 3.4.1  protocol version 32"]
+        calls = log.read_text().split()
+        assert calls.count("ssh") == ssh_calls
+        assert calls.count("rsync") == 1  # asked twice and found on PATH: run once
+        assert calls.count("sshd") == 1
+        assert "TBEGIN" in lines and "port 22" in lines and "TEND" in lines
+
+
 # --- plan_setup -------------------------------------------------------------------------------
 
 
