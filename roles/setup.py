@@ -71,6 +71,9 @@ class SetupPlan:
     warnings: tuple[str, ...] = ()
     steps: dict[str, str] = field(default_factory=dict)  # step -> "ok" | "changed"
     create_root_ssh: bool = False  # /root/.ssh does not exist: a failure removes it again
+    # (mode, uid, gid) of an existing /root/.ssh this plan sets to 0700 root:root: a failure
+    # (and the rollback) puts them back.
+    root_ssh_was: tuple[int, int, int] | None = None
     make_dirs: tuple[str, ...] = ()  # pullback's own folders to create / set to 0700 root
 
     @property
@@ -236,6 +239,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         pidfile=facts.pidfile,
         forced_command=forced_command, warnings=tuple(warnings), steps=steps,
         create_root_ssh=fix_root_ssh and root_ssh is None, make_dirs=make_dirs,
+        root_ssh_was=root_ssh if fix_root_ssh else None,
     )
 
 
@@ -287,6 +291,7 @@ def apply_script(plan: SetupPlan) -> str:
         "umask 077",
         f"sshd={_q(plan.sshd)}",
         "rd=0",
+        "rs=0",
         *(f"d{i}=0" for i in range(len(plan.make_dirs))),
     ]
     restore = ["restore() {"]
@@ -305,14 +310,19 @@ def apply_script(plan: SetupPlan) -> str:
     remove_dirs = "".join(
         f'if [ "$d{i}" = 1 ]; then rmdir {_q(folder)} 2>/dev/null; fi; '
         for i, folder in reversed(list(enumerate(plan.make_dirs))))
+    put_back = ""
+    if plan.root_ssh_was is not None:
+        put_back = f'if [ "$rs" = 1 ]; then {_put_back_root_ssh(plan.root_ssh_was)}; fi; '
     out.append(
         "fail() { printf 'PULLBACK_FAIL %s\\n' \"$*\"; restore; "
         f"{remove_cands}"
-        f'if [ "$rd" = 1 ]; then rmdir {ROOT_SSH} 2>/dev/null; fi; {remove_dirs}exit 1; }}'
+        f'if [ "$rd" = 1 ]; then rmdir {ROOT_SSH} 2>/dev/null; fi; {put_back}{remove_dirs}'
+        "exit 1; }"
     )
     if plan.fix_root_ssh:
         out.append(f"[ -d {ROOT_SSH} ] || {{ mkdir {ROOT_SSH} && rd=1; }} || "
                    f"fail 'cannot create {ROOT_SSH}'")
+        out.append('[ "$rd" = 1 ] || rs=1')  # an existing folder: a failure puts it back
         out.append(f"chown 0:0 {ROOT_SSH} && chmod 0700 {ROOT_SSH} || fail 'cannot set "
                    f"{ROOT_SSH} to 0700 root:root'")
     for i, folder in enumerate(plan.make_dirs):
@@ -381,6 +391,11 @@ def apply_script(plan: SetupPlan) -> str:
     return "\n".join(out) + "\n"
 
 
+def _put_back_root_ssh(was: tuple[int, int, int]) -> str:
+    mode, uid, gid = was
+    return f"chown {uid}:{gid} {ROOT_SSH} && chmod {mode:04o} {ROOT_SSH}"
+
+
 def rollback_script(plan: SetupPlan) -> str:
     """Put back every file ``plan`` replaced, and reload sshd."""
     out = ["set -u", "rc=0"]
@@ -392,6 +407,8 @@ def rollback_script(plan: SetupPlan) -> str:
             out.append(f"mv -fT {bak} {target} || rc=1")
     if plan.create_root_ssh:
         out.append(f"rmdir {ROOT_SSH} 2>/dev/null || :")  # only when empty: ours alone
+    elif plan.root_ssh_was is not None:
+        out.append(f"{_put_back_root_ssh(plan.root_ssh_was)} || rc=1")
     if plan.reload_sshd:
         out.append(f"{reload_command(plan)} || rc=1")
     out.append('exit "$rc"')

@@ -742,3 +742,29 @@ def test_bad_inventory_exits_2_and_touches_no_host(lab_env: Lab, shared_host: la
     assert lines[0].startswith(f"{inventory}:") and "hosts.bogus.port" in lines[0]
     assert snapshot(shared_host) == before
     assert sighups(shared_host) == hups
+
+
+@pytest.mark.parametrize("fault", ["staging", "login"])
+def test_fault_puts_back_the_mode_of_an_existing_root_ssh(lab_env: Lab, fresh_host: lab.LabHost,
+                                                          fault: str):
+    # /root/.ssh exists with another mode: the plan sets it to 0700, then a failure (in the
+    # apply script, or the lockout check after it) must put 0755 back with the files.
+    target = make_target(lab_env, fresh_host)
+    sh(fresh_host, "mkdir -p /root/.ssh && chmod 0755 /root/.ssh")
+    before = snapshot(fresh_host)
+    assert before["/root/.ssh"] == "dir 755 0 0"
+    if fault == "staging":
+        sh(fresh_host, "mkdir /etc/ssh/sshd_config.pullback-new && "
+                       "touch /etc/ssh/sshd_config.pullback-new/blocker")
+        outcome = setup.setup_host(target.host)
+        assert outcome.error == f"cannot write {SSHD_CONFIG}; nothing changed"
+        sh(fresh_host, "rm -r /etc/ssh/sshd_config.pullback-new")
+        assert_unchanged(target, before)
+    else:
+        def login_fails(host: Host, plan: setup.SetupPlan) -> None:
+            assert snapshot(fresh_host)["/root/.ssh"] == "dir 700 0 0"  # fixed meanwhile
+            raise setup.SetupError("simulated: a new admin login fails")
+
+        outcome = setup.setup_host(target.host, check_login=login_fails)
+        assert outcome.error == "simulated: a new admin login fails; restored and reloaded"
+        assert_unchanged(target, before, hups=2)

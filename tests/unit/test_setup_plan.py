@@ -616,3 +616,27 @@ def test_apply_script_restores_what_it_replaced_when_replacing_fails(tmp_path: P
     assert first.read_bytes() == b"old a\n"  # replaced, then restored from its backup
     assert not (tmp_path / "a.conf.pullback-new").exists()
     assert not (tmp_path / "b.conf.pullback-new").exists()
+
+
+@pytest.mark.parametrize(("root_ssh", "was"), [
+    ((0o755, 0, 0), (0o755, 0, 0)), ((0o2700, 1000, 1000), (0o2700, 1000, 1000)),
+    ((0o700, 0, 0), None), (None, None),
+])
+def test_an_existing_root_ssh_gets_its_mode_and_owner_back_on_failure(root_ssh, was):
+    plan = plan_setup(make_facts({SSHD_CONFIG: STOCK}, root_ssh=root_ssh), HOST, PUBLIC_KEY,
+                      FORCED)
+    assert plan.root_ssh_was == was
+    assert plan.fix_root_ssh == (root_ssh != (0o700, 0, 0))
+    script, rollback = apply_script(plan), rollback_script(plan)
+    if was is None:
+        assert "rs=1;" not in script and "chmod 0700 /root/.ssh ||" not in rollback
+        assert ("rmdir /root/.ssh 2>/dev/null || :" in rollback) == (root_ssh is None)
+        return
+    put_back = f"chown {was[1]}:{was[2]} /root/.ssh && chmod {was[0]:04o} /root/.ssh"
+    fail = next(line for line in script.splitlines() if line.startswith("fail() {"))
+    assert f'if [ "$rs" = 1 ]; then {put_back}; fi;' in fail
+    lines = script.splitlines()
+    marked = lines.index('[ "$rd" = 1 ] || rs=1')
+    assert lines[marked + 1].startswith("chown 0:0 /root/.ssh && chmod 0700 /root/.ssh ||")
+    assert f"{put_back} || rc=1" in rollback.splitlines()
+    assert "rmdir /root/.ssh" not in rollback
