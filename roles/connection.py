@@ -19,7 +19,9 @@ message ever contains the password.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import secrets
 import shlex
 import socket
 import threading
@@ -34,6 +36,10 @@ if TYPE_CHECKING:
 
 class ConnectError(Exception):
     pass
+
+
+class UploadError(RuntimeError):
+    """A long root script could not be uploaded; nothing ran."""
 
 
 class SudoError(RuntimeError):
@@ -185,6 +191,42 @@ def run(c: Any, command: str | list[str], *, sudo: bool = False, host: str = "",
                         "nothing ran as root") from None
 
 
+# sshd hands the command to the login shell as ONE argument, and Linux limits one argument to
+# 128 KiB (MAX_ARG_STRLEN): a longer script (a big authorized_keys travels inside it) goes by
+# SFTP instead. The margin covers quoting and the sudo prefix.
+SCRIPT_ARG_MAX = 96 * 1024
+
+
 def sudo_script(c: Any, script: str, *, host: str = "") -> Any:
-    """Run a POSIX sh script as root in one round trip."""
-    return run(c, f"sh -c {shlex.quote(script)}", sudo=True, host=host)
+    """Run a POSIX sh script as root: in one round trip, as ``sh -c SCRIPT``; a script too
+    long for one argument is uploaded first (``upload_script``) and run from that file."""
+    command = f"sh -c {shlex.quote(script)}"
+    if len(command) <= SCRIPT_ARG_MAX:
+        return run(c, command, sudo=True, host=host)
+    path = upload_script(c, script, host=host)
+    try:
+        return run(c, f"sh {shlex.quote(path)}", sudo=True, host=host)
+    finally:
+        with contextlib.suppress(OSError):
+            c.sftp().remove(path)
+
+
+def upload_script(c: Any, script: str, *, host: str = "") -> str:
+    """Write ``script`` to a new file in the login user's home over SFTP, as that user
+    (Fabric's rule: upload as the login user, then act as root; never a sudo-put): a random
+    name opened with O_EXCL, mode 0600 before any byte is written. Returns its path."""
+    import paramiko
+
+    where = host or getattr(c, "host", "local")
+    ROUND_TRIPS.add(where)
+    try:
+        sftp = c.sftp()
+        path = f"{sftp.normalize('.').rstrip('/')}/.pullback-{secrets.token_hex(8)}.sh"
+        with sftp.open(path, "wx") as handle:
+            handle.chmod(0o600)
+            handle.write(script.encode())
+    except (OSError, paramiko.SSHException) as exc:
+        raise UploadError(f"{where}: the root script ({len(script)} bytes) is too long for "
+                          f"one command and uploading it over SFTP failed: {exc or 'closed'}"
+                          "; nothing ran as root") from None
+    return path

@@ -768,3 +768,29 @@ def test_fault_puts_back_the_mode_of_an_existing_root_ssh(lab_env: Lab, fresh_ho
         outcome = setup.setup_host(target.host, check_login=login_fails)
         assert outcome.error == "simulated: a new admin login fails; restored and reloaded"
         assert_unchanged(target, before, hups=2)
+
+
+def test_an_authorized_keys_larger_than_one_command_line_goes_by_sftp(lab_env: Lab,
+                                                                      fresh_host: lab.LabHost):
+    # 160 KB of other people's lines: the apply script carries the new file (base64), far
+    # more than the 128 KiB Linux allows one argument, so it is uploaded, run, removed.
+    from roles.connection import ROUND_TRIPS, SCRIPT_ARG_MAX
+
+    target = make_target(lab_env, fresh_host)
+    others = b"".join(b"# line %05d kept by setup-remote " % i + b"x" * 60 + b"\n"
+                      for i in range(1700))
+    assert len(others) > 1.5 * SCRIPT_ARG_MAX
+    sh(fresh_host, "mkdir -p -m 700 /root/.ssh && cat > /root/.ssh/authorized_keys && "
+                   "chmod 600 /root/.ssh/authorized_keys", input=others)
+    ROUND_TRIPS.reset()
+    outcome = setup.setup_host(target.host)
+    assert outcome.error is None, outcome
+    assert outcome.steps["authorized_keys"] == "changed"
+    content = read(fresh_host, AUTHORIZED_KEYS)
+    assert content.startswith(others) and content.count(b"\n") == 1701
+    assert ROUND_TRIPS.counts[target.name] == 4  # gather, upload, apply, the login check
+    home = sh(fresh_host, "ls -A ~admin").split()
+    assert not [n for n in home if n.startswith(".pullback-")], home  # the upload is gone
+    again = setup.setup_host(target.host)
+    assert again.error is None and set(again.steps.values()) == {"ok"}
+    assert read(fresh_host, AUTHORIZED_KEYS) == content
