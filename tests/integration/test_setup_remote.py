@@ -641,12 +641,17 @@ def test_fault_midway_staging_failure_leaves_nothing(lab_env: Lab, fresh_host: l
     # cannot be written (a non-empty folder is in its way).
     target = make_target(lab_env, fresh_host)
     before = snapshot(fresh_host)
-    sh(fresh_host, "mkdir /etc/ssh/sshd_config.pullback-new && "
+    fail_while_staging(target)
+    assert_unchanged(target, before)
+
+
+def fail_while_staging(target: Target) -> None:
+    """A setup run whose sshd_config candidate cannot be written (a folder is in its way)."""
+    sh(target.lab, "mkdir /etc/ssh/sshd_config.pullback-new && "
                    "touch /etc/ssh/sshd_config.pullback-new/blocker")
     outcome = setup.setup_host(target.host)
     assert outcome.error == f"cannot write {SSHD_CONFIG}; nothing changed"
-    sh(fresh_host, "rm -r /etc/ssh/sshd_config.pullback-new")
-    assert_unchanged(target, before)
+    sh(target.lab, "rm -r /etc/ssh/sshd_config.pullback-new")
 
 
 def test_fault_after_replacing_every_file_restores_them(lab_env: Lab, fresh_host: lab.LabHost):
@@ -754,11 +759,7 @@ def test_fault_puts_back_the_mode_of_an_existing_root_ssh(lab_env: Lab, fresh_ho
     before = snapshot(fresh_host)
     assert before["/root/.ssh"] == "dir 755 0 0"
     if fault == "staging":
-        sh(fresh_host, "mkdir /etc/ssh/sshd_config.pullback-new && "
-                       "touch /etc/ssh/sshd_config.pullback-new/blocker")
-        outcome = setup.setup_host(target.host)
-        assert outcome.error == f"cannot write {SSHD_CONFIG}; nothing changed"
-        sh(fresh_host, "rm -r /etc/ssh/sshd_config.pullback-new")
+        fail_while_staging(target)
         assert_unchanged(target, before)
     else:
         def login_fails(host: Host, plan: setup.SetupPlan) -> None:
