@@ -107,9 +107,23 @@ def _nodelay_transport(sock: Any, **kwargs: Any) -> Any:
     return paramiko.Transport(sock, **kwargs)
 
 
+def _quiet_paramiko() -> None:
+    """paramiko's transport thread logs every failed handshake with a traceback ("Error
+    reading SSH protocol banner" while sshd re-executes after a reload, which the lockout
+    check retries); with no handler configured Python prints it to stderr. The same
+    failure reaches us as an exception, reported in one line: keep paramiko's log quiet."""
+    import logging
+
+    logger = logging.getLogger("paramiko")
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+
+
 def connect(host: Host, timeout: float = 10) -> Connection:
     """Open an admin connection to ``host``; raise ConnectError with a one-line reason."""
     import paramiko
+
+    _quiet_paramiko()
     from fabric import Connection
 
     known_hosts = Path(host.known_hosts)

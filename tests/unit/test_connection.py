@@ -93,3 +93,35 @@ def test_a_failed_upload_runs_nothing_as_root(error):
         sudo_script(c, "x" * (SCRIPT_ARG_MAX + 1), host="web1")
     assert c.commands == []
     assert isinstance(connection.UploadError("x"), RuntimeError)  # setup reports it per host
+
+
+def test_a_failed_handshake_is_one_error_line_and_no_traceback(tmp_path):
+    """A server that closes before its banner (sshd re-executing after a reload): connect
+    raises ConnectError, and paramiko's thread prints no traceback to stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = f"""
+import socket, threading
+from roles import connection
+from roles.compiled import Record
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(5)
+def serve():
+    while True:
+        c, _ = srv.accept(); c.close()
+threading.Thread(target=serve, daemon=True).start()
+host = Record({{"name": "web1", "address": "127.0.0.1", "port": srv.getsockname()[1],
+               "admin_user": "admin", "admin_key": None, "known_hosts": {str(tmp_path / "kh")!r},
+               "sudo_password": False}})
+try:
+    connection.connect(host, timeout=3)
+except connection.ConnectError as exc:
+    print(exc)
+"""
+    (tmp_path / "kh").write_text("")
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.stdout == "web1: Error reading SSH protocol banner\n"
+    assert result.stderr == ""
