@@ -11,8 +11,10 @@ of these still hold, else it validates again:
 - the key matches: a SHA-256 over the inventory's bytes, ``$HOME`` (``~`` expands
   against it), the Python version and the source of the two modules that define the
   result (``roles/inventory.py``, this file), so editing either one invalidates it;
-- the cache folder and file belong to this user and nobody else can write them (the
-  entry becomes the argv of a root backup, so it is trusted no more than the inventory).
+- the cache file and folder belong to this user, the folder's parent to this user or root,
+  none is a symlink and nobody else can write them (the entry becomes the argv of a root
+  backup, so it is trusted no more than the inventory; under ``sudo`` with the caller's
+  HOME there is no cache at all).
 
 Writing is atomic (temporary file, rename) and best effort: a read-only home only costs
 the speed-up. Nothing here imports PyYAML or pydantic; ``Inventory``, ``InventoryError``
@@ -178,8 +180,21 @@ def cache_key(data: bytes) -> str:
     return digest.hexdigest()
 
 
-def _private(info: os.stat_result) -> bool:
-    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+def _private(info: os.stat_result, owners: tuple[int, ...] | None = None) -> bool:
+    return (info.st_uid in (owners or (os.geteuid(),))
+            and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _safe_folder(folder: Path) -> bool:
+    """The cache folder and its parent are real folders (no symlinks) that nobody else can
+    write: the folder is ours, its parent ours or root's. Under ``sudo`` with the caller's
+    HOME this is false, and root neither trusts nor writes a cache in someone else's home."""
+    try:
+        mine, parent = os.lstat(folder), os.lstat(folder.parent)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(mine.st_mode) and stat.S_ISDIR(parent.st_mode) and _private(mine)
+            and _private(parent, (os.geteuid(), 0)))
 
 
 def read_cache(inventory: Path, key: str) -> dict[str, Record] | None:
@@ -190,7 +205,7 @@ def read_cache(inventory: Path, key: str) -> dict[str, Record] | None:
     except OSError:
         return None
     try:
-        if not (_private(os.fstat(fd)) and _private(os.stat(path.parent))):
+        if not (_private(os.fstat(fd)) and _safe_folder(path.parent)):
             return None
         with os.fdopen(fd, "rb", closefd=False) as handle:
             entry = json.loads(handle.read())
@@ -209,8 +224,9 @@ def write_cache(inventory: Path, key: str, hosts: dict[str, dict[str, Any]]) -> 
     path = cache_file(inventory)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not _private(os.stat(path.parent)):
+        if not os.path.lexists(path.parent):
+            path.parent.mkdir(parents=True, mode=0o700)
+        if not _safe_folder(path.parent):
             return False
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as handle:

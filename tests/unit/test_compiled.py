@@ -204,3 +204,31 @@ def test_pullback_backup_is_installed_beside_invoke():
                             check=False)
     assert result.returncode == 0 and "--inventory" in result.stdout and "--shard" in \
         result.stdout and "--dry-run" in result.stdout
+
+
+@pytest.mark.parametrize("layout", ["symlinked-folder", "open-parent"])
+def test_no_cache_in_a_folder_someone_else_controls(tmp_path, inventory, monkeypatch, layout):
+    """Root running under sudo with a user's HOME must neither trust nor write there."""
+    base = tmp_path / "cache"
+    if layout == "symlinked-folder":  # ~/.cache/pullback -> a private folder elsewhere
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        base.mkdir()
+        (base / "pullback").symlink_to(elsewhere)
+        watched = elsewhere
+    else:  # a parent others can write could swap the folder for their own
+        base.mkdir()
+        base.chmod(0o777)
+        watched = base / "pullback"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(base))
+    assert compiled.load(inventory).hosts["db1"].port == 2222
+    assert not list(watched.glob("inventory-*.json"))  # nothing written
+    key = compiled.cache_key(inventory.read_bytes())
+    hosts = {name: validator.dump(h) for name, h in validator.load(inventory).hosts.items()}
+    hosts["db1"]["port"] = 1  # an entry planted there, current key, private file
+    entry = compiled.cache_file(inventory)
+    entry.parent.mkdir(mode=0o700, exist_ok=True)
+    entry.write_text(json.dumps({"key": key, "hosts": hosts}))
+    entry.chmod(0o600)
+    assert compiled.read_cache(inventory, key) is None
+    assert compiled.load(inventory).hosts["db1"].port == 2222
