@@ -123,5 +123,6 @@ except connection.ConnectError as exc:
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True,
                             text=True, timeout=60, check=False)
-    assert result.stdout == "web1: Error reading SSH protocol banner\n"
-    assert result.stderr == ""
+    # paramiko may add the socket's error ("[Errno 104] Connection reset by peer").
+    assert result.stdout.startswith("web1: Error reading SSH protocol banner")
+    assert result.stdout.count("\n") == 1 and result.stderr == ""
