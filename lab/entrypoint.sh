@@ -1,7 +1,8 @@
 #!/bin/sh
 # Start of a lab container: fresh host keys, the admin's key from the environment (for
 # `admin` and `operator`), sshd in the foreground (not PID 1: the engine's --init is, so
-# SIGHUP reaches sshd).
+# SIGHUP reaches sshd). `--keys-only`: the keys alone (the systemd flavour runs this from
+# pullback-lab-keys.service, and systemd starts sshd).
 set -eu
 ssh-keygen -A >/dev/null
 mkdir -p /run/sshd
@@ -14,4 +15,5 @@ install -d -m 0700 -o operator -g "$(id -gn operator)" /home/operator/.ssh
 printf '%s\n' "$PULLBACK_ADMIN_PUBKEY" > /home/operator/.ssh/authorized_keys
 chown operator:"$(id -gn operator)" /home/operator/.ssh/authorized_keys
 chmod 0600 /home/operator/.ssh/authorized_keys
+if [ "${1:-}" = --keys-only ]; then exit 0; fi
 exec /usr/sbin/sshd -D -e

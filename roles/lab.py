@@ -120,14 +120,19 @@ def base_image(release: str) -> str:
 def _recipe_digest() -> str:
     """A short hash of the image recipe: a changed Containerfile means a new image tag."""
     digest = hashlib.sha256()
-    for name in ("Containerfile", "entrypoint.sh"):
+    for name in ("Containerfile", "entrypoint.sh", "pullback-lab-keys.service"):
         digest.update((LAB_DIR / name).read_bytes())
     return digest.hexdigest()[:10]
 
 
-def remote_image(release: str, compiler: bool = True) -> str:
-    kind = "remote" if compiler else "bare"
+def remote_image(release: str, compiler: bool = True, systemd: bool = False) -> str:
+    kind = ("remote" if compiler else "bare") + ("-systemd" if systemd else "")
     return f"localhost/pullback-lab-{kind}:{release}-{_recipe_digest()}"
+
+
+def is_systemd_image(image: str) -> bool:
+    """The systemd flavour (``remote_image(..., systemd=True)``): started with /sbin/init."""
+    return image.rpartition(":")[0].endswith("-systemd")
 
 
 def parse_releases(text: str) -> list[str]:
@@ -179,17 +184,20 @@ def build_base(release: str = DEFAULT_RELEASE, log=print) -> str:
     return image
 
 
-def build_images(release: str = DEFAULT_RELEASE, compiler: bool = True, log=print) -> str:
-    """Build (once) the base and the remote-server image; return the remote image name."""
+def build_images(release: str = DEFAULT_RELEASE, compiler: bool = True, log=print,
+                 systemd: bool = False) -> str:
+    """Build (once) the base and the remote-server image; return the remote image name.
+
+    ``systemd``: the flavour whose PID 1 is systemd, which runs sshd as ``ssh.service``."""
     base = build_base(release, log=log)
-    image = remote_image(release, compiler)
+    image = remote_image(release, compiler, systemd)
     if image_exists(image):
         return image
     log(f"lab: building {image}")
     engine(
         "build", "-t", image, "-f", str(LAB_DIR / "Containerfile"),
         "--build-arg", f"BASE={base}", "--build-arg", f"COMPILER={int(compiler)}",
-        str(LAB_DIR),
+        "--build-arg", f"SYSTEMD={int(systemd)}", str(LAB_DIR),
     )
     return image
 
@@ -303,10 +311,14 @@ def start(name: str, image: str, *, tmpfs: Sequence[str] = (),
         if not _CPUSET.match(cpuset):
             raise LabError(f"cpuset wants CPU numbers like 1, 0-1 or 0,2: {cpuset!r}")
         limits += ["--cpuset-cpus", cpuset]
+    # The systemd flavour runs systemd as PID 1 (podman sets up its cgroups and stop
+    # signal); the others run the engine's small init, which forwards SIGHUP to sshd.
+    init = ["--systemd=always"] if is_systemd_image(image) else ["--init"]
+    command = ["/sbin/init"] if is_systemd_image(image) else []
     engine(
-        "run", "-d", "--name", name, "--hostname", name, "--init",
+        "run", "-d", "--name", name, "--hostname", name, *init,
         "--label", f"{LABEL}=1", "-p", "127.0.0.1::22", *mounts, *limits,
-        "-e", f"PULLBACK_ADMIN_PUBKEY={pubkey}", image,
+        "-e", f"PULLBACK_ADMIN_PUBKEY={pubkey}", image, *command,
     )
 
 

@@ -55,6 +55,13 @@ class Lab:
                 self.images[release] = lab.build_images(release)
             return self.images[release]
 
+    def systemd_image(self) -> str:
+        """The systemd flavour of the default release (systemd is PID 1 and runs sshd)."""
+        with _build_lock:
+            if "systemd" not in self.images:
+                self.images["systemd"] = lab.build_images(systemd=True)
+            return self.images["systemd"]
+
     def start(self, tag: str = "", image: str | None = None,
               release: str | None = None, tmpfs: tuple[str, ...] = ()) -> lab.LabHost:
         """A new container; ``tmpfs``: paths inside it that get their own tmpfs mount."""
