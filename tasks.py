@@ -337,14 +337,16 @@ def _shown(path: Path) -> str:
 @task(help={**LAB_HELP, "count": "number of containers (default 1; per release with --os)",
             "release": "Debian release of the image (default bookworm)",
             "os": "comma-separated Debian releases, one container each named after it "
-                  "(e.g. bullseye,bookworm,trixie)"})
-def lab_up(c, count=1, release="bookworm", prefix="pullback-lab", os=""):
+                  "(e.g. bullseye,bookworm,trixie)",
+            "systemd": "systemd as PID 1, running sshd as ssh.service (as on a server)"})
+def lab_up(c, count=1, release="bookworm", prefix="pullback-lab", os="", systemd=False):
     """Start lab containers playing remote servers; write .state/lab/inventory.yaml."""
     from roles import lab
 
     try:
         releases = lab.parse_releases(os) if os else None
-        hosts = lab.up(count=int(count), prefix=prefix, release=release, releases=releases)
+        hosts = lab.up(count=int(count), prefix=prefix, release=release, releases=releases,
+                       systemd=systemd)
         port = lab.start_mirror(prefix)
         path = lab.write_inventory(hosts, port, prefix)
     except (lab.LabError, lab.mirror.MirrorError) as exc:

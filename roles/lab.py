@@ -203,13 +203,14 @@ def build_images(release: str = DEFAULT_RELEASE, compiler: bool = True, log=prin
 
 
 def build_releases(releases: Sequence[str], compiler: bool = True,
-                   log=print) -> dict[str, str]:
+                   log=print, systemd: bool = False) -> dict[str, str]:
     """Build the images of several releases at once (debootstrap is mostly waiting on the
     archive); return release -> remote image."""
     if len(releases) <= 1:
-        return {r: build_images(r, compiler, log=log) for r in releases}
+        return {r: build_images(r, compiler, log=log, systemd=systemd) for r in releases}
     with ThreadPoolExecutor(max_workers=len(releases)) as pool:
-        images = list(pool.map(lambda r: build_images(r, compiler, log=log), releases))
+        images = list(pool.map(lambda r: build_images(r, compiler, log=log, systemd=systemd),
+                               releases))
     return dict(zip(releases, images, strict=True))
 
 
@@ -337,12 +338,16 @@ def host_names(prefix: str, count: int, releases: Sequence[str] | None = None,
 
 def up(count: int = 1, prefix: str = PREFIX, release: str = DEFAULT_RELEASE,
        compiler: bool = True, log=print,
-       releases: Sequence[str] | None = None, cpuset: str | None = None) -> list[LabHost]:
+       releases: Sequence[str] | None = None, cpuset: str | None = None,
+       systemd: bool = False) -> list[LabHost]:
     """Start (or reuse) lab containers: ``count`` of ``release``, or ``count`` of each of
     ``releases`` (named after the release). Images are built first, concurrently.
-    ``cpuset``: see ``start`` (applies to containers started here, not reused ones)."""
+    ``cpuset``: see ``start`` (applies to containers started here, not reused ones).
+    ``systemd``: the flavour whose PID 1 is systemd (a running container of the other
+    flavour is replaced, as for any other image)."""
     wanted = host_names(prefix, count, releases, release)
-    images = build_releases(list(dict.fromkeys(r for _, r in wanted)), compiler, log=log)
+    images = build_releases(list(dict.fromkeys(r for _, r in wanted)), compiler, log=log,
+                            systemd=systemd)
     with ThreadPoolExecutor(max_workers=min(8, len(wanted))) as pool:
         return list(pool.map(
             lambda job: ensure_host(job[0], images[job[1]], cpuset=cpuset), wanted
