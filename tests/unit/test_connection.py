@@ -126,3 +126,22 @@ except connection.ConnectError as exc:
     # paramiko may add the socket's error ("[Errno 104] Connection reset by peer").
     assert result.stdout.startswith("web1: Error reading SSH protocol banner")
     assert result.stdout.count("\n") == 1 and result.stderr == ""
+
+
+def test_the_admin_socket_sends_small_packets_at_once():
+    """connect() builds its paramiko Transport with Nagle's algorithm off (TCP_NODELAY)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    try:
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        transport = connection._nodelay_transport(client)
+        assert isinstance(transport, paramiko.Transport)
+        assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        transport.close()
+    finally:
+        client.close()
+        server.close()
