@@ -253,8 +253,11 @@ def load(path: str | Path) -> Inventory:
     cached. A cache hit refreshes the entry's age."""
     path = Path(path)
     data = read_inventory(path)
-    key = cache_key(data)
-    hosts = read_cache(path, key)
+    try:
+        key: str | None = cache_key(data)
+    except OSError:  # an install without the modules' sources: no way to tell a stale entry
+        key = None
+    hosts = read_cache(path, key) if key else None
     if hosts is not None:
         with contextlib.suppress(OSError):
             os.utime(cache_file(path))
@@ -263,5 +266,6 @@ def load(path: str | Path) -> Inventory:
 
     validated = validator.load_text(data.decode("utf-8"), str(path))
     dumped = {name: validator.dump(host) for name, host in validated.hosts.items()}
-    write_cache(path, key, dumped)
+    if key:
+        write_cache(path, key, dumped)
     return Inventory(path=path, hosts={name: Record(d) for name, d in dumped.items()})

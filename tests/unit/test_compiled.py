@@ -232,3 +232,11 @@ def test_no_cache_in_a_folder_someone_else_controls(tmp_path, inventory, monkeyp
     entry.chmod(0o600)
     assert compiled.read_cache(inventory, key) is None
     assert compiled.load(inventory).hosts["db1"].port == 2222
+
+
+def test_without_the_validators_source_there_is_no_cache(cache, inventory, monkeypatch,
+                                                         tmp_path):
+    """A sourceless install cannot tell a stale entry from a current one: no cache."""
+    monkeypatch.setattr(compiled, "_SOURCES", (tmp_path / "missing.py",))
+    assert compiled.load(inventory).hosts["db1"].port == 2222
+    assert not list(cache.glob("inventory-*.json"))
