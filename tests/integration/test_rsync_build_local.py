@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import invoke
 import pytest
@@ -389,19 +390,17 @@ def built(http_mirror: HttpMirror, tmp_path_factory: pytest.TempPathFactory) -> 
     assert not rb.local_install_needs_sudo(prefix)
     build_lines = Lines()
     started = time.monotonic()
-    result = rb.build_rsync(
-        invoke.Context(),
-        str(tarball),
-        VERSION,
-        rb.KNOWN_SHA256[VERSION],
-        str(prefix),
-        sudo=False,
-        log_dir=str(tmp / "logs"),
-        log=build_lines,
-    )
+    result = build_real(tarball, prefix, log_dir=str(tmp / "logs"), log=build_lines)
     seconds = time.monotonic() - started
     print(f"\nrsync {VERSION} build: {seconds:.1f} s; " + "; ".join(build_lines))
     return Built(prefix, tarball, result, fetch_lines, build_lines, seconds)
+
+
+def build_real(tarball: Path, prefix: Path, **kwargs: Any) -> rb.BuildResult:
+    """build_rsync of the real pinned source into ``prefix`` here, without sudo."""
+    kwargs.setdefault("log", lambda _: None)
+    return rb.build_rsync(invoke.Context(), str(tarball), VERSION, rb.KNOWN_SHA256[VERSION],
+                          str(prefix), sudo=False, **kwargs)
 
 
 @pytest.mark.slow
@@ -444,15 +443,7 @@ def test_real_build_reports_version_and_protocol(built: Built) -> None:
 @pytest.mark.slow
 def test_real_rebuild_is_skipped_fast(built: Built) -> None:
     started = time.monotonic()
-    again = rb.build_rsync(
-        invoke.Context(),
-        str(built.tarball),
-        VERSION,
-        rb.KNOWN_SHA256[VERSION],
-        str(built.prefix),
-        sudo=False,
-        log=lambda _: None,
-    )
+    again = build_real(built.tarball, built.prefix)
     assert again.skipped and again.version_line == built.result.version_line
     assert time.monotonic() - started < 2.0
 
@@ -463,17 +454,8 @@ def test_real_build_failure_keeps_previous_install(built: Built, tmp_path: Path)
     stamp = built.prefix / rb.STAMP_RELPATH
     before = sha256(binary), stamp.read_text()
     with pytest.raises(rb.BuildError) as err:
-        rb.build_rsync(
-            invoke.Context(),
-            str(built.tarball),
-            VERSION,
-            rb.KNOWN_SHA256[VERSION],
-            str(built.prefix),
-            sudo=False,
-            extra_configure_args=["CC=/nonexistent/cc"],
-            log_dir=str(tmp_path),  # keeps the failed build's log out of /tmp
-            log=lambda _: None,
-        )
+        build_real(built.tarball, built.prefix, extra_configure_args=["CC=/nonexistent/cc"],
+                   log_dir=str(tmp_path))  # keeps the failed build's log out of /tmp
     assert err.value.phase == "configure"
     assert "C compiler" in err.value.log_tail  # configure's own complaint, from the log
     assert (sha256(binary), stamp.read_text()) == before
