@@ -873,6 +873,13 @@ def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> 
                 "different builds are how the seed's protocol trouble began", fix))
         else:
             findings.append(ok(check, shown))
+    if local and remote and local.version and remote.version and local.version != remote.version:
+        findings.append(warn(
+            check, f"the ends run different rsync releases: local {local.version}, remote "
+                   f"{remote.version}",
+            "the seed's protocol mismatch: two releases negotiate the older protocol, and "
+            "what the client sends (captured mode) changes with its release",
+            "run `invoke build-rsync` so both ends run rsync.version"))
     if local and remote and local.protocol and remote.protocol:
         low = min(local.protocol, remote.protocol)
         if low < OLDEST_PROTOCOL:

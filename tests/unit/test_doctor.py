@@ -513,14 +513,25 @@ def end(version: str | None, protocol: int | None, note: str = "", path: str = "
 
 @pytest.mark.parametrize(("local", "remote", "expected"), [
     (end("3.2.7", 31), end("3.2.7", 31), ["ok", "ok", "ok"]),
-    (end("3.5.0", 32), end("3.2.7", 32), ["warn", "ok", "ok"]),
-    (end("3.2.7", 31), end("2.6.9", 29), ["ok", "warn", "warn"]),
-    (end("3.2.7", 31), end("2.5.7", 19), ["ok", "warn", "error"]),
+    (end("3.5.0", 32), end("3.2.7", 32), ["warn", "ok", "warn", "ok"]),
+    (end("3.2.7", 31), end("2.6.9", 29), ["ok", "warn", "warn", "warn"]),
+    (end("3.2.7", 31), end("2.5.7", 19), ["ok", "warn", "warn", "error"]),
     (end("3.2.7", 31), end(None, None, "does not exist on the host"), ["ok", "error"]),
 ])
 def test_check_rsync(local, remote, expected):
     findings = doctor.check_rsync(make_host(), local, remote)
     assert [f.level for f in findings] == expected
+
+
+def test_different_releases_on_the_two_ends_are_named():
+    findings = doctor.check_rsync(make_host(rsync={"version": "2.6.9"}), end("2.6.9", 29),
+                                  end("3.2.7", 31))
+    assert [f.what for f in findings if f.level == "warn"] == [
+        "remote /usr/bin/rsync: rsync 3.2.7, protocol 31; not the inventory's rsync.version "
+        "2.6.9",
+        "the ends run different rsync releases: local 2.6.9, remote 3.2.7",
+        "protocols 29 and 31: the pull speaks protocol 29",
+    ]
 
 
 def test_old_protocol_mentions_the_seeds_fallback():

@@ -91,10 +91,9 @@ def test_flags_modern(version: str) -> None:
     flags = rb.build_flags(version)
     assert flags.configure_args == DISABLES
     assert flags.env == {}
-    assert flags.make_args == []
 
 
-def test_flags_269_old_compiler_cflags_to_configure_and_make() -> None:
+def test_flags_269_old_compiler_cflags_to_configure_only() -> None:
     flags = rb.build_flags("2.6.9")
     assert flags.configure_args == []
     cflags = flags.env["CFLAGS"].split()
@@ -107,7 +106,9 @@ def test_flags_269_old_compiler_cflags_to_configure_and_make() -> None:
         "-Wno-int-conversion",
     ]:
         assert flag in cflags
-    assert flags.make_args == [f"CFLAGS={flags.env['CFLAGS']}"]
+    # make's command line would override the Makefile's CFLAGS and lose configure's
+    # -I./popt (2.6.9: "popt.h: No such file or directory").
+    assert not hasattr(flags, "make_args")
 
 
 def test_flags_extra_configure_args_are_appended() -> None:
