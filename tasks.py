@@ -281,6 +281,16 @@ def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     for s in statuses:
         for problem in s.problems:
             print(f"{s.host}: warning: {problem}", file=sys.stderr)
+    if shard:
+        from roles.backup import state_dir
+        from roles.inventory import parse_shard, shard_of
+
+        k, n = parse_shard(shard)
+        for h in _inventory(inventory).select(host):
+            owner = shard_of(h.name, n)
+            if owner != k and state_dir(h).exists():
+                print(report.moved_note(h.name, h.destination.rstrip("/"), (k, n), owner),
+                      file=sys.stderr)
     print(report.format_table(statuses), end="")
     stale = [s.host for s in statuses if s.stale]
     if stale:

@@ -227,3 +227,15 @@ def prune_logs(logs: Path, keep: int = DEFAULT_KEEP_LOGS, protect: Iterable[str]
         except FileNotFoundError:
             continue
     return removed
+
+
+def moved_note(name: str, copy: str, shard: tuple[int, int], owner: int) -> str:
+    """What status says of a host this backup host still holds a copy of, but whose shard
+    is another one now (the fleet grew or shrank)."""
+    k, n = shard
+    return (f"{name}: warning: not in shard {k}/{n}: shard {owner}/{n} backs it up now, and "
+            f"the copy here ({copy}) is no longer updated; move it to that backup host "
+            f"before its first pull there (`rsync -aH --numeric-ids {copy}/ "
+            f"BACKUP-HOST:{copy}/`, as root, for snapshots and the .pullback logs alike), "
+            "or remove it")
+

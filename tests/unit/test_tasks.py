@@ -60,6 +60,33 @@ def test_shards_partition_the_inventory_and_are_stable():
         [h.name for h in shards[1]]
 
 
+NAMES = [f"web{i:04d}.example.org" for i in range(1000)]
+
+
+def test_a_fourth_backup_host_moves_only_the_servers_it_takes():
+    before = {n: shard_of(n, 3) for n in NAMES}
+    after = {n: shard_of(n, 4) for n in NAMES}
+    moved = [n for n in NAMES if before[n] != after[n]]
+    assert all(after[n] == 4 for n in moved)  # only to the new backup host
+    assert len(moved) <= 300  # about 1/4 (hash mod N moved about 3/4)
+    assert len(moved) >= 150  # and the new host gets its share
+
+
+def test_dropping_the_last_backup_host_moves_only_its_servers():
+    before = {n: shard_of(n, 4) for n in NAMES}
+    after = {n: shard_of(n, 3) for n in NAMES}
+    assert [n for n in NAMES if before[n] != after[n]] == \
+        [n for n in NAMES if before[n] == 4]
+
+
+def test_shard_of_is_a_fixed_function_of_name_and_count():
+    # Backup hosts compute shards independently, with any pullback release: a change here
+    # would move servers between backup hosts. Golden values (sha256 of "K\0NAME").
+    got = [shard_of(n, c) for n in ("web1", "web2", "db1", "mail") for c in (3, 5)]
+    assert got == [3, 3, 3, 5, 3, 3, 3, 3]
+    assert shard_of("anything", 1) == 1
+
+
 @pytest.mark.parametrize("text", ["0/3", "4/3", "1/0", "x", "1/2/3", "-1/2", ""])
 def test_bad_shard_is_a_one_line_error(text):
     with pytest.raises(ValueError, match=r"expected K/N"):
@@ -80,3 +107,23 @@ def test_shard_flag_selects_hosts_without_contacting_any(tmp_path):
     bad = invoke("status", "--inventory", str(inventory), "--shard", "5/3")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "expected K/N" in bad.stderr
+
+
+def test_status_names_the_shard_that_took_a_host_over(tmp_path):
+    """A fourth backup host joined: this one (shard 1) still holds copies of servers that
+    shard 4 now backs up; status says so, and which shard owns them."""
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(INVENTORY.replace("/k", str(tmp_path / "key")).replace(
+        "defaults: {", f"defaults: {{backup: {{destination: '{tmp_path}/b/{{name}}'}}, "))
+    hosts = load_text(inventory.read_text()).hosts
+    mine_before = [n for n in hosts if shard_of(n, 3) == 1]
+    moved = [n for n in mine_before if shard_of(n, 4) != 1]
+    assert moved and all(shard_of(n, 4) == 4 for n in moved)
+    for name in mine_before:
+        (tmp_path / "b" / f"{name}.pullback" / "logs").mkdir(parents=True)
+    result = invoke("status", "--inventory", str(inventory), "--shard", "1/4")
+    notes = [line for line in result.stderr.splitlines() if "not in shard 1/4" in line]
+    assert sorted(line.split(":")[0] for line in notes) == sorted(moved)
+    for line in notes:
+        assert "shard 4/4 backs it up now" in line and "rsync -aH --numeric-ids" in line
+
