@@ -12,7 +12,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from roles.compiled import Inventory, InventoryError
+from roles.inventory.compiled import Inventory, InventoryError
 
 DEFAULT_INVENTORY = "inventory.yaml"
 HOST_HELP = {
@@ -26,10 +26,10 @@ FLEET_HELP = {
 
 
 def _inventory(path: str, loader=None) -> Inventory:
-    """The validated inventory (``roles.inventory``, imported here: pydantic is heavy), or
+    """The validated inventory (``roles.inventory.schema``, imported here: pydantic is heavy), or
     exit 2 with one line per problem."""
     if loader is None:
-        from roles.inventory import load as loader
+        from roles.inventory.schema import load as loader
     try:
         return loader(path)
     except InventoryError as exc:
@@ -49,7 +49,7 @@ def _hosts(path: str, names: list[str] | None, shard: str | None = None, loader=
                                 "(ssh-keygen prompts; it is never stored)"})
 def keygen(c, inventory=DEFAULT_INVENTORY, host=None, passphrase=False):
     """Create the backup key (ed25519, 0600) and the local backup folders (0700)."""
-    from roles import keys
+    from roles.local import keys
 
     hosts = _hosts(inventory, host)
     try:
@@ -82,7 +82,8 @@ def _report(outcomes) -> None:
 @task(iterable=["host"], help={**FLEET_HELP, "dry_run": "print the diffs, change nothing"})
 def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False):
     """Harden each remote: PermitRootLogin, restricted root key, rsyncd.conf."""
-    from roles import fleet, setup
+    from roles.core import fleet
+    from roles.features import setup_remote as setup
 
     hosts = _hosts(inventory, host, shard)
     outcomes = fleet.for_each(
@@ -108,7 +109,8 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
                 local_only=False, remote_only=False, check=False, no_install_packages=False,
                 require_signature=False):
     """Build the pinned rsync from verified source on both ends, in parallel."""
-    from roles import lab, rsync_build
+    from roles.features import rsync_build
+    from roles.local.state import DOWNLOADS
 
     if local_only and remote_only:
         raise Exit("build-rsync: --local-only and --remote-only exclude each other", code=2)
@@ -120,7 +122,7 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
     hosts = _hosts(inventory, host, shard)
     results = rsync_build.build_everywhere(
         hosts, version=version, local=not remote_only, remote=not local_only, check=check,
-        install_packages=not no_install_packages, cache_dir=lab.STATE / "downloads",
+        install_packages=not no_install_packages, cache_dir=DOWNLOADS,
         require_signature=require_signature,
     )
     for r in results:
@@ -137,7 +139,9 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
 @task(iterable=["host"], help=FLEET_HELP)
 def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Capture the exact command the client's rsync sends and force exactly that."""
-    from roles import capture, fleet, setup
+    from roles.core import fleet
+    from roles.features import capture
+    from roles.features import setup_remote as setup
 
     hosts = _hosts(inventory, host, shard)
     if not any(h.forced_command == "captured" for h in hosts):
@@ -153,10 +157,10 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
 @task(iterable=["host"], help={**FLEET_HELP, "dry_run": "rsync -n: show what would change"})
 def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False):
     """Pull / from each host with the backup key (unattended)."""
-    from roles import backup as pulls
-    from roles import compiled
+    from roles.features import backup as pulls
+    from roles.inventory import compiled
 
-    # The compiled inventory: validated once, then read from the cache (roles.compiled).
+    # The compiled inventory: validated once, then read from the cache (roles.inventory.compiled).
     bad = pulls.pull_all(_hosts(inventory, host, shard, loader=compiled.load),
                          dry_run=dry_run)
     if bad:
@@ -173,7 +177,7 @@ def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False)
 def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snapshot=None,
             force=False):
     """Copy a path out of a local backup, metadata preserved."""
-    from roles import backup as pulls
+    from roles.features import backup as pulls
 
     if len(host or []) != 1:
         raise Exit("restore: name exactly one --host", code=2)
@@ -198,7 +202,7 @@ def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snaps
                                 "message or exit code; no host is contacted"})
 def doctor(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, explain=None):
     """Diagnose why a backup fails: host key, shell, rsync, sshd, forced command, test pull."""
-    from roles import doctor as diagnosis
+    from roles.features import doctor as diagnosis
 
     if explain is not None:
         print(diagnosis.explain_rsync_error(explain))
@@ -214,7 +218,7 @@ def doctor(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, explain=None):
 @task(iterable=["host"], help=FLEET_HELP)
 def verify(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Check each remote's hardened state with the testinfra checks (tests/infra)."""
-    from roles import verify as checks
+    from roles.features import verify as checks
 
     hosts = _hosts(inventory, host, shard)
     try:
@@ -242,7 +246,7 @@ def verify(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
 def schedule(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, at="02:30", remove=False,
              dry_run=False, user=False, kind=None, agent_socket=None):
     """Run the backup daily: systemd timer, cron entry or launchd job on this machine."""
-    from roles import schedule as sched
+    from roles.features import schedule as sched
 
     try:
         if remove:
@@ -275,15 +279,15 @@ def schedule(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, at="02:30", 
 @task(iterable=["host"], help=FLEET_HELP)
 def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Last run, result and age of the newest good backup per host; exit 1 if stale."""
-    from roles import status as report
+    from roles.features import status as report
 
     statuses = [report.gather_status(h) for h in _hosts(inventory, host, shard)]
     for s in statuses:
         for problem in s.problems:
             print(f"{s.host}: warning: {problem}", file=sys.stderr)
     if shard:
-        from roles.backup import state_dir
-        from roles.inventory import parse_shard, shard_of
+        from roles.features.backup import state_dir
+        from roles.inventory.schema import parse_shard, shard_of
 
         k, n = parse_shard(shard)
         for h in _inventory(inventory).select(host):
@@ -304,7 +308,7 @@ def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
 })
 def trust_host(c, inventory=DEFAULT_INVENTORY, host=None, yes=False):
     """Show a host's SSH key fingerprint; pin it in known_hosts once confirmed."""
-    from roles import trust
+    from roles.features import trust
 
     if not host:
         raise Exit("trust-host: name the host(s) with --host", code=2)
@@ -351,7 +355,7 @@ def _shown(path: Path) -> str:
             "systemd": "systemd as PID 1, running sshd as ssh.service (as on a server)"})
 def lab_up(c, count=1, release="bookworm", prefix="pullback-lab", os="", systemd=False):
     """Start lab containers playing remote servers; write .state/lab/inventory.yaml."""
-    from roles import lab
+    from lab import hosts as lab
 
     try:
         releases = lab.parse_releases(os) if os else None
@@ -370,7 +374,7 @@ def lab_up(c, count=1, release="bookworm", prefix="pullback-lab", os="", systemd
 @task(help=LAB_HELP)
 def lab_down(c, prefix="pullback-lab"):
     """Remove the lab's containers and stop its mirror."""
-    from roles import lab
+    from lab import hosts as lab
 
     try:
         names = lab.down(prefix)
@@ -382,7 +386,7 @@ def lab_down(c, prefix="pullback-lab"):
 @task(help=LAB_HELP)
 def lab_status(c, prefix="pullback-lab"):
     """Show the lab's containers and their ssh ports."""
-    from roles import lab
+    from lab import hosts as lab
 
     rows = lab.status(prefix)
     if not rows:

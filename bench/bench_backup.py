@@ -21,7 +21,8 @@ from pathlib import Path
 
 from common import INVOKE, exec_root, median, provision, table, timed
 
-from roles import backup, lab
+from lab import hosts as lab
+from roles.features import backup
 
 PREFIX = "pullback-bench-backup"
 SEED = r"""

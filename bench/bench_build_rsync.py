@@ -33,8 +33,8 @@ from pathlib import Path
 
 from common import INVOKE, exec_root, table
 
-from roles import lab
-from roles.inventory import Host, load
+from lab import hosts as lab
+from roles.inventory.schema import Host, load
 
 PREFIX = "pullback-bench-build"
 RUNS: dict[str, list[str]] = {

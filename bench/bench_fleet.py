@@ -15,7 +15,7 @@ from pathlib import Path
 
 from common import INVOKE, provision, table, timed
 
-from roles import lab
+from lab import hosts as lab
 
 PREFIX = "pullback-bench-fleet"
 

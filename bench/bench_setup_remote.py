@@ -33,9 +33,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from roles import fleet, keys, lab, setup  # noqa: E402
-from roles.connection import ROUND_TRIPS  # noqa: E402
-from roles.inventory import load  # noqa: E402
+from lab import hosts as lab  # noqa: E402
+from roles.core import fleet
+from roles.features import setup_remote as setup
+from roles.inventory.schema import load  # noqa: E402
+from roles.local import keys
+from roles.remote.connection import ROUND_TRIPS  # noqa: E402
 
 PREFIX = "pullback-bench-setup"
 RERUNS = 3

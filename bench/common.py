@@ -12,8 +12,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from roles import fleet, keys, lab, setup  # noqa: E402
-from roles.inventory import Host, load  # noqa: E402
+from lab import hosts as lab  # noqa: E402
+from roles.core import fleet  # noqa: E402
+from roles.features import setup_remote as setup  # noqa: E402
+from roles.inventory.schema import Host, load  # noqa: E402
+from roles.local import keys  # noqa: E402
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 

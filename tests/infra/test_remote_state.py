@@ -1,6 +1,6 @@
 """The hardened state setup-remote leaves on a host, checked over SSH with testinfra.
 
-Run by `invoke verify` (see roles/verify.py); each check's docstring is its name in the
+Run by `invoke verify` (see roles/features/verify.py); each check's docstring is its name in the
 report. The expected values come from the inventory given with ``--pullback-inventory``:
 the host's mode (daemon or captured), rsyncd module, rsync prefix and version, backup key
 and ``from``. Root work goes through ``host.sudo()``; the admin login itself tells which
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from roles import capture, doctor, rootkey, rsyncd
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF
-from roles.inventory import Host, load
-from roles.rsync_build import parse_version_output
-from roles.sshd import parse_sshd_T
+from roles.config import rootkey, rsyncd
+from roles.config.sshd import parse_sshd_T
+from roles.features import capture, doctor
+from roles.features.rsync_build import parse_version_output
+from roles.inventory.schema import Host, load
+from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF
 
 WANT = "forced-commands-only"
 

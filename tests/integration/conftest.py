@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from roles import lab
+from lab import hosts as lab
 
 PREFIX = "pullback-test"
 _counter = itertools.count(1)

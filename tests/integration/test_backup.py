@@ -26,10 +26,11 @@ from pathlib import Path
 
 import pytest
 
-from roles import backup as pulls
-from roles import keys, lab
-from roles.inventory import DEFAULT_OPTIONS, Host, load
-from roles.setup import setup_host
+from lab import hosts as lab
+from roles.features import backup as pulls
+from roles.features.setup_remote import setup_host
+from roles.inventory.schema import DEFAULT_OPTIONS, Host, load
+from roles.local import keys
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from roles import lab
-from roles import rsync_build as rb
-from roles.connection import connect
-from roles.inventory import Host, load
-from roles.mirror import fetch_debian_orig
+from lab import hosts as lab
+from lab.mirror import fetch_debian_orig
+from roles.features import rsync_build as rb
+from roles.inventory.schema import Host, load
+from roles.remote.connection import connect
 from tests.integration.conftest import Lab, closed_port, serve_directory
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

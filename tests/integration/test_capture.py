@@ -22,9 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from roles import backup as pulls
-from roles import capture, keys, lab, rootkey
-from roles.inventory import Host, load
+from lab import hosts as lab
+from roles.config import rootkey
+from roles.features import backup as pulls
+from roles.features import capture
+from roles.inventory.schema import Host, load
+from roles.local import keys
 from tests.integration.conftest import Lab
 from tests.integration.test_backup import CHANGE, DATA, OPTIONS, SEED, assert_same, local_tree, sh
 from tests.integration.test_backup import summary_of as last_summary

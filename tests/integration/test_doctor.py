@@ -22,11 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from roles import capture, doctor, keys, lab
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF
-from roles.inventory import Host, load
-from roles.rootkey import fingerprint, parse_public_key
-from roles.setup import setup_host
+from lab import hosts as lab
+from roles.config.rootkey import fingerprint, parse_public_key
+from roles.features import capture, doctor
+from roles.features.setup_remote import setup_host
+from roles.inventory.schema import Host, load
+from roles.local import keys
+from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from roles import lab
-from roles.connection import ConnectError, connect, run
-from roles.inventory import load
+from lab import hosts as lab
+from roles.inventory.schema import load
+from roles.remote.connection import ConnectError, connect, run
 from tests.integration.conftest import PREFIX, Lab, infra_host
 
 pytestmark = pytest.mark.integration

@@ -28,11 +28,16 @@ from typing import Any
 
 import pytest
 
-from roles import backup, capture, fleet, keys, lab, mirror, platforms, setup
-from roles import rsync_build as rb
-from roles.connection import connect, run
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
-from roles.inventory import Host, load
+from lab import hosts as lab
+from lab import mirror
+from roles.core import fleet, platforms
+from roles.features import backup, capture
+from roles.features import rsync_build as rb
+from roles.features import setup_remote as setup
+from roles.inventory.schema import Host, load
+from roles.local import keys
+from roles.remote.connection import connect, run
+from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
 from tests.integration.conftest import Lab, infra_host, serve_directory
 from tests.integration.test_backup import local_tree, remote_tree
 from tests.integration.test_setup_remote import snapshot

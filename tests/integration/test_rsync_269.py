@@ -29,10 +29,15 @@ from pathlib import Path
 
 import pytest
 
-from roles import backup, capture, doctor, fleet, keys, lab, mirror, setup
-from roles import rsync_build as rb
-from roles.facts import AUTHORIZED_KEYS
-from roles.inventory import Host, load
+from lab import hosts as lab
+from lab import mirror
+from roles.core import fleet
+from roles.features import backup, capture, doctor
+from roles.features import rsync_build as rb
+from roles.features import setup_remote as setup
+from roles.inventory.schema import Host, load
+from roles.local import keys
+from roles.remote.facts import AUTHORIZED_KEYS
 from tests.integration.conftest import Lab, serve_directory
 from tests.integration.test_backup import DATA, MOUNT, OPTIONS, SEED, assert_same
 

@@ -4,7 +4,7 @@ Two groups:
 - a tiny fake "rsync" project (shell configure + Makefile): the build pipeline, the stamp,
   and every failure path in about a second, no compiler needed beyond make;
 - ``slow``: the REAL rsync 3.2.7 tarball, obtained offline from Debian's source archive
-  (``roles.mirror.fetch_debian_orig``), served from a loopback HTTP mirror under the upstream layout,
+  (``lab.mirror.fetch_debian_orig``), served from a loopback HTTP mirror under the upstream layout,
   fetched through an unreachable first mirror, checksum-verified, built and installed into a
   temporary prefix, then used for a pull with ``--rsync-path``.
 
@@ -29,9 +29,9 @@ from typing import Any
 import invoke
 import pytest
 
-from roles import rsync_build as rb
-from roles.lab import STATE
-from roles.mirror import fetch_debian_orig
+from lab.hosts import STATE
+from lab.mirror import fetch_debian_orig
+from roles.features import rsync_build as rb
 from tests.integration.conftest import closed_port, serve_directory
 
 VERSION = "3.2.7"

@@ -1,7 +1,7 @@
 """build-rsync's optional ``.asc`` check with a real gpg against a loopback HTTP mirror.
 
 The tarball is the real upstream ``rsync-3.2.7.tar.gz`` (Debian bookworm's byte-identical
-orig, fetched offline by ``roles.mirror``). Upstream's signing keys are not available here,
+orig, fetched offline by ``lab.mirror``). Upstream's signing keys are not available here,
 so the test makes two throwaway ed25519 keys in a temporary GNUPGHOME, signs the tarball,
 and pins its own key through ``fetch_tarball(signers=...)``. No rsync is built: the whole
 file runs in a few seconds. A missing gpg makes these tests FAIL, never skip.
@@ -22,9 +22,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from roles import lab
-from roles import rsync_build as rb
-from roles.mirror import fetch_debian_orig
+from lab import hosts as lab
+from lab.mirror import fetch_debian_orig
+from roles.features import rsync_build as rb
 from tests.integration.conftest import closed_port, serve_directory
 
 pytestmark = [pytest.mark.integration]

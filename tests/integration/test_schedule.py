@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from roles import connection, keys, lab
-from roles import schedule as sched
-from roles.inventory import Host, load
-from roles.setup import setup_host
-from roles.trust import HostKey, known_hosts_name
+from lab import hosts as lab
+from roles.features import schedule as sched
+from roles.features.setup_remote import setup_host
+from roles.features.trust import HostKey, known_hosts_name
+from roles.inventory.schema import Host, load
+from roles.local import keys
+from roles.remote import connection
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration

@@ -23,11 +23,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from roles import keys, lab, rsyncd, setup
-from roles.connection import connect, run
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
-from roles.inventory import Host, load
-from roles.sshd import parse_sshd_T
+from lab import hosts as lab
+from roles.config import rsyncd
+from roles.config.sshd import parse_sshd_T
+from roles.features import setup_remote as setup
+from roles.inventory.schema import Host, load
+from roles.local import keys
+from roles.remote.connection import connect, run
+from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
 from tests.integration.conftest import Lab, infra_host
 
 pytestmark = pytest.mark.integration
@@ -775,7 +778,7 @@ def test_an_authorized_keys_larger_than_one_command_line_goes_by_sftp(lab_env: L
                                                                       fresh_host: lab.LabHost):
     # 160 KB of other people's lines: the apply script carries the new file (base64), far
     # more than the 128 KiB Linux allows one argument, so it is uploaded, run, removed.
-    from roles.connection import ROUND_TRIPS, SCRIPT_ARG_MAX
+    from roles.remote.connection import ROUND_TRIPS, SCRIPT_ARG_MAX
 
     target = make_target(lab_env, fresh_host)
     others = b"".join(b"# line %05d kept by setup-remote " % i + b"x" * 60 + b"\n"

@@ -22,10 +22,13 @@ from typing import Any
 import paramiko
 import pytest
 
-from roles import connection, keys, lab, setup
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG
-from roles.inventory import Host, load
-from roles.sshd import parse_sshd_T
+from lab import hosts as lab
+from roles.config.sshd import parse_sshd_T
+from roles.features import setup_remote as setup
+from roles.inventory.schema import Host, load
+from roles.local import keys
+from roles.remote import connection
+from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG
 from tests.integration.conftest import Lab, infra_host
 
 pytestmark = pytest.mark.integration

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from roles import setup
-from roles.connection import connect
-from roles.facts import SSHD_CONFIG, gather
-from roles.inventory import Host
+from roles.features import setup_remote as setup
+from roles.inventory.schema import Host
+from roles.remote.connection import connect
+from roles.remote.facts import SSHD_CONFIG, gather
 from tests.integration.conftest import Lab
 from tests.integration.test_setup_remote import (
     FCO_LINE,

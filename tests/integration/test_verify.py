@@ -1,4 +1,4 @@
-"""`invoke verify` (tests/infra run by roles.verify) against real lab hosts: a provisioned
+"""`invoke verify` (tests/infra run by roles.features.verify) against real lab hosts: a provisioned
 host passes every check; changes made by hand fail exactly the check that covers them; a
 host never set up fails per check next to a good one; an unknown host key is one error;
 captured mode checks the gate instead of the rsyncd module.
@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from roles import capture, keys, lab
-from roles.facts import RSYNCD_CONF
-from roles.inventory import load
-from roles.setup import setup_host
+from lab import hosts as lab
+from roles.features import capture
+from roles.features.setup_remote import setup_host
+from roles.inventory.schema import load
+from roles.local import keys
+from roles.remote.facts import RSYNCD_CONF
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration

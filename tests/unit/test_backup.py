@@ -1,4 +1,4 @@
-"""roles.backup: argv tables, --stats parsing, exit codes, snapshot naming and pruning,
+"""roles.features.backup: argv tables, --stats parsing, exit codes, snapshot naming and pruning,
 restore paths, and run_backup's bookkeeping with a stand-in rsync (no ssh, no containers)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from roles import backup as b
-from roles.inventory import Host
+from roles.features import backup as b
+from roles.inventory.schema import Host
 
 RSYNC = "/opt/pullback/bin/rsync"
 # Off a terminal ssh never prompts; on a terminal BatchMode=no lets it ask for a passphrase.
@@ -586,7 +586,7 @@ def test_an_orphaned_rsync_keeps_the_lock(tmp_path, fake, monkeypatch):
     """pullback killed, its rsync still running: no new run may start until rsync ends."""
     monkeypatch.setenv("FAKE_SLEEP", "1.5")
     host = make_host(tmp_path)
-    script = ("import sys, roles.backup as b, roles.inventory as i; "
+    script = ("import sys, roles.features.backup as b, roles.inventory.schema as i; "
               "b.run_backup(i.Host.model_validate_json(sys.argv[1]), dry_run=False, tty=False)")
     child = subprocess.Popen([sys.executable, "-c", script, host.model_dump_json(by_alias=True)],
                              cwd=Path(__file__).resolve().parents[2])
@@ -614,7 +614,7 @@ def captured_host(tmp_path: Path, **backup) -> Host:
 
 
 def write_record(host: Host, rsync_version: str = "rsync  version 9.9.9  protocol version 99"):
-    from roles import capture
+    from roles.features import capture
 
     sent = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
     words = tuple(sent.split(" "))
@@ -769,7 +769,7 @@ def test_run_restore_refuses_non_empty_and_inside_the_backup(tmp_path):
 
 def test_backup_import_path_has_no_ssh_library():
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", "import roles.backup, roles.fleet"],
+        [sys.executable, "-X", "importtime", "-c", "import roles.features.backup, roles.core.fleet"],
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], check=True)
     imported = {line.split("|")[-1].strip().split(".")[0]
                 for line in result.stderr.splitlines() if "|" in line}
@@ -820,7 +820,7 @@ def test_run_backup_refuses_a_key_others_can_read(tmp_path, fake):
 
 
 def test_run_backup_keeps_only_the_newest_runs_logs(tmp_path, fake):
-    from roles import status
+    from roles.features import status
 
     logs = tmp_path / "web1.pullback" / "logs"
     logs.mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""roles.capture's pure layer: validating captured commands, the dry-run variant, the
+"""roles.features.capture's pure layer: validating captured commands, the dry-run variant, the
 fingerprint and the record, the capture and gate scripts (rendered, then run with ``sh`` in
 a temporary folder with stand-in commands), and setup's planning of the scripts."""
 
@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from roles import capture as cap
-from roles.facts import AUTHORIZED_KEYS, SSHD_CONFIG, FileFact, HostFacts, parse_report
-from roles.inventory import Host
-from roles.render import render
-from roles.setup import (
+from roles.core.render import render
+from roles.features import capture as cap
+from roles.features.setup_remote import (
     HelperFile,
     apply_script,
     facts_after,
@@ -27,6 +25,8 @@ from roles.setup import (
     plan_setup,
     read_files_script,
 )
+from roles.inventory.schema import Host
+from roles.remote.facts import AUTHORIZED_KEYS, SSHD_CONFIG, FileFact, HostFacts, parse_report
 
 REAL = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /srv/data/"
 DRY = "rsync --server --sender -vnlogDtprxze.iLsfxCIvu --numeric-ids . /srv/data/"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from roles import compiled
-from roles import inventory as validator
+from roles.inventory import compiled
+from roles.inventory import schema as validator
 from tests.unit.test_inventory import GOOD
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,11 +170,11 @@ def test_choose_reports_unknown_hosts_and_empty_shards_in_one_line(cache, invent
 def test_the_unattended_runner_imports_neither_invoke_nor_the_validator(cache, inventory):
     """What a scheduled run loads once the inventory is compiled."""
     compiled.load(inventory)
-    probe = ("import sys, roles.unattended as u, roles.compiled as c; "
+    probe = ("import sys, roles.cli.unattended as u, roles.inventory.compiled as c; "
              f"c.load({str(inventory)!r}); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
              "('invoke', 'fabric', 'paramiko', 'pydantic', 'yaml', 'jinja2') "
-             "or m == 'roles.inventory'))")
+             "or m == 'roles.inventory.schema'))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                             text=True, check=True, env={**os.environ})
     assert result.stdout.strip() == "[]"
@@ -182,7 +182,7 @@ def test_the_unattended_runner_imports_neither_invoke_nor_the_validator(cache, i
 
 def test_pullback_backup_rejects_bad_input_with_exit_2_and_one_line(cache, inventory, tmp_path,
                                                                    capsys):
-    from roles import unattended
+    from roles.cli import unattended
 
     cases = [
         (["--inventory", str(tmp_path / "missing.yaml")],

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import paramiko
 import pytest
 
-from roles import connection
-from roles.connection import SCRIPT_ARG_MAX, UploadError, sudo_script
+from roles.remote import connection
+from roles.remote.connection import SCRIPT_ARG_MAX, UploadError, sudo_script
 
 
 class FakeFile:
@@ -104,8 +104,8 @@ def test_a_failed_handshake_is_one_error_line_and_no_traceback(tmp_path):
 
     probe = f"""
 import socket, threading
-from roles import connection
-from roles.compiled import Record
+from roles.remote import connection
+from roles.inventory.compiled import Record
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(5)
 def serve():
     while True:

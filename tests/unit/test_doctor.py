@@ -1,4 +1,4 @@
-"""roles.doctor, pure parts: error explanations, forced-command and key-line parsing, every
+"""roles.features.doctor, pure parts: error explanations, forced-command and key-line parsing, every
 check as a table of facts in, findings out, the report parsers and the output format.
 (The checks against real hosts are in tests/integration/test_doctor.py.)"""
 
@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 
-from roles import capture, doctor
-from roles.facts import AUTHORIZED_KEYS, FileFact, HostFacts
-from roles.inventory import Host
+from roles.features import capture, doctor
+from roles.inventory.schema import Host
+from roles.remote.facts import AUTHORIZED_KEYS, FileFact, HostFacts
 
 BLOB = "AAAAC3NzaC1lZDI1NTE5AAAAIJ1wZd8Jy0tXnlAhsnFrH1xNGcs9g6UkqBsvS6gb0EYz"
 OTHER = "AAAAC3NzaC1lZDI1NTE5AAAAIENDBZxwPdjQ+zud0AkNvwKRzmA4/BM7FeBJ8CJHV8Su"
@@ -570,7 +570,7 @@ def test_simulate_sent_command_is_what_rsync_sends():
 
 def test_host_key_fingerprint_matches_ssh_keygen_format():
     blob = base64.b64decode(BLOB)
-    from roles.rootkey import PublicKey, fingerprint
+    from roles.config.rootkey import PublicKey, fingerprint
     assert doctor.host_key_fingerprint(blob) == fingerprint(PublicKey("ssh-ed25519", BLOB))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from roles.inventory import DEFAULT_OPTIONS, InventoryError, load, load_text
+from roles.inventory.schema import DEFAULT_OPTIONS, InventoryError, load, load_text
 
 ROOT = Path(__file__).resolve().parents[2]
 

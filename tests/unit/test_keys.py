@@ -1,4 +1,4 @@
-"""roles.keys: a private key others can read is refused with the chmod that fixes it;
+"""roles.local.keys: a private key others can read is refused with the chmod that fixes it;
 a passphrase is detected without ever asking for it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from roles import keys
+from roles.local import keys
 
 
 def make_key(path: Path, passphrase: str = "") -> Path:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from roles import facts, lab, platforms
-from roles import rsync_build as rb
-from roles.platforms import PLATFORMS, lookup
+from lab import hosts as lab
+from roles.core import platforms
+from roles.core.platforms import PLATFORMS, lookup
+from roles.features import rsync_build as rb
+from roles.remote import facts
 
 BY_NAME = {row.name: row for row in PLATFORMS}
 

@@ -1,4 +1,4 @@
-"""roles.rootkey: key parsing, option quoting, the authorized_keys plan.
+"""roles.config.rootkey: key parsing, option quoting, the authorized_keys plan.
 
 Key material: real keys made once with ``ssh-keygen -t ... -N ''``; the fingerprints are
 ``ssh-keygen -l`` output for the same keys.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from roles.rootkey import (
+from roles.config.rootkey import (
     KeysPlan,
     PublicKey,
     build_options,

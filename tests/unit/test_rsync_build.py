@@ -1,4 +1,4 @@
-"""Pure parts of roles.rsync_build, plus fetch_tarball against file:// URLs."""
+"""Pure parts of roles.features.rsync_build, plus fetch_tarball against file:// URLs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from roles import rsync_build as rb
+from roles.features import rsync_build as rb
 
 # ----------------------------------------------------------------------------- sums
 
@@ -587,7 +587,7 @@ def test_fetch_bad_signature_removes_cached_files(
 
 
 def test_inventory_gpg_keyring_is_optional_and_absolute() -> None:
-    from roles.inventory import RsyncSettings
+    from roles.inventory.schema import RsyncSettings
 
     assert RsyncSettings().gpg_keyring is None
     assert RsyncSettings(gpg_keyring="/etc/pullback/rsync.gpg").gpg_keyring == (

@@ -1,10 +1,10 @@
-"""roles.rsyncd: the module block, the rsyncd.conf plan and check_module."""
+"""roles.config.rsyncd: the module block, the rsyncd.conf plan and check_module."""
 
 from __future__ import annotations
 
 import pytest
 
-from roles.rsyncd import (
+from roles.config.rsyncd import (
     RsyncdSettings,
     check_module,
     parse_rsyncd_conf,

@@ -1,4 +1,4 @@
-"""roles.schedule: --at, offsets, quoting, golden files for every rendered format, unit-file
+"""roles.features.schedule: --at, offsets, quoting, golden files for every rendered format, unit-file
 validity, and gather/plan/apply against a temporary root (no real /etc is touched).
 
 Regenerate the golden files after a deliberate template change with
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from roles import schedule as s
+from roles.features import schedule as s
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 REPO = Path(__file__).resolve().parents[2]

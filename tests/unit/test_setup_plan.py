@@ -19,17 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from roles import rsyncd
-from roles.facts import (
-    AUTHORIZED_KEYS,
-    RSYNCD_CONF,
-    SSHD_CONFIG,
-    FileFact,
-    HostFacts,
-    parse_report,
-)
-from roles.inventory import Host
-from roles.setup import (
+from roles.config import rsyncd
+from roles.features.setup_remote import (
     FileChange,
     SetupError,
     SetupPlan,
@@ -37,6 +28,15 @@ from roles.setup import (
     daemon_command,
     plan_setup,
     rollback_script,
+)
+from roles.inventory.schema import Host
+from roles.remote.facts import (
+    AUTHORIZED_KEYS,
+    RSYNCD_CONF,
+    SSHD_CONFIG,
+    FileFact,
+    HostFacts,
+    parse_report,
 )
 
 WANT = "forced-commands-only"
@@ -238,7 +238,7 @@ class _Connection:
     (None, False),
 ])
 def test_gather_passes_the_banner_only_when_it_names_an_openssh_release(banner, passed):
-    from roles.facts import gather
+    from roles.remote.facts import gather
 
     conn = _Connection(banner)
     facts = gather(conn, "web1", ["/usr/local/bin/rsync"])
@@ -251,7 +251,7 @@ def test_gather_passes_the_banner_only_when_it_names_an_openssh_release(banner, 
 def test_gather_script_runs_ssh_V_only_without_a_banner_and_each_rsync_once(tmp_path):
     """Runs the real script with ``sh`` (as this user; it only reads): stand-ins for
     ssh, sshd and rsync log their calls."""
-    from roles.facts import gather_script
+    from roles.remote.facts import gather_script
 
     bin_dir, log = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()

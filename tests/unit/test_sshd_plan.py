@@ -1,4 +1,4 @@
-"""Tables for the pure sshd_config planning in roles/sshd.py: facts in, exact bytes out.
+"""Tables for the pure sshd_config planning in roles/config/sshd.py: facts in, exact bytes out.
 
 Every expected file below was also checked against OpenSSH 9.2's own parser (`sshd -T`,
 run by hand in a private mount namespace): before the edit it reports `current`, after
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from roles.sshd import (
+from roles.config.sshd import (
     Decider,
     MatchOverride,
     SshdFacts,

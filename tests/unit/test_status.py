@@ -1,4 +1,4 @@
-"""roles.status: summaries in, table and staleness out; log pruning as a table of names."""
+"""roles.features.status: summaries in, table and staleness out; log pruning as a table of names."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from roles import status as st
-from roles.inventory import Host
+from roles.features import status as st
+from roles.inventory.schema import Host
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -86,7 +86,7 @@ def test_format_table():
 
 
 def summary(run_id: str, started: datetime, **fields) -> dict:
-    """What roles.backup.run_backup writes (the fields status reads, and a few more)."""
+    """What roles.features.backup.run_backup writes (the fields status reads, and a few more)."""
     data = {"host": "web1", "ok": True, "exit_code": 0, "seconds": 4.5,
             "stats": {"transferred_size": 1000, "bytes_received": 800, "files": 10},
             "log_path": "x", "summary_path": "y", "snapshot": None, "warning": None,

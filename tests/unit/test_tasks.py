@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from roles.inventory import load_text, parse_shard, shard_of
+from roles.inventory.schema import load_text, parse_shard, shard_of
 
 ROOT = Path(__file__).resolve().parents[2]
 INVOKE = str(Path(sys.executable).parent / "invoke")

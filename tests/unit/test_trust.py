@@ -1,4 +1,4 @@
-"""roles.trust: known_hosts names, fingerprints, matching (plain, hashed, revoked), the
+"""roles.features.trust: known_hosts names, fingerprints, matching (plain, hashed, revoked), the
 add / already / refuse decision, and trust_host's file handling with a stand-in fetch.
 The real key exchange against sshd is in tests/integration/test_schedule.py."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from roles import trust as t
-from roles.inventory import Host
+from roles.features import trust as t
+from roles.inventory.schema import Host
 
 
 def new_key(tmp_path: Path, name: str, kind: str = "ed25519") -> t.HostKey:

@@ -1,4 +1,4 @@
-"""roles.verify, pure parts, and the guard that keeps tests/infra out of the normal run."""
+"""roles.features.verify, pure parts, and the guard that keeps tests/infra out of the normal run."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from roles import verify
-from roles.inventory import Host
+from roles.features import verify
+from roles.inventory.schema import Host
 
 ROOT = Path(__file__).resolve().parents[2]
 

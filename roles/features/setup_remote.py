@@ -26,10 +26,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from roles import platforms, rootkey, rsyncd, sshd
-from roles.diffs import unified
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, FileFact, HostFacts
-from roles.inventory import Host
+from roles.config import rootkey, rsyncd, sshd
+from roles.core import platforms
+from roles.core.diffs import unified
+from roles.inventory.schema import Host
+from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, FileFact, HostFacts
 
 WANT = "forced-commands-only"
 ROOT_SSH = "/root/.ssh"
@@ -444,7 +445,7 @@ def _script_error(result: Any) -> str | None:
 
 def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
     """Open a NEW admin connection, use sudo, and confirm the effective setting."""
-    from roles.connection import ConnectError, connect, run
+    from roles.remote.connection import ConnectError, connect, run
 
     spec = platforms.connection_spec(plan.client_addr)
     last = ""
@@ -470,7 +471,7 @@ def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
 
 def apply(c: Any, host: Host, plan: SetupPlan,
           check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
-    from roles.connection import sudo_script
+    from roles.remote.connection import sudo_script
 
     steps = dict(plan.steps)
     if not plan.changed:
@@ -532,8 +533,8 @@ def gather_files(c: Any, host_name: str, paths: Iterable[str], dirs: Iterable[st
     ``merge_facts``. It is a separate read so that the main fact report stays the same for
     every mode.
     """
-    from roles.connection import sudo_script
-    from roles.facts import parse_report
+    from roles.remote.connection import sudo_script
+    from roles.remote.facts import parse_report
 
     paths = list(paths)
     result = sudo_script(c, read_files_script(paths, list(dirs), list(clear)), host=host_name)
@@ -553,9 +554,9 @@ def setup_host(host: Host, *, dry_run: bool = False,
     command is the gate, installed or repaired from the record; without one no key line is
     installed. ``captured_command`` overrides that with a forced command of the caller's.
     """
-    from roles import capture
-    from roles.connection import ConnectError, connect
-    from roles.facts import gather
+    from roles.features import capture
+    from roles.remote.connection import ConnectError, connect
+    from roles.remote.facts import gather
 
     record = None
     try:

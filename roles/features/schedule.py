@@ -14,7 +14,7 @@ Every file starts with a "managed by pullback" line (the crontab block sits betw
 ``# BEGIN pullback-backup`` and ``# END pullback-backup``); ``--remove`` deletes only what
 carries it, and an install never overwrites a file without it. The job runs
 ``VENV/bin/pullback-backup --inventory ABS_PATH [--host H ...]``: ``invoke backup`` without
-invoke's start-up (``roles.unattended``), the same pull, options and exit codes.
+invoke's start-up (``roles.cli.unattended``), the same pull, options and exit codes.
 
 Random delay: systemd's timer has ``RandomizedDelaySec=30min`` (a new draw every day) and
 ``Persistent=true`` (a run missed while the machine was off starts at boot). cron and launchd
@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from roles.render import render
+from roles.core.render import render
 
 MARKER = "managed by pullback"
 UNIT = "pullback-backup"
@@ -64,7 +64,7 @@ DELAY_MINUTES = 30
 CRON_MAX_COMMAND = 900  # Vixie/Debian cron cuts a command at 1000 bytes
 # cron and launchd start jobs with a minimal PATH; ssh and a PATH rsync live in these.
 PATH_ENV = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-PROGRAM = "pullback-backup"  # the console script of roles.unattended (pyproject.toml)
+PROGRAM = "pullback-backup"  # the console script of roles.cli.unattended (pyproject.toml)
 CRON_DAEMONS = frozenset({"cron", "crond", "cronie", "fcron", "busybox"})
 
 _AT = re.compile(r"^(\d{1,2}):(\d{2})$")
@@ -142,7 +142,7 @@ def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_
     for name in names:
         argv += ["--host", name]
     if shard is not None:
-        from roles.inventory import parse_shard
+        from roles.inventory.schema import parse_shard
 
         argv += ["--shard", "{}/{}".format(*parse_shard(shard))]
     return Job(argv=tuple(argv), hosts=names, inventory=inventory, at=hour_minute,
@@ -683,7 +683,7 @@ class KeyReport:
 
 def check_keys(paths: Iterable[str], *, agent_socket: str | None) -> KeyReport:
     """A schedule whose key others can read (or that is missing) would fail every night."""
-    from roles import keys
+    from roles.local import keys
 
     report = KeyReport()
     for path in dict.fromkeys(paths):

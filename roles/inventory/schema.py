@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from roles.compiled import (  # noqa: F401 - re-exported: the loaders share them
+from roles.inventory.compiled import (  # noqa: F401 - re-exported: the loaders share them
     Inventory,
     InventoryError,
     parse_shard,
@@ -265,7 +265,7 @@ class Host(_Strict):
 
 def dump(host: Host) -> dict[str, Any]:
     """Every field of ``host`` and every property (``destination``, the rsync paths...), as
-    plain JSON data: what ``roles.compiled`` caches and turns back into a Record."""
+    plain JSON data: what ``roles.inventory.compiled`` caches and turns back into a Record."""
     data = host.model_dump(mode="json")
     for model, target in ((host, data), (host.rsync, data["rsync"]),
                           (host.backup, data["backup"])):

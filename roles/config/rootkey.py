@@ -23,8 +23,8 @@ import re
 import struct
 from dataclasses import dataclass
 
-from roles.diffs import split_lines, unified
-from roles.render import render
+from roles.core.diffs import split_lines, unified
+from roles.core.render import render
 
 DEFAULT_COMMENT = "pullback-backup"
 

@@ -53,12 +53,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from roles import backup, rootkey, rsyncd
-from roles.diffs import split_lines
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, HostFacts
-from roles.inventory import Host
-from roles.rsync_build import parse_version_output
-from roles.rsync_errors import explain_rsync_error, signature  # noqa: F401
+from roles.config import rootkey, rsyncd
+from roles.core.diffs import split_lines
+from roles.core.rsync_errors import explain_rsync_error, signature  # noqa: F401
+from roles.features import backup
+from roles.features.rsync_build import parse_version_output
+from roles.inventory.schema import Host
+from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, HostFacts
 
 LEVELS = ("ok", "warn", "error")
 WANT_PERMIT = "forced-commands-only"
@@ -643,7 +644,7 @@ class Capture:
     """What doctor knows of captured mode: the local record (capture-command's) and the
     command the local rsync sends now (simulated)."""
 
-    record: Any = None            # roles.capture.CaptureRecord
+    record: Any = None            # roles.features.capture.CaptureRecord
     problem: str = ""             # the record is missing a part, damaged or for another host
     sent: tuple[str, ...] | None = None
     local_version: str = ""       # the local rsync's --version line 1
@@ -660,7 +661,7 @@ def _gate_exec_lines(text: bytes) -> list[ForcedCommand]:
 
 def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
     """Captured mode through capture-command's gate: record, drift, the installed gate."""
-    from roles import capture as captured
+    from roles.features import capture as captured
 
     check = "forced command"
     again = "run `invoke capture-command` again"
@@ -719,7 +720,7 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
                          rsyncd_text: bytes | None,
                          capture: Capture | None = None) -> list[Finding]:
     """The signatures of section 5 of the module docstring."""
-    from roles import capture as captured
+    from roles.features import capture as captured
 
     check = "forced command"
     capture = capture or Capture()
@@ -981,7 +982,7 @@ def check_unreachable(host: Host, message: str) -> Finding:
 def run_raw(conn: Any, command: str, host_name: str, timeout: float = 20) -> tuple[int, bytes,
                                                                                     bytes]:
     """Exit code and the exact bytes of stdout and stderr (Fabric would decode them)."""
-    from roles.connection import ROUND_TRIPS
+    from roles.remote.connection import ROUND_TRIPS
 
     ROUND_TRIPS.add(host_name)
     _, stdout, stderr = conn.client.exec_command(command, timeout=timeout)
@@ -1059,7 +1060,7 @@ def _remote_binary(key: KeyLine | None, host: Host) -> str:
 
 def _admin_shell(conn: Any, host: Host, findings: list[Finding]) -> None:
     """The clean-shell test for the admin login; a second trip only when it is not clean."""
-    from roles.connection import run
+    from roles.remote.connection import run
 
     _, out, err = run_raw(conn, "true", host.name)
     probes: tuple[tuple[int, str], ...] = ()
@@ -1075,7 +1076,7 @@ def _admin_shell(conn: Any, host: Host, findings: list[Finding]) -> None:
 
 def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | None,
                   local_path: str | None, findings: list[Finding]) -> Capture:
-    from roles import capture as captured
+    from roles.features import capture as captured
 
     if host.forced_command != "captured":
         return Capture()
@@ -1095,7 +1096,7 @@ def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | No
 
 
 def _pull_or_skip(host: Host, forced: ForcedCommand | None, local_path: str) -> Finding:
-    from roles import capture as captured
+    from roles.features import capture as captured
 
     if host.forced_command == "captured" and forced is not None and not forced.daemon:
         if forced.binary == captured.GATE:
@@ -1109,9 +1110,9 @@ def _pull_or_skip(host: Host, forced: ForcedCommand | None, local_path: str) -> 
 
 def diagnose(host: Host) -> Report:
     """Every check for one host; never raises for a host problem (it becomes a finding)."""
-    from roles import capture as captured
-    from roles.connection import ConnectError, connect, sudo_script
-    from roles.facts import gather
+    from roles.features import capture as captured
+    from roles.remote.connection import ConnectError, connect, sudo_script
+    from roles.remote.facts import gather
 
     started = time.monotonic()
     report = Report(host.name, f"{host.address}:{host.port}")
@@ -1176,7 +1177,7 @@ def diagnose(host: Host) -> Report:
 
 
 def diagnose_all(hosts: list[Host]) -> list[Report]:
-    from roles import fleet
+    from roles.core import fleet
 
     def failed(host: Host, exc: Exception) -> Report:
         return Report(host.name, f"{host.address}:{host.port}", [error(

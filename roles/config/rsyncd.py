@@ -17,8 +17,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from roles.diffs import split_lines, unified
-from roles.render import render
+from roles.core.diffs import split_lines, unified
+from roles.core.render import render
 
 MARKER = "# managed by pullback"
 DEFAULT_LOCK_FILE = "/var/run/rsyncd.lock"  # rsyncd's own default

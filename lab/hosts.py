@@ -7,7 +7,7 @@ publish sshd on a random 127.0.0.1 port; their host keys are read with ``exec`` 
 trusted on first use) into the lab's ``known_hosts``, and a lab inventory is written under
 ``.state/lab/``. Only containers carrying this lab's label are ever removed.
 
-Every Debian release marked tested in ``roles/platforms.py`` (bullseye, bookworm, trixie)
+Every Debian release marked tested in ``roles/core/platforms.py`` (bullseye, bookworm, trixie)
 is built the same way: this machine's debootstrap (bookworm's) has scripts for all three
 and debian-archive-keyring 2023.3 already holds the trixie archive keys, so signatures are
 checked with the stock keyring. ``up(releases=[...])`` starts one container per release,
@@ -30,11 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from roles import mirror, platforms
+from lab import mirror
+from roles.core import platforms
+from roles.local import state
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB_DIR = ROOT / "lab"
-STATE = Path(os.environ.get("PULLBACK_STATE", ROOT / ".state"))
+STATE = state.STATE
 LABEL = "io.pullback.lab"
 PREFIX = "pullback-lab"
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from roles.rsync_build import sha256_file
+from roles.features.rsync_build import sha256_file
 
 DEBIAN_ORIGS = {
     # version: (Debian suite, upstream SHA-256 the orig tarball must equal)

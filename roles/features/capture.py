@@ -7,9 +7,11 @@ sends, and nobody can guess it (``--sender`` was undocumented, the path is ``. /
 1. Over the admin connection (sudo), the backup key's line in root's ``authorized_keys``
    gets ``command=CAPTURE_SCRIPT``: a root-only script (``templates/capture.sh.j2``) that
    writes ``$SSH_ORIGINAL_COMMAND`` to a root-only file and exits 1. Both go through
-   setup-remote's planning and atomic apply (``roles.setup``), not a writer of their own.
+   setup-remote's planning and atomic apply (``roles.features.setup_remote``), not a
+   writer of their own.
    sshd must already allow root by forced command only (``invoke setup-remote``).
-2. The LOCAL rsync runs exactly as ``backup`` runs it (``roles.backup.build_argv``: the same
+2. The LOCAL rsync runs exactly as ``backup`` runs it
+   (``roles.features.backup.build_argv``: the same
    options and excludes, ``root@ADDR:SOURCE/``, never ``-n``) into an empty temporary
    folder, fails as expected, and the captured command is read (and removed) over the
    admin connection. Then once more with ``-n``: that capture is only READ, to check that
@@ -53,12 +55,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from roles import backup
+from roles.features import backup
 
 if TYPE_CHECKING:
-    from roles.facts import HostFacts
-    from roles.inventory import Host  # pydantic: not imported at run time
-    from roles.setup import HelperFile, Outcome
+    from roles.features.setup_remote import HelperFile, Outcome
+    from roles.inventory.schema import Host  # pydantic: not imported at run time
+    from roles.remote.facts import HostFacts
 
 LIBEXEC = "/usr/local/libexec/pullback"
 CAPTURE_SCRIPT = f"{LIBEXEC}/capture"
@@ -310,7 +312,7 @@ def local_version_line(rsync: str) -> str:
 
 
 def render_capture_script() -> bytes:
-    from roles.render import render
+    from roles.core.render import render
 
     return render("capture.sh.j2", output=CAPTURED_FILE,
                   output_tmp=CAPTURED_FILE + ".tmp").encode()
@@ -323,7 +325,7 @@ def render_gate(real_sent: str, dry_sent: str, real_exec: tuple[str, ...],
     time-dependent goes in: a re-capture with the same result leaves the file as it is."""
     import shlex
 
-    from roles.render import render
+    from roles.core.render import render
 
     for word in (*real_sent.split(" "), *dry_sent.split(" "), *real_exec, *dry_exec):
         if not _SAFE_WORD.fullmatch(word):
@@ -336,7 +338,7 @@ def render_gate(real_sent: str, dry_sent: str, real_exec: tuple[str, ...],
 
 
 def gate_file(record: CaptureRecord) -> HelperFile:
-    from roles.setup import HelperFile
+    from roles.features.setup_remote import HelperFile
 
     content = render_gate(
         record.sent, record.sent_dry_run, tuple(record.command.split(" ")),
@@ -345,7 +347,7 @@ def gate_file(record: CaptureRecord) -> HelperFile:
 
 
 def capture_file() -> HelperFile:
-    from roles.setup import HelperFile
+    from roles.features.setup_remote import HelperFile
 
     return HelperFile("capture-script", CAPTURE_SCRIPT, render_capture_script())
 
@@ -382,7 +384,7 @@ def check_remote(record: CaptureRecord, facts: HostFacts) -> list[str]:
 
 def check_ready(facts: HostFacts) -> None:
     """sshd must let root in by forced command only: setup-remote's result."""
-    from roles.setup import WANT
+    from roles.features.setup_remote import WANT
 
     value = facts.effective.get("permitrootlogin", "")
     if value != WANT:
@@ -400,7 +402,7 @@ def _last_line(text: str) -> str:
 
 def capture_once(conn: Any, host: Host, rsync: str, *, dry_run: bool) -> str:
     """Run the pull as ``backup`` would (it must fail), then read and remove the capture."""
-    from roles.setup import gather_files
+    from roles.features.setup_remote import gather_files
 
     with tempfile.TemporaryDirectory(prefix="pullback-capture-") as tmp:
         argv = backup.build_argv(host, dry_run=dry_run, tty=False, local_rsync=rsync,
@@ -441,8 +443,8 @@ def prove(host: Host, rsync: str) -> None:
 def _restore_keys(conn: Any, host: Host, facts: HostFacts, old: bytes | None) -> str:
     """Put the key file back as it was before the capture line (the previous gate keeps
     serving backups when a re-capture fails); returns what happened, for the error."""
-    from roles.facts import AUTHORIZED_KEYS
-    from roles.setup import FileChange, SetupPlan, apply
+    from roles.features.setup_remote import FileChange, SetupPlan, apply
+    from roles.remote.facts import AUTHORIZED_KEYS
 
     current = facts.content(AUTHORIZED_KEYS)
     if old is None or current is None or old == current:
@@ -459,9 +461,7 @@ def _restore_keys(conn: Any, host: Host, facts: HostFacts, old: bytes | None) ->
 
 def capture_host(host: Host) -> Outcome:
     """capture-command on one host: capture, validate, install the gate, record, prove."""
-    from roles.connection import ConnectError, connect
-    from roles.facts import AUTHORIZED_KEYS, gather
-    from roles.setup import (
+    from roles.features.setup_remote import (
         Outcome,
         SetupError,
         apply,
@@ -471,6 +471,8 @@ def capture_host(host: Host) -> Outcome:
         plan_setup,
         read_public_key,
     )
+    from roles.remote.connection import ConnectError, connect
+    from roles.remote.facts import AUTHORIZED_KEYS, gather
 
     if host.forced_command != "captured":
         return Outcome(host.name, {"capture": "skipped"},

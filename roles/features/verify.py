@@ -26,9 +26,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from roles.inventory import Host
+from roles.inventory.schema import Host
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "tests" / "infra"
 INVENTORY_OPTION = "--pullback-inventory"
 RESULTS_OPTION = "--pullback-results"

@@ -23,10 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from roles.backup import complete_snapshots, human_bytes, run_key, state_dir
+from roles.features.backup import complete_snapshots, human_bytes, run_key, state_dir
 
 if TYPE_CHECKING:
-    from roles.inventory import Host  # pydantic: not imported at run time
+    from roles.inventory.schema import Host  # pydantic: not imported at run time
 
 DEFAULT_KEEP_LOGS = 30
 LOG_SUFFIXES = (".log", ".json")

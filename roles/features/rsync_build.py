@@ -39,7 +39,7 @@ from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 
-from roles import platforms
+from roles.core import platforms
 
 # SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
 # from at least one independent packaging recipe (OpenEmbedded, Spack, Homebrew, Nix); the
@@ -864,7 +864,7 @@ def local_install_needs_sudo(prefix: Path) -> bool:
 
 
 # The only per-OS difference in a build is how to get a C compiler, make and libc headers:
-# the package managers and their packages live in the per-OS table (roles/platforms.py).
+# the package managers and their packages live in the per-OS table (roles/core/platforms.py).
 PackageManager = platforms.PackageManager
 PACKAGE_MANAGERS: tuple[PackageManager, ...] = platforms.PACKAGE_MANAGERS
 MACOS_HINT = next(p.toolchain_hint for p in platforms.PLATFORMS if p.name == "macos")
@@ -994,7 +994,7 @@ class EndResult:
 
 def _remote_end(host: Any, tarball: Path, version: str, sha256: str, *, check: bool,
                 install_packages: bool, log: Log) -> BuildResult:
-    from roles.connection import connect
+    from roles.remote.connection import connect
 
     conn = connect(host)
     try:

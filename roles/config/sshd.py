@@ -28,7 +28,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
-from roles.diffs import split_lines, unified
+from roles.core.diffs import split_lines, unified
 
 SSH_DIR = "/etc/ssh"
 PERMIT_ROOT_LOGIN_VALUES = frozenset(

@@ -8,10 +8,11 @@ The pull is::
 
 with ``SRC`` ``root@ADDR::MODULE/SOURCE/`` in daemon mode (the forced command is an rsync
 daemon) and ``root@ADDR:SOURCE/`` in captured mode (the forced command is the gate that
-``invoke capture-command`` installed; see ``roles.capture``). Before a captured-mode run the
-capture record's fingerprint is recomputed (options, excludes, source, the local rsync's
-version line; the remote one is the recorded one, as backup has no admin access) and the run
-is refused when it differs: the forced command would no longer match what the client sends.
+``invoke capture-command`` installed; see ``roles.features.capture``). Before a
+captured-mode run the capture record's fingerprint is recomputed (options, excludes,
+source, the local rsync's version line; the remote one is the recorded one, as backup has
+no admin access) and the run is refused when it differs: the forced command would no
+longer match what the client sends.
 
 Layout on the backup host (``DEST`` is ``backup.destination`` with ``{name}``)::
 
@@ -66,11 +67,11 @@ from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from roles import rsync_errors
-from roles.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
+from roles.core import rsync_errors
+from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
-    from roles.inventory import Host  # pydantic: not imported at run time
+    from roles.inventory.schema import Host  # pydantic: not imported at run time
 
 STATE_SUFFIX = ".pullback"
 PARTIAL = ".partial"
@@ -623,13 +624,13 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     ``tty``: keep the progress options and show rsync's output live (on ``echo``, default
     this process's stdout).
     """
-    from roles import keys
+    from roles.local import keys
 
     rsync, warning = find_local_rsync(host)
     warnings = [warning] if warning else []
     fingerprint: str | None = None
     if host.forced_command == "captured":
-        from roles import capture
+        from roles.features import capture
 
         try:
             fingerprint = capture.require_record(host, rsync).fingerprint
@@ -728,7 +729,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         tmp = logs / f".{run}.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, logs / f"{run}.json")
-        from roles import status  # status reads these summaries; it imports this module
+        from roles.features import status  # status reads these summaries; it imports this module
 
         status.prune_logs(logs, protect=complete_snapshots(os.listdir(dest))
                           if snapshots and dest.is_dir() else ())
@@ -776,7 +777,7 @@ def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = No
     ``backup.parallel`` at a time; print warnings and failures (``err``) and the table
     (``out``); return the hosts that failed. Live output only for one host on a terminal:
     several interleaved streams are noise."""
-    from roles import fleet
+    from roles.core import fleet
 
     out = out or sys.stdout
     err = err or sys.stderr

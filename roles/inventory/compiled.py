@@ -3,14 +3,14 @@ the validator's start-up.
 
 Validating ``inventory.yaml`` needs PyYAML and pydantic, whose imports and model set-up
 cost about 60 ms per process: more than everything else a no-change backup adds to rsync.
-``load`` validates once through ``roles.inventory`` and saves the result (every field, plus
+``load`` validates once through ``roles.inventory.schema`` and saves the result (every field, plus
 the computed paths, per host) to ``~/.cache/pullback/inventory-<hash of the path>.json``
 (``$XDG_CACHE_HOME`` is honoured). The next ``load`` of the same file uses it only when all
 of these still hold, else it validates again:
 
 - the key matches: a SHA-256 over the inventory's bytes, ``$HOME`` (``~`` expands
   against it), the Python version and the source of the two modules that define the
-  result (``roles/inventory.py``, this file), so editing either one invalidates it;
+  result (``roles/inventory/schema.py``, this file), so editing either one invalidates it;
 - the cache file and folder belong to this user, the folder's parent to this user or root,
   none is a symlink and nobody else can write them (the entry becomes the argv of a root
   backup, so it is trusted no more than the inventory; under ``sudo`` with the caller's
@@ -38,7 +38,7 @@ from typing import Any
 
 FORMAT = 1
 CACHE_MAX_AGE = 30 * 24 * 3600  # entries of inventories not loaded for 30 days are removed
-_SOURCES = (Path(__file__).with_name("inventory.py"), Path(__file__))
+_SOURCES = (Path(__file__).with_name("schema.py"), Path(__file__))
 
 
 class InventoryError(Exception):
@@ -51,7 +51,7 @@ class InventoryError(Exception):
 
 class Record:
     """Read-only attribute access to a validated host (sections nest as Records, lists
-    become tuples): the same names and values as ``roles.inventory.Host``, properties
+    become tuples): the same names and values as ``roles.inventory.schema.Host``, properties
     included, for code that only reads a host."""
 
     __slots__ = ("_data",)
@@ -97,7 +97,7 @@ def _plain(value: Any) -> Any:
 @dataclass(frozen=True)
 class Inventory:
     path: Path
-    hosts: dict[str, Any]  # name -> roles.inventory.Host, or a Record of one
+    hosts: dict[str, Any]  # name -> roles.inventory.schema.Host, or a Record of one
 
     def select(self, names: Iterable[str] | None,
                shard: tuple[int, int] | None = None) -> list[Any]:
@@ -255,7 +255,7 @@ def write_cache(inventory: Path, key: str, hosts: dict[str, dict[str, Any]]) -> 
 
 def load(path: str | Path) -> Inventory:
     """The inventory at ``path`` with Records for hosts: from the cache when it is
-    current, else validated by ``roles.inventory`` (InventoryError on a problem) and
+    current, else validated by ``roles.inventory.schema`` (InventoryError on a problem) and
     cached. A cache hit refreshes the entry's age."""
     path = Path(path)
     data = read_inventory(path)
@@ -268,7 +268,7 @@ def load(path: str | Path) -> Inventory:
         with contextlib.suppress(OSError):
             os.utime(cache_file(path))
         return Inventory(path=path, hosts=hosts)
-    from roles import inventory as validator  # PyYAML + pydantic: only on a miss
+    from roles.inventory import schema as validator  # PyYAML + pydantic: only on a miss
 
     validated = validator.load_text(data.decode("utf-8"), str(path))
     dumped = {name: validator.dump(host) for name, host in validated.hosts.items()}

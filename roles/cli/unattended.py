@@ -1,8 +1,8 @@
 """``pullback-backup``: ``invoke backup`` for timers and cron jobs, without invoke.
 
-The same pull (``roles.backup.pull_all``), options and exit codes as ``invoke backup``
+The same pull (``roles.features.backup.pull_all``), options and exit codes as ``invoke backup``
 (0 all good, 1 a host failed, 2 a bad inventory or selection), with a start-up that imports
-neither invoke nor, once the inventory is compiled (``roles.compiled``), PyYAML and
+neither invoke nor, once the inventory is compiled (``roles.inventory.compiled``), PyYAML and
 pydantic: a no-change backup adds about 45 ms to rsync this way, against about 100 ms
 through invoke (README, Performance).
 ``invoke schedule`` writes units and crontabs that run it.
@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from roles import backup, compiled
+from roles.features import backup
+from roles.inventory import compiled
 
 
 def parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from roles.inventory import Host
+from roles.inventory.schema import Host
 
 if TYPE_CHECKING:
     from fabric import Connection

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from roles.inventory import Host  # pydantic: not imported at run time
+    from roles.inventory.schema import Host  # pydantic: not imported at run time
 
 
 T = TypeVar("T")

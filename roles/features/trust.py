@@ -26,8 +26,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from roles.inventory import Host
-from roles.schedule import write_atomic
+from roles.features.schedule import write_atomic
+from roles.inventory.schema import Host
 
 
 class TrustError(Exception):

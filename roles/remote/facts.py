@@ -21,7 +21,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
-from roles import platforms
+from roles.core import platforms
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"
 AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
@@ -270,7 +270,7 @@ def openssh_banner(c: Any) -> str:
 
 def gather(c: Any, host_name: str, rsync_binaries: list[str]) -> HostFacts:
     """Run the gather script as root in one round trip and parse its report."""
-    from roles.connection import run
+    from roles.remote.connection import run
 
     script = gather_script(rsync_binaries)
     # "$SSH_CONNECTION" is expanded by the admin's login shell, before sudo resets the

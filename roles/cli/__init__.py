@@ -1,0 +1,2 @@
+"""Layer 5: presentation and the lean entry points (``pullback-backup``).
+"""

@@ -1,0 +1,2 @@
+"""Layer 2: inventory.yaml validated into hosts (pydantic schema) and its compiled cache.
+"""
