@@ -12,7 +12,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
-from roles.inventory.compiled import Inventory, InventoryError
+from roles.inventory.selection import Inventory, InventoryError
 
 DEFAULT_INVENTORY = "inventory.yaml"
 HOST_HELP = {
@@ -286,8 +286,8 @@ def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
         for problem in s.problems:
             print(f"{s.host}: warning: {problem}", file=sys.stderr)
     if shard:
+        from roles.core.shards import parse_shard, shard_of
         from roles.features.backup import state_dir
-        from roles.inventory.schema import parse_shard, shard_of
 
         k, n = parse_shard(shard)
         for h in _inventory(inventory).select(host):

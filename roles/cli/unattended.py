@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from roles.features import backup
-from roles.inventory import compiled
+from roles.inventory import compiled, selection
 
 
 def parser() -> argparse.ArgumentParser:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         hosts = compiled.load(args.inventory).choose(args.host, args.shard)
-    except compiled.InventoryError as exc:
+    except selection.InventoryError as exc:
         print(exc, file=sys.stderr)
         return 2
     bad = backup.pull_all(hosts, dry_run=args.dry_run)

@@ -142,7 +142,7 @@ def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_
     for name in names:
         argv += ["--host", name]
     if shard is not None:
-        from roles.inventory.schema import parse_shard
+        from roles.core.shards import parse_shard
 
         argv += ["--shard", "{}/{}".format(*parse_shard(shard))]
     return Job(argv=tuple(argv), hosts=names, inventory=inventory, at=hour_minute,

@@ -24,13 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from roles.inventory.compiled import (  # noqa: F401 - re-exported: the loaders share them
-    Inventory,
-    InventoryError,
-    parse_shard,
-    read_inventory,
-    shard_of,
-)
+from roles.inventory.selection import Inventory, InventoryError, read_inventory
 
 DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.tar.gz"
 DEFAULT_OPTIONS = ("-avzx", "--numeric-ids", "--delete", "--progress")

@@ -28,10 +28,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from roles.inventory.schema import Host
-
 if TYPE_CHECKING:
     from fabric import Connection
+
+    from roles.inventory.schema import Host
 
 
 class ConnectError(Exception):

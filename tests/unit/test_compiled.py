@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from roles.inventory import compiled
+from roles.inventory import compiled, selection
 from roles.inventory import schema as validator
 from tests.unit.test_inventory import GOOD
 
@@ -33,7 +33,7 @@ def inventory(tmp_path) -> Path:
 
 def _everything(value):
     """Every field and every property of a Host (or section), as plain data."""
-    if isinstance(value, compiled.Record):
+    if isinstance(value, selection.Record):
         return {k: _everything(getattr(value, k)) for k in value._data}
     if hasattr(type(value), "model_fields"):
         names = set(type(value).model_fields)
@@ -79,7 +79,7 @@ def test_an_edited_inventory_is_validated_again(cache, inventory):
     inventory.write_text(GOOD.replace("port: 2222", "port: 2223"))
     assert compiled.load(inventory).hosts["db1"].port == 2223
     inventory.write_text(GOOD.replace("port: 2222", "port: 70000"))
-    with pytest.raises(compiled.InventoryError, match=r"inventory.yaml:\d+: hosts.db1.port: "):
+    with pytest.raises(selection.InventoryError, match=r"inventory.yaml:\d+: hosts.db1.port: "):
         compiled.load(inventory)
 
 
@@ -137,11 +137,11 @@ def test_an_unwritable_cache_only_costs_the_speed_up(tmp_path, inventory, monkey
 
 
 def test_unreadable_and_bad_inventories_are_one_line_errors(cache, tmp_path):
-    with pytest.raises(compiled.InventoryError, match=r"missing.yaml: inventory file not found"):
+    with pytest.raises(selection.InventoryError, match=r"missing.yaml: inventory file not found"):
         compiled.load(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(b"hosts: {a: {address: \xff}}")
-    with pytest.raises(compiled.InventoryError, match="cannot read inventory"):
+    with pytest.raises(selection.InventoryError, match="cannot read inventory"):
         compiled.load(bad)
     assert not list(cache.glob("inventory-*.json"))
 
@@ -158,12 +158,12 @@ def test_old_entries_are_pruned_when_one_is_written(cache, inventory, tmp_path):
 def test_choose_reports_unknown_hosts_and_empty_shards_in_one_line(cache, inventory):
     inv = compiled.load(inventory)
     assert [h.name for h in inv.choose(["db1"], None)] == ["db1"]
-    with pytest.raises(compiled.InventoryError, match=r"unknown host x \(known: web1, db1\)"):
+    with pytest.raises(selection.InventoryError, match=r"unknown host x \(known: web1, db1\)"):
         inv.choose(["x"], None)
-    with pytest.raises(compiled.InventoryError, match="expected K/N"):
+    with pytest.raises(selection.InventoryError, match="expected K/N"):
         inv.choose([], "3/2")
     empty = next(f"{k}/50" for k in range(1, 51) if not inv.select(None, (k, 50)))
-    with pytest.raises(compiled.InventoryError, match=f"no host of .* is in shard {empty}"):
+    with pytest.raises(selection.InventoryError, match=f"no host of .* is in shard {empty}"):
         inv.choose([], empty)
 
 

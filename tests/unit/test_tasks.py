@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from roles.inventory.schema import load_text, parse_shard, shard_of
+from roles.core.shards import parse_shard, shard_of
+from roles.inventory.schema import load_text
 
 ROOT = Path(__file__).resolve().parents[2]
 INVOKE = str(Path(sys.executable).parent / "invoke")

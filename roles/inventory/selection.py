@@ -1,0 +1,118 @@
+"""A loaded inventory: its hosts, as validated, and the selection of hosts a task works on.
+
+Shared by both loaders (``schema``: YAML + pydantic; ``compiled``: the JSON cache), so that
+neither imports the other at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from roles.core.errors import EXIT_BAD_INPUT, PullbackError
+from roles.core.shards import parse_shard, shard_of
+
+
+class InventoryError(PullbackError):
+    """One or more problems in an inventory; ``str()`` gives one line per problem."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Record:
+    """Read-only attribute access to a validated host (sections nest as Records, lists
+    become tuples): the same names and values as ``roles.inventory.schema.Host``, properties
+    included, for code that only reads a host."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        object.__setattr__(self, "_data", {k: _frozen(v) for k, v in data.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._data[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __repr__(self) -> str:
+        return f"Record({self._data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Record) and self._data == other._data
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(_plain(self), sort_keys=True))
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Record(value)
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return {k: _plain(v) for k, v in value._data.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    hosts: dict[str, Any]  # name -> roles.inventory.schema.Host, or a Record of one
+
+    def select(self, names: Iterable[str] | None,
+               shard: tuple[int, int] | None = None) -> list[Any]:
+        """The hosts named (in inventory order), or every host when none are named.
+
+        ``shard=(K, N)`` keeps only the hosts of shard K of N (see ``shard_of``).
+        """
+        wanted = list(names or [])
+        if not wanted:
+            return [h for h in self.hosts.values()
+                    if shard is None or shard_of(h.name, shard[1]) == shard[0]]
+        unknown = [n for n in wanted if n not in self.hosts]
+        if unknown:
+            known = ", ".join(self.hosts) or "(none)"
+            raise InventoryError(
+                [f"{self.path}: unknown host {', '.join(unknown)} (known: {known})"]
+            )
+        return [self.hosts[n] for n in self.hosts if n in wanted
+                and (shard is None or shard_of(n, shard[1]) == shard[0])]
+
+    def choose(self, names: Iterable[str] | None, shard: str | None) -> list[Any]:
+        """``select`` for the command line: ``shard`` as typed (``K/N``); an unknown host,
+        a bad shard or an empty selection raise InventoryError (one line)."""
+        try:
+            selected = self.select(names, parse_shard(shard) if shard else None)
+        except ValueError as exc:
+            raise InventoryError([str(exc)]) from None
+        if not selected:
+            raise InventoryError([f"no host of {self.path} is in shard {shard}"])
+        return selected
+
+
+def read_inventory(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+        data.decode("utf-8")
+    except FileNotFoundError:
+        raise InventoryError([f"{path}: inventory file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InventoryError([f"{path}: cannot read inventory: {exc}"]) from None
+    return data
