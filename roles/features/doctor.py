@@ -55,9 +55,9 @@ from typing import Any
 
 from roles.config import rootkey, rsyncd
 from roles.core.diffs import split_lines
+from roles.core.rsync import parse_version_output
 from roles.core.rsync_errors import explain_rsync_error, signature  # noqa: F401
 from roles.features import backup
-from roles.features.rsync_build import parse_version_output
 from roles.inventory.schema import Host
 from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, HostFacts
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from roles.core import platforms
+from roles.core.rsync import parse_version_output, validate_version, version_key
 
 # SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
 # from at least one independent packaging recipe (OpenEmbedded, Spack, Homebrew, Nix); the
@@ -84,11 +85,7 @@ PROGRESS_STEP = 1 << 20  # one progress line per MiB at most
 LOG_TAIL_LINES = 30
 STAMP_RELPATH = "share/pullback/rsync.stamp"
 
-_VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(pre\d+)?$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_VERSION_LINE_RE = re.compile(
-    r"rsync\s+version\s+v?(?P<version>\S+)\s+protocol\s+version\s+(?P<protocol>\d+)"
-)
 _MARK = "--pullback-mark--"
 _SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._+/-]*$")
 
@@ -114,19 +111,6 @@ class ToolchainError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- pure layer
-
-
-def validate_version(version: str) -> str:
-    """Return ``version`` if it looks like ``3.2.7`` or ``3.4.0pre1``, else raise."""
-    if not isinstance(version, str) or not _VERSION_RE.match(version):
-        raise ValueError(f"invalid rsync version {version!r}: expected e.g. 3.2.7 or 3.4.0pre1")
-    return version
-
-
-def _version_key(version: str) -> tuple[int, int, int]:
-    m = _VERSION_RE.match(validate_version(version))
-    assert m is not None
-    return int(m[1]), int(m[2]), int(m[3])
 
 
 def expected_sha256(version: str, configured: str | None = None,
@@ -174,7 +158,7 @@ class BuildFlags:
 
 def build_flags(version: str, extra_configure_args: Sequence[str] = ()) -> BuildFlags:
     """Configure arguments and environment for ``version`` (no optional libraries)."""
-    key = _version_key(version)
+    key = version_key(version)
     args = list(NO_OPTIONAL_LIBS) if key >= (3, 2, 0) else []
     env = {"CFLAGS": LEGACY_CFLAGS} if key < (3, 2, 0) else {}
     return BuildFlags(configure_args=args + list(extra_configure_args), env=env)
@@ -182,7 +166,7 @@ def build_flags(version: str, extra_configure_args: Sequence[str] = ()) -> Build
 
 def security_warning(version: str) -> str | None:
     """A warning for releases without the CVE-2024-12084..12088 fixes (before 3.4.0)."""
-    if _version_key(version) >= (3, 4, 0):
+    if version_key(version) >= (3, 4, 0):
         return None
     return (
         f"rsync {version} predates 3.4.0 and lacks the fixes for CVE-2024-12084..12088: "
@@ -206,20 +190,6 @@ def stamp_text(version: str, sha256: str, flags: BuildFlags) -> str:
 
 def stamp_path(prefix: str) -> str:
     return f"{prefix.rstrip('/')}/{STAMP_RELPATH}"
-
-
-def parse_version_output(text: str) -> tuple[str, int]:
-    """``(version, protocol)`` from ``rsync --version`` output (2.6.9 through 3.5.x).
-
-    ``rsync  version 3.2.7  protocol version 31``; pre-releases print a ``.PRn``
-    sub-protocol after the number, git builds a ``v`` before the version.
-    """
-    for line in text.splitlines():
-        m = _VERSION_LINE_RE.search(line)
-        if m:
-            return m["version"], int(m["protocol"])
-    first = text.strip().splitlines()[0] if text.strip() else "<empty>"
-    raise ValueError(f"not an rsync --version output: {first!r}")
 
 
 def sha256_file(path: Path) -> str:
@@ -262,9 +232,9 @@ class Signer:
     before: str | None = None  # first release no longer signed with it; None: still current
 
     def signs(self, version: str) -> bool:
-        key = _version_key(version)
-        return key >= _version_key(self.first) and (
-            self.before is None or key < _version_key(self.before)
+        key = version_key(version)
+        return key >= version_key(self.first) and (
+            self.before is None or key < version_key(self.before)
         )
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roles.core.render import render
+from roles.local.files import write_atomic
 
 MARKER = "managed by pullback"
 UNIT = "pullback-backup"
@@ -614,27 +615,6 @@ def describe(plan: Plan, *, dry_run: bool) -> list[str]:
 
 
 # --- applying -----------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``path`` through a temp file in the same folder and a rename.
-
-    The temp name starts with a dot: cron ignores such files in ``/etc/cron.d`` and systemd
-    ignores names without a unit suffix, so a half-written file is never picked up.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.pullback-tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 Runner = Callable[..., subprocess.CompletedProcess]

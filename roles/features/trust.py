@@ -26,8 +26,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from roles.features.schedule import write_atomic
 from roles.inventory.schema import Host
+from roles.local.files import write_atomic
 
 
 class TrustError(Exception):
