@@ -1,8 +1,13 @@
-"""rsync itself, pure: release numbers and what ``rsync --version`` prints."""
+"""rsync itself, pure: release numbers, what ``rsync --version`` prints, and the command a
+pull sends to the server (``rsync --server --sender ...``), which captured mode forces."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+
+from roles.core.errors import PullbackError
 
 _VERSION_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(pre\d+)?$")
 _VERSION_LINE_RE = re.compile(
@@ -35,3 +40,100 @@ def parse_version_output(text: str) -> tuple[str, int]:
             return m["version"], int(m["protocol"])
     first = text.strip().splitlines()[0] if text.strip() else "<empty>"
     raise ValueError(f"not an rsync --version output: {first!r}")
+
+
+# Characters that need no quoting in sh (a subset of shlex's safe set): the gate compares
+# and execs these words literally, so nothing in them may be special to the shell.
+SAFE_WORD = re.compile(r"[A-Za-z0-9._,:=+@%/-]+")
+SERVER_PREFIX = ("rsync", "--server", "--sender")
+
+
+
+# --- the command a pull sends, as captured mode forces it -----------------------------------
+
+
+class CaptureError(PullbackError):
+    """A captured command pullback cannot force, or a capture record that is missing,
+    damaged or stale."""
+
+
+def remote_path(source: str) -> str:
+    """The path a pull of ``backup.source`` sends: ``/`` or ``/srv/data/`` (see source_spec)."""
+    inner = source.strip("/")
+    return f"/{inner}/" if inner else "/"
+
+
+def flag_cluster(words: list[str] | tuple[str, ...]) -> tuple[str, str]:
+    """``(flags, rest)`` of the short-option word (``-vlogDtprxze.iLsfxCIvu``).
+
+    From protocol 30 on, ``e`` ends the flags: what follows is the capability string
+    (``.iLsfxCIvu``), whose letters are not options and may include any letter.
+    """
+    if len(words) < 4 or not words[3].startswith("-") or words[3].startswith("--"):
+        raise CaptureError("the command has no short-option cluster after "
+                           f"{' '.join(SERVER_PREFIX)}: {' '.join(words)!r}")
+    flags, sep, rest = words[3][1:].partition("e")
+    return flags, sep + rest
+
+
+def validate_sent(text: str, source: str, *, dry_run: bool = False) -> tuple[str, ...]:
+    """Check a captured command and return its words; raise CaptureError saying why not."""
+    shown = text if len(text) < 300 else text[:300] + "..."
+    if not text:
+        raise CaptureError("the captured command is empty (the client sent no command)")
+    words = text.split(" ")
+    bad = [w for w in words if not SAFE_WORD.fullmatch(w)]
+    if bad:
+        raise CaptureError(
+            f"the captured command {shown!r} contains characters the gate cannot compare "
+            f"and run literally ({bad[0]!r}): use a backup.source with letters, digits and "
+            "._,:=+@%/- only")
+    if tuple(words[:3]) != SERVER_PREFIX:
+        raise CaptureError(f"the captured command {shown!r} does not start with "
+                           f"{' '.join(SERVER_PREFIX)!r}: this is not a pull by rsync")
+    path = remote_path(source)
+    if words[-2:] != [".", path] or len(words) < 6:
+        raise CaptureError(f"the captured command {shown!r} does not end with '. {path}' "
+                           "(backup.source): options that move the arguments off the command "
+                           "line (--secluded-args, -s) cannot be captured")
+    flags, _ = flag_cluster(words)
+    if ("n" in flags) != dry_run:
+        if dry_run:
+            raise CaptureError(f"the dry-run capture {shown!r} has no 'n' in its flags")
+        raise CaptureError(f"the captured command {shown!r} holds the dry-run flag 'n': a "
+                           "forced command captured with -n breaks every real run")
+    return tuple(words)
+
+
+def dry_run_variant(words: tuple[str, ...]) -> tuple[str, ...]:
+    """The command the same client sends with ``-n``: ``n`` placed where rsync puts it.
+
+    rsync's ``server_options()`` writes the cluster as ``v``... then ``b`` (--backup), ``u``
+    (--update), then ``n``, then the rest: ``-vlogDtprxze.`` becomes ``-vnlogDtprxze.``.
+    capture-command checks the result against a real ``-n`` capture.
+    """
+    flags, rest = flag_cluster(words)
+    if "n" in flags:
+        raise CaptureError("the command already holds the dry-run flag 'n'")
+    at = len(flags) - len(flags.lstrip("v"))
+    for letter in "bu":
+        if flags[at:at + 1] == letter:
+            at += 1
+    return (*words[:3], "-" + flags[:at] + "n" + flags[at:] + rest, *words[4:])
+
+
+def with_binary(words: tuple[str, ...], binary: str) -> tuple[str, ...]:
+    """``words`` running ``binary`` (the remote rsync's full path) instead of ``rsync``."""
+    if not binary.startswith("/") or not SAFE_WORD.fullmatch(binary):
+        raise CaptureError(f"the remote rsync path {binary!r} is not an absolute path of "
+                           "safe characters")
+    return (binary, *words[1:])
+
+
+def fingerprint(options: list[str] | tuple[str, ...], exclude: list[str] | tuple[str, ...],
+                source: str, local_version: str, remote_version: str) -> str:
+    """SHA-256 over what the captured command depends on."""
+    data = {"options": list(options), "exclude": list(exclude), "source": source,
+            "local_rsync": local_version, "remote_rsync": remote_version}
+    encoded = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()

@@ -44,10 +44,8 @@ travel inside the protocol); the capture still runs with all of them, exactly as
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -55,6 +53,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from roles.core.rsync import (
+    SAFE_WORD,
+    CaptureError,
+    dry_run_variant,
+    fingerprint,
+    validate_sent,
+    with_binary,
+)
 from roles.features import backup
 
 if TYPE_CHECKING:
@@ -70,101 +76,6 @@ CAPTURED_FILE = f"{REMOTE_STATE}/captured-command"
 RECORD_NAME = "capture.json"
 RECORD_FORMAT = 1
 AGAIN = "run `invoke capture-command` again"
-
-# Characters that need no quoting in sh (a subset of shlex's safe set): the gate compares
-# and execs these words literally, so nothing in them may be special to the shell.
-_SAFE_WORD = re.compile(r"[A-Za-z0-9._,:=+@%/-]+")
-SERVER_PREFIX = ("rsync", "--server", "--sender")
-
-
-class CaptureError(Exception):
-    """capture-command cannot go on, or a capture record is missing, damaged or stale."""
-
-
-# --- the captured command (pure) ----------------------------------------------------------
-
-
-def remote_path(source: str) -> str:
-    """The path a pull of ``backup.source`` sends: ``/`` or ``/srv/data/`` (see source_spec)."""
-    inner = source.strip("/")
-    return f"/{inner}/" if inner else "/"
-
-
-def _flag_cluster(words: list[str] | tuple[str, ...]) -> tuple[str, str]:
-    """``(flags, rest)`` of the short-option word (``-vlogDtprxze.iLsfxCIvu``).
-
-    From protocol 30 on, ``e`` ends the flags: what follows is the capability string
-    (``.iLsfxCIvu``), whose letters are not options and may include any letter.
-    """
-    if len(words) < 4 or not words[3].startswith("-") or words[3].startswith("--"):
-        raise CaptureError("the command has no short-option cluster after "
-                           f"{' '.join(SERVER_PREFIX)}: {' '.join(words)!r}")
-    flags, sep, rest = words[3][1:].partition("e")
-    return flags, sep + rest
-
-
-def validate_sent(text: str, source: str, *, dry_run: bool = False) -> tuple[str, ...]:
-    """Check a captured command and return its words; raise CaptureError saying why not."""
-    shown = text if len(text) < 300 else text[:300] + "..."
-    if not text:
-        raise CaptureError("the captured command is empty (the client sent no command)")
-    words = text.split(" ")
-    bad = [w for w in words if not _SAFE_WORD.fullmatch(w)]
-    if bad:
-        raise CaptureError(
-            f"the captured command {shown!r} contains characters the gate cannot compare "
-            f"and run literally ({bad[0]!r}): use a backup.source with letters, digits and "
-            "._,:=+@%/- only")
-    if tuple(words[:3]) != SERVER_PREFIX:
-        raise CaptureError(f"the captured command {shown!r} does not start with "
-                           f"{' '.join(SERVER_PREFIX)!r}: this is not a pull by rsync")
-    path = remote_path(source)
-    if words[-2:] != [".", path] or len(words) < 6:
-        raise CaptureError(f"the captured command {shown!r} does not end with '. {path}' "
-                           "(backup.source): options that move the arguments off the command "
-                           "line (--secluded-args, -s) cannot be captured")
-    flags, _ = _flag_cluster(words)
-    if ("n" in flags) != dry_run:
-        if dry_run:
-            raise CaptureError(f"the dry-run capture {shown!r} has no 'n' in its flags")
-        raise CaptureError(f"the captured command {shown!r} holds the dry-run flag 'n': a "
-                           "forced command captured with -n breaks every real run")
-    return tuple(words)
-
-
-def dry_run_variant(words: tuple[str, ...]) -> tuple[str, ...]:
-    """The command the same client sends with ``-n``: ``n`` placed where rsync puts it.
-
-    rsync's ``server_options()`` writes the cluster as ``v``... then ``b`` (--backup), ``u``
-    (--update), then ``n``, then the rest: ``-vlogDtprxze.`` becomes ``-vnlogDtprxze.``.
-    capture-command checks the result against a real ``-n`` capture.
-    """
-    flags, rest = _flag_cluster(words)
-    if "n" in flags:
-        raise CaptureError("the command already holds the dry-run flag 'n'")
-    at = len(flags) - len(flags.lstrip("v"))
-    for letter in "bu":
-        if flags[at:at + 1] == letter:
-            at += 1
-    return (*words[:3], "-" + flags[:at] + "n" + flags[at:] + rest, *words[4:])
-
-
-def with_binary(words: tuple[str, ...], binary: str) -> tuple[str, ...]:
-    """``words`` running ``binary`` (the remote rsync's full path) instead of ``rsync``."""
-    if not binary.startswith("/") or not _SAFE_WORD.fullmatch(binary):
-        raise CaptureError(f"the remote rsync path {binary!r} is not an absolute path of "
-                           "safe characters")
-    return (binary, *words[1:])
-
-
-def fingerprint(options: list[str] | tuple[str, ...], exclude: list[str] | tuple[str, ...],
-                source: str, local_version: str, remote_version: str) -> str:
-    """SHA-256 over what the captured command depends on."""
-    data = {"options": list(options), "exclude": list(exclude), "source": source,
-            "local_rsync": local_version, "remote_rsync": remote_version}
-    encoded = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(encoded).hexdigest()
-
 
 # --- the local record -----------------------------------------------------------------------
 
@@ -328,9 +239,9 @@ def render_gate(real_sent: str, dry_sent: str, real_exec: tuple[str, ...],
     from roles.core.render import render
 
     for word in (*real_sent.split(" "), *dry_sent.split(" "), *real_exec, *dry_exec):
-        if not _SAFE_WORD.fullmatch(word):
+        if not SAFE_WORD.fullmatch(word):
             raise CaptureError(f"unsafe word {word!r} for the gate")
-    if not (fingerprint == "" or _SAFE_WORD.fullmatch(fingerprint)):
+    if not (fingerprint == "" or SAFE_WORD.fullmatch(fingerprint)):
         raise CaptureError(f"unsafe fingerprint {fingerprint!r} for the gate")
     return render("gate.sh.j2", real_sent=shlex.quote(real_sent),
                   dry_sent=shlex.quote(dry_sent), real_exec=shlex.join(real_exec),

@@ -24,6 +24,7 @@ import yaml
 
 from lab import hosts as lab
 from roles.config import rootkey
+from roles.core import rsync as rsync_model
 from roles.features import backup as pulls
 from roles.features import capture
 from roles.inventory.schema import Host, load
@@ -139,7 +140,7 @@ def test_capture_installs_the_gate_and_records_both_commands(story: Story):
     assert record.remote_version == sh(remote, "rsync --version | head -n1").decode().strip()
     local_version = capture.local_version_line(pulls.find_local_rsync(host)[0])
     assert record.local_version == local_version
-    assert record.fingerprint == capture.fingerprint(OPTIONS, [], DATA, local_version,
+    assert record.fingerprint == rsync_model.fingerprint(OPTIONS, [], DATA, local_version,
                                                      record.remote_version)
     saved = json.loads(capture.record_path(host).read_text())
     assert saved["command"] == f"/usr/bin/rsync {SENT.removeprefix('rsync ')}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from roles.core import rsync as rsync_model
 from roles.features import backup as b
 from roles.inventory.schema import Host
 
@@ -622,10 +623,10 @@ def write_record(host: Host, rsync_version: str = "rsync  version 9.9.9  protoco
     record = capture.CaptureRecord(
         host=host.name, captured_at="2026-11-26T10:15:00Z", source=settings.source,
         options=settings.options, exclude=settings.exclude, sent=sent,
-        sent_dry_run=" ".join(capture.dry_run_variant(words)), remote_rsync="/usr/bin/rsync",
+        sent_dry_run=" ".join(rsync_model.dry_run_variant(words)), remote_rsync="/usr/bin/rsync",
         remote_version="rsync  version 3.2.7  protocol version 31",
         local_rsync=host.rsync.local_binary, local_version=rsync_version,
-        fingerprint=capture.fingerprint(settings.options, settings.exclude, settings.source,
+        fingerprint=rsync_model.fingerprint(settings.options, settings.exclude, settings.source,
                                         rsync_version,
                                         "rsync  version 3.2.7  protocol version 31"))
     capture.save_record(host, record)

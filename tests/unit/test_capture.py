@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from roles.core import rsync as rsync_model
 from roles.core.render import render
 from roles.features import capture as cap
 from roles.features.setup_remote import (
@@ -50,7 +51,7 @@ def make_record(for_host: Host, **changes) -> cap.CaptureRecord:
         options=settings.options, exclude=settings.exclude, sent=REAL, sent_dry_run=DRY,
         remote_rsync="/usr/local/bin/rsync", remote_version=V31,
         local_rsync="/usr/local/bin/rsync", local_version=V32,
-        fingerprint=cap.fingerprint(settings.options, settings.exclude, settings.source, V32,
+        fingerprint=rsync_model.fingerprint(settings.options, settings.exclude, settings.source, V32,
                                     V31))
     return dataclasses.replace(record, **changes)
 
@@ -68,7 +69,7 @@ def make_record(for_host: Host, **changes) -> cap.CaptureRecord:
     ("rsync --server --sender -vlogDtprxze.iLnsfxCIvu . /", "/", False),
 ])
 def test_valid_commands(text, source, dry_run):
-    assert cap.validate_sent(text, source, dry_run=dry_run) == tuple(text.split(" "))
+    assert rsync_model.validate_sent(text, source, dry_run=dry_run) == tuple(text.split(" "))
 
 
 @pytest.mark.parametrize(("text", "why"), [
@@ -88,19 +89,19 @@ def test_valid_commands(text, source, dry_run):
 ])
 def test_invalid_commands(text, why):
     with pytest.raises(cap.CaptureError, match=why):
-        cap.validate_sent(text, "/srv/data")
+        rsync_model.validate_sent(text, "/srv/data")
 
 
 def test_a_dry_run_capture_must_hold_n():
     with pytest.raises(cap.CaptureError, match="has no 'n'"):
-        cap.validate_sent(REAL, "/srv/data", dry_run=True)
+        rsync_model.validate_sent(REAL, "/srv/data", dry_run=True)
 
 
 @pytest.mark.parametrize(("source", "path"), [
     ("/", "/"), ("/srv/data", "/srv/data/"), ("/srv/data/", "/srv/data/"), ("//srv", "/srv/"),
 ])
 def test_remote_path(source, path):
-    assert cap.remote_path(source) == path
+    assert rsync_model.remote_path(source) == path
 
 
 # --- the dry-run variant ---------------------------------------------------------------------
@@ -117,12 +118,12 @@ def test_remote_path(source, path):
 ])
 def test_dry_run_variant_puts_n_where_rsync_does(real, dry):
     words = ("rsync", "--server", "--sender", real, "--numeric-ids", ".", "/")
-    assert cap.dry_run_variant(words) == (*words[:3], dry, *words[4:])
+    assert rsync_model.dry_run_variant(words) == (*words[:3], dry, *words[4:])
 
 
 def test_dry_run_variant_of_a_dry_run_is_refused():
     with pytest.raises(cap.CaptureError, match="already holds"):
-        cap.dry_run_variant(tuple(DRY.split(" ")))
+        rsync_model.dry_run_variant(tuple(DRY.split(" ")))
 
 
 FAKE_SSH = """#!/bin/sh
@@ -153,8 +154,8 @@ def test_the_local_client_agrees_with_the_computed_variant(tmp_path, options):
                         "root@h:/srv/data/", str(tmp_path / "dest")], capture_output=True,
                        env={**os.environ, "CAPTURED": str(out)}, check=False, timeout=30)
         sent[dry] = out.read_text()
-    words = cap.validate_sent(sent[False], "/srv/data")
-    assert " ".join(cap.dry_run_variant(words)) == sent[True]
+    words = rsync_model.validate_sent(sent[False], "/srv/data")
+    assert " ".join(rsync_model.dry_run_variant(words)) == sent[True]
     for receiver_side in ("--stats", "--delete", "--progress", "--exclude", "--max-delete",
                           "--link-dest", "--info"):
         assert receiver_side not in sent[False]
@@ -162,11 +163,11 @@ def test_the_local_client_agrees_with_the_computed_variant(tmp_path, options):
 
 def test_with_binary():
     words = tuple(REAL.split(" "))
-    assert cap.with_binary(words, "/usr/local/bin/rsync")[0] == "/usr/local/bin/rsync"
-    assert cap.with_binary(words, "/usr/local/bin/rsync")[1:] == words[1:]
+    assert rsync_model.with_binary(words, "/usr/local/bin/rsync")[0] == "/usr/local/bin/rsync"
+    assert rsync_model.with_binary(words, "/usr/local/bin/rsync")[1:] == words[1:]
     for bad in ("rsync", "/opt/my rsync/bin/rsync", "/x;y"):
         with pytest.raises(cap.CaptureError):
-            cap.with_binary(words, bad)
+            rsync_model.with_binary(words, bad)
 
 
 # --- fingerprint and record ------------------------------------------------------------------
@@ -174,8 +175,8 @@ def test_with_binary():
 
 def test_fingerprint_covers_every_input():
     base = (("-avzx", "--numeric-ids"), ("/proc/*",), "/", V32, V31)
-    first = cap.fingerprint(*base)
-    assert first == cap.fingerprint(*base) and len(first) == 64
+    first = rsync_model.fingerprint(*base)
+    assert first == rsync_model.fingerprint(*base) and len(first) == 64
     variants = [
         (("--numeric-ids", "-avzx"), *base[1:]),         # order matters to rsync
         (base[0], (), *base[2:]),
@@ -184,7 +185,7 @@ def test_fingerprint_covers_every_input():
         (*base[:4], V32),
         ((*base[0], "/proc/*"), (), *base[2:]),         # no ambiguity between the lists
     ]
-    assert len({first, *(cap.fingerprint(*v) for v in variants)}) == len(variants) + 1
+    assert len({first, *(rsync_model.fingerprint(*v) for v in variants)}) == len(variants) + 1
 
 
 def test_record_round_trips_and_names_the_full_commands(tmp_path):

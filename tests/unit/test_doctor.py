@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from roles.core import rsync as rsync_model
 from roles.features import capture, doctor
 from roles.inventory.schema import Host
 from roles.remote.facts import AUTHORIZED_KEYS, FileFact, HostFacts
@@ -431,13 +432,13 @@ SENT = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
 
 def record_for(host: Host) -> capture.CaptureRecord:
     words = tuple(SENT.split())
-    dry = capture.dry_run_variant(words)
+    dry = rsync_model.dry_run_variant(words)
     return capture.CaptureRecord(
         host=host.name, captured_at="2026-01-01T00:00:00Z", source=host.backup.source,
         options=host.backup.options, exclude=host.backup.exclude, sent=SENT,
         sent_dry_run=" ".join(dry), remote_rsync="/usr/bin/rsync", remote_version=REMOTE,
         local_rsync="/usr/bin/rsync", local_version=LOCAL,
-        fingerprint=capture.fingerprint(host.backup.options, host.backup.exclude,
+        fingerprint=rsync_model.fingerprint(host.backup.options, host.backup.exclude,
                                         host.backup.source, LOCAL, REMOTE))
 
 
