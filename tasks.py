@@ -49,14 +49,18 @@ def _hosts(path: str, names: list[str] | None, shard: str | None = None, loader=
                                 "(ssh-keygen prompts; it is never stored)"})
 def keygen(c, inventory=DEFAULT_INVENTORY, host=None, passphrase=False):
     """Create the backup key (ed25519, 0600) and the local backup folders (0700)."""
-    from roles.local import keys
+    from roles.local import folders, keys
 
     hosts = _hosts(inventory, host)
     try:
+        for h in hosts:  # before anything is created
+            folders.check_folder(h.destination.rstrip("/"))
         for path in dict.fromkeys(Path(h.backup_key) for h in hosts):
             print(keys.ensure_backup_key(path, passphrase=passphrase))
         for h in hosts:
             print(keys.ensure_destination(Path(h.destination)))
+    except folders.FolderError as exc:
+        raise Exit(f"keygen: refused: {exc}", code=1) from None
     except (keys.KeyFileError, OSError) as exc:
         raise Exit(f"keygen: {exc}", code=1) from None
 
@@ -170,7 +174,8 @@ def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False)
 @task(iterable=["host"], help={
     **HOST_HELP,
     "path": "absolute path on the server to restore, e.g. /etc/ssh",
-    "to": "local folder to restore into (a folder's contents land in it)",
+    "to": "local folder to restore into, made 0700: the copy lands in TO/tree (a folder's "
+          "contents, or the file)",
     "snapshot": "snapshot name (default: the newest); snapshot mode only",
     "force": "copy into a non-empty folder (nothing there is deleted)",
 })
@@ -195,7 +200,7 @@ def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snaps
     if not result.ok:
         print(result.output, end="", file=sys.stderr)
         raise Exit(f"restore: {result.error}", code=1)
-    print(f"{h.name}: restored {path} from {result.source} into {to}")
+    print(f"{h.name}: restored {path} from {result.source} into {result.target}")
 
 
 @task(iterable=["host"], help={**FLEET_HELP, "explain": "explain a pasted rsync error "

@@ -53,8 +53,9 @@ def main() -> None:
         exec_root(host.name, SEED)
         dest = Path(host.destination)
         local_rsync, _ = backup.find_local_rsync(host)
+        # The same pull into the same place as the toolkit's: the mirror is DEST/tree.
         raw = backup.build_argv(host, dry_run=False, tty=False, local_rsync=local_rsync,
-                                dest=str(dest))
+                                dest=str(dest / backup.TREE))
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
         tools = {
             "pullback-backup": [str(Path(sys.executable).parent / "pullback-backup"),

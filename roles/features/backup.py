@@ -16,7 +16,8 @@ longer match what the client sends.
 
 Layout on the backup host (``DEST`` is ``backup.destination`` with ``{name}``)::
 
-    DEST/                     mirror mode (snapshots: 0): the copy of SOURCE itself
+    DEST/                     mode 0700, owned by the running user: the container
+    DEST/tree/                mirror mode (snapshots: 0): the copy of SOURCE itself
     DEST/<run>/               snapshot mode: one complete snapshot per successful run
     DEST/<run>.partial/       the run in progress (renamed to <run> on exit 0 or 24)
     DEST/latest -> <run>      the newest complete snapshot (relative link, replaced atomically)
@@ -24,6 +25,22 @@ Layout on the backup host (``DEST`` is ``backup.destination`` with ``{name}``)::
         lock                  fcntl.flock'd by the running backup, holds its pid
         logs/<run>.log        rsync's whole output (argv on the first line)
         logs/<run>.json       the summary: exit code, seconds, parsed --stats, snapshot
+        layout                mirror mode: "tree", once DEST is known to use DEST/tree
+        migration.json        mirror mode: an interrupted move from the old layout
+
+Why a container: the copy keeps the server's modes and owners, setuid-root binaries and
+device nodes included, and rsync gives the copy's top folder the mode of the server's
+``/`` (0755). Only a 0700 DEST between them and the local users keeps those out of reach;
+``roles.local.folders`` refuses a DEST (or a state folder) below a folder that anyone but root
+and the running user could change, before anything is written.
+
+Old mirror layout (before DEST/tree: the copy's top level sat directly in DEST): the first
+real run, under the lock, makes DEST 0700 and moves every entry into DEST/tree by renames
+within DEST (one file system, atomic per entry), through a staging folder that
+``migration.json`` names, so an interrupted move is finished by the next run and nothing is
+copied or lost. A DEST holding only ``tree`` (or nothing) is the new layout; the ``layout``
+mark then keeps a user's stray files in DEST from ever being taken for an old tree (and
+deleted by the next ``--delete`` pull).
 
 ``<run>`` is the UTC start time, ``2026-11-26T101500Z``; a second run within the same
 second gets ``-2``, ``-3``... A ``.partial`` left by a killed run is RESUMED (renamed to the
@@ -69,6 +86,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from roles.core import rsync_errors
 from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
+from roles.local import folders
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host  # pydantic: not imported at run time
@@ -76,6 +94,10 @@ if TYPE_CHECKING:
 STATE_SUFFIX = ".pullback"
 PARTIAL = ".partial"
 LATEST = "latest"
+TREE = "tree"
+LAYOUT_MARK = "layout"
+MIGRATION_RECORD = "migration.json"
+STAGING = ".pullback-migrating"
 OK_CODES = (0, 24)
 CHUNK = 65536
 TAIL_BYTES = 65536
@@ -418,6 +440,109 @@ def check_layout(dest: Path, names: list[str], snapshots: int) -> str | None:
             "backup.snapshots again or choose another backup.destination")
 
 
+@dataclass(frozen=True)
+class MirrorLayout:
+    """What a mirror-mode DEST holds and what to do before pulling into ``DEST/tree``.
+
+    ``state``: ``new`` (DEST/tree or nothing), ``old`` (the tree's top level sits in DEST),
+    ``migrating`` (a move into ``staging`` was interrupted). ``move``: DEST's entries that
+    go into ``staging`` before ``staging`` becomes ``tree``. ``strays``: entries of a
+    marked new-layout DEST besides ``tree``; never touched.
+    """
+    state: str
+    staging: str | None = None
+    move: tuple[str, ...] = ()
+    strays: tuple[str, ...] = ()
+
+
+def free_staging_name(names: Iterable[str]) -> str:
+    """``.pullback-migrating``, or ``-2``, ``-3``... when the old tree holds that name."""
+    taken = set(names)
+    name, seq = STAGING, 1
+    while name in taken:
+        seq += 1
+        name = f"{STAGING}-{seq}"
+    return name
+
+
+def plan_mirror_layout(names: Iterable[str], *, marked: bool,
+                       staging: str | None) -> MirrorLayout:
+    """Pure: read DEST's entry ``names``, the ``layout`` mark, the recorded staging name.
+
+    Without the mark, DEST holding exactly ``tree`` is taken as the new layout: an old
+    tree whose source held nothing but a folder named ``tree`` would be misread, and the
+    next pull would copy that folder again (from the server) one level down.
+    """
+    names = sorted(names)
+    if staging is not None:
+        if staging not in names and names == [TREE]:
+            return MirrorLayout("new")  # the last rename happened; only the record is left
+        return MirrorLayout("migrating", staging,
+                            tuple(n for n in names if n != staging))
+    if marked or names in ([], [TREE]):
+        return MirrorLayout("new", strays=tuple(n for n in names if n != TREE))
+    return MirrorLayout("old", free_staging_name(names), tuple(names))
+
+
+def read_mirror_layout(dest: Path, state: Path) -> MirrorLayout:
+    """``plan_mirror_layout`` over DEST as it is on disk."""
+    names = os.listdir(dest) if dest.is_dir() else []
+    staging: str | None = None
+    try:
+        staging = json.loads((state / MIGRATION_RECORD).read_text())["staging"]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BackupError(f"{state / MIGRATION_RECORD} is unreadable ({exc}); it names the "
+                          f"staging folder of an interrupted move into {dest / TREE}: "
+                          "finish the move by hand, then remove it") from None
+    if staging is not None and (not isinstance(staging, str) or "/" in staging
+                                or staging in ("", ".", "..", TREE)):
+        raise BackupError(f"{state / MIGRATION_RECORD} names no valid staging folder")
+    marked = (state / LAYOUT_MARK).is_file()
+    return plan_mirror_layout(names, marked=marked, staging=staging)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def migrate_mirror(dest: Path, state: Path, layout: MirrorLayout) -> int:
+    """Move an old-layout mirror into ``DEST/tree``; return the number of entries moved.
+
+    Call it with the lock held and DEST already 0700. Renames inside DEST only: one file
+    system, each entry moved whole and at once. The staging folder is created before it is
+    recorded, so a crash leaves either an unrecorded empty folder (moved along as part of
+    the old tree by the next run, then removed by its ``--delete`` pull) or a record
+    the next run resumes from.
+    """
+    assert layout.staging is not None
+    staging = dest / layout.staging
+    if not staging.is_dir():
+        os.mkdir(staging, 0o700)
+    _write_atomic(state / MIGRATION_RECORD, json.dumps({"staging": layout.staging}) + "\n")
+    for name in layout.move:
+        if os.path.lexists(staging / name):
+            raise BackupError(f"both {dest / name} and {staging / name} exist: an earlier "
+                              f"move into {dest / TREE} was disturbed; keep the right one, "
+                              "remove the other, and run again")
+        os.rename(dest / name, staging / name)
+    os.rename(staging, dest / TREE)  # TREE was among the moved entries if the old tree had it
+    mark_new_layout(state)
+    (state / MIGRATION_RECORD).unlink(missing_ok=True)
+    return len(layout.move)
+
+
+def mark_new_layout(state: Path) -> None:
+    if not (state / LAYOUT_MARK).is_file():
+        _write_atomic(state / LAYOUT_MARK, TREE + "\n")
+
+
 def has_delete(options: Iterable[str]) -> bool:
     return any(option == "--delete" or option.startswith("--delete-") or option == "--del"
                for option in options)
@@ -494,6 +619,21 @@ def _mkdir_private(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     if stat.S_IMODE(path.stat().st_mode) != 0o700:
         path.chmod(0o700)
+
+
+def prepare_state(host: Host) -> Path:
+    """``DEST.pullback`` and its ``logs``, 0700, after checking that DEST and the state
+    folder sit where nobody else can swap them; BackupError (one line, the fix) if not."""
+    state = state_dir(host)
+    try:
+        folders.check_folder(host.destination.rstrip("/"))
+        folders.make_private(state)
+        _mkdir_private(state / "logs")
+    except folders.FolderError as exc:
+        raise BackupError(f"refused: {exc}") from None
+    except OSError as exc:
+        raise BackupError(f"cannot create {state}: {exc.strerror}") from None
+    return state
 
 
 def _rmtree(path: Path) -> None:
@@ -641,28 +781,47 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     except keys.KeyFileError as exc:
         raise BackupError(str(exc)) from None
     dest = Path(host.destination.rstrip("/"))
-    state = state_dir(host)
+    state = prepare_state(host)
     logs = state / "logs"
-    try:
-        _mkdir_private(state)
-        _mkdir_private(logs)
-    except OSError as exc:
-        raise BackupError(f"cannot create {state}: {exc.strerror}") from None
     snapshots = host.backup.snapshots
     with Lock(state / "lock", host.name) as lock:
         started = datetime.now(UTC)
         t0 = time.monotonic()
-        if not dry_run and not dest.exists():
-            _mkdir_private(dest)
+        if not dry_run:
+            try:
+                note = folders.make_private(dest)
+            except folders.FolderError as exc:
+                raise BackupError(f"refused: {exc}") from None
+            if note:
+                warnings.append(f"{note} (it holds copies of root's files)")
         entries = os.listdir(dest) if dest.is_dir() else []
         problem = check_layout(dest, entries, snapshots)
         if problem:
             raise BackupError(problem)
         run = new_run_id(started, [*entries, *(p.stem for p in logs.iterdir())])
         link_dest: str | None = None
-        target = dest
+        target = dest / TREE
         newest: str | None = None
-        if snapshots:
+        if not snapshots:
+            layout = read_mirror_layout(dest, state)
+            if layout.state != "new" and dry_run:
+                target = dest  # the old tree, where it is until a real run moves it
+                warnings.append(f"{dest} holds the old layout: a real run first moves it "
+                                f"into {target / TREE} (mode 0700 around it)")
+            elif layout.state != "new":
+                try:
+                    moved = migrate_mirror(dest, state, layout)
+                except OSError as exc:
+                    raise BackupError(f"moving the old layout into {dest / TREE} stopped: "
+                                      f"{exc}; nothing is lost, the next run goes on "
+                                      "from here") from None
+                warnings.append(f"moved the old layout's {moved} entries into {target}")
+            elif not dry_run:
+                mark_new_layout(state)
+            if layout.strays:
+                warnings.append(f"{dest} holds {', '.join(layout.strays)} besides {TREE}: "
+                                "not part of the backup, left alone")
+        else:
             newest = newest_snapshot(entries)
             link_dest = str(dest / newest) if newest else None
             target = dest / (run + PARTIAL)
@@ -816,15 +975,27 @@ def _has_flag(options: Iterable[str], short: str, long: str) -> bool:
 
 
 def backup_root(host: Host, snapshot: str | None) -> Path:
-    """The folder holding the copy of ``backup.source``: the mirror or a snapshot."""
+    """The folder holding the copy of ``backup.source``: the mirror or a snapshot.
+
+    The mirror is ``DEST/tree``; a DEST still in the old layout (no backup has run since
+    the upgrade) is read where it is: reading moves nothing.
+    """
     dest = Path(host.destination.rstrip("/"))
     if not host.backup.snapshots:
         if snapshot:
             raise RestoreError(f"{host.name} keeps one mirror (backup.snapshots: 0); "
                                "--snapshot does not apply")
-        if not dest.is_dir():
-            raise RestoreError(f"no backup of {host.name} at {dest}")
-        return dest
+        try:
+            layout = read_mirror_layout(dest, state_dir(host))
+        except BackupError as exc:
+            raise RestoreError(str(exc)) from None
+        if layout.state == "migrating":
+            raise RestoreError(f"the move of {dest} into {dest / TREE} was interrupted; "
+                               f"run `invoke backup --host {host.name}` to finish it")
+        root = dest if layout.state == "old" else dest / TREE
+        if not root.is_dir():
+            raise RestoreError(f"no backup of {host.name} at {root}")
+        return root
     names = os.listdir(dest) if dest.is_dir() else []
     available = complete_snapshots(names)
     if not snapshot or snapshot == LATEST:
@@ -893,6 +1064,29 @@ class RestoreResult:
     output: str
     error: str | None = None
     warning: str | None = None
+    target: str = ""  # TO/tree: where the copy landed
+
+
+def check_restore_container(to: Path, names: list[str], mode: int | None, *,
+                            force: bool) -> str | None:
+    """Pure: why ``to`` cannot take a restore into ``to/tree``, or None.
+
+    ``to`` is the 0700 container: a missing or empty folder becomes one. A non-empty
+    folder that others can enter is refused rather than closed behind their back (its
+    other contents may be meant for them); a non-empty ``tree`` needs ``--force``.
+    """
+    if mode is None:
+        return None
+    if not stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+        return f"{to} exists and is not a folder"
+    if names and stat.S_IMODE(mode) & 0o077:
+        return (f"{to} has mode {stat.S_IMODE(mode):04o} and is not empty: the restored "
+                "files (setuid ones included) would be within other users' reach; "
+                f"chmod 700 {to}, or give a new folder")
+    if TREE in names and not force:
+        return (f"{to / TREE} exists; use --force to copy over it (files there that are not "
+                "in the backup are kept)")
+    return None
 
 
 def run_restore(host: Host, *, path: str, to: str, snapshot: str | None = None,
@@ -901,21 +1095,36 @@ def run_restore(host: Host, *, path: str, to: str, snapshot: str | None = None,
     restore_relpath(host, path)
     root = backup_root(host, snapshot)
     source = resolve_restore_path(host, root, path)
-    target = Path(to).absolute()
+    target = Path(os.path.normpath(Path(to).absolute()))
     dest = Path(host.destination.rstrip("/")).resolve()
     if target.resolve() == dest or target.resolve().is_relative_to(dest):
         raise RestoreError(f"{to} is inside the backup {dest}; restore somewhere else")
-    if target.exists() or target.is_symlink():
-        if not target.is_dir() or target.is_symlink():
-            raise RestoreError(f"{to} exists and is not a folder")
-        if any(target.iterdir()) and not force:
-            raise RestoreError(f"{to} is not empty; use --force to copy over it "
-                               "(files there that are not in the backup are kept)")
+    try:
+        folders.check_folder(target)
+    except folders.FolderError as exc:
+        raise RestoreError(f"refused: {exc}") from None
+    try:
+        info = os.lstat(target)
+        names = os.listdir(target) if stat.S_ISDIR(info.st_mode) else []
+        mode: int | None = info.st_mode
+    except FileNotFoundError:
+        names, mode = [], None
+    problem = check_restore_container(target, names, mode, force=force)
+    if problem:
+        raise RestoreError(problem)
+    if (target / TREE).is_symlink() or ((target / TREE).exists()
+                                        and not (target / TREE).is_dir()):
+        raise RestoreError(f"{target / TREE} exists and is not a folder")
     rsync, warning = find_local_rsync(host)
     is_dir = stat.S_ISDIR(os.lstat(source).st_mode)
-    target.parent.mkdir(parents=True, exist_ok=True)  # rsync creates only the last level
+    try:
+        note = folders.make_private(target)  # rsync creates the last level, TO/tree
+    except folders.FolderError as exc:
+        raise RestoreError(f"refused: {exc}") from None
+    if note:
+        warning = "; ".join(filter(None, [warning, note]))
     argv = build_restore_argv(rsync, host.backup.options, source, is_dir=is_dir,
-                              to=str(target))
+                              to=str(target / TREE))
     result = subprocess.run(argv, capture_output=True, env=_rsync_env(), check=False,
                             stdin=subprocess.DEVNULL)
     output = (result.stdout + result.stderr).decode(errors="replace")
@@ -926,4 +1135,5 @@ def run_restore(host: Host, *, path: str, to: str, snapshot: str | None = None,
         scanner.close()
         error = describe_failure(result.returncode, scanner.errors)
     return RestoreResult(ok=result.returncode == 0, exit_code=result.returncode, argv=argv,
-                         source=str(source), output=output, error=error, warning=warning)
+                         source=str(source), output=output, error=error, warning=warning,
+                         target=str(target / TREE))

@@ -395,8 +395,7 @@ def capture_host(host: Host) -> Outcome:
         rsync, warning = backup.find_local_rsync(host)
         warnings += [warning] if warning else []
         local_version = local_version_line(rsync)
-        state = backup.state_dir(host)
-        backup._mkdir_private(state)
+        state = backup.prepare_state(host)
         conn = connect(host)
     except (SetupError, backup.BackupError, CaptureError, ConnectError, OSError) as exc:
         return Outcome(host.name, steps, error=str(exc), warnings=tuple(warnings))

@@ -26,7 +26,10 @@ discovery:
    (``capture.check_drift``), the gate's content and the remote rsync's version;
 6. a dry-run pull of ``/etc/hostname`` with the backup key (daemon ``::``; single colon
    for a captured-mode inventory facing a daemon command, which shows the seed's error),
-   its failure explained. A gate serves only the recorded source: no test pull there.
+   its failure explained. A gate serves only the recorded source: no test pull there;
+7. the local destination (no host contacted): folders on the way that others could change
+   (``roles.local.folders``: backup refuses them), a DEST that is not 0700 or still in the old
+   mirror layout, and a file system mounted without ``nosuid``/``nodev``.
 
 Round trips: the admin login, ``facts.gather`` (one), ``true`` (one), one read-only root
 script for the rest (one), and one more only when a shell turns out not to be clean. The
@@ -59,6 +62,7 @@ from roles.core.rsync import parse_version_output
 from roles.core.rsync_errors import explain_rsync_error, signature  # noqa: F401
 from roles.features import backup
 from roles.inventory.schema import Host
+from roles.local import folders
 from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, HostFacts
 
 LEVELS = ("ok", "warn", "error")
@@ -1108,6 +1112,81 @@ def _pull_or_skip(host: Host, forced: ForcedCommand | None, local_path: str) -> 
     return try_pull(host, local_path, single_colon=host.forced_command == "captured")
 
 
+@dataclass(frozen=True)
+class DestinationFacts:
+    dest: str
+    problem: str | None      # folders.check_folder's refusal, for DEST or its state folder
+    mode: int | None         # DEST's permission bits; None when it does not exist yet
+    layout: str | None       # mirror mode: backup.MirrorLayout.state; None for snapshots
+    mount: folders.Mount | None
+
+
+def check_destination(facts: DestinationFacts) -> list[Finding]:
+    """Pure: the backup host's side of the destination."""
+    check, dest = "destination", facts.dest
+    if facts.problem:
+        return [error(check, facts.problem,
+                      "another user could swap the folders that hold copies of root's files; "
+                      "backup refuses to run", "the fix named above")]
+    findings: list[Finding] = []
+    if facts.mode is not None and facts.mode != 0o700:
+        findings.append(warn(check, f"{dest} has mode {facts.mode:04o}",
+                             "local users could reach the copies of the server's setuid "
+                             "binaries and device nodes inside it",
+                             f"the next backup makes it 0700 (or: chmod 700 {dest})"))
+    if facts.layout in ("old", "migrating"):
+        findings.append(warn(check, f"{dest} is in the old mirror layout (the copy's top "
+                                    f"level directly in it)",
+                             "the copy belongs in DEST/tree, inside the 0700 container",
+                             "the next backup moves it there (renames, nothing is copied)"))
+    if facts.mount is not None:
+        missing = folders.missing_mount_options(facts.mount)
+        if missing:
+            findings.append(warn(
+                check, f"{facts.mount.point} (holding {dest}) is mounted without "
+                       f"{' and '.join(missing)}",
+                "setuid binaries and device nodes in the copies stay usable to anyone who "
+                "reaches them",
+                f"mount the backup file system with nosuid,nodev (fstab options, or: mount "
+                f"-o remount,nosuid,nodev {facts.mount.point})"))
+    if not findings:
+        where = f", on {facts.mount.point} (nosuid,nodev)" if facts.mount else ""
+        findings.append(ok(check, f"{dest}: private{where}"))
+    return findings
+
+
+def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationFacts:
+    """Local reads only: lstat of the folders on the way, DEST's entries, the mount table."""
+    dest = host.destination.rstrip("/")
+    problem = None
+    try:
+        folders.check_folder(dest)
+        folders.check_folder(backup.state_dir(host))
+    except folders.FolderError as exc:
+        problem = str(exc)
+    try:
+        mode: int | None = os.lstat(dest).st_mode & 0o7777
+    except OSError:
+        mode = None
+    layout = None
+    if not host.backup.snapshots:
+        try:
+            layout = backup.read_mirror_layout(Path(dest), backup.state_dir(host)).state
+        except (backup.BackupError, OSError):
+            layout = None
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            mountinfo = ""
+    # The nearest existing folder: a DEST not created yet will live on its parent's mount.
+    near = dest
+    while not os.path.exists(near) and near != "/":
+        near = os.path.dirname(near)
+    mount = folders.mount_of(folders.parse_mountinfo(mountinfo), os.path.realpath(near))
+    return DestinationFacts(dest, problem, mode, layout, mount)
+
+
 def diagnose(host: Host) -> Report:
     """Every check for one host; never raises for a host problem (it becomes a finding)."""
     from roles.features import capture as captured
@@ -1172,6 +1251,7 @@ def diagnose(host: Host) -> Report:
             conn.close()
     if blob and local_path:
         findings.append(_pull_or_skip(host, forced, local_path))
+    findings.extend(check_destination(gather_destination(host)))
     report.seconds = time.monotonic() - started
     return report
 

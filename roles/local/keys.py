@@ -65,11 +65,11 @@ def ensure_backup_key(path: Path, *, passphrase: bool = False) -> str:
 
 
 def ensure_destination(path: Path) -> str:
-    """Create the local backup folder with mode 0700 (it will hold copies of root files)."""
+    """Create the local backup folder with mode 0700 (it will hold copies of root files),
+    missing parents 0700 too; FolderError when a folder on the way is unsafe
+    (``roles.local.folders``)."""
+    from roles.local import folders
+
     existed = path.exists()
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode != 0o700:
-        path.chmod(0o700)
-        return f"{path}: mode {mode:04o} -> 0700"
-    return f"{path}: {'exists' if existed else 'created'} (0700)"
+    note = folders.make_private(path)
+    return note or f"{path}: {'exists' if existed else 'created'} (0700)"

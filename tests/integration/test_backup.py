@@ -61,6 +61,9 @@ printf 'linked\n' > hard1
 ln hard1 some/hard2
 printf 'secret\n' > root-only && chmod 0600 root-only
 cp /bin/true setuid-bin && chmod 4755 setuid-bin
+cp /bin/sh setuid-sh && chmod 4755 setuid-sh
+mknod null-dev c 1 3 && chmod 0666 null-dev
+mknod disk-dev b 7 0 && chmod 0660 disk-dev
 printf 'ghost\n' > some/dir/ghost-owned && chown 4242:4242 some/dir/ghost-owned
 mkdir some/dir/ghost-dir && chown 4242:4243 some/dir/ghost-dir && chmod 2750 some/dir/ghost-dir
 printf 'deep\n' > some/dir/deeper/file && chmod 0640 some/dir/deeper/file
@@ -137,7 +140,8 @@ def remote_tree(host: lab.LabHost, top: str, *, xdev: bool = False,
     return tree, inodes
 
 
-KINDS = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l"}
+KINDS = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c",
+         stat.S_IFBLK: "b"}
 
 
 def local_tree(top: Path) -> tuple[dict[bytes, Entry], dict[bytes, int]]:
@@ -236,20 +240,24 @@ def snapshots(lab_env: Lab, remote: lab.LabHost, work: Path, mirror) -> tuple[Pa
 def test_mirror_backup_is_an_exact_copy_then_follows_changes(remote, mirror):
     inventory, host = mirror
     dest = Path(host.destination)
+    copy = dest / "tree"
     result = invoke("backup", "--inventory", str(inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "is not built: using" in result.stderr  # the local fallback warning
     table = result.stdout.splitlines()
     assert table[0].split()[:2] == ["host", "result"]
     assert table[1].split()[:2] == [remote.name, "ok"]
-    tree = assert_same(remote, DATA, dest)
+    assert os.listdir(dest) == ["tree"] and stat.S_IMODE(dest.stat().st_mode) == 0o700
+    tree = assert_same(remote, DATA, copy)
     assert tree[b"setuid-bin"][1] == 0o4755 and tree[b"root-only"][1] == 0o600
+    assert tree[b"null-dev"][0] == "c" and tree[b"disk-dev"][0] == "b"
+    assert os.stat(copy / "null-dev", follow_symlinks=False).st_rdev == os.makedev(1, 3)
     assert tree[b"some/dir/ghost-owned"][2:4] == (4242, 4242)
     assert tree[b"new\nline"][0] == "f" and tree[b"caf\xe9"][0] == "f"
     assert tree[b"dangling"][0] == "l" and tree[b"empty"][0] == "d"
-    assert tree[b"big.bin"][0] == "f" and (dest / "big.bin").stat().st_size == 20_000_000
+    assert tree[b"big.bin"][0] == "f" and (copy / "big.bin").stat().st_size == 20_000_000
     # -x: the mount point is copied (an empty folder with the mount's metadata), not its file.
-    assert tree[b"mnt"][0] == "d" and os.listdir(dest / "mnt") == []
+    assert tree[b"mnt"][0] == "d" and os.listdir(copy / "mnt") == []
 
     summary = summary_of(result, dest)
     assert summary["ok"] and summary["mode"] == "mirror"
@@ -258,15 +266,16 @@ def test_mirror_backup_is_an_exact_copy_then_follows_changes(remote, mirror):
     source = summary["argv"][-2]
     assert source == f"root@127.0.0.1::system{DATA}/"  # daemon mode: `::`, never `host:/`
     assert "--progress" not in summary["argv"]  # not a terminal
-    assert not any(p.name.startswith(".") for p in dest.iterdir())  # nothing of ours inside
+    assert summary["argv"][-1] == f"{copy}/"
+    assert not any(p.name.startswith(".") for p in copy.iterdir())  # nothing of ours inside
     assert (Path(str(dest) + ".pullback").stat().st_mode & 0o777) == 0o700
 
     sh(remote, CHANGE)
     again = invoke("backup", "--inventory", str(inventory))
     assert again.returncode == 0, again.stdout + again.stderr
-    tree = assert_same(remote, DATA, dest)
-    assert not (dest / os.fsdecode(b"caf\xe9")).exists()
-    assert not (dest / "some/dir/deeper").exists() and not os.path.lexists(dest / "dangling")
+    tree = assert_same(remote, DATA, copy)
+    assert not (copy / os.fsdecode(b"caf\xe9")).exists()
+    assert not (copy / "some/dir/deeper").exists() and not os.path.lexists(copy / "dangling")
     assert tree[b"added-dir"][2:4] == (4243, 4244)
 
 
@@ -276,6 +285,7 @@ def test_dry_run_changes_nothing(remote, mirror):
     invoke("backup", "--inventory", str(inventory))  # in step with the host
     sh(remote, "cd /srv/data && printf 'dry\\n' > dry-only && rm 'added file'")
     before = local_tree(dest)
+    assert b"tree/added file" in before[0]
     result = invoke("backup", "--inventory", str(inventory), "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[1].split()[1] == "dry-run"
@@ -311,14 +321,16 @@ def test_restore_round_trips_a_folder_and_refuses_a_non_empty_target(remote, mir
             "--path", f"{DATA}/some", "--to", str(target))
     result = invoke(*args)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert f"into {target}/tree" in result.stdout
+    assert os.listdir(target) == ["tree"] and stat.S_IMODE(target.stat().st_mode) == 0o700
     # Hard links within the restored folder survive; hard2's partners outside it do not
     # come along, so compare the folder without the inode check.
     remote_entries, _ = remote_tree(remote, f"{DATA}/some")
-    assert local_tree(target)[0] == remote_entries
+    assert local_tree(target / "tree")[0] == remote_entries
     assert remote_entries[b"dir/ghost-dir"][1:4] == (0o2750, 4242, 4243)
 
     refused = invoke(*args)
-    assert refused.returncode == 2 and "not empty" in refused.stderr
+    assert refused.returncode == 2 and "use --force" in refused.stderr
     escape = invoke("restore", "--inventory", str(inventory), "--host", host.name,
                     "--path", f"{DATA}/../etc", "--to", str(work / "escape"))
     assert escape.returncode == 2 and "'..'" in escape.stderr
@@ -334,25 +346,27 @@ def test_x_copies_the_mount_point_but_not_the_second_file_system(lab_env, remote
     inventory, host = write_inventory(lab_env, remote, work, "default-options",
                                       options=list(DEFAULT_OPTIONS))
     dest = Path(host.destination)
+    copy = dest / "tree"
     result = invoke("backup", "--inventory", str(inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "-avzx" in summary_of(result, dest)["argv"]
-    assert (dest / "mnt").is_dir() and not (dest / "mnt").is_symlink()
-    assert os.listdir(dest / "mnt") == [] and not os.path.lexists(dest / "mnt" / "other-fs")
+    assert (copy / "mnt").is_dir() and not (copy / "mnt").is_symlink()
+    assert os.listdir(copy / "mnt") == [] and not os.path.lexists(copy / "mnt" / "other-fs")
     # Path by path what find -xdev sees, the mount point's own metadata (its tmpfs root's)
     # included; without -H hard links arrive as separate copies, so no inode check.
     theirs = remote_tree(remote, DATA, xdev=True)[0]
     assert b"mnt" in theirs and b"mnt/other-fs" not in theirs
-    assert local_tree(dest)[0] == theirs
+    assert local_tree(copy)[0] == theirs
 
 
 def test_mirror_guard_stops_the_deletions_of_an_emptied_source(lab_env, remote, mirror, work):
     """Mirror mode: backup.max_delete is rsync's --max-delete (exit 25, explained)."""
     inventory, host = write_inventory(lab_env, remote, work, "mirror-guarded", max_delete=3)
     dest = Path(host.destination)
+    copy = dest / "tree"
     first = invoke("backup", "--inventory", str(inventory))
     assert first.returncode == 0, first.stdout + first.stderr
-    before = set(local_tree(dest)[0])
+    before = set(local_tree(copy)[0])
     assert len(before) > 15
     sh(remote, EMPTY)
     try:
@@ -363,14 +377,14 @@ def test_mirror_guard_stops_the_deletions_of_an_emptied_source(lab_env, remote, 
     assert stopped.stdout.splitlines()[1].split()[:2] == [remote.name, "failed"]
     assert "rsync exit 25: Deletions stopped due to --max-delete limit" in stopped.stderr
     assert "check the server before raising backup.max_delete" in stopped.stderr
-    after = set(local_tree(dest)[0])
+    after = set(local_tree(copy)[0])
     assert after <= before and len(before - after) <= 3, sorted(before - after)
     summary = summary_of(stopped, dest)
     assert summary["exit_code"] == 25 and "--max-delete=3" in summary["argv"]
     # The source is back: the next run is an exact copy again.
     again = invoke("backup", "--inventory", str(inventory))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert_same(remote, DATA, dest)
+    assert_same(remote, DATA, copy)
 
 
 # --- snapshot mode --------------------------------------------------------------------------
@@ -387,6 +401,7 @@ def test_snapshots_share_unchanged_files_and_keep_the_newest_two(remote, snapsho
         assert result.returncode == 0, result.stdout + result.stderr
         made.append(result.stdout.splitlines()[1].split()[-1])
     assert len(set(made)) == 3
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o700  # the container of every snapshot
     assert pulls.complete_snapshots(os.listdir(dest)) == made[1:]
     assert pulls.partial_snapshots(os.listdir(dest)) == []
     assert os.readlink(dest / "latest") == made[-1]
@@ -410,7 +425,7 @@ def test_snapshots_share_unchanged_files_and_keep_the_newest_two(remote, snapsho
                       "--path", f"{DATA}/changing", "--to", str(target),
                       "--snapshot", made[1])
     assert restored.returncode == 0, restored.stdout + restored.stderr
-    assert (target / "changing").read_text() == "run 1\n"
+    assert (target / "tree" / "changing").read_text() == "run 1\n"
 
 
 def test_a_killed_pull_keeps_the_snapshots_and_the_next_run_resumes(lab_env, remote, snapshots,
@@ -492,3 +507,160 @@ def test_snapshot_guard_refuses_an_emptied_source_and_the_next_run_goes_on(lab_e
     assert pulls.complete_snapshots(os.listdir(dest)) == [good[-1], newest]
     assert (dest / newest / "big.bin").stat().st_ino == (dest / good[-1] / "big.bin").stat().st_ino
     assert_same(remote, DATA, dest / newest)
+
+
+# --- what local users can reach ---------------------------------------------------------------
+
+# runuser, not setpriv: `setpriv --reuid nobody PROGRAM` was seen here running a setuid
+# program from inside a 0700 folder, which no real unprivileged user can do.
+NOBODY = ["runuser", "-u", "nobody", "--"]
+
+
+def as_nobody(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*NOBODY, *argv], capture_output=True, text=True, timeout=30,
+                          check=False, cwd="/")
+
+
+@pytest.fixture
+def open_parent() -> Iterator[Path]:
+    """A root-owned 0755 folder under /tmp that nobody can traverse (pytest's own tmp
+    folders are 0700, which would hide the copy from other users by accident)."""
+    import shutil
+
+    path = Path(f"/tmp/pullback-open-{os.getpid()}")
+    path.mkdir(mode=0o755)
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_local_users_cannot_reach_the_servers_setuid_files_and_devices(lab_env, remote,
+                                                                     mirror, open_parent):
+    """The attack: after a mirror pull, an unprivileged local user tries the copy's
+    setuid-root shell and its device nodes. Before DEST/tree, DEST took the server's 0755
+    and `setuid-sh -p` gave that user a root shell."""
+    path = lab_env.inventory([remote], path=open_parent / "inventory.yaml", defaults={
+        "rsync": {"local_prefix": str(open_parent / "no-local-build")},
+        "backup": {"destination": str(open_parent / "backups" / "{name}"), "source": DATA,
+                   "options": OPTIONS},
+    })
+    host = load(path).hosts[remote.name]
+    result = invoke("backup", "--inventory", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    dest = Path(host.destination)
+    copy = dest / "tree"
+    assert (copy / "setuid-sh").stat().st_mode & 0o7777 == 0o4755  # the hazard is there
+    assert stat.S_ISCHR(os.lstat(copy / "null-dev").st_mode)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o700 and dest.stat().st_uid == 0
+    # pullback made the missing parent 0700; an operator's parent is often 0755
+    # (/var/backups): only DEST itself may stand between local users and the copy.
+    dest.parent.chmod(0o755)
+
+    # Control: nobody does reach the folder that holds DEST...
+    assert as_nobody("stat", str(dest.parent)).returncode == 0
+    # ...and nothing below DEST.
+    for target in (copy, copy / "setuid-sh", copy / "null-dev", copy / "disk-dev"):
+        tried = as_nobody("stat", str(target))
+        assert tried.returncode != 0 and "Permission denied" in tried.stderr, target
+    tried = as_nobody(str(copy / "setuid-sh"), "-p", "-c", "id -u")
+    assert tried.returncode != 0 and tried.stdout == "", tried
+    assert as_nobody("ls", str(dest)).returncode != 0
+
+    # The same checks against the old layout's mode (DEST took the server's 0755) do reach
+    # the hazard: they are not failing for some other reason.
+    dest.chmod(0o755)
+    try:
+        assert as_nobody("stat", str(copy / "null-dev")).returncode == 0
+        if not os.statvfs(copy).f_flag & os.ST_NOSUID:
+            shell = as_nobody(str(copy / "setuid-sh"), "-p", "-c", "id -u")
+            assert shell.stdout == "0\n", shell
+    finally:
+        dest.chmod(0o700)
+
+
+# --- unsafe folders on the way: refused, nothing written ------------------------------------
+
+
+@pytest.fixture
+def shared_dir(work: Path) -> Path:
+    """A group-writable folder: its group's members could swap what lies below it."""
+    path = work / f"shared-{len(list(work.iterdir()))}"
+    path.mkdir()
+    path.chmod(0o775)
+    return path
+
+
+def test_backup_keygen_and_restore_refuse_a_group_writable_ancestor(lab_env, remote, mirror,
+                                                                   work, shared_dir):
+    refusal = (f"refused: {shared_dir} is writable by its group (mode 0775): another user "
+               f"could replace what lies below it; fix: chmod go-w {shared_dir}, or choose a "
+               "folder only root can write")
+    path = lab_env.inventory([remote], path=work / "shared.yaml", defaults={
+        "backup_key": str(shared_dir / "keys" / "backup_ed25519"),
+        "backup": {"destination": str(shared_dir / "backups" / "{name}"), "source": DATA},
+    })
+    keygen = invoke("keygen", "--inventory", str(path))
+    assert keygen.returncode == 1
+    assert keygen.stderr.strip() == f"keygen: {refusal}"
+    assert os.listdir(shared_dir) == []  # not even the key
+
+    # The inventory's own key, the refused destination.
+    path = lab_env.inventory([remote], path=work / "shared.yaml", defaults={
+        "backup": {"destination": str(shared_dir / "backups" / "{name}"), "source": DATA},
+    })
+    backup = invoke("backup", "--inventory", str(path))
+    assert backup.returncode == 1
+    assert f"{remote.name}: failed: {refusal}" in backup.stderr.splitlines()
+    assert os.listdir(shared_dir) == []
+
+    mirror_inventory, host = mirror
+    assert invoke("backup", "--inventory", str(mirror_inventory)).returncode == 0
+    restore = invoke("restore", "--inventory", str(mirror_inventory), "--host", host.name,
+                     "--path", f"{DATA}/some", "--to", str(shared_dir / "restored"))
+    assert restore.returncode == 2
+    assert restore.stderr.strip() == f"restore: {refusal}"
+    assert os.listdir(shared_dir) == []
+
+
+# --- the old mirror layout ------------------------------------------------------------------
+
+
+def test_an_old_mirror_layout_moves_into_tree_and_nothing_is_lost(lab_env, remote, mirror,
+                                                                  work):
+    inventory, host = write_inventory(lab_env, remote, work, "old-layout")
+    dest = Path(host.destination)
+    # DEST as the old code filled it: the pull's target was DEST itself.
+    rsync, _ = pulls.find_local_rsync(host)
+    dest.mkdir(parents=True, mode=0o700)
+    old = subprocess.run(pulls.build_argv(host, dry_run=False, tty=False, local_rsync=rsync,
+                                          dest=str(dest)), capture_output=True, check=False)
+    assert old.returncode == 0, old.stderr
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o755  # the server's, as before the fix
+    assert (dest / "setuid-sh").exists()
+    before, before_inodes = local_tree(dest)
+
+    dry = invoke("backup", "--inventory", str(inventory), "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "holds the old layout: a real run first moves it" in dry.stderr
+    assert local_tree(dest) == (before, before_inodes)
+
+    moved = invoke("backup", "--inventory", str(inventory))
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert f"moved the old layout's {len(os.listdir(dest / 'tree'))} entries into " \
+           f"{dest}/tree" in moved.stderr
+    assert f"{dest}: mode 0755 -> 0700" in moved.stderr
+    assert os.listdir(dest) == ["tree"] and stat.S_IMODE(dest.stat().st_mode) == 0o700
+    after, after_inodes = local_tree(dest / "tree")
+    assert after == before  # every path, mode, owner, mtime, link and hash
+    del after_inodes[b""], before_inodes[b""]  # DEST's own inode stays with DEST
+    assert after_inodes == before_inodes  # renamed, not copied
+    assert summary_of(moved, dest)["stats"]["files_transferred"] == 0
+    assert_same(remote, DATA, dest / "tree")
+
+    again = invoke("backup", "--inventory", str(inventory))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "moved" not in again.stderr and "mode" not in again.stderr
+    assert summary_of(again, dest)["stats"]["files_transferred"] == 0
+    assert local_tree(dest / "tree")[0] == after

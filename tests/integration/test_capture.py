@@ -170,7 +170,7 @@ def test_backup_is_an_exact_copy_then_follows_changes(story: Story):
     result = cli("backup", "--inventory", str(story.inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[1].split()[:2] == [story.lab.name, "ok"]
-    tree = assert_same(story.lab, DATA, dest)
+    tree = assert_same(story.lab, DATA, dest / "tree")
     assert tree[b"setuid-bin"][1] == 0o4755 and tree[b"new\nline"][0] == "f"
     summary = last_summary(result, dest)
     assert summary["argv"][-2] == f"root@127.0.0.1:{DATA}/"  # one colon: not the daemon
@@ -180,7 +180,7 @@ def test_backup_is_an_exact_copy_then_follows_changes(story: Story):
     sh(story.lab, CHANGE)
     again = cli("backup", "--inventory", str(story.inventory))
     assert again.returncode == 0, again.stdout + again.stderr
-    tree = assert_same(story.lab, DATA, dest)
+    tree = assert_same(story.lab, DATA, dest / "tree")
     assert tree[b"added-dir"][2:4] == (4243, 4244)
 
 
@@ -197,7 +197,7 @@ def test_dry_run_works_through_the_gate_and_changes_nothing(story: Story):
     assert summary["dry_run"] and "-n" in summary["argv"]
     assert summary["stats"]["files_transferred"] == 1 and summary["stats"]["dry_run"]
     assert summary["stats"]["files_deleted"] == 1  # would delete 'added file'; did not
-    assert (dest / "added file").exists()
+    assert (dest / "tree" / "added file").exists()
 
 
 def test_setup_remote_keeps_and_repairs_the_gate(story: Story):

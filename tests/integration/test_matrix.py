@@ -235,7 +235,8 @@ class Switched:
 def switched(matrix: Matrix, backed_up: dict[str, backup.BackupResult]) -> Switched:
     """setup-remote, capture-command, backup and setup-remote again, all in captured mode."""
     hosts, labs, timings = matrix.captured, matrix.labs, matrix.timings
-    daemon_copies = {r: local_tree(Path(h.destination))[0] for r, h in matrix.hosts.items()}
+    daemon_copies = {r: local_tree(Path(h.destination) / "tree")[0]
+                     for r, h in matrix.hosts.items()}
     before_setup = {r: snapshot(h, CAPTURED_WATCHED) for r, h in labs.items()}
     first = timed(timings, "captured: setup-remote", lambda: setup_all(hosts))
     after_setup = {r: snapshot(h, CAPTURED_WATCHED) for r, h in labs.items()}
@@ -362,7 +363,7 @@ def test_daemon_backup_of_etc_is_exact(matrix: Matrix, backed_up, release):
     result = backed_up[host.name]
     assert result.ok and result.error is None, result
     assert result.warning is None, result.warning  # the local end used the matrix build
-    dest = Path(host.destination)
+    dest = Path(host.destination) / "tree"
     mine = assert_exact_copy(lab_host, dest)
     # It is this release's /etc (each host went to its own destination), and root-only
     # files came along: the daemon reads as uid 0.
@@ -435,15 +436,15 @@ def test_captured_backup_of_etc_is_exact(matrix: Matrix, switched: Switched, rel
     result = switched.backups[host.name]
     assert result.ok and result.error is None, result
     assert result.warning is None, result.warning
-    dest = Path(host.destination)
-    assert dest != Path(matrix.hosts[release].destination)
+    dest = Path(host.destination) / "tree"
+    assert dest != Path(matrix.hosts[release].destination) / "tree"
     mine = assert_exact_copy(lab_host, dest)
     assert (dest / "debian_version").read_text().startswith(DEBIAN_VERSION[release])
     # The gate runs the sender as root: root-only files came along.
     assert mine[b"shadow"][1] == 0o640 and mine[b"shadow"][6] is not None
     assert mine[b"ssh/ssh_host_ed25519_key"][1:3] == (0o600, 0)
     # The daemon-mode copy was not touched by the switch.
-    daemon_dest = Path(matrix.hosts[release].destination)
+    daemon_dest = Path(matrix.hosts[release].destination) / "tree"
     assert local_tree(daemon_dest)[0] == switched.daemon_copies[release]
 
 

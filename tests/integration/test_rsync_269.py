@@ -216,7 +216,7 @@ def test_daemon_mode_setup_backup_and_doctor(card: Card, daemon_run: Run, releas
     result = daemon_run.backups[host.name]
     assert result.ok and result.error is None, result
     assert result.warning is None, result.warning  # the client ran the 2.6.9 build
-    tree = assert_same(lab_host, DATA, Path(host.destination))
+    tree = assert_same(lab_host, DATA, Path(host.destination) / "tree")
     assert tree[b"setuid-bin"][1] == 0o4755 and tree[b"some/dir/ghost-owned"][2:4] == (4242, 4242)
 
     report = daemon_run.reports[host.name]
@@ -239,7 +239,7 @@ def test_this_machines_rsync_pulls_from_a_269_host(lab_env: Lab, card: Card, dae
         "destination": str(tmp_path / "{name}"), "source": DATA, "options": OPTIONS})[name]
     result = backup.run_backup(host, dry_run=False, tty=False)
     assert result.ok and result.error is None, result
-    assert_same(lab_host, DATA, Path(host.destination))
+    assert_same(lab_host, DATA, Path(host.destination) / "tree")
     report = doctor.diagnose(host)
     warned = whats(report, "warn")
     assert any(w.startswith("the ends run different rsync releases: local 3.")
@@ -266,7 +266,7 @@ def test_captured_mode_setup_capture_backup_and_doctor(card: Card, captured_run:
 
     result = captured_run.backups[host.name]
     assert result.ok and result.error is None, result
-    assert_same(lab_host, DATA, Path(host.destination))
+    assert_same(lab_host, DATA, Path(host.destination) / "tree")
 
     report = captured_run.reports[host.name]
     assert report.errors == [], doctor.format_report(report)
@@ -291,7 +291,7 @@ def test_a_269_client_pulls_from_a_host_running_debians_327(lab_env: Lab, card: 
         assert outcome.error is None, outcome
         result = backup.run_backup(host, dry_run=False, tty=False)
         assert result.ok and result.error is None, result
-        assert_same(lab_host, DATA, Path(host.destination))
+        assert_same(lab_host, DATA, Path(host.destination) / "tree")
         report = doctor.diagnose(host)
         assert report.errors == [], doctor.format_report(report)
         warned = whats(report, "warn")

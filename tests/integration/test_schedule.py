@@ -120,7 +120,7 @@ def test_the_systemd_exec_start_line_run_by_hand_backs_up(ready, remote, work):
                             timeout=120, check=False, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
     dest = Path(host.destination)
-    assert hashlib.sha256((dest / "sshd_config").read_bytes()).hexdigest() == \
+    assert hashlib.sha256((dest / "tree" / "sshd_config").read_bytes()).hexdigest() == \
         remote_sha256(remote, "/etc/ssh/sshd_config")
     last = summaries(host)[-1]
     assert last["ok"] is True and last["exit_code"] == 0 and not last["dry_run"]

@@ -98,7 +98,7 @@ def test_setup_remote_reloads_with_systemctl_and_a_second_run_does_not(sd_target
     pull = subprocess.run([INVOKE, "backup", "--inventory", str(sd_target.inventory)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert pull.returncode == 0, pull.stdout + pull.stderr
-    copied = Path(sd_target.host.destination) / "sshd_config"
+    copied = Path(sd_target.host.destination) / "tree" / "sshd_config"
     assert copied.read_bytes() == read(sd_target.lab, SSHD_CONFIG)
 
 

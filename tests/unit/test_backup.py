@@ -395,9 +395,11 @@ def test_run_backup_mirror_writes_log_and_summary_outside_the_copy(tmp_path, fak
     result = b.run_backup(host, dry_run=False, tty=False)
     assert result.ok and result.exit_code == 0 and result.warning is None
     dest = tmp_path / "web1"
-    assert sorted(os.listdir(dest)) == ["change", "keep"]
+    assert os.listdir(dest) == ["tree"] and (dest.stat().st_mode & 0o7777) == 0o700
+    assert sorted(os.listdir(dest / "tree")) == ["change", "keep"]
     state = tmp_path / "web1.pullback"
     assert (state.stat().st_mode & 0o777) == 0o700
+    assert (state / "layout").read_text() == "tree\n"
     summary = json.loads(Path(result.summary_path).read_text())
     assert summary["mode"] == "mirror" and summary["exit_code"] == 0
     assert summary["stats"]["files_transferred"] == 2
@@ -638,7 +640,7 @@ def test_run_backup_captured_mode_runs_on_a_matching_record(tmp_path, fake):
     record = write_record(host)
     result = b.run_backup(host, dry_run=False, tty=False)
     assert result.ok, result.error
-    assert sorted(os.listdir(tmp_path / "web1")) == ["change", "keep"]
+    assert sorted(os.listdir(tmp_path / "web1" / "tree")) == ["change", "keep"]
     summary = json.loads(Path(result.summary_path).read_text())
     assert summary["forced_command"] == "captured"
     assert summary["capture_fingerprint"] == record.fingerprint
@@ -733,7 +735,13 @@ def test_backup_root_picks_mirror_or_snapshot(tmp_path):
     with pytest.raises(b.RestoreError, match="no backup"):
         b.backup_root(mirror, None)
     (tmp_path / "web1").mkdir()
-    assert b.backup_root(mirror, None) == tmp_path / "web1"
+    with pytest.raises(b.RestoreError, match="no backup"):
+        b.backup_root(mirror, None)  # an empty DEST: nothing pulled yet
+    (tmp_path / "web1" / "etc").mkdir()
+    assert b.backup_root(mirror, None) == tmp_path / "web1"  # the old layout, read in place
+    (tmp_path / "web1" / "etc").rename(tmp_path / "web1" / "tree")
+    assert b.backup_root(mirror, None) == tmp_path / "web1" / "tree"
+    (tmp_path / "web1" / "tree").rmdir()
     with pytest.raises(b.RestoreError, match="does not apply"):
         b.backup_root(mirror, "2026-11-26T101500Z")
     snaps = make_host(tmp_path, snapshots=3)
@@ -750,19 +758,178 @@ def test_backup_root_picks_mirror_or_snapshot(tmp_path):
 
 def test_run_restore_refuses_non_empty_and_inside_the_backup(tmp_path):
     host = make_host(tmp_path)
-    (tmp_path / "web1" / "etc").mkdir(parents=True)
-    (tmp_path / "web1" / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
+    (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
+    (tmp_path / "web1" / "tree" / "etc" / "hosts").write_text("127.0.0.1 localhost\n")
     target = tmp_path / "out"
-    target.mkdir()
+    target.mkdir(mode=0o755)
     (target / "other").write_text("")
-    with pytest.raises(b.RestoreError, match="not empty"):
+    with pytest.raises(b.RestoreError, match="mode 0755 and is not empty"):
+        b.run_restore(host, path="/etc", to=str(target))
+    target.chmod(0o700)
+    (target / "tree").mkdir()
+    with pytest.raises(b.RestoreError, match="use --force"):
         b.run_restore(host, path="/etc", to=str(target))
     with pytest.raises(b.RestoreError, match="inside the backup"):
         b.run_restore(host, path="/etc", to=str(tmp_path / "web1" / "x"))
     result = b.run_restore(host, path="/etc", to=str(target), force=True)
     assert result.ok, result.output
-    assert (target / "hosts").read_text() == "127.0.0.1 localhost\n"
+    assert result.target == str(target / "tree")
+    assert (target / "tree" / "hosts").read_text() == "127.0.0.1 localhost\n"
     assert (target / "other").exists()
+
+
+def test_run_restore_makes_a_new_container_0700(tmp_path):
+    host = make_host(tmp_path)
+    (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
+    (tmp_path / "web1" / "tree" / "etc" / "hosts").write_text("x\n")
+    target = tmp_path / "new" / "out"
+    result = b.run_restore(host, path="/etc/hosts", to=str(target))
+    assert result.ok, result.output
+    assert (target.stat().st_mode & 0o7777) == 0o700
+    assert (target / "tree" / "hosts").read_text() == "x\n"
+
+
+def test_run_restore_refuses_an_other_writable_ancestor_and_creates_nothing(tmp_path):
+    host = make_host(tmp_path)
+    (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(b.RestoreError, match=f"refused: {shared} is writable by its group "
+                                             "and others \\(mode 0777\\)"):
+        b.run_restore(host, path="/etc", to=str(shared / "out" / "deeper"))
+    assert os.listdir(shared) == []
+
+
+# --- the mirror layout: DEST/tree, and the move from the old layout -----------------------------
+
+LAYOUTS = {
+    "fresh": ([], False, None, b.MirrorLayout("new")),
+    "new layout": (["tree"], False, None, b.MirrorLayout("new")),
+    "old layout": (["etc", "usr"], False, None,
+                   b.MirrorLayout("old", ".pullback-migrating", ("etc", "usr"))),
+    "old layout with a server folder named tree": (
+        ["tree", "etc"], False, None,
+        b.MirrorLayout("old", ".pullback-migrating", ("etc", "tree"))),
+    "old layout holding the staging name": (
+        [".pullback-migrating", "etc"], False, None,
+        b.MirrorLayout("old", ".pullback-migrating-2", (".pullback-migrating", "etc"))),
+    "marked new layout with a stray file: left alone": (
+        ["tree", "notes.txt"], True, None, b.MirrorLayout("new", strays=("notes.txt",))),
+    "marked, tree not pulled yet": ([], True, None, b.MirrorLayout("new")),
+    "interrupted move": (
+        [".pullback-migrating", "usr", "var"], False, ".pullback-migrating",
+        b.MirrorLayout("migrating", ".pullback-migrating", ("usr", "var"))),
+    "interrupted before the staging folder existed": (
+        ["etc", "usr"], False, ".pullback-migrating",
+        b.MirrorLayout("migrating", ".pullback-migrating", ("etc", "usr"))),
+    "interrupted after the last rename": (["tree"], True, ".pullback-migrating",
+                                          b.MirrorLayout("new")),
+}
+
+
+@pytest.mark.parametrize("names,marked,staging,expected", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_plan_mirror_layout(names, marked, staging, expected):
+    assert b.plan_mirror_layout(names, marked=marked, staging=staging) == expected
+
+
+def old_layout(dest: Path) -> None:
+    """DEST as the old code left it: the tree's top level in DEST, DEST 0755."""
+    (dest / "etc").mkdir(parents=True)
+    (dest / "etc" / "passwd").write_text("root:x:0:0\n")
+    (dest / "tree").mkdir()  # a server folder that happens to be called tree
+    (dest / "tree" / "leaf").write_text("leaf\n")
+    (dest / "setuid").write_text("#!/bin/sh\n")
+    (dest / "setuid").chmod(0o4755)
+    os.symlink("etc/passwd", dest / "link")
+    dest.chmod(0o755)
+
+
+def test_run_backup_moves_the_old_layout_into_tree_then_pulls(tmp_path, fake):
+    # Without --delete the pull keeps what was moved, so the move itself can be checked.
+    host = make_host(tmp_path, options=("-a", "--numeric-ids"))
+    dest = tmp_path / "web1"
+    old_layout(dest)
+    result = b.run_backup(host, dry_run=True, tty=False)
+    assert result.ok and "a real run first moves it" in result.warning
+    assert sorted(os.listdir(dest)) == ["etc", "link", "setuid", "tree"]  # untouched
+    argv = (fake.parent / "server.argv").read_text().splitlines()[-1]
+    assert f"'{dest}/'" in argv
+    result = b.run_backup(host, dry_run=False, tty=False)
+    assert result.ok, result.error
+    assert "mode 0755 -> 0700" in result.warning and "moved the old layout's 4 entries" \
+        in result.warning
+    assert os.listdir(dest) == ["tree"] and (dest.stat().st_mode & 0o7777) == 0o700
+    tree = dest / "tree"
+    assert sorted(os.listdir(tree)) == ["change", "etc", "keep", "link", "setuid", "tree"]
+    assert (tree / "tree" / "leaf").read_text() == "leaf\n"
+    assert (tree / "setuid").stat().st_mode & 0o7777 == 0o4755
+    assert os.readlink(tree / "link") == "etc/passwd"
+    assert not (b.state_dir(host) / "migration.json").exists()
+    again = b.run_backup(host, dry_run=False, tty=False)
+    assert again.ok and again.warning is None
+    assert os.listdir(dest) == ["tree"]
+
+
+def test_an_interrupted_move_is_finished_by_the_next_run(tmp_path, fake, monkeypatch):
+    host = make_host(tmp_path, options=("-a", "--numeric-ids"))
+    dest = tmp_path / "web1"
+    old_layout(dest)
+    real_rename, calls = os.rename, []
+
+    def failing_rename(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(b.os, "rename", failing_rename)
+    result = b.pull_all([host], dry_run=False, out=io.StringIO(), err=io.StringIO())
+    assert result == ["web1"]
+    monkeypatch.setattr(b.os, "rename", real_rename)
+    record = json.loads((b.state_dir(host) / "migration.json").read_text())
+    staging = dest / record["staging"]
+    assert len(os.listdir(staging)) == 2 and len(os.listdir(dest)) == 3  # 2 moved, 2 left
+    assert (dest.stat().st_mode & 0o7777) == 0o700
+    with pytest.raises(b.RestoreError, match="interrupted"):
+        b.backup_root(host, None)
+    result = b.run_backup(host, dry_run=False, tty=False)
+    assert result.ok, result.error
+    assert os.listdir(dest) == ["tree"]
+    assert sorted(os.listdir(dest / "tree")) == ["change", "etc", "keep", "link", "setuid",
+                                                 "tree"]
+    assert not (b.state_dir(host) / "migration.json").exists()
+
+
+def test_run_backup_refuses_a_group_writable_ancestor_before_writing(tmp_path, fake):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o775)
+    host = make_host(tmp_path, destination=str(shared / "deeper" / "{name}"))
+    err = io.StringIO()
+    assert b.pull_all([host], dry_run=False, out=io.StringIO(), err=err) == ["web1"]
+    assert err.getvalue().splitlines()[0] == (
+        f"web1: failed: refused: {shared} is writable by its group (mode 0775): another "
+        f"user could replace what lies below it; fix: chmod go-w {shared}, or choose a "
+        "folder only root can write")
+    assert os.listdir(shared) == []
+
+
+RESTORE_TARGETS = {
+    "missing: becomes the container": (None, [], False, None),
+    "empty 0755: closed to 0700": (0o40755, [], False, None),
+    "private, tree present, --force": (0o40700, ["tree"], True, None),
+    "private, tree present": (0o40700, ["tree"], False, "exists; use --force"),
+    "open and not empty": (0o40755, ["x"], True, "has mode 0755 and is not empty"),
+    "a file": (0o100600, [], False, "is not a folder"),
+}
+
+
+@pytest.mark.parametrize("mode,names,force,why", RESTORE_TARGETS.values(),
+                         ids=RESTORE_TARGETS.keys())
+def test_check_restore_container(mode, names, force, why):
+    problem = b.check_restore_container(Path("/r"), names, mode, force=force)
+    assert (problem is None) if why is None else (why in problem)
 
 
 # --- start-up cost ----------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import pytest
 
 from roles.core import rsync as rsync_model
 from roles.features import capture, doctor
+from roles.features.doctor import DestinationFacts, check_destination, gather_destination
 from roles.inventory.schema import Host
+from roles.local.folders import Mount
 from roles.remote.facts import AUTHORIZED_KEYS, FileFact, HostFacts
 
 BLOB = "AAAAC3NzaC1lZDI1NTE5AAAAIJ1wZd8Jy0tXnlAhsnFrH1xNGcs9g6UkqBsvS6gb0EYz"
@@ -602,3 +604,47 @@ def test_format_report_three_lines_per_problem():
 def test_finding_level_is_checked():
     with pytest.raises(ValueError):
         doctor.Finding("x", "fatal", "y")
+
+
+# --- the local destination ---------------------------------------------------------------------
+
+SAFE = Mount("/srv/backups", frozenset({"rw", "nosuid", "nodev"}), "ext4")
+DEST_CASES = {
+    "private, nosuid,nodev": (
+        DestinationFacts("/srv/backups/web1", None, 0o700, "new", SAFE),
+        [("ok", "/srv/backups/web1: private, on /srv/backups (nosuid,nodev)")]),
+    "an unsafe folder on the way is an error": (
+        DestinationFacts("/srv/x/web1", "/srv/x is writable by others (mode 0777): ...",
+                         None, None, SAFE),
+        [("error", "/srv/x is writable by others (mode 0777): ...")]),
+    "0755 and the old layout": (
+        DestinationFacts("/srv/backups/web1", None, 0o755, "old", SAFE),
+        [("warn", "/srv/backups/web1 has mode 0755"),
+         ("warn", "/srv/backups/web1 is in the old mirror layout (the copy's top level "
+                  "directly in it)")]),
+    "no nosuid, no nodev": (
+        DestinationFacts("/var/backups/web1", None, 0o700, "new",
+                         Mount("/", frozenset({"rw"}), "ext4")),
+        [("warn", "/ (holding /var/backups/web1) is mounted without nosuid and nodev")]),
+    "nodev only missing": (
+        DestinationFacts("/b/web1", None, None, None,
+                         Mount("/b", frozenset({"rw", "nosuid"}), "xfs")),
+        [("warn", "/b (holding /b/web1) is mounted without nodev")]),
+}
+
+
+@pytest.mark.parametrize("facts,expected", DEST_CASES.values(), ids=DEST_CASES.keys())
+def test_check_destination(facts, expected):
+    findings = check_destination(facts)
+    assert [(f.level, f.what) for f in findings] == expected
+    assert all(f.fix for f in findings if f.level != "ok")
+
+
+def test_gather_destination_reads_the_layout_and_the_mount(tmp_path):
+    host = make_host(backup={"destination": str(tmp_path / "{name}")})
+    (tmp_path / "web1" / "etc").mkdir(parents=True)
+    (tmp_path / "web1").chmod(0o755)
+    mountinfo = f"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n2 1 8:2 / {tmp_path} rw,nosuid - ext4 x rw\n"
+    facts = gather_destination(host, mountinfo)
+    assert facts == DestinationFacts(str(tmp_path / "web1"), None, 0o755, "old",
+                                     Mount(str(tmp_path), frozenset({"rw", "nosuid"}), "ext4"))

@@ -53,3 +53,18 @@ def test_ensure_backup_key_refuses_an_existing_readable_key(tmp_path):
 def test_key_has_passphrase(tmp_path):
     assert not keys.key_has_passphrase(make_key(tmp_path / "open"))
     assert keys.key_has_passphrase(make_key(tmp_path / "locked", "correct horse battery"))
+
+
+def test_ensure_destination_makes_every_new_level_0700_and_refuses_a_shared_parent(tmp_path):
+    from roles.local import folders
+
+    dest = tmp_path / "backups" / "web1"
+    assert keys.ensure_destination(dest) == f"{dest}: created (0700)"
+    assert [p.stat().st_mode & 0o777 for p in (dest.parent, dest)] == [0o700, 0o700]
+    dest.chmod(0o755)
+    assert keys.ensure_destination(dest) == f"{dest}: mode 0755 -> 0700"
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
+    with pytest.raises(folders.FolderError, match="writable by its group and others"):
+        keys.ensure_destination(tmp_path / "open" / "b" / "web1")
+    assert list((tmp_path / "open").iterdir()) == []
