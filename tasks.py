@@ -182,7 +182,8 @@ def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False)
 def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snapshot=None,
             force=False):
     """Copy a path out of a local backup, metadata preserved."""
-    from roles.features import backup as pulls
+    from roles.core.errors import PullbackError
+    from roles.features import restore as restores
 
     if len(host or []) != 1:
         raise Exit("restore: name exactly one --host", code=2)
@@ -190,11 +191,9 @@ def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snaps
         raise Exit("restore: --path and --to are required", code=2)
     (h,) = _hosts(inventory, host)
     try:
-        result = pulls.run_restore(h, path=path, to=to, snapshot=snapshot, force=force)
-    except pulls.RestoreError as exc:
-        raise Exit(f"restore: {exc}", code=2) from None
-    except pulls.BackupError as exc:
-        raise Exit(f"restore: {exc}", code=1) from None
+        result = restores.run_restore(h, path=path, to=to, snapshot=snapshot, force=force)
+    except PullbackError as exc:  # bad input exits 2, a held lock or unusable folder 1
+        raise Exit(f"restore: {exc}", code=exc.exit_code) from None
     if result.warning:
         print(f"{h.name}: warning: {result.warning}", file=sys.stderr)
     if not result.ok:
@@ -292,7 +291,7 @@ def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
             print(f"{s.host}: warning: {problem}", file=sys.stderr)
     if shard:
         from roles.core.shards import parse_shard, shard_of
-        from roles.features.backup import state_dir
+        from roles.local.store import state_dir
 
         k, n = parse_shard(shard)
         for h in _inventory(inventory).select(host):

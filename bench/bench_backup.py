@@ -22,7 +22,8 @@ from pathlib import Path
 from common import INVOKE, exec_root, median, provision, table, timed
 
 from lab import hosts as lab
-from roles.features import backup
+from roles.core import pull
+from roles.local import runner, store
 
 PREFIX = "pullback-bench-backup"
 SEED = r"""
@@ -52,10 +53,10 @@ def main() -> None:
         host = hosts[0]
         exec_root(host.name, SEED)
         dest = Path(host.destination)
-        local_rsync, _ = backup.find_local_rsync(host)
+        local_rsync, _ = runner.find_local_rsync(host)
         # The same pull into the same place as the toolkit's: the mirror is DEST/tree.
-        raw = backup.build_argv(host, dry_run=False, tty=False, local_rsync=local_rsync,
-                                dest=str(dest / backup.TREE))
+        raw = pull.build_argv(host, dry_run=False, tty=False, local_rsync=local_rsync,
+                                dest=str(dest / store.TREE))
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
         tools = {
             "pullback-backup": [str(Path(sys.executable).parent / "pullback-backup"),

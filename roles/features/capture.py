@@ -53,6 +53,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from roles.core import pull
 from roles.core.rsync import (
     SAFE_WORD,
     CaptureError,
@@ -61,7 +62,7 @@ from roles.core.rsync import (
     validate_sent,
     with_binary,
 )
-from roles.features import backup
+from roles.local import runner, store
 
 if TYPE_CHECKING:
     from roles.features.setup_remote import HelperFile, Outcome
@@ -141,7 +142,7 @@ def parse_record(text: str) -> CaptureRecord:
 
 
 def record_path(host: Host) -> Path:
-    return backup.state_dir(host) / RECORD_NAME
+    return store.state_dir(host) / RECORD_NAME
 
 
 def load_record(host: Host) -> CaptureRecord | None:
@@ -165,7 +166,7 @@ def load_record(host: Host) -> CaptureRecord | None:
 def save_record(host: Host, record: CaptureRecord) -> Path:
     """Write the record atomically, 0600 in the 0700 state folder."""
     path = record_path(host)
-    backup._mkdir_private(path.parent)
+    store.mkdir_private(path.parent)
     tmp = path.with_name(f".{RECORD_NAME}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -316,11 +317,11 @@ def capture_once(conn: Any, host: Host, rsync: str, *, dry_run: bool) -> str:
     from roles.features.setup_remote import gather_files
 
     with tempfile.TemporaryDirectory(prefix="pullback-capture-") as tmp:
-        argv = backup.build_argv(host, dry_run=dry_run, tty=False, local_rsync=rsync,
+        argv = pull.build_argv(host, dry_run=dry_run, tty=False, local_rsync=rsync,
                                  dest=tmp)
         try:
             result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                                    text=True, errors="replace", env=backup._rsync_env(),
+                                    text=True, errors="replace", env=runner.rsync_env(),
                                     check=False, timeout=120)
         except subprocess.TimeoutExpired:
             raise CaptureError("the capture pull did not end within 120 s") from None
@@ -341,13 +342,13 @@ def capture_once(conn: Any, host: Host, rsync: str, *, dry_run: bool) -> str:
 def prove(host: Host, rsync: str) -> None:
     """A dry-run pull with the backup key through the gate, into an empty folder."""
     with tempfile.TemporaryDirectory(prefix="pullback-proof-") as tmp:
-        argv = backup.build_argv(host, dry_run=True, tty=False, local_rsync=rsync, dest=tmp)
+        argv = pull.build_argv(host, dry_run=True, tty=False, local_rsync=rsync, dest=tmp)
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, errors="replace",
-                                env=backup._rsync_env(), check=False)
-    if result.returncode not in backup.OK_CODES:
+                                env=runner.rsync_env(), check=False)
+    if result.returncode not in pull.OK_CODES:
         raise CaptureError("the gate is installed and recorded, but a dry-run pull through "
-                           f"it failed: {backup.describe_failure(result.returncode, [])}: "
+                           f"it failed: {pull.describe_failure(result.returncode, [])}: "
                            f"{_last_line(result.stderr)}")
 
 
@@ -392,16 +393,16 @@ def capture_host(host: Host) -> Outcome:
     warnings: list[str] = []
     try:
         public_key = read_public_key(host)
-        rsync, warning = backup.find_local_rsync(host)
+        rsync, warning = runner.find_local_rsync(host)
         warnings += [warning] if warning else []
         local_version = local_version_line(rsync)
-        state = backup.prepare_state(host)
+        state = store.prepare_state(host)
         conn = connect(host)
-    except (SetupError, backup.BackupError, CaptureError, ConnectError, OSError) as exc:
+    except (SetupError, store.BackupError, CaptureError, ConnectError, OSError) as exc:
         return Outcome(host.name, steps, error=str(exc), warnings=tuple(warnings))
     try:
         # A scheduled backup of this host must not run into the capture script.
-        with backup.Lock(state / "lock", host.name):
+        with store.Lock(state / "lock", host.name):
             facts = gather(conn, host.name, [host.rsync.remote_binary])
             check_ready(facts)
             remote, remote_version, more = remote_rsync(facts, host)
@@ -463,7 +464,7 @@ def capture_host(host: Host) -> Outcome:
         actions = (f"forced command: {GATE}", f"runs: {record.command}",
                    f"   or: {record.dry_run_command}", f"record: {path}")
         return Outcome(host.name, steps, warnings=tuple(warnings), actions=actions)
-    except (CaptureError, SetupError, backup.BackupError, RuntimeError, ValueError,
+    except (CaptureError, SetupError, store.BackupError, RuntimeError, ValueError,
             OSError) as exc:
         return Outcome(host.name, steps, error=str(exc), warnings=tuple(warnings))
     finally:

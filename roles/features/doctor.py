@@ -57,12 +57,12 @@ from pathlib import Path
 from typing import Any
 
 from roles.config import rootkey, rsyncd
+from roles.core import pull
 from roles.core.diffs import split_lines
 from roles.core.rsync import parse_version_output
-from roles.core.rsync_errors import explain_rsync_error, signature  # noqa: F401
-from roles.features import backup
+from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
 from roles.inventory.schema import Host
-from roles.local import folders
+from roles.local import folders, runner, store
 from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, HostFacts
 
 LEVELS = ("ok", "warn", "error")
@@ -270,7 +270,7 @@ def simulate_sent_command(local_rsync: str, host: Host,
     """The command the local rsync sends for a single-colon pull of ``backup.source``:
     run it with ``-e`` pointing at a script that records its arguments and fails, as
     capture-command does on the server, but without a network."""
-    chosen = backup._drop_progress(host.backup.options if options is None else options)
+    chosen = pull.drop_progress(host.backup.options if options is None else options)
     with tempfile.TemporaryDirectory(prefix="pullback-doctor-") as tmp:
         fake = Path(tmp) / "rsh"
         fake.write_text(_FAKE_RSH)
@@ -996,8 +996,8 @@ def run_raw(conn: Any, command: str, host_name: str, timeout: float = 20) -> tup
 
 def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
     try:
-        path, note = backup.find_local_rsync(host)
-    except backup.BackupError as exc:
+        path, note = runner.find_local_rsync(host)
+    except store.BackupError as exc:
         return RsyncEnd(host.rsync.local_binary, None, None, str(exc)), None
     result = subprocess.run([path, "--version"], capture_output=True, check=False, timeout=30)
     line = result.stdout.decode(errors="replace")
@@ -1007,9 +1007,9 @@ def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
 
 
 def pull_argv(host: Host, local_rsync: str, dest: str, *, single_colon: bool) -> list[str]:
-    """The backup's argv (``backup.build_argv``) with -n, pulling only ``PROBE_PATH``."""
+    """The backup's argv (``pull.build_argv``) with -n, pulling only ``PROBE_PATH``."""
     daemon_host = host.model_copy(update={"forced_command": "daemon"})
-    argv = backup.build_argv(daemon_host, dry_run=True, tty=False, local_rsync=local_rsync,
+    argv = pull.build_argv(daemon_host, dry_run=True, tty=False, local_rsync=local_rsync,
                              dest=dest)
     address = f"[{host.address}]" if ":" in host.address else host.address
     argv[-2] = (f"root@{address}:{PROBE_PATH}" if single_colon
@@ -1025,7 +1025,7 @@ def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
         try:
             result = subprocess.run(argv, capture_output=True, check=False,
                                     timeout=PULL_TIMEOUT, stdin=subprocess.DEVNULL,
-                                    env=backup._rsync_env())
+                                    env=runner.rsync_env())
         except subprocess.TimeoutExpired:
             return error(check, f"dry-run pull of {shown} hung for {PULL_TIMEOUT:.0f} s",
                          "a backup would hang the same way",
@@ -1033,7 +1033,7 @@ def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
     output = result.stdout + result.stderr
     if result.returncode == 0:
         return ok(check, f"dry-run pull of {shown} with the backup key works")
-    scanner = backup.OutputScanner()
+    scanner = pull.OutputScanner()
     scanner.feed(output + b"\n")
     scanner.close()
     text = output.decode(errors="replace")
@@ -1050,7 +1050,7 @@ def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
     return error(
         check, f"dry-run pull of {shown} with the backup key fails: rsync exit "
                f"{result.returncode}: {' / '.join(lines) or 'no message'}",
-        f"{backup.explain_exit(result.returncode)}"
+        f"{explain_exit(result.returncode)}"
         + (f" (the '{known}' signature)" if known else ""),
         explained[1].strip() if known else "see the findings above")
 
@@ -1117,7 +1117,7 @@ class DestinationFacts:
     dest: str
     problem: str | None      # folders.check_folder's refusal, for DEST or its state folder
     mode: int | None         # DEST's permission bits; None when it does not exist yet
-    layout: str | None       # mirror mode: backup.MirrorLayout.state; None for snapshots
+    layout: str | None       # mirror mode: store.MirrorLayout.state; None for snapshots
     mount: folders.Mount | None
 
 
@@ -1161,7 +1161,7 @@ def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationF
     problem = None
     try:
         folders.check_folder(dest)
-        folders.check_folder(backup.state_dir(host))
+        folders.check_folder(store.state_dir(host))
     except folders.FolderError as exc:
         problem = str(exc)
     try:
@@ -1171,8 +1171,8 @@ def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationF
     layout = None
     if not host.backup.snapshots:
         try:
-            layout = backup.read_mirror_layout(Path(dest), backup.state_dir(host)).state
-        except (backup.BackupError, OSError):
+            layout = store.read_mirror_layout(Path(dest), store.state_dir(host)).state
+        except (store.BackupError, OSError):
             layout = None
     if mountinfo is None:
         try:

@@ -23,13 +23,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from roles.features.backup import complete_snapshots, human_bytes, run_key, state_dir
+from roles.local.store import complete_snapshots, human_bytes, run_key, state_dir
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host  # pydantic: not imported at run time
-
-DEFAULT_KEEP_LOGS = 30
-LOG_SUFFIXES = (".log", ".json")
 
 
 @dataclass(frozen=True)
@@ -195,38 +192,6 @@ def format_table(statuses: Iterable[HostStatus]) -> str:
 
 
 # --- log retention ------------------------------------------------------------------------
-
-
-def plan_log_prune(names: Iterable[str], keep: int, protect: Iterable[str] = ()) -> list[str]:
-    """Files in ``logs/`` to delete so that only the newest ``keep`` runs remain.
-
-    A run is ``<run>.log`` and ``<run>.json`` together; both go or both stay. Runs named in
-    ``protect`` (the complete snapshots: their summaries hold the file counts the
-    empty-source guard compares with) always stay. Names that are not run files (temp
-    files, a user's notes) are never touched. ``keep <= 0`` keeps everything.
-    """
-    if keep <= 0:
-        return []
-    kept = set(protect)
-    by_run: dict[str, list[str]] = {}
-    for name in names:
-        for suffix in LOG_SUFFIXES:
-            if name.endswith(suffix) and run_key(name[:-len(suffix)]) is not None:
-                by_run.setdefault(name[:-len(suffix)], []).append(name)
-    ordered = sorted(by_run, key=lambda run: run_key(run) or (run, 0))
-    return sorted(name for run in ordered[:-keep] if run not in kept for name in by_run[run])
-
-
-def prune_logs(logs: Path, keep: int = DEFAULT_KEEP_LOGS, protect: Iterable[str] = ()) -> list[str]:
-    """Delete the run files ``plan_log_prune`` names; return them. Call it with the lock held."""
-    removed: list[str] = []
-    for name in plan_log_prune(os.listdir(logs), keep, protect):
-        try:
-            (logs / name).unlink()
-            removed.append(name)
-        except FileNotFoundError:
-            continue
-    return removed
 
 
 def moved_note(name: str, copy: str, shard: tuple[int, int], owner: int) -> str:

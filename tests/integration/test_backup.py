@@ -27,10 +27,10 @@ from pathlib import Path
 import pytest
 
 from lab import hosts as lab
-from roles.features import backup as pulls
+from roles.core import pull
 from roles.features.setup_remote import setup_host
 from roles.inventory.schema import DEFAULT_OPTIONS, Host, load
-from roles.local import keys
+from roles.local import keys, runner, store
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration
@@ -186,7 +186,7 @@ def assert_same(host: lab.LabHost, top: str, local: Path) -> dict[bytes, Entry]:
 
 def summary_of(result: subprocess.CompletedProcess, dest: Path) -> dict:
     logs = sorted((Path(str(dest) + ".pullback") / "logs").glob("*.json"),
-                  key=lambda path: pulls.run_key(path.stem))
+                  key=lambda path: store.run_key(path.stem))
     assert logs, result.stderr
     return json.loads(logs[-1].read_text())
 
@@ -402,8 +402,8 @@ def test_snapshots_share_unchanged_files_and_keep_the_newest_two(remote, snapsho
         made.append(result.stdout.splitlines()[1].split()[-1])
     assert len(set(made)) == 3
     assert stat.S_IMODE(dest.stat().st_mode) == 0o700  # the container of every snapshot
-    assert pulls.complete_snapshots(os.listdir(dest)) == made[1:]
-    assert pulls.partial_snapshots(os.listdir(dest)) == []
+    assert store.complete_snapshots(os.listdir(dest)) == made[1:]
+    assert store.partial_snapshots(os.listdir(dest)) == []
     assert os.readlink(dest / "latest") == made[-1]
     older, newer = dest / made[1], dest / made[2]
     assert (older / "big.bin").stat().st_ino == (newer / "big.bin").stat().st_ino
@@ -440,14 +440,14 @@ def test_a_killed_pull_keeps_the_snapshots_and_the_next_run_resumes(lab_env, rem
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.monotonic() + 30
-    while not pulls.partial_snapshots(os.listdir(dest)):
+    while not store.partial_snapshots(os.listdir(dest)):
         assert time.monotonic() < deadline and job.poll() is None
         time.sleep(0.05)
     time.sleep(1.5)
     assert job.poll() is None, "the slow pull finished before it could be killed"
     os.killpg(job.pid, signal.SIGKILL)  # the whole job: pullback, rsync and ssh
     job.wait()
-    partial = pulls.partial_snapshots(os.listdir(dest))
+    partial = store.partial_snapshots(os.listdir(dest))
     assert len(partial) == 1
     assert sorted(os.listdir(dest)) == sorted([*before, *partial])
     assert os.readlink(dest / "latest") == latest
@@ -460,9 +460,9 @@ def test_a_killed_pull_keeps_the_snapshots_and_the_next_run_resumes(lab_env, rem
     result = invoke("backup", "--inventory", str(inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resumed the interrupted run {partial[0]}" in result.stderr
-    assert pulls.partial_snapshots(os.listdir(dest)) == []
+    assert store.partial_snapshots(os.listdir(dest)) == []
     newest = os.readlink(dest / "latest")
-    assert newest not in before and len(pulls.complete_snapshots(os.listdir(dest))) == 2
+    assert newest not in before and len(store.complete_snapshots(os.listdir(dest))) == 2
     assert_same(remote, DATA, dest / newest)
 
 
@@ -476,7 +476,7 @@ def test_snapshot_guard_refuses_an_emptied_source_and_the_next_run_goes_on(lab_e
     for _ in range(2):
         result = invoke("backup", "--inventory", str(inventory))
         assert result.returncode == 0, result.stdout + result.stderr
-    good = pulls.complete_snapshots(os.listdir(dest))
+    good = store.complete_snapshots(os.listdir(dest))
     assert len(good) == 2 and os.readlink(dest / "latest") == good[-1]
     files = summary_of(result, dest)["stats"]["files"]
     kept = {name: local_tree(dest / name) for name in good}
@@ -504,7 +504,7 @@ def test_snapshot_guard_refuses_an_emptied_source_and_the_next_run_goes_on(lab_e
     back = invoke("backup", "--inventory", str(inventory))
     assert back.returncode == 0, back.stdout + back.stderr
     newest = os.readlink(dest / "latest")
-    assert pulls.complete_snapshots(os.listdir(dest)) == [good[-1], newest]
+    assert store.complete_snapshots(os.listdir(dest)) == [good[-1], newest]
     assert (dest / newest / "big.bin").stat().st_ino == (dest / good[-1] / "big.bin").stat().st_ino
     assert_same(remote, DATA, dest / newest)
 
@@ -632,9 +632,9 @@ def test_an_old_mirror_layout_moves_into_tree_and_nothing_is_lost(lab_env, remot
     inventory, host = write_inventory(lab_env, remote, work, "old-layout")
     dest = Path(host.destination)
     # DEST as the old code filled it: the pull's target was DEST itself.
-    rsync, _ = pulls.find_local_rsync(host)
+    rsync, _ = runner.find_local_rsync(host)
     dest.mkdir(parents=True, mode=0o700)
-    old = subprocess.run(pulls.build_argv(host, dry_run=False, tty=False, local_rsync=rsync,
+    old = subprocess.run(pull.build_argv(host, dry_run=False, tty=False, local_rsync=rsync,
                                           dest=str(dest)), capture_output=True, check=False)
     assert old.returncode == 0, old.stderr
     assert stat.S_IMODE(dest.stat().st_mode) == 0o755  # the server's, as before the fix

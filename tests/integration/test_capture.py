@@ -24,11 +24,11 @@ import yaml
 
 from lab import hosts as lab
 from roles.config import rootkey
+from roles.core import pull
 from roles.core import rsync as rsync_model
-from roles.features import backup as pulls
 from roles.features import capture
 from roles.inventory.schema import Host, load
-from roles.local import keys
+from roles.local import keys, runner
 from tests.integration.conftest import Lab
 from tests.integration.test_backup import CHANGE, DATA, OPTIONS, SEED, assert_same, local_tree, sh
 from tests.integration.test_backup import summary_of as last_summary
@@ -85,7 +85,7 @@ def story(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
 
 def backup_ssh(host: Host, *command: str) -> subprocess.CompletedProcess:
     """``ssh`` as ``backup`` runs it (backup key, strict host key), with ``command``."""
-    argv = [*shlex.split(pulls.ssh_command(host)), "root@127.0.0.1", *command]
+    argv = [*shlex.split(pull.ssh_command(host)), "root@127.0.0.1", *command]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                           stdin=subprocess.DEVNULL)
 
@@ -138,7 +138,7 @@ def test_capture_installs_the_gate_and_records_both_commands(story: Story):
     assert (record.sent, record.sent_dry_run) == (SENT, SENT_DRY)
     assert record.remote_rsync == "/usr/bin/rsync"
     assert record.remote_version == sh(remote, "rsync --version | head -n1").decode().strip()
-    local_version = capture.local_version_line(pulls.find_local_rsync(host)[0])
+    local_version = capture.local_version_line(runner.find_local_rsync(host)[0])
     assert record.local_version == local_version
     assert record.fingerprint == rsync_model.fingerprint(OPTIONS, [], DATA, local_version,
                                                      record.remote_version)
@@ -264,9 +264,9 @@ def test_the_gate_refuses_any_other_command(story: Story, command: list[str]):
 
 
 def test_daemon_syntax_against_the_captured_key_fails(story: Story, tmp_path: Path):
-    rsync, _ = pulls.find_local_rsync(story.host)
+    rsync, _ = runner.find_local_rsync(story.host)
     result = subprocess.run(
-        [rsync, "-e", pulls.ssh_command(story.host), "-a",
+        [rsync, "-e", pull.ssh_command(story.host), "-a",
          "root@127.0.0.1::system/etc/", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode != 0

@@ -30,7 +30,7 @@ import pytest
 
 from lab import hosts as lab
 from lab import mirror
-from roles.core import fleet, platforms
+from roles.core import fleet, platforms, pull
 from roles.features import backup, capture
 from roles.features import rsync_build as rb
 from roles.features import setup_remote as setup
@@ -209,7 +209,7 @@ def backed_up(matrix: Matrix, converged: Converged) -> dict[str, backup.BackupRe
 def pull_uncaptured(host: Host, dest: Path) -> subprocess.CompletedProcess:
     """A captured-mode pull (``root@ADDR:/etc/``) with the backup key, exactly as backup
     would run it, before any capture: whatever key line the host has must not serve it."""
-    argv = backup.build_argv(host, dry_run=False, tty=False,
+    argv = pull.build_argv(host, dry_run=False, tty=False,
                              local_rsync=host.rsync.local_binary, dest=str(dest))
     return subprocess.run(argv, capture_output=True, text=True, errors="replace",
                           timeout=60, check=False, stdin=subprocess.DEVNULL)
@@ -393,7 +393,7 @@ def test_captured_setup_installs_no_usable_key_before_a_capture(matrix: Matrix,
         assert after[capture.GATE] == "missing", release
         # With no line the key is refused outright, and nothing arrives.
         pulled = switched.uncaptured[release]
-        assert pulled.returncode not in backup.OK_CODES, (release, pulled.stderr)
+        assert pulled.returncode not in pull.OK_CODES, (release, pulled.stderr)
         assert "Permission denied" in pulled.stderr, (release, pulled.stderr)
         assert not any((matrix.work / "uncaptured" / host.name).glob("*")), release
 

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from roles.core import pull
 from roles.core import rsync as rsync_model
 from roles.features import backup as b
+from roles.features import restore
 from roles.inventory.schema import Host
+from roles.local import runner, store
 
 RSYNC = "/opt/pullback/bin/rsync"
 # Off a terminal ssh never prompts; on a terminal BatchMode=no lets it ask for a passphrase.
@@ -94,7 +97,7 @@ CASES = {
 def test_build_argv(settings, kwargs, tail):
     host = make_host(**settings)
     kwargs = {"dest": host.destination, **kwargs}
-    argv = b.build_argv(host, local_rsync=RSYNC, **kwargs)
+    argv = pull.build_argv(host, local_rsync=RSYNC, **kwargs)
     batch = "BatchMode=no" if kwargs["tty"] else "BatchMode=yes"
     assert argv[:3] == [RSYNC, "-e", SSH_E.replace("BatchMode=yes", batch)]
     assert argv[3:] == tail
@@ -104,7 +107,7 @@ def test_build_argv(settings, kwargs, tail):
 def test_ssh_command_survives_rsync_splitting_with_spaces():
     host = make_host().model_copy(update={"backup_key": "/my keys/backup",
                                           "known_hosts": "/my keys/known hosts"})
-    e = b.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC, dest="/d")[2]
+    e = pull.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC, dest="/d")[2]
     assert shlex.split(e) == [
         "ssh", "-i", "/my keys/backup", "-p", "2222", "-o", "StrictHostKeyChecking=yes",
         "-o", "UserKnownHostsFile=/my keys/known hosts", "-o", "BatchMode=yes",
@@ -114,7 +117,7 @@ def test_ssh_command_survives_rsync_splitting_with_spaces():
 
 def test_ipv6_address_is_bracketed():
     host = make_host().model_copy(update={"address": "2001:db8::7"})
-    assert b.source_spec(host) == "root@[2001:db8::7]::system/"
+    assert pull.source_spec(host) == "root@[2001:db8::7]::system/"
 
 
 @pytest.mark.parametrize(("source", "dry_run", "tail"), [
@@ -125,7 +128,7 @@ def test_ipv6_address_is_bracketed():
 def test_captured_mode_pulls_with_a_single_colon(source, dry_run, tail):
     """The gate runs `rsync --server --sender ... . /SOURCE/`: what a `host:` pull sends."""
     host = make_host(source=source).model_copy(update={"forced_command": "captured"})
-    argv = b.build_argv(host, dry_run=dry_run, tty=False, local_rsync=RSYNC,
+    argv = pull.build_argv(host, dry_run=dry_run, tty=False, local_rsync=RSYNC,
                         dest="/backups/web1")
     assert argv[:3] == [RSYNC, "-e", SSH_E]
     assert argv[3:] == [*DEFAULT, "--stats", *tail]
@@ -134,19 +137,19 @@ def test_captured_mode_pulls_with_a_single_colon(source, dry_run, tail):
 
 def test_link_dest_must_be_absolute():
     with pytest.raises(ValueError, match="absolute"):
-        b.build_argv(make_host(snapshots=2), dry_run=False, tty=False, local_rsync=RSYNC,
+        pull.build_argv(make_host(snapshots=2), dry_run=False, tty=False, local_rsync=RSYNC,
                      dest="/d/x.partial", link_dest="y")
 
 
 def test_find_local_rsync_prefers_the_pinned_build(tmp_path):
     host = make_host(tmp_path)
-    path, warning = b.find_local_rsync(host)
+    path, warning = runner.find_local_rsync(host)
     assert path == shutil.which("rsync") and "not built" in warning
     pinned = tmp_path / "prefix" / "bin" / "rsync"
     pinned.parent.mkdir(parents=True)
     pinned.write_text("#!/bin/sh\n")
     pinned.chmod(0o755)
-    assert b.find_local_rsync(host) == (str(pinned), None)
+    assert runner.find_local_rsync(host) == (str(pinned), None)
 
 
 # --- parse_stats ------------------------------------------------------------------------------
@@ -165,13 +168,13 @@ def real_stats(tmp_path: Path, *extra: str) -> str:
         (src / "sub" / "big").write_bytes(os.urandom(1_500_000))
         (src / "link").symlink_to("small")
     out = subprocess.run([rsync, "-a", "--stats", *extra, f"{src}/", f"{tmp_path}/dst/"],
-                         capture_output=True, text=True, env=b._rsync_env(), check=True)
+                         capture_output=True, text=True, env=runner.rsync_env(), check=True)
     return out.stdout
 
 
 def test_parse_stats_real_3x_output(tmp_path):
     text = real_stats(tmp_path)
-    stats = b.parse_stats(text)
+    stats = pull.parse_stats(text)
     assert stats["files"] == 5  # ., sub, small, sub/big, link
     assert stats["files_by_type"] == {"reg": 2, "dir": 2, "link": 1}
     assert stats["files_transferred"] == 2
@@ -185,14 +188,14 @@ def test_parse_stats_real_3x_output(tmp_path):
     assert "1,501,234" in text  # thousands separators were really there
     assert stats["speedup"] > 0
     # A second run transfers nothing.
-    again = b.parse_stats(real_stats(tmp_path))
+    again = pull.parse_stats(real_stats(tmp_path))
     assert again["files_transferred"] == 0 and again["literal_data"] == 0
 
 
 def test_parse_stats_dry_run_and_human_readable(tmp_path):
-    dry = b.parse_stats(real_stats(tmp_path, "-n"))
+    dry = pull.parse_stats(real_stats(tmp_path, "-n"))
     assert dry["dry_run"] is True and dry["files_transferred"] == 2
-    human = b.parse_stats(real_stats(tmp_path / "h", "-h"))
+    human = pull.parse_stats(real_stats(tmp_path / "h", "-h"))
     assert human["transferred_size"] == pytest.approx(1_501_234, rel=0.01)
 
 
@@ -217,7 +220,7 @@ total size is 987654321  speedup is 25904.14
 
 
 def test_parse_stats_269_format():
-    assert b.parse_stats(STATS_269) == {
+    assert pull.parse_stats(STATS_269) == {
         "files": 1234, "files_transferred": 17, "total_size": 987654321,
         "transferred_size": 4321, "literal_data": 4000, "matched_data": 321,
         "file_list_size": 29876, "bytes_sent": 5120, "bytes_received": 33006,
@@ -230,7 +233,7 @@ def test_parse_stats_big_numbers_with_separators():
             "Number of regular files transferred: 12,345\n"
             "Total file size: 98,765,432,109 bytes\n"
             "total size is 98,765,432,109  speedup is 1,234.56\n")
-    stats = b.parse_stats(text)
+    stats = pull.parse_stats(text)
     assert stats["files"] == 1_234_567
     assert stats["files_by_type"] == {"reg": 1_000_000, "dir": 234_500, "link": 67}
     assert stats["files_transferred"] == 12_345
@@ -239,7 +242,7 @@ def test_parse_stats_big_numbers_with_separators():
 
 
 def test_parse_stats_of_nothing_is_empty():
-    assert b.parse_stats("rsync: connection unexpectedly closed\n") == {}
+    assert pull.parse_stats("rsync: connection unexpectedly closed\n") == {}
 
 
 # --- exit codes and error lines -----------------------------------------------------------
@@ -264,7 +267,7 @@ def test_scanner_finds_errors_across_chunks_and_keeps_only_the_tail():
             + b"f\n" * 50_000 +
             b"rsync error: some files/attrs were not transferred (see previous errors) "
             b"(code 23) at main.c(1338) [generator=3.2.7]\n")
-    scanner = b.OutputScanner(tail_bytes=4096)
+    scanner = pull.OutputScanner(tail_bytes=4096)
     for i in range(0, len(text), 777):  # chunk boundaries fall inside lines
         scanner.feed(text[i:i + 777])
     scanner.close()
@@ -274,23 +277,23 @@ def test_scanner_finds_errors_across_chunks_and_keeps_only_the_tail():
         "(code 23) at main.c(1338) [generator=3.2.7]",
     ]
     assert len(scanner.tail) <= 4096 and scanner.tail.endswith("[generator=3.2.7]\n")
-    message = b.describe_failure(23, scanner.errors)
+    message = pull.describe_failure(23, scanner.errors)
     assert message.startswith('rsync exit 23: rsync: [sender] send_files failed to open')
     assert "/ rsync error: some files" in message and "partial transfer" in message
 
 
 def test_describe_ssh_and_daemon_failures():
     # A known message explains more than its exit code does.
-    host_key = b.describe_failure(255, ["Host key verification failed."])
+    host_key = pull.describe_failure(255, ["Host key verification failed."])
     assert host_key.startswith("rsync exit 255: Host key verification failed. -- the server's "
                                "host key is not the one in the inventory's known_hosts")
-    seed = b.describe_failure(5, ["protocol version mismatch -- is your shell clean?",
+    seed = pull.describe_failure(5, ["protocol version mismatch -- is your shell clean?",
                                   "rsync error: protocol incompatibility (code 2)"])
     assert "daemon forced command" in seed and "root@host::MODULE/" in seed
     # Without a known message the exit code's meaning is used.
-    assert b.describe_failure(255, ["ssh: something new"]).endswith(b.EXIT_CODES[255])
-    assert "Unknown module" in b.describe_failure(5, ["@ERROR: Unknown module 'system'"])
-    assert b.describe_failure(12, []).startswith("rsync exit 12 -- ")
+    assert pull.describe_failure(255, ["ssh: something new"]).endswith(b.EXIT_CODES[255])
+    assert "Unknown module" in pull.describe_failure(5, ["@ERROR: Unknown module 'system'"])
+    assert pull.describe_failure(12, []).startswith("rsync exit 12 -- ")
 
 
 # --- snapshots ------------------------------------------------------------------------------
@@ -299,19 +302,19 @@ NOW = datetime(2026, 11, 26, 10, 15, 0, tzinfo=UTC)
 
 
 def test_a_refusal_by_the_gate_is_quoted():
-    scanner = b.OutputScanner()
+    scanner = pull.OutputScanner()
     scanner.feed(b"pullback gate: refused: rsync --server --sender -vlogDtprxzen . /etc/\n"
                  b"rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]\n"
                  b"rsync error: error in rsync protocol data stream (code 12) at io.c(232)\n")
     scanner.close()
     assert scanner.errors[0].startswith("pullback gate: refused: rsync --server")
-    assert "capture-command" in b.describe_failure(12, scanner.errors)
+    assert "capture-command" in pull.describe_failure(12, scanner.errors)
 
 
 def test_run_id_naming_and_collisions():
-    assert b.new_run_id(NOW, []) == "2026-11-26T101500Z"
-    assert b.new_run_id(NOW, ["2026-11-26T101500Z"]) == "2026-11-26T101500Z-2"
-    assert b.new_run_id(NOW, ["2026-11-26T101500Z", "2026-11-26T101500Z-2.partial"]) == \
+    assert store.new_run_id(NOW, []) == "2026-11-26T101500Z"
+    assert store.new_run_id(NOW, ["2026-11-26T101500Z"]) == "2026-11-26T101500Z-2"
+    assert store.new_run_id(NOW, ["2026-11-26T101500Z", "2026-11-26T101500Z-2.partial"]) == \
         "2026-11-26T101500Z-3"
 
 
@@ -319,26 +322,26 @@ def test_snapshot_order_and_pruning():
     names = ["latest", "2026-11-26T101500Z-10", "2026-11-24T000000Z", "2026-11-26T101500Z",
              "2026-11-26T101500Z-2", "2026-11-27T000000Z.partial", "notes.txt",
              ".latest.tmp-1", "2026-11-25T000000Z"]
-    assert b.complete_snapshots(names) == [
+    assert store.complete_snapshots(names) == [
         "2026-11-24T000000Z", "2026-11-25T000000Z", "2026-11-26T101500Z",
         "2026-11-26T101500Z-2", "2026-11-26T101500Z-10"]
-    assert b.newest_snapshot(names) == "2026-11-26T101500Z-10"
-    assert b.plan_prune(names, 2) == [
+    assert store.newest_snapshot(names) == "2026-11-26T101500Z-10"
+    assert store.plan_prune(names, 2) == [
         "2026-11-24T000000Z", "2026-11-25T000000Z", "2026-11-26T101500Z"]
-    assert b.plan_prune(names, 99) == []
-    assert b.plan_prune(names, 0) == []  # mirror mode never prunes
-    assert b.newest_snapshot(["latest", "x.partial"]) is None
+    assert store.plan_prune(names, 99) == []
+    assert store.plan_prune(names, 0) == []  # mirror mode never prunes
+    assert store.newest_snapshot(["latest", "x.partial"]) is None
 
 
 def test_stale_partials_resume_or_delete():
     names = ["2026-11-20T000000Z", "2026-11-21T000000Z.partial", "2026-11-22T000000Z.partial",
              "junk.partial"]
-    assert b.plan_partials(names, resume=True) == (
+    assert store.plan_partials(names, resume=True) == (
         "2026-11-22T000000Z.partial", ["2026-11-21T000000Z.partial"])
-    assert b.plan_partials(names, resume=False) == (
+    assert store.plan_partials(names, resume=False) == (
         None, ["2026-11-21T000000Z.partial", "2026-11-22T000000Z.partial"])
-    assert b.has_delete(["-a", "--delete"]) and b.has_delete(["--delete-after"])
-    assert not b.has_delete(["-a", "--max-delete=3"])
+    assert pull.has_delete(["-a", "--delete"]) and pull.has_delete(["--delete-after"])
+    assert not pull.has_delete(["-a", "--max-delete=3"])
 
 
 # --- run_backup with a stand-in rsync ----------------------------------------------------------
@@ -429,7 +432,7 @@ def test_run_backup_snapshots_link_rename_prune(tmp_path, fake):
         assert result.ok, result.error
         made.append(Path(result.snapshot).name)
     assert len(set(made)) == 3  # same-second runs get -2, -3
-    assert b.complete_snapshots(os.listdir(dest)) == made[1:]
+    assert store.complete_snapshots(os.listdir(dest)) == made[1:]
     assert os.readlink(dest / "latest") == made[-1]
     older, newer = (dest / made[1]), (dest / made[2])
     assert (older / "keep").stat().st_ino == (newer / "keep").stat().st_ino
@@ -448,33 +451,33 @@ def test_run_backup_failure_keeps_snapshots_and_the_next_run_resumes(tmp_path, f
     failed = b.run_backup(host, dry_run=False, tty=False)
     assert not failed.ok and failed.exit_code == 23 and failed.snapshot is None
     assert "Permission denied" in failed.error and "partial transfer" in failed.error
-    assert b.complete_snapshots(os.listdir(dest)) == [Path(first.snapshot).name]
+    assert store.complete_snapshots(os.listdir(dest)) == [Path(first.snapshot).name]
     assert os.readlink(dest / "latest") == Path(first.snapshot).name
-    partials = b.partial_snapshots(os.listdir(dest))
+    partials = store.partial_snapshots(os.listdir(dest))
     assert len(partials) == 1
     monkeypatch.delenv("FAKE_EXIT")
     again = b.run_backup(host, dry_run=False, tty=False)
     assert again.ok and "resumed" in again.warning
-    assert b.partial_snapshots(os.listdir(dest)) == []
+    assert store.partial_snapshots(os.listdir(dest)) == []
     # --delete (in the default options) removed what the killed run left behind.
     assert sorted(os.listdir(again.snapshot)) == ["change", "keep"]
 
 
 def test_check_shrink_limits():
-    assert b.check_shrink(90, 100, "S", "w", 10) is None  # exactly max_delete fewer: fine
-    assert b.check_shrink(500, 100, "S", "w", 0) is None  # growth is never refused
-    refused = b.check_shrink(89, 100, "S", "w", 10)
+    assert store.check_shrink(90, 100, "S", "w", 10) is None  # exactly max_delete fewer: fine
+    assert store.check_shrink(500, 100, "S", "w", 0) is None  # growth is never refused
+    refused = store.check_shrink(89, 100, "S", "w", 10)
     assert "has 89 files" in refused and "S has 100 (w): 11 fewer" in refused
     assert "backup.max_delete 10" in refused
-    assert b.check_shrink(99, 100, "S", "w", 0)  # 0: any drop is refused
-    assert "no 'Number of files'" in b.check_shrink(None, 100, "S", "w", 10)
+    assert store.check_shrink(99, 100, "S", "w", 0)  # 0: any drop is refused
+    assert "no 'Number of files'" in store.check_shrink(None, 100, "S", "w", 10)
 
 
 def test_count_entries_counts_what_rsync_counts(tmp_path):
-    stats = b.parse_stats(real_stats(tmp_path))
+    stats = pull.parse_stats(real_stats(tmp_path))
     (tmp_path / "dst" / "sub" / "dangling").symlink_to("/nonexistent")
     (tmp_path / "dst" / "dirlink").symlink_to("sub")  # a link to a folder is not followed
-    assert b.count_entries(tmp_path / "dst") == stats["files"] + 2
+    assert store.count_entries(tmp_path / "dst") == stats["files"] + 2
 
 
 def test_snapshot_guard_refuses_an_emptied_source(tmp_path, fake):
@@ -487,7 +490,7 @@ def test_snapshot_guard_refuses_an_emptied_source(tmp_path, fake):
     first = b.run_backup(host, dry_run=False, tty=False)
     second = b.run_backup(host, dry_run=False, tty=False)
     assert first.ok and second.ok and first.stats["files"] == 5  # ., keep, change, sub, more
-    good = b.complete_snapshots(os.listdir(dest))
+    good = store.complete_snapshots(os.listdir(dest))
     assert good == [Path(first.snapshot).name, Path(second.snapshot).name]
 
     shutil.rmtree(fake / "sub")
@@ -501,7 +504,7 @@ def test_snapshot_guard_refuses_an_emptied_source(tmp_path, fake):
         assert not refused.ok and refused.exit_code == 0 and refused.snapshot is None
         assert refused.stats["files"] == 1
         assert (f"the source has 1 files, the newest snapshot {good[-1]} has 5 "
-                f"({b.state_dir(host) / 'logs' / good[-1]}.json): 4 fewer, more than "
+                f"({store.state_dir(host) / 'logs' / good[-1]}.json): 4 fewer, more than "
                 "backup.max_delete 1") in refused.error
         assert b.result_label(refused) == "failed"
         assert sorted(os.listdir(dest)) == sorted([*good, "latest"])  # no .partial either
@@ -512,7 +515,7 @@ def test_snapshot_guard_refuses_an_emptied_source(tmp_path, fake):
 
     # The guard needs the newest snapshot's summary only as a shortcut: without it (logs
     # pruned after many refused runs), the snapshot is counted on disk.
-    (b.state_dir(host) / "logs" / f"{good[-1]}.json").unlink()
+    (store.state_dir(host) / "logs" / f"{good[-1]}.json").unlink()
     again = b.run_backup(host, dry_run=False, tty=False)
     assert not again.ok and f"has 5 (counted in {dest / good[-1]})" in again.error
 
@@ -523,7 +526,7 @@ def test_snapshot_guard_refuses_an_emptied_source(tmp_path, fake):
     back = b.run_backup(host, dry_run=False, tty=False)
     assert back.ok, back.error
     assert back.stats["files"] == 4 and back.warning is None
-    assert b.complete_snapshots(os.listdir(dest)) == [good[-1], Path(back.snapshot).name]
+    assert store.complete_snapshots(os.listdir(dest)) == [good[-1], Path(back.snapshot).name]
     assert os.readlink(dest / "latest") == Path(back.snapshot).name
 
 
@@ -559,10 +562,10 @@ def test_run_backup_code_24_is_a_success_with_a_warning(tmp_path, fake, monkeypa
 
 def test_lock_refuses_a_second_run_at_once(tmp_path, fake):
     host = make_host(tmp_path)
-    state = b.state_dir(host)
+    state = store.state_dir(host)
     state.mkdir(mode=0o700)
     held = rf"another backup of web1 is running \(pid {os.getpid()}\)"
-    with b.Lock(state / "lock", host.name), pytest.raises(b.BackupError, match=held):
+    with store.Lock(state / "lock", host.name), pytest.raises(store.BackupError, match=held):
         b.run_backup(host, dry_run=False, tty=False)
     assert b.run_backup(host, dry_run=False, tty=False).ok
 
@@ -581,7 +584,7 @@ def test_run_backup_on_a_tty_echoes_and_shows_progress(tmp_path, fake):
 
 def test_mirror_mode_refuses_a_folder_of_snapshots(tmp_path, fake):
     assert b.run_backup(make_host(tmp_path, snapshots=2), dry_run=False, tty=False).ok
-    with pytest.raises(b.BackupError, match="would erase them"):
+    with pytest.raises(store.BackupError, match="would erase them"):
         b.run_backup(make_host(tmp_path), dry_run=False, tty=False)
 
 
@@ -593,21 +596,21 @@ def test_an_orphaned_rsync_keeps_the_lock(tmp_path, fake, monkeypatch):
               "b.run_backup(i.Host.model_validate_json(sys.argv[1]), dry_run=False, tty=False)")
     child = subprocess.Popen([sys.executable, "-c", script, host.model_dump_json(by_alias=True)],
                              cwd=Path(__file__).resolve().parents[2])
-    lock = b.state_dir(host) / "lock"
+    lock = store.state_dir(host) / "lock"
     deadline = time.monotonic() + 10
     while "rsync" not in (lock.read_text() if lock.exists() else ""):
         assert time.monotonic() < deadline and child.poll() is None
         time.sleep(0.02)
     child.kill()
     child.wait()
-    with pytest.raises(b.BackupError, match=r"is running \(pid \d+, rsync pid \d+\)"):
-        b.Lock(lock, host.name).__enter__()
+    with pytest.raises(store.BackupError, match=r"is running \(pid \d+, rsync pid \d+\)"):
+        store.Lock(lock, host.name).__enter__()
     deadline = time.monotonic() + 10
     while True:
         try:
-            with b.Lock(lock, host.name):
+            with store.Lock(lock, host.name):
                 break
-        except b.BackupError:
+        except store.BackupError:
             assert time.monotonic() < deadline
             time.sleep(0.1)
 
@@ -657,27 +660,27 @@ def test_run_backup_captured_mode_runs_on_a_matching_record(tmp_path, fake):
 def test_run_backup_refuses_drift_before_touching_anything(tmp_path, fake, change, named):
     write_record(captured_host(tmp_path))
     host = captured_host(tmp_path, **change)
-    with pytest.raises(b.BackupError, match=rf"^{named} changed since the capture of "
+    with pytest.raises(store.BackupError, match=rf"^{named} changed since the capture of "
                        r"2026-11-26T10:15:00Z: .*run `invoke capture-command` again$"):
         b.run_backup(host, dry_run=False, tty=False)
     assert not (tmp_path / "web1").exists()
     assert not (fake.parent / "server.argv").exists()  # rsync never ran a pull
-    assert not (b.state_dir(host) / "logs").exists()
+    assert not (store.state_dir(host) / "logs").exists()
 
 
 def test_run_backup_refuses_a_new_local_rsync(tmp_path, fake):
     host = captured_host(tmp_path)
     write_record(host, rsync_version="rsync  version 3.2.7  protocol version 31")
-    with pytest.raises(b.BackupError, match="^the local rsync changed since the capture"):
+    with pytest.raises(store.BackupError, match="^the local rsync changed since the capture"):
         b.run_backup(host, dry_run=False, tty=False)
 
 
 def test_run_backup_refuses_a_damaged_record(tmp_path, fake):
     host = captured_host(tmp_path)
     write_record(host)
-    path = b.state_dir(host) / "capture.json"
+    path = store.state_dir(host) / "capture.json"
     path.write_text(path.read_text().replace("--numeric-ids . /", "--numeric-ids . /etc/"))
-    with pytest.raises(b.BackupError, match=r"capture record .* is damaged .*capture-command"):
+    with pytest.raises(store.BackupError, match=r"capture record .* is damaged .*capture-command"):
         b.run_backup(host, dry_run=False, tty=False)
 
 
@@ -702,11 +705,11 @@ def test_format_table():
 
 def test_restore_argv_adds_acls_and_xattrs_only_when_backed_up():
     src = Path("/b/web1/etc/ssh")
-    plain = b.build_restore_argv(RSYNC, ["-avzx", "--numeric-ids"], src, is_dir=True, to="/r")
+    plain = pull.build_restore_argv(RSYNC, ["-avzx", "--numeric-ids"], src, is_dir=True, to="/r")
     assert plain == [RSYNC, "-a", "--numeric-ids", "-H", "/b/web1/etc/ssh/", "/r/"]
-    full = b.build_restore_argv(RSYNC, ["-aHAXx"], src, is_dir=False, to="/r/")
+    full = pull.build_restore_argv(RSYNC, ["-aHAXx"], src, is_dir=False, to="/r/")
     assert full == [RSYNC, "-a", "--numeric-ids", "-H", "-A", "-X", "/b/web1/etc/ssh", "/r/"]
-    longs = b.build_restore_argv(RSYNC, ["-a", "--acls", "--xattrs"], src, is_dir=True,
+    longs = pull.build_restore_argv(RSYNC, ["-a", "--acls", "--xattrs"], src, is_dir=True,
                                  to="/r")
     assert "-A" in longs and "-X" in longs
 
@@ -717,43 +720,43 @@ def test_restore_path_checks(tmp_path):
     (root / "etc" / "ssh" / "sshd_config").write_text("x")
     (root / "bin").symlink_to("/usr/bin")
     host = make_host(tmp_path)
-    assert b.resolve_restore_path(host, root, "/etc/ssh") == root / "etc" / "ssh"
-    assert b.resolve_restore_path(host, root, "/") == root
-    assert b.resolve_restore_path(host, root, "/bin") == root / "bin"  # the link itself
+    assert restore.resolve_restore_path(host, root, "/etc/ssh") == root / "etc" / "ssh"
+    assert restore.resolve_restore_path(host, root, "/") == root
+    assert restore.resolve_restore_path(host, root, "/bin") == root / "bin"  # the link itself
     for bad, why in [("/etc/../../x", r"'\.\.'"), ("etc/ssh", "absolute"),
                      ("/bin/ls", "symlink to /usr/bin"), ("/nope", "not in the backup")]:
-        with pytest.raises(b.RestoreError, match=why):
-            b.resolve_restore_path(host, root, bad)
+        with pytest.raises(restore.RestoreError, match=why):
+            restore.resolve_restore_path(host, root, bad)
     data = make_host(tmp_path, source="/srv/data")
-    assert b.resolve_restore_path(data, root, "/srv/data/etc") == root / "etc"
-    with pytest.raises(b.RestoreError, match="not inside backup.source"):
-        b.resolve_restore_path(data, root, "/etc/ssh")
+    assert restore.resolve_restore_path(data, root, "/srv/data/etc") == root / "etc"
+    with pytest.raises(restore.RestoreError, match="not inside backup.source"):
+        restore.resolve_restore_path(data, root, "/etc/ssh")
 
 
 def test_backup_root_picks_mirror_or_snapshot(tmp_path):
     mirror = make_host(tmp_path)
-    with pytest.raises(b.RestoreError, match="no backup"):
-        b.backup_root(mirror, None)
+    with pytest.raises(restore.RestoreError, match="no backup"):
+        restore.backup_root(mirror, None)
     (tmp_path / "web1").mkdir()
-    with pytest.raises(b.RestoreError, match="no backup"):
-        b.backup_root(mirror, None)  # an empty DEST: nothing pulled yet
+    with pytest.raises(restore.RestoreError, match="no backup"):
+        restore.backup_root(mirror, None)  # an empty DEST: nothing pulled yet
     (tmp_path / "web1" / "etc").mkdir()
-    assert b.backup_root(mirror, None) == tmp_path / "web1"  # the old layout, read in place
+    assert restore.backup_root(mirror, None) == tmp_path / "web1"  # the old layout, read in place
     (tmp_path / "web1" / "etc").rename(tmp_path / "web1" / "tree")
-    assert b.backup_root(mirror, None) == tmp_path / "web1" / "tree"
+    assert restore.backup_root(mirror, None) == tmp_path / "web1" / "tree"
     (tmp_path / "web1" / "tree").rmdir()
-    with pytest.raises(b.RestoreError, match="does not apply"):
-        b.backup_root(mirror, "2026-11-26T101500Z")
+    with pytest.raises(restore.RestoreError, match="does not apply"):
+        restore.backup_root(mirror, "2026-11-26T101500Z")
     snaps = make_host(tmp_path, snapshots=3)
-    with pytest.raises(b.RestoreError, match="no complete snapshot"):
-        b.backup_root(snaps, None)
+    with pytest.raises(restore.RestoreError, match="no complete snapshot"):
+        restore.backup_root(snaps, None)
     for name in ("2026-11-25T000000Z", "2026-11-26T000000Z", "2026-11-27T000000Z.partial"):
         (tmp_path / "web1" / name).mkdir()
-    assert b.backup_root(snaps, None).name == "2026-11-26T000000Z"
-    assert b.backup_root(snaps, "latest").name == "2026-11-26T000000Z"
-    assert b.backup_root(snaps, "2026-11-25T000000Z").name == "2026-11-25T000000Z"
-    with pytest.raises(b.RestoreError, match="no snapshot"):
-        b.backup_root(snaps, "2026-11-27T000000Z.partial")
+    assert restore.backup_root(snaps, None).name == "2026-11-26T000000Z"
+    assert restore.backup_root(snaps, "latest").name == "2026-11-26T000000Z"
+    assert restore.backup_root(snaps, "2026-11-25T000000Z").name == "2026-11-25T000000Z"
+    with pytest.raises(restore.RestoreError, match="no snapshot"):
+        restore.backup_root(snaps, "2026-11-27T000000Z.partial")
 
 
 def test_run_restore_refuses_non_empty_and_inside_the_backup(tmp_path):
@@ -763,15 +766,15 @@ def test_run_restore_refuses_non_empty_and_inside_the_backup(tmp_path):
     target = tmp_path / "out"
     target.mkdir(mode=0o755)
     (target / "other").write_text("")
-    with pytest.raises(b.RestoreError, match="mode 0755 and is not empty"):
-        b.run_restore(host, path="/etc", to=str(target))
+    with pytest.raises(restore.RestoreError, match="mode 0755 and is not empty"):
+        restore.run_restore(host, path="/etc", to=str(target))
     target.chmod(0o700)
     (target / "tree").mkdir()
-    with pytest.raises(b.RestoreError, match="use --force"):
-        b.run_restore(host, path="/etc", to=str(target))
-    with pytest.raises(b.RestoreError, match="inside the backup"):
-        b.run_restore(host, path="/etc", to=str(tmp_path / "web1" / "x"))
-    result = b.run_restore(host, path="/etc", to=str(target), force=True)
+    with pytest.raises(restore.RestoreError, match="use --force"):
+        restore.run_restore(host, path="/etc", to=str(target))
+    with pytest.raises(restore.RestoreError, match="inside the backup"):
+        restore.run_restore(host, path="/etc", to=str(tmp_path / "web1" / "x"))
+    result = restore.run_restore(host, path="/etc", to=str(target), force=True)
     assert result.ok, result.output
     assert result.target == str(target / "tree")
     assert (target / "tree" / "hosts").read_text() == "127.0.0.1 localhost\n"
@@ -783,7 +786,7 @@ def test_run_restore_makes_a_new_container_0700(tmp_path):
     (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
     (tmp_path / "web1" / "tree" / "etc" / "hosts").write_text("x\n")
     target = tmp_path / "new" / "out"
-    result = b.run_restore(host, path="/etc/hosts", to=str(target))
+    result = restore.run_restore(host, path="/etc/hosts", to=str(target))
     assert result.ok, result.output
     assert (target.stat().st_mode & 0o7777) == 0o700
     assert (target / "tree" / "hosts").read_text() == "x\n"
@@ -795,42 +798,42 @@ def test_run_restore_refuses_an_other_writable_ancestor_and_creates_nothing(tmp_
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with pytest.raises(b.RestoreError, match=f"refused: {shared} is writable by its group "
+    with pytest.raises(restore.RestoreError, match=f"refused: {shared} is writable by its group "
                                              "and others \\(mode 0777\\)"):
-        b.run_restore(host, path="/etc", to=str(shared / "out" / "deeper"))
+        restore.run_restore(host, path="/etc", to=str(shared / "out" / "deeper"))
     assert os.listdir(shared) == []
 
 
 # --- the mirror layout: DEST/tree, and the move from the old layout -----------------------------
 
 LAYOUTS = {
-    "fresh": ([], False, None, b.MirrorLayout("new")),
-    "new layout": (["tree"], False, None, b.MirrorLayout("new")),
+    "fresh": ([], False, None, store.MirrorLayout("new")),
+    "new layout": (["tree"], False, None, store.MirrorLayout("new")),
     "old layout": (["etc", "usr"], False, None,
-                   b.MirrorLayout("old", ".pullback-migrating", ("etc", "usr"))),
+                   store.MirrorLayout("old", ".pullback-migrating", ("etc", "usr"))),
     "old layout with a server folder named tree": (
         ["tree", "etc"], False, None,
-        b.MirrorLayout("old", ".pullback-migrating", ("etc", "tree"))),
+        store.MirrorLayout("old", ".pullback-migrating", ("etc", "tree"))),
     "old layout holding the staging name": (
         [".pullback-migrating", "etc"], False, None,
-        b.MirrorLayout("old", ".pullback-migrating-2", (".pullback-migrating", "etc"))),
+        store.MirrorLayout("old", ".pullback-migrating-2", (".pullback-migrating", "etc"))),
     "marked new layout with a stray file: left alone": (
-        ["tree", "notes.txt"], True, None, b.MirrorLayout("new", strays=("notes.txt",))),
-    "marked, tree not pulled yet": ([], True, None, b.MirrorLayout("new")),
+        ["tree", "notes.txt"], True, None, store.MirrorLayout("new", strays=("notes.txt",))),
+    "marked, tree not pulled yet": ([], True, None, store.MirrorLayout("new")),
     "interrupted move": (
         [".pullback-migrating", "usr", "var"], False, ".pullback-migrating",
-        b.MirrorLayout("migrating", ".pullback-migrating", ("usr", "var"))),
+        store.MirrorLayout("migrating", ".pullback-migrating", ("usr", "var"))),
     "interrupted before the staging folder existed": (
         ["etc", "usr"], False, ".pullback-migrating",
-        b.MirrorLayout("migrating", ".pullback-migrating", ("etc", "usr"))),
+        store.MirrorLayout("migrating", ".pullback-migrating", ("etc", "usr"))),
     "interrupted after the last rename": (["tree"], True, ".pullback-migrating",
-                                          b.MirrorLayout("new")),
+                                          store.MirrorLayout("new")),
 }
 
 
 @pytest.mark.parametrize("names,marked,staging,expected", LAYOUTS.values(), ids=LAYOUTS.keys())
 def test_plan_mirror_layout(names, marked, staging, expected):
-    assert b.plan_mirror_layout(names, marked=marked, staging=staging) == expected
+    assert store.plan_mirror_layout(names, marked=marked, staging=staging) == expected
 
 
 def old_layout(dest: Path) -> None:
@@ -865,7 +868,7 @@ def test_run_backup_moves_the_old_layout_into_tree_then_pulls(tmp_path, fake):
     assert (tree / "tree" / "leaf").read_text() == "leaf\n"
     assert (tree / "setuid").stat().st_mode & 0o7777 == 0o4755
     assert os.readlink(tree / "link") == "etc/passwd"
-    assert not (b.state_dir(host) / "migration.json").exists()
+    assert not (store.state_dir(host) / "migration.json").exists()
     again = b.run_backup(host, dry_run=False, tty=False)
     assert again.ok and again.warning is None
     assert os.listdir(dest) == ["tree"]
@@ -887,18 +890,18 @@ def test_an_interrupted_move_is_finished_by_the_next_run(tmp_path, fake, monkeyp
     result = b.pull_all([host], dry_run=False, out=io.StringIO(), err=io.StringIO())
     assert result == ["web1"]
     monkeypatch.setattr(b.os, "rename", real_rename)
-    record = json.loads((b.state_dir(host) / "migration.json").read_text())
+    record = json.loads((store.state_dir(host) / "migration.json").read_text())
     staging = dest / record["staging"]
     assert len(os.listdir(staging)) == 2 and len(os.listdir(dest)) == 3  # 2 moved, 2 left
     assert (dest.stat().st_mode & 0o7777) == 0o700
-    with pytest.raises(b.RestoreError, match="interrupted"):
-        b.backup_root(host, None)
+    with pytest.raises(restore.RestoreError, match="interrupted"):
+        restore.backup_root(host, None)
     result = b.run_backup(host, dry_run=False, tty=False)
     assert result.ok, result.error
     assert os.listdir(dest) == ["tree"]
     assert sorted(os.listdir(dest / "tree")) == ["change", "etc", "keep", "link", "setuid",
                                                  "tree"]
-    assert not (b.state_dir(host) / "migration.json").exists()
+    assert not (store.state_dir(host) / "migration.json").exists()
 
 
 def test_run_backup_refuses_a_group_writable_ancestor_before_writing(tmp_path, fake):
@@ -928,7 +931,7 @@ RESTORE_TARGETS = {
 @pytest.mark.parametrize("mode,names,force,why", RESTORE_TARGETS.values(),
                          ids=RESTORE_TARGETS.keys())
 def test_check_restore_container(mode, names, force, why):
-    problem = b.check_restore_container(Path("/r"), names, mode, force=force)
+    problem = restore.check_restore_container(Path("/r"), names, mode, force=force)
     assert (problem is None) if why is None else (why in problem)
 
 
@@ -982,13 +985,12 @@ def test_restore_task_needs_exactly_one_host(tmp_path):
 def test_run_backup_refuses_a_key_others_can_read(tmp_path, fake):
     host = make_host(tmp_path)
     Path(host.backup_key).chmod(0o644)
-    with pytest.raises(b.BackupError, match=r"mode 0644.*chmod 600"):
+    with pytest.raises(store.BackupError, match=r"mode 0644.*chmod 600"):
         b.run_backup(host, dry_run=False, tty=False)
     assert not (tmp_path / "web1").exists()
 
 
 def test_run_backup_keeps_only_the_newest_runs_logs(tmp_path, fake):
-    from roles.features import status
 
     logs = tmp_path / "web1.pullback" / "logs"
     logs.mkdir(parents=True)
@@ -999,7 +1001,7 @@ def test_run_backup_keeps_only_the_newest_runs_logs(tmp_path, fake):
     result = b.run_backup(make_host(tmp_path), dry_run=False, tty=False)
     assert result.ok
     runs = sorted({name.rsplit(".", 1)[0] for name in os.listdir(logs) if name != "notes.txt"})
-    assert len(runs) == status.DEFAULT_KEEP_LOGS
+    assert len(runs) == store.DEFAULT_KEEP_LOGS
     assert runs[-1] == Path(result.log_path).stem  # the run just made is kept
     assert "2026-10-01T020000Z" not in runs and (logs / "notes.txt").exists()
 
@@ -1012,11 +1014,11 @@ def test_run_backup_keeps_only_the_newest_runs_logs(tmp_path, fake):
 ])
 def test_a_terminal_with_new_rsyncs_shows_whole_transfer_progress(options, expected):
     host = make_host(options=options)
-    argv = b.build_argv(host, dry_run=False, tty=True, local_rsync=RSYNC, dest="/d",
+    argv = pull.build_argv(host, dry_run=False, tty=True, local_rsync=RSYNC, dest="/d",
                         progress2=True)
     assert argv[3:-3] == expected and argv[-3] == "--stats"
     # Off a terminal progress goes whatever the versions; old rsyncs keep --progress.
-    assert "--info=progress2" not in b.build_argv(host, dry_run=False, tty=False,
+    assert "--info=progress2" not in pull.build_argv(host, dry_run=False, tty=False,
                                                   local_rsync=RSYNC, dest="/d", progress2=True)
 
 
@@ -1024,7 +1026,7 @@ def test_a_terminal_with_new_rsyncs_shows_whole_transfer_progress(options, expec
     ("2.6.9", False), ("3.0.9", False), ("3.1.0", True), ("3.2.7", True), ("3.10.1", True),
     (None, False), ("", False)])
 def test_progress2_needs_rsync_3_1(version, ok):
-    assert b.supports_progress2(version) is ok
+    assert pull.supports_progress2(version) is ok
 
 
 def test_both_ends_checks_the_local_rsync_on_path(tmp_path):
@@ -1032,8 +1034,8 @@ def test_both_ends_checks_the_local_rsync_on_path(tmp_path):
     old.write_text("#!/bin/sh\necho 'rsync  version 3.0.9  protocol version 30'\n")
     old.chmod(0o755)
     host = make_host(tmp_path)  # rsync.version 3.2.7 on the server, local build missing
-    assert b.both_ends_have_progress2(host, str(old)) is False
-    assert b.both_ends_have_progress2(host, host.rsync.local_binary) is True
-    assert b.both_ends_have_progress2(
+    assert runner.both_ends_have_progress2(host, str(old)) is False
+    assert runner.both_ends_have_progress2(host, host.rsync.local_binary) is True
+    assert runner.both_ends_have_progress2(
         host.model_copy(update={"rsync": host.rsync.model_copy(update={"version": "2.6.9"})}),
         host.rsync.local_binary) is False

@@ -11,6 +11,7 @@ import pytest
 
 from roles.features import status as st
 from roles.inventory.schema import Host
+from roles.local import store
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -178,16 +179,16 @@ PRUNE = {
 @pytest.mark.parametrize("name", PRUNE)
 def test_plan_log_prune(name):
     given, keep, want = PRUNE[name]
-    assert st.plan_log_prune(given, keep) == want
+    assert store.plan_log_prune(given, keep) == want
 
 
 def test_prune_logs_keeps_the_newest_runs(tmp_path):
     logs = tmp_path / "logs"
     ids = [write_summary(logs, NOW - timedelta(hours=h)) for h in range(35)]
     (logs / "lock").write_text("")
-    removed = st.prune_logs(logs)
+    removed = store.prune_logs(logs)
     assert len(removed) == 10 and set(ids[30:]) == {n.rsplit(".", 1)[0] for n in removed}
-    assert len(os.listdir(logs)) == 2 * st.DEFAULT_KEEP_LOGS + 1
+    assert len(os.listdir(logs)) == 2 * store.DEFAULT_KEEP_LOGS + 1
 
 
 def test_prune_logs_keeps_the_summaries_of_complete_snapshots(tmp_path):
@@ -196,6 +197,6 @@ def test_prune_logs_keeps_the_summaries_of_complete_snapshots(tmp_path):
     logs = tmp_path / "logs"
     ids = [write_summary(logs, NOW - timedelta(hours=h)) for h in range(35)]
     oldest, older = ids[34], ids[33]
-    removed = st.prune_logs(logs, keep=5, protect=[oldest, "2020-01-01T000000Z"])
+    removed = store.prune_logs(logs, keep=5, protect=[oldest, "2020-01-01T000000Z"])
     assert {n.rsplit(".", 1)[0] for n in removed} == set(ids[5:34])
     assert (logs / f"{oldest}.json").exists() and not (logs / f"{older}.json").exists()

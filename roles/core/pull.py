@@ -1,0 +1,275 @@
+"""The pull as rsync sees it, pure: the client's argv (ssh, source, options, progress) and
+what its output says (``--stats``, error lines, exit codes)."""
+
+from __future__ import annotations
+
+import collections
+import re
+import shlex
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from roles.core import rsync_errors
+from roles.core.rsync_errors import explain_exit
+
+if TYPE_CHECKING:
+    from roles.inventory.schema import Host  # pydantic: not imported at run time
+
+OK_CODES = (0, 24)
+TAIL_BYTES = 65536
+
+_PROGRESS_OPTIONS = ("--progress", "--info=progress2", "--info=progress1", "--info=progress0")
+
+def ssh_command(host: Host, *, interactive: bool = False) -> str:
+    """The ``-e`` value: strict host keys from the inventory, only the backup key.
+
+    Unattended runs never prompt (``BatchMode``: a passphrase key needs an agent); an
+    interactive run on a terminal may ask for the key's passphrase, once per host.
+    """
+    return shlex.join([
+        "ssh", "-i", host.backup_key, "-p", str(host.port),
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={host.known_hosts}",
+        "-o", f"BatchMode={'no' if interactive else 'yes'}",
+        "-o", "IdentitiesOnly=yes",
+        # An unattended run must not hang forever on a dead network.
+        "-o", "ConnectTimeout=30",
+        "-o", "ServerAliveInterval=30",
+        "-o", "ServerAliveCountMax=4",
+    ])
+
+
+def source_spec(host: Host) -> str:
+    """Daemon mode ``root@ADDR::MODULE/SOURCE/``; captured mode ``root@ADDR:/SOURCE/``.
+
+    Daemon mode needs the double colon: a single colon would make rsync start its own
+    ``rsync --server --sender`` over ssh, the daemon forced command would answer with its
+    greeting, and the client would fail with "protocol version mismatch -- is your shell
+    clean?" (the seed's bug). Captured mode needs the single colon: the gate runs exactly
+    the ``rsync --server --sender ... . /SOURCE/`` that such a client sends. The trailing
+    slash puts SOURCE's contents (not a folder named after it) into the destination.
+    """
+    address = f"[{host.address}]" if ":" in host.address else host.address
+    path = host.backup.source.strip("/")
+    if host.forced_command == "captured":
+        return f"root@{address}:/{path + '/' if path else ''}"
+    return f"root@{address}::{host.backup.module}/{path + '/' if path else ''}"
+
+
+def drop_progress(options: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for option in options:
+        if option in _PROGRESS_OPTIONS:
+            continue
+        if option == "-P":  # --partial --progress: keep the partial half
+            out.append("--partial")
+            continue
+        out.append(option)
+    return out
+
+
+def whole_transfer_progress(options: Iterable[str]) -> list[str]:
+    """``--progress`` (per file) becomes ``--info=progress2`` (one line for the whole pull)."""
+    out: list[str] = []
+    for option in options:
+        if option == "--progress":
+            out.append("--info=progress2")
+        elif option == "-P":
+            out += ["--partial", "--info=progress2"]
+        else:
+            out.append(option)
+    return out
+
+
+def supports_progress2(version: str | None) -> bool:
+    """``--info=progress2`` exists from rsync 3.1.0."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    return bool(match) and (int(match[1]), int(match[2])) >= (3, 1)
+
+
+def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
+               link_dest: str | None = None, progress2: bool = False) -> list[str]:
+    """The pull of ``host`` into ``dest``, as an argv list (no shell).
+
+    capture-command builds its capture runs with this same function, so what it records is
+    what a backup sends (progress options never reach the server's command line).
+    On a terminal the user's progress option is kept; with ``progress2`` (both ends are
+    rsync >= 3.1) ``--progress`` becomes the whole-transfer ``--info=progress2``.
+    """
+    if not tty:
+        options = drop_progress(host.backup.options)
+    elif progress2:
+        options = whole_transfer_progress(host.backup.options)
+    else:
+        options = list(host.backup.options)
+    argv = [local_rsync, "-e", ssh_command(host, interactive=tty), *options, "--stats"]
+    argv += [f"--exclude={pattern}" for pattern in host.backup.exclude]
+    if dry_run:
+        # Daemon mode: the daemon takes the client's options. Captured mode: the gate runs
+        # the recorded dry-run command, which is what a client with -n sends.
+        argv.append("-n")
+    if host.backup.max_delete is not None:
+        argv.append(f"--max-delete={host.backup.max_delete}")
+    if link_dest is not None:
+        if not link_dest.startswith("/"):
+            raise ValueError(f"--link-dest must be absolute (rsync resolves it from DEST): "
+                             f"{link_dest!r}")
+        argv.append(f"--link-dest={link_dest}")
+    argv += [source_spec(host), dest.rstrip("/") + "/"]
+    return argv
+
+
+_NUM = r"([\d,.]+[KMGTP]?)"
+_STAT_FIELDS = (
+    ("files", rf"^Number of files: {_NUM}"),
+    ("files_created", rf"^Number of created files: {_NUM}"),
+    ("files_deleted", rf"^Number of deleted files: {_NUM}"),
+    ("files_transferred", rf"^Number of (?:regular )?files transferred: {_NUM}"),
+    ("total_size", rf"^Total file size: {_NUM}"),
+    ("transferred_size", rf"^Total transferred file size: {_NUM}"),
+    ("literal_data", rf"^Literal data: {_NUM}"),
+    ("matched_data", rf"^Matched data: {_NUM}"),
+    ("file_list_size", rf"^File list size: {_NUM}"),
+    ("bytes_sent", rf"^Total bytes sent: {_NUM}"),
+    ("bytes_received", rf"^Total bytes received: {_NUM}"),
+)
+_UNITS = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+def _number(text: str) -> int:
+    """``1,234`` -> 1234; ``100.24K`` (rsync -h, units of 1000) -> 100240 (approximate)."""
+    unit = _UNITS.get(text[-1], 1)
+    digits = text.rstrip("KMGTP")
+    if unit == 1:
+        return int(digits.replace(",", "").replace(".", ""))
+    return round(float(digits.replace(",", "")) * unit)
+
+
+def parse_stats(text: str) -> dict[str, Any]:
+    """The numbers of rsync's ``--stats`` block (2.6.9 and 3.x formats); missing ones absent.
+
+    3.x prints ``Number of files: 1,234 (reg: 1,000, dir: 234)`` and ``Number of regular
+    files transferred``; 2.6.9 prints ``Number of files: 1234`` and ``Number of files
+    transferred``. The per-type breakdown, when there, is kept as ``files_by_type``.
+    """
+    stats: dict[str, Any] = {}
+    for name, pattern in _STAT_FIELDS:
+        matches = re.findall(pattern, text, re.MULTILINE)
+        if matches:
+            stats[name] = _number(matches[-1])
+    kinds = re.findall(r"^Number of files: [\d,.]+[KMGTP]? \(([^)]*)\)", text, re.MULTILINE)
+    if kinds:
+        stats["files_by_type"] = _types(kinds[-1])
+    speedups = re.findall(r"speedup is ([\d,.]+)", text)
+    if speedups:
+        stats["speedup"] = float(speedups[-1].replace(",", ""))
+    if "(DRY RUN)" in text:
+        stats["dry_run"] = True
+    return stats
+
+
+def _types(text: str) -> dict[str, int]:
+    # "reg: 1,000, dir: 234, link: 3": split on ", " only where a "word:" follows.
+    return {kind: _number(count)
+            for kind, count in re.findall(r"(\w+): ([\d,.]+[KMGTP]?)(?:,|$)", text)}
+
+
+# Lines worth quoting when rsync fails: rsync's own messages, the daemon's, ssh's, the
+# captured-mode gate's.
+_ERROR_LINE = re.compile(
+    rb"(?:^|\r)((?:rsync(?: error| warning)?: |@ERROR|ERROR: |ssh: |Host key verification "
+    rb"failed|Permission denied|Deletions stopped|protocol version mismatch|No \S+ host key "
+    rb"is known|Connection closed|Connection reset|kex_exchange_identification|IO error "
+    rb"encountered|file has vanished|pullback gate: |@@@@)[^\r\n]*)",
+    re.MULTILINE,
+)
+
+
+class OutputScanner:
+    """Keeps what we need of rsync's output while it streams by in chunks.
+
+    Only the tail (the ``--stats`` block is at the end) and the last error-looking lines are
+    kept, so a verbose listing of millions of files costs no memory and no per-line Python.
+    """
+
+    def __init__(self, tail_bytes: int = TAIL_BYTES, keep_errors: int = 20) -> None:
+        self._tail = bytearray()
+        self._tail_bytes = tail_bytes
+        self._carry = b""
+        self.errors: collections.deque[str] = collections.deque(maxlen=keep_errors)
+
+    def feed(self, chunk: bytes) -> None:
+        self._tail += chunk
+        if len(self._tail) > 2 * self._tail_bytes:
+            del self._tail[:-self._tail_bytes]
+        data = self._carry + chunk
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r"))
+        if cut < 0:
+            self._carry = data[-self._tail_bytes:]
+            return
+        self._scan(data[:cut + 1])
+        self._carry = data[cut + 1:][-self._tail_bytes:]
+
+    def close(self) -> None:
+        self._scan(self._carry)
+        self._carry = b""
+
+    def _scan(self, data: bytes) -> None:
+        for match in _ERROR_LINE.finditer(data):
+            self.errors.append(match.group(1).decode(errors="replace").strip())
+
+    @property
+    def tail(self) -> str:
+        return bytes(self._tail[-self._tail_bytes:]).decode(errors="replace")
+
+
+def last_error(lines: Iterable[str]) -> str:
+    """rsync's last error line; with the generic ``rsync error: ... (code N)`` summary, the
+    specific message before it too."""
+    lines = [line for line in lines if not line.startswith("@@@@")] or list(lines)
+    if not lines:
+        return ""
+    last = lines[-1]
+    if last.startswith("rsync error:"):
+        specific = [line for line in lines if not line.startswith("rsync error:")]
+        if specific:
+            return f"{specific[-1]} / {last}"
+    return last
+
+
+def describe_failure(code: int, errors: Iterable[str]) -> str:
+    """rsync's last error line and what it means: a known message's explanation when the
+    output holds one (it names the cause better than the exit code), else the code's."""
+    errors = list(errors)
+    line = last_error(errors)
+    known = rsync_errors.explanation("\n".join(errors))
+    return (f"rsync exit {code}{': ' + line if line else ''} -- "
+            f"{known or explain_exit(code)}")
+
+
+def has_delete(options: Iterable[str]) -> bool:
+    return any(option == "--delete" or option.startswith("--delete-") or option == "--del"
+               for option in options)
+
+
+def has_flag(options: Iterable[str], short: str, long: str) -> bool:
+    for option in options:
+        if option == long:
+            return True
+        if re.match(r"^-[A-Za-z]+$", option) and short in option[1:]:
+            return True
+    return False
+
+
+def build_restore_argv(local_rsync: str, options: Iterable[str], source: Path, *,
+                       is_dir: bool, to: str) -> list[str]:
+    """``rsync -a --numeric-ids -H [-A] [-X] SRC[/] TO/``: a folder's contents land in TO."""
+    options = list(options)
+    argv = [local_rsync, "-a", "--numeric-ids", "-H"]
+    if has_flag(options, "A", "--acls"):
+        argv.append("-A")
+    if has_flag(options, "X", "--xattrs"):
+        argv.append("-X")
+    argv += [str(source) + ("/" if is_dir else ""), to.rstrip("/") + "/"]
+    return argv
