@@ -83,6 +83,8 @@ class SetupPlan:
     # (and the rollback) puts them back.
     root_ssh_was: tuple[int, int, int] | None = None
     make_dirs: tuple[str, ...] = ()  # pullback's own folders to create / set to 0700 root
+    new_dirs: tuple[str, ...] = ()   # those of make_dirs that do not exist yet: a rollback
+                                     # removes them again (when empty)
 
     @property
     def changed(self) -> bool:
@@ -271,6 +273,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         forced_command=forced_command, warnings=tuple(warnings), steps=steps,
         create_root_ssh=fix_root_ssh and root_ssh is None, make_dirs=make_dirs,
         root_ssh_was=root_ssh if fix_root_ssh else None,
+        new_dirs=tuple(d for d in make_dirs if d not in facts.dirs),
     )
 
 
@@ -445,6 +448,8 @@ def rollback_script(plan: SetupPlan) -> str:
             out.append(f"rm -f {target} || rc=1")
         else:
             out.append(f"mv -fT {bak} {target} || rc=1")
+    for folder in reversed(plan.new_dirs):
+        out.append(f"rmdir {_q(folder)} 2>/dev/null || :")  # only when empty: ours alone
     if plan.create_root_ssh:
         out.append(f"rmdir {ROOT_SSH} 2>/dev/null || :")  # only when empty: ours alone
     elif plan.root_ssh_was is not None:

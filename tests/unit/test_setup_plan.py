@@ -338,7 +338,7 @@ def test_fresh_host_plan_orders_rsyncd_keys_sshd():
     rsyncd_change, keys_change, sshd_change = plan.changes
     assert rsyncd_change.old is None and rsyncd_change.new == MODULE
     assert (rsyncd_change.mode, rsyncd_change.uid, rsyncd_change.gid) == (0o600, 0, 0)
-    assert plan.make_dirs == (PULLBACK_DIR,)
+    assert plan.make_dirs == plan.new_dirs == (PULLBACK_DIR,)
     assert keys_change.old is None and keys_change.new == (KEY_LINE + "\n").encode()
     assert (keys_change.mode, keys_change.uid, keys_change.gid) == (0o600, 0, 0)
     assert keys_change.check_line == KEY_LINE
@@ -635,6 +635,7 @@ def test_apply_script_without_sshd_change_does_not_reload():
         "rm -f /etc/pullback/rsyncd.conf || rc=1",
         "rm -f /root/.ssh/authorized_keys || rc=1",
         "mv -fT /etc/ssh/sshd_config.pullback-bak /etc/ssh/sshd_config || rc=1",
+        "rmdir /etc/pullback 2>/dev/null || :",
         "rmdir /root/.ssh 2>/dev/null || :",
         'kill -HUP "$(cat /run/sshd.pid)" || rc=1',
     ]),
@@ -646,7 +647,8 @@ def test_apply_script_without_sshd_change_does_not_reload():
     ]),
 ])
 def test_rollback_script(reload, service, create_root_ssh, expected):
-    plan = fresh_plan(reload_sshd=reload, service=service, create_root_ssh=create_root_ssh)
+    plan = fresh_plan(reload_sshd=reload, service=service, create_root_ssh=create_root_ssh,
+                      new_dirs=(PULLBACK_DIR,) if create_root_ssh else ())
     lines = rollback_script(plan).splitlines()
     assert lines == ["set -u", "rc=0", *expected, 'exit "$rc"']
 
