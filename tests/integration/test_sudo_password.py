@@ -23,7 +23,13 @@ import paramiko
 import pytest
 
 from roles import connection, keys, lab, setup
-from roles.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG
+from roles.facts import (
+    AUTHORIZED_KEYS,
+    PULLBACK_DIR,
+    PULLBACK_RSYNCD_CONF,
+    RSYNCD_CONF,
+    SSHD_CONFIG,
+)
 from roles.inventory import Host, load
 from roles.sshd import parse_sshd_T
 from tests.integration.conftest import Lab, infra_host
@@ -38,7 +44,8 @@ WRONG = "not-the-sudo-password"
 OPERATOR = "operator"
 WANT = "forced-commands-only"
 NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-WATCHED = (SSHD_CONFIG, "/root/.ssh", AUTHORIZED_KEYS, RSYNCD_CONF)
+WATCHED = (SSHD_CONFIG, "/root/.ssh", AUTHORIZED_KEYS, RSYNCD_CONF, PULLBACK_DIR,
+           PULLBACK_RSYNCD_CONF)
 
 
 @dataclass
