@@ -1,29 +1,59 @@
-"""The pullback module in ``/etc/rsyncd.conf``.
+"""The pullback module, in pullback's own ``/etc/pullback/rsyncd.conf``.
 
-Everything here is pure: the lead's gather/apply code reads and writes the file.
+Everything here is pure: ``roles.setup`` reads and writes the files.
+
+Why a file of our own: a module in the shared ``/etc/rsyncd.conf`` is served by ANY rsync
+daemon on the host (Debian/Ubuntu's ``rsync.service`` starts whenever that file exists,
+on TCP 873, to anyone), and the backup key's ``rsync --server --daemon .`` would reach
+every other module of that file too. The forced command names our file instead
+(``--config=/etc/pullback/rsyncd.conf``; rsync 2.6.9 honours it as well), which holds our
+module only, 0600 root.
+
+Migration: the previous version wrote the module into ``/etc/rsyncd.conf``.
+``plan_legacy_removal`` takes it out again (marker line + section), byte for byte, and
+leaves everything else in that file as it is.
 
 Parsing follows rsync's ``params.c``/``loadparm.c``: ``#`` and ``;`` lines are comments,
 a trailing backslash continues a line, parameter names compare case- and
-whitespace-insensitively (``readonly`` is ``read only``), and so do section names. A
-section name seen twice is the SAME module: rsyncd merges the two and later values win,
-so a second ``[system]`` could quietly turn ``read only`` off. The plan therefore keeps
-exactly one copy of our module (the first, rewritten in place) and says so in
-``warnings``. Module values override global ones, so global settings are left alone.
+whitespace-insensitively (``readonly`` is ``read only``), and so do section names.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from roles.core.diffs import split_lines, unified
 from roles.core.render import render
+from roles.remote.facts import PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 
 MARKER = "# managed by pullback"
 DEFAULT_LOCK_FILE = "/var/run/rsyncd.lock"  # rsyncd's own default
+PULLBACK_CONF = PULLBACK_RSYNCD_CONF  # ours alone; the forced command's --config
+SHARED_CONF = RSYNCD_CONF  # every rsync daemon's; written only to migrate away
+
+# Options the daemon refuses: everything that writes or deletes on the server. A pull
+# never sends them (--delete is the receiver's, on the backup host; the client sends
+# `--server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . PATH`). The one that matters
+# for a pull is the sender's `--remove-source-files` (2.6.9: `--remove-sent-files`), which
+# would delete the server's files after sending them; the rest only act when the server
+# receives, which `read only = yes` already stops, and are refused in case it is ever
+# flipped. Not refused: anything a pull sends (-a's letters, -z, -e, --numeric-ids...),
+# else rsync refuses the normal pull. A name one rsync does not know (2.6.9 has no
+# --append, --mkpath or --write-devices) is only logged ("No match for refuse-options
+# string"), never an error.
+REFUSE_OPTIONS = (
+    "delete*", "remove-*", "backup*", "suffix", "partial-dir", "temp-dir", "inplace",
+    "append*", "mkpath", "write-devices", "write-batch", "only-write-batch", "read-batch",
+    "log-file*",
+)
+# Refusing these is what makes the key unable to delete server files: check_module says so.
+REQUIRED_REFUSALS = ("delete*", "remove-*")
 
 _MODULE_RE = re.compile(r"[A-Za-z0-9_-]+")
+_HOST_RE = re.compile(r"[0-9A-Fa-f.:/]+")  # an address or address/mask, nothing to resolve
 _TRUE = frozenset({"yes", "true", "on", "1"})
 _FALSE = frozenset({"no", "false", "off", "0"})
 
@@ -34,6 +64,9 @@ class RsyncdSettings:
     path: str = "/"
     lock_file: str = "/run/rsyncd-pullback.lock"
     comment: str = "pullback full-system backup (read-only)"
+    # `hosts allow` patterns: over ssh rsync takes the client's address from
+    # $SSH_CONNECTION (sshd sets it; the client cannot). Empty: no hosts lines.
+    hosts_allow: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _MODULE_RE.fullmatch(self.module):
@@ -45,6 +78,9 @@ class RsyncdSettings:
                 raise ValueError(f"{label} {value!r} must be an absolute path")
             _check_value(label, value)
         _check_value("comment", self.comment)
+        for pattern in self.hosts_allow:
+            if not _HOST_RE.fullmatch(pattern):
+                raise ValueError(f"hosts allow {pattern!r}: an IP address or address/mask")
 
 
 def _check_value(label: str, value: str) -> None:
@@ -128,13 +164,19 @@ class RsyncdConf:
 
 @dataclass(frozen=True)
 class RsyncdPlan:
+    """A whole-file change; ``new`` None: remove the file."""
+
+    path: str
     old: bytes | None
-    new: bytes
-    changed: bool
+    new: bytes | None
     warnings: tuple[str, ...] = ()
 
-    def diff(self, path: str = "/etc/rsyncd.conf") -> str:
-        return unified(path, self.old, self.new)
+    @property
+    def changed(self) -> bool:
+        return self.old != self.new
+
+    def diff(self) -> str:
+        return unified(self.path, self.old, self.new)
 
 
 def normalize(name: str) -> str:
@@ -143,14 +185,48 @@ def normalize(name: str) -> str:
 
 
 def render_module(settings: RsyncdSettings) -> str:
+    """The whole of ``/etc/pullback/rsyncd.conf``."""
     return render(
         "rsyncd.conf.j2",
         module=settings.module,
         path=settings.path,
         comment=settings.comment,
         lock_file=settings.lock_file,
+        refuse_options=" ".join(REFUSE_OPTIONS),
+        hosts_allow=" ".join(settings.hosts_allow),
     )
 
+
+def render_legacy_module(module: str) -> bytes:
+    """The block the previous version wrote into /etc/rsyncd.conf, as it rendered it
+    (setup-remote only ever changed the module name), to recognise it byte for byte."""
+    return render("rsyncd.conf.legacy.j2", module=module, path="/",
+                  comment="pullback full-system backup (read-only)",
+                  lock_file="/run/rsyncd-pullback.lock").encode()
+
+
+def hosts_allow_for(from_: str | None, client_addr: str) -> tuple[tuple[str, ...], list[str]]:
+    """The module's ``hosts allow``, and warnings.
+
+    The inventory's ``from`` when every pattern in it is an address or network (rsync
+    reads those as sshd does); otherwise the backup host's address as the server saw
+    setup-remote's own login. A hostname or wildcard pattern is not copied: rsync would
+    need a reverse DNS lookup to match it.
+    """
+    if from_:
+        patterns = [p.strip() for p in from_.split(",") if p.strip()]
+        try:
+            for pattern in patterns:
+                ipaddress.ip_network(pattern, strict=False)
+            return tuple(patterns), []
+        except ValueError:
+            pass
+    try:
+        ipaddress.ip_address(client_addr)
+    except ValueError:
+        return (), [f"the server did not report the backup host's address ({client_addr!r}):"
+                    " the rsync module has no `hosts allow`"]
+    return (client_addr,), []
 
 
 def parse_rsyncd_conf(text: bytes) -> RsyncdConf:
@@ -202,43 +278,55 @@ def _extent(conf: RsyncdConf, section: Section) -> tuple[int, int]:
     return start, section.end
 
 
-def plan_rsyncd_conf(current: bytes | None, settings: RsyncdSettings) -> RsyncdPlan:
-    """Our module freshly rendered into ``current``; everything else byte for byte."""
-    block = render_module(settings).encode()
-    if not current or not current.strip():
-        return RsyncdPlan(current, block, current != block)
+def plan_pullback_conf(current: bytes | None, settings: RsyncdSettings) -> RsyncdPlan:
+    """Our own file holds our module and nothing else: whatever is there is replaced."""
+    return RsyncdPlan(PULLBACK_CONF, current, render_module(settings).encode())
+
+
+def plan_remove_pullback_conf(current: bytes | None) -> RsyncdPlan:
+    """Captured mode serves no module: our file goes (the folder, empty, stays)."""
+    return RsyncdPlan(PULLBACK_CONF, current, None)
+
+
+def legacy_modules(conf: RsyncdConf) -> tuple[Section, ...]:
+    """Modules with our marker directly above their header: the previous version's."""
+    return tuple(s for s in conf.modules if _extent(conf, s)[0] < s.start)
+
+
+def plan_legacy_removal(current: bytes | None) -> RsyncdPlan:
+    """``/etc/rsyncd.conf`` without the module(s) the previous version put there.
+
+    A marked module that is exactly what the old template rendered goes silently; one
+    edited by hand since goes too (it still carries our marker and serves / to any
+    daemon), with a warning: the old file stays as ``/etc/rsyncd.conf.pullback-bak`` and
+    ``--dry-run`` shows the diff first. Everything else stays byte for byte: other
+    modules, globals, comments, CRLF, a missing final newline. Two shapes of the old
+    writer are undone exactly: a blank line it put between the last section and a module
+    it appended at the end goes with the module, and a file that held nothing but our
+    module is removed (an empty /etc/rsyncd.conf still starts Debian's rsync.service).
+    """
+    if not current:
+        return RsyncdPlan(SHARED_CONF, current, current)
     conf = parse_rsyncd_conf(current)
-    warnings: list[str] = []
-    for directive in conf.directives:
-        warnings.append(
-            f"rsyncd.conf has {directive!r}: a [{settings.module}] defined there is not checked"
-        )
-    for other in conf.modules:
-        start, _ = _extent(conf, other)
-        if start < other.start and normalize(other.name or "") != normalize(settings.module):
-            warnings.append(f"[{other.name}] is also managed by pullback: remove it if unused")
-    found = conf.find_module(settings.module)
-    lines = list(conf.lines)
+    found = legacy_modules(conf)
     if not found:
-        text = b"".join(lines)
-        if not text.endswith(b"\n"):
-            text += b"\n"
-        if lines[-1].strip():  # a blank line between the last section and ours
-            text += b"\n"
-        return RsyncdPlan(current, text + block, True, tuple(warnings))
-    if len(found) > 1:
-        warnings.append(
-            f"[{settings.module}] appeared {len(found)} times; rsyncd merges sections of the"
-            f" same name, so the {len(found) - 1} later one(s) are removed"
-        )
-    # Work from the bottom so earlier line numbers stay valid.
-    for section in reversed(found[1:]):
+        return RsyncdPlan(SHARED_CONF, current, current)
+    warnings: list[str] = []
+    lines = list(conf.lines)
+    for section in reversed(found):  # bottom up: earlier line numbers stay valid
         start, end = _extent(conf, section)
+        if b"".join(lines[start:end]) != render_legacy_module(section.name or ""):
+            warnings.append(
+                f"{SHARED_CONF}: [{section.name}] carries pullback's marker but was edited by "
+                f"hand; removed anyway (it served / to any rsync daemon); the old file is kept "
+                f"as {SHARED_CONF}.pullback-bak"
+            )
+        at_end = not any(ln.strip() for ln in lines[end:])
         del lines[start:end]
-    start, end = _extent(conf, found[0])
-    lines[start:end] = [block]
+        if at_end and len(lines) >= 2 and lines[-1] == b"\n" and lines[-2].strip():
+            del lines[-1]  # the separator the old writer added before an appended module
     new = b"".join(lines)
-    return RsyncdPlan(current, new, new != current, tuple(warnings))
+    return RsyncdPlan(SHARED_CONF, current, new if new else None, tuple(warnings))
 
 
 def _parse_bool(value: str) -> bool | None:
@@ -293,6 +381,11 @@ def check_module(conf_text: bytes | str, module: str, *, path: str | None = "/")
         problems.append(
             f"max connections without a lock file: rsyncd falls back to {DEFAULT_LOCK_FILE}"
         )
+    refused = (get("refuse options") or "").split()
+    lacking = [name for name in REQUIRED_REFUSALS if name not in refused]
+    if lacking:
+        problems.append(f"refuse options lacks {' '.join(lacking)}: the key could ask the "
+                        "daemon to delete files (--remove-source-files, --delete)")
     return problems
 
 

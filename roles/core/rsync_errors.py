@@ -19,7 +19,8 @@ EXIT_CODES: dict[int, str] = {
     4: "requested action not supported by one of the rsyncs (an option the other end "
        "does not know)",
     5: "error starting the client-server protocol: '@ERROR: Unknown module' means the "
-       "rsyncd.conf module is missing (`invoke setup-remote`); 'max connections' means "
+       "module is missing from /etc/pullback/rsyncd.conf or its `hosts allow` does not "
+       "admit the backup host (`invoke setup-remote`); 'max connections' means "
        "another pull of this host runs; 'protocol version mismatch -- is your shell clean?' "
        "means a daemon forced command was used without host::module, or the login prints "
        "text",
@@ -94,19 +95,29 @@ SIGNATURES: tuple[tuple[str, str, str], ...] = (
      "when sshd starts the forced command. `invoke doctor` names the file; make it silent."),
     (r"did not see server greeting", "did not see server greeting",
      "the daemon-mode client got no '@RSYNCD:' greeting: the forced command did not start an "
-     "rsync daemon (its rsync path is missing, or it is not `rsync --server --daemon .`) or "
+     "rsync daemon (its rsync path is missing, or it is not `rsync --server --daemon "
+     "--config=/etc/pullback/rsyncd.conf .`) or "
      "sshd closed the session. `invoke doctor` checks the forced command."),
     (r"@ERROR: Unknown module", "@ERROR: Unknown module",
-     "the rsync daemon started by the forced command has no such module: /etc/rsyncd.conf "
-     "(or the --config= of the forced command) lacks [MODULE], or backup.module differs. "
-     "Run `invoke setup-remote`."),
+     "the rsync daemon started by the forced command has no such module for this client: "
+     "the file of its --config= (/etc/pullback/rsyncd.conf) lacks [MODULE], backup.module "
+     "differs, or the module's `hosts allow` does not admit the backup host's address (a "
+     "hidden module answers 'Unknown module', not 'access denied'; over ssh the daemon "
+     "takes the address from SSH_CONNECTION). Run `invoke setup-remote` from the backup "
+     "host."),
     (r"@ERROR: access denied", "@ERROR: access denied",
      "the module's `hosts allow` / `hosts deny` (or `auth users`) refuses the client. Over "
      "ssh the daemon sees the address from SSH_CONNECTION; let setup-remote rewrite the "
      "module or fix those lines by hand."),
     (r"@ERROR: max connections", "@ERROR: max connections reached",
      "another pull of this host is running (max connections = 1), or a stale lock file; "
-     "wait for it or check `lock file` in rsyncd.conf."),
+     "wait for it or check `lock file` in /etc/pullback/rsyncd.conf."),
+    (r"The server is configured to refuse", "the server is configured to refuse --OPTION",
+     "pullback's module refuses every option that writes or deletes on the server "
+     "(`refuse options` in /etc/pullback/rsyncd.conf): --remove-source-files, --delete* sent "
+     "to the server, --backup-dir, --partial-dir, ... Remove that option from "
+     "backup.options; a pull's own --delete is fine (it deletes on the backup host and is "
+     "never sent)."),
     (r"module is read only", "module is read only",
      "something tried to WRITE to the server through the backup key: the module is "
      "read-only by design; pull, never push."),

@@ -18,8 +18,11 @@ discovery:
    pubkeyauthentication, authorizedkeysfile, strictmodes) and the managed key line;
 5. the forced command against what the backup sends: a daemon forced command with a
    captured-mode inventory (the seed's "protocol version mismatch -- is your shell
-   clean?"), a dry-run flag baked into the command, a missing rsync path, rsyncd.conf
-   without ``uid = 0`` or without the module, options drifted since capture. Captured
+   clean?"), a dry-run flag baked into the command, a missing rsync path, a daemon
+   reading the shared ``/etc/rsyncd.conf`` instead of ``--config=/etc/pullback/rsyncd.conf``,
+   that file without ``uid = 0``, without the module or its refusals, or not 0600 root,
+   a module an older pullback left in ``/etc/rsyncd.conf`` (any rsync daemon on the host
+   serves it), options drifted since capture. Captured
    mode is checked both ways: a hand-made ``rsync --server --sender`` forced command
    against what the local rsync sends now (``simulate_sent_command``: a fake ``-e``
    records it, no network), and capture-command's gate against its local record
@@ -63,7 +66,13 @@ from roles.core.rsync import parse_version_output
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
 from roles.inventory.schema import Host
 from roles.local import folders, runner, store
-from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, HostFacts
+from roles.remote.facts import (
+    AUTHORIZED_KEYS,
+    PULLBACK_DIR,
+    PULLBACK_RSYNCD_CONF,
+    RSYNCD_CONF,
+    HostFacts,
+)
 
 LEVELS = ("ok", "warn", "error")
 WANT_PERMIT = "forced-commands-only"
@@ -794,26 +803,38 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
     return findings
 
 
-_RSYNCD_ERRORS = ("no [", "uid", "gid", "path", "read only", "write only", "defined")
+_RSYNCD_ERRORS = ("no [", "uid", "gid", "path", "read only", "write only", "defined",
+                  "refuse options")
+_SHARED_WHY = ("any rsync daemon on the host (Debian's and Ubuntu's rsync.service starts "
+               "whenever /etc/rsyncd.conf exists) serves it on TCP 873 to anyone: path = /, "
+               "uid 0, no auth users, no hosts allow: /etc/shadow and every other file")
 
 
 def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
                  text: bytes | None) -> list[Finding]:
     check = "rsyncd.conf"
     config = forced.config
+    findings: list[Finding] = []
+    if config != PULLBACK_RSYNCD_CONF:
+        findings.append(error(
+            check, f"the forced command's daemon reads {config}, not pullback's own "
+                   f"{PULLBACK_RSYNCD_CONF}",
+            f"a module the backup key needs in {config} is one {_SHARED_WHY}; and the key "
+            f"reaches every other module of that file" if config == RSYNCD_CONF else
+            "doctor cannot tell who else reads or writes that file",
+            "run `invoke setup-remote` (it writes --config=" + PULLBACK_RSYNCD_CONF + ")"))
     if config != RSYNCD_CONF:
         text = root.files.get(config)
     if text is None:
-        return [error(check, f"{config} does not exist",
+        return [*findings, error(check, f"{config} does not exist",
                       "the daemon started by the forced command has no module: '@ERROR: "
                       "Unknown module' (exit 5)", "run `invoke setup-remote`")]
     try:
         problems = rsyncd.check_module(text, host.backup.module, path="/")
     except ValueError as exc:
-        return [error(check, f"{config} cannot be parsed: {exc}",
+        return [*findings, error(check, f"{config} cannot be parsed: {exc}",
                       "rsyncd refuses to start with it", "fix the file or run "
                       "`invoke setup-remote`")]
-    findings: list[Finding] = []
     for problem in problems:
         if problem.startswith("no ["):
             findings.append(error(
@@ -839,7 +860,46 @@ def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
                 "run `invoke setup-remote`"))
     if not findings:
         findings.append(ok(check, f"[{host.backup.module}] path = /, uid = 0, gid = 0, "
-                                  "read only, list = false"))
+                                  "read only, list = false, refuses deletes"))
+    return findings
+
+
+def check_rsyncd_files(host: Host, facts: HostFacts) -> list[Finding]:
+    """Where the module lives (either mode): none of ours left in the shared
+    /etc/rsyncd.conf, and our own file and folder private to root. Problems only."""
+    check = "rsyncd.conf"
+    findings: list[Finding] = []
+    shared = facts.content(RSYNCD_CONF)
+    try:
+        old = rsyncd.legacy_modules(rsyncd.parse_rsyncd_conf(shared)) if shared else ()
+    except ValueError:
+        old = ()
+    if old:
+        names = ", ".join(f"[{s.name}]" for s in old)
+        findings.append(error(
+            check, f"{RSYNCD_CONF} still holds pullback's old module {names} (this host was "
+                   "set up by an older pullback and not migrated)",
+            f"that module is one {_SHARED_WHY}",
+            "run `invoke setup-remote` (it removes that module and nothing else)"))
+    fact = facts.files.get(PULLBACK_RSYNCD_CONF)
+    if fact is not None and host.forced_command == "daemon" and (
+            fact.mode & 0o077 or (fact.uid, fact.gid) != (0, 0)):
+        findings.append(error(
+            check, f"{PULLBACK_RSYNCD_CONF} is mode {fact.mode:04o}, owner "
+                   f"{fact.uid}:{fact.gid}, not 0600 root:root",
+            "someone other than root can read it, or change the module the backup key "
+            "serves (turn off read only, widen hosts allow)", "run `invoke setup-remote`"))
+    elif fact is not None and host.forced_command == "captured":
+        findings.append(warn(
+            check, f"{PULLBACK_RSYNCD_CONF} is left from daemon mode",
+            "captured mode does not use it; it only confuses a later reader",
+            "run `invoke setup-remote` (it removes it)"))
+    folder = facts.dirs.get(PULLBACK_DIR)
+    if folder is not None and (folder[0] & 0o022 or folder[1] != 0):
+        findings.append(error(
+            check, f"{PULLBACK_DIR} is mode {folder[0]:04o}, owner {folder[1]}:{folder[2]}",
+            "whoever can write to it can replace the module file the backup key's daemon "
+            "reads", "run `invoke setup-remote` (it sets 0700 root:root)"))
     return findings
 
 
@@ -1243,6 +1303,7 @@ def diagnose(host: Host) -> Report:
             if forced is not None:
                 findings.extend(check_forced_command(host, forced, root,
                                                      facts.content(RSYNCD_CONF), capture))
+            findings.extend(check_rsyncd_files(host, facts))
         except Exception as exc:  # noqa: BLE001 - a broken probe is a finding, not a crash
             findings.append(error("doctor", f"{type(exc).__name__}: {exc}",
                                   "doctor could not finish its checks",

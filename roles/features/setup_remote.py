@@ -30,7 +30,15 @@ from roles.config import rootkey, rsyncd, sshd
 from roles.core import platforms
 from roles.core.diffs import unified
 from roles.inventory.schema import Host
-from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, FileFact, HostFacts
+from roles.remote.facts import (
+    AUTHORIZED_KEYS,
+    PULLBACK_DIR,
+    PULLBACK_RSYNCD_CONF,
+    RSYNCD_CONF,
+    SSHD_CONFIG,
+    FileFact,
+    HostFacts,
+)
 
 WANT = "forced-commands-only"
 ROOT_SSH = "/root/.ssh"
@@ -44,10 +52,10 @@ class SetupError(Exception):
 
 @dataclass(frozen=True)
 class FileChange:
-    step: str            # "sshd_config", "authorized_keys", "rsyncd.conf"
+    step: str            # "sshd_config", "authorized_keys", "rsyncd.conf", ...
     path: str
     old: bytes | None
-    new: bytes
+    new: bytes | None    # None: remove the file (kept as FILE.pullback-bak)
     mode: int
     uid: int
     gid: int
@@ -76,6 +84,8 @@ class SetupPlan:
     # (and the rollback) puts them back.
     root_ssh_was: tuple[int, int, int] | None = None
     make_dirs: tuple[str, ...] = ()  # pullback's own folders to create / set to 0700 root
+    new_dirs: tuple[str, ...] = ()   # those of make_dirs that do not exist yet: a rollback
+                                     # removes them again (when empty)
 
     @property
     def changed(self) -> bool:
@@ -101,14 +111,15 @@ class HelperFile:
 def daemon_command(facts: HostFacts, host: Host) -> tuple[str, list[str]]:
     """The daemon-mode forced command and warnings: the pinned build when it is there."""
     wanted = host.rsync.remote_binary
+    # --config: our own file, never the shared /etc/rsyncd.conf (see roles/rsyncd.py).
     if wanted in facts.rsync:
-        return f"{wanted} --server --daemon .", []
+        return f"{wanted} --server --daemon --config={PULLBACK_RSYNCD_CONF} .", []
     others = [path for path in facts.rsync if path != wanted]
     if not others:
         raise SetupError(
             f"no rsync on the host: neither {wanted} nor one on PATH; run `invoke build-rsync`"
         )
-    return f"{others[0]} --server --daemon .", [
+    return f"{others[0]} --server --daemon --config={PULLBACK_RSYNCD_CONF} .", [
         f"{wanted} is not installed yet: the forced command uses {others[0]} for now; "
         "run `invoke build-rsync` and then setup-remote again so both ends run the same build"
     ]
@@ -200,23 +211,43 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
     if fix_root_ssh:
         steps["authorized_keys"] = "changed"
 
-    # rsyncd.conf: the module for daemon mode.
+    # rsyncd: daemon mode's module, in pullback's own file (0600 root, in a 0700 root
+    # folder); captured mode serves no module, so a file left from daemon mode goes.
+    own_dirs: list[str] = []
+    current_conf = facts.content(PULLBACK_RSYNCD_CONF)
     if host.forced_command == "daemon":
-        settings = rsyncd.RsyncdSettings(module=host.backup.module, path="/")
-        rsyncd_plan = rsyncd.plan_rsyncd_conf(facts.content(RSYNCD_CONF), settings)
-        warnings.extend(rsyncd_plan.warnings)
-        if rsyncd_plan.changed:
-            fact = facts.files.get(RSYNCD_CONF)
-            mode, uid, gid = (fact.mode, fact.uid, fact.gid) if fact else (0o644, 0, 0)
-            changes.append(FileChange("rsyncd.conf", RSYNCD_CONF, rsyncd_plan.old,
-                                      rsyncd_plan.new, mode, uid, gid))
-            steps["rsyncd.conf"] = "changed"
-        else:
-            steps["rsyncd.conf"] = "ok"
+        allow, allow_warnings = rsyncd.hosts_allow_for(host.from_, facts.client_addr)
+        warnings.extend(allow_warnings)
+        settings = rsyncd.RsyncdSettings(module=host.backup.module, path="/",
+                                         hosts_allow=allow)
+        conf_plan = rsyncd.plan_pullback_conf(current_conf, settings)
+        fact = facts.files.get(PULLBACK_RSYNCD_CONF)
+        mode_ok = fact is not None and (fact.mode, fact.uid, fact.gid) == (0o600, 0, 0)
+        own_dirs.append(PULLBACK_DIR)
+        dir_ok = facts.dirs.get(PULLBACK_DIR) == PRIVATE
+        if conf_plan.changed or not mode_ok:
+            changes.append(FileChange("rsyncd.conf", PULLBACK_RSYNCD_CONF, conf_plan.old,
+                                      conf_plan.new, 0o600, 0, 0))
+        steps["rsyncd.conf"] = "changed" if conf_plan.changed or not (mode_ok and dir_ok) \
+            else "ok"
+    elif current_conf is not None:
+        fact = facts.files[PULLBACK_RSYNCD_CONF]
+        changes.append(FileChange("rsyncd.conf", PULLBACK_RSYNCD_CONF, current_conf, None,
+                                  fact.mode, fact.uid, fact.gid))
+        steps["rsyncd.conf"] = "removed"
+
+    # /etc/rsyncd.conf: the module the previous version put there goes, in either mode.
+    legacy = rsyncd.plan_legacy_removal(facts.content(RSYNCD_CONF))
+    warnings.extend(legacy.warnings)
+    if legacy.changed:
+        fact = facts.files[RSYNCD_CONF]
+        changes.append(FileChange("old rsyncd module", RSYNCD_CONF, legacy.old, legacy.new,
+                                  fact.mode, fact.uid, fact.gid))
+        steps["old rsyncd module"] = "removed"
 
     # Scripts of ours (captured mode): before the key line that points at them.
     wanted_dirs = dict.fromkeys([*(posixpath.dirname(h.path) for h in helpers), *private_dirs])
-    make_dirs = tuple(d for d in wanted_dirs if facts.dirs.get(d) != PRIVATE)
+    make_dirs = tuple(d for d in [*wanted_dirs, *own_dirs] if facts.dirs.get(d) != PRIVATE)
     for helper in helpers:
         fact = facts.files.get(helper.path)
         current = None if fact is None else (fact.content, (fact.mode, fact.uid, fact.gid))
@@ -231,7 +262,9 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
 
     # authorized_keys before sshd_config: the key works as soon as root login is limited;
     # the scripts a forced command runs come before the key line naming them.
-    order = {"rsyncd.conf": 0, "authorized_keys": 2, "sshd_config": 3}
+    # The old module goes last: a pull still running on the old forced command keeps it
+    # until the new key line is in place.
+    order = {"rsyncd.conf": 0, "authorized_keys": 2, "sshd_config": 3, "old rsyncd module": 4}
     changes.sort(key=lambda change: order.get(change.step, 1))
     return SetupPlan(
         host=host.name, changes=tuple(changes), fix_root_ssh=fix_root_ssh,
@@ -241,6 +274,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         forced_command=forced_command, warnings=tuple(warnings), steps=steps,
         create_root_ssh=fix_root_ssh and root_ssh is None, make_dirs=make_dirs,
         root_ssh_was=root_ssh if fix_root_ssh else None,
+        new_dirs=tuple(d for d in make_dirs if d not in facts.dirs),
     )
 
 
@@ -250,6 +284,9 @@ def facts_after(facts: HostFacts, plan: SetupPlan) -> HostFacts:
     read" guard still catches anyone else's edit in between."""
     files = dict(facts.files)
     for change in plan.changes:
+        if change.new is None:
+            files.pop(change.path, None)
+            continue
         files[change.path] = FileFact(change.path, change.new, change.mode, change.uid,
                                       change.gid)
     dirs = dict(facts.dirs)
@@ -260,8 +297,9 @@ def facts_after(facts: HostFacts, plan: SetupPlan) -> HostFacts:
     effective = dict(facts.effective)
     if plan.reload_sshd:
         effective["permitrootlogin"] = WANT
+    removed = {c.path for c in plan.changes if c.new is None}
     return dataclasses.replace(facts, files=files, dirs=dirs, effective=effective,
-                               missing=facts.missing - set(files))
+                               missing=(facts.missing | removed) - set(files))
 
 
 def merge_facts(facts: HostFacts, more: HostFacts) -> HostFacts:
@@ -303,7 +341,7 @@ def apply_script(plan: SetupPlan) -> str:
         restore.append(f'  if [ "$r{i}" = 1 ]; then {undo}; fi')
     restore.append("  :")
     restore.append("}")
-    cands = " ".join(_q(c.path + ".pullback-new") for c in plan.changes)
+    cands = " ".join(_q(c.path + ".pullback-new") for c in plan.changes if c.new is not None)
     remove_cands = f"rm -f {cands} 2>/dev/null; " if cands else ""
     out += restore
     # A /root/.ssh (or folder of ours) this script created goes too: "nothing changed" must
@@ -345,6 +383,8 @@ def apply_script(plan: SetupPlan) -> str:
                 f"printf '%s  %s\\n' {digest} {target} | sha256sum -c --status || "
                 f"fail {_q(change.path + ' changed since it was read; run again')}"
             )
+        if change.new is None:
+            continue  # a removal: nothing to stage
         payload = base64.b64encode(change.new).decode()
         cannot = _q("cannot write " + change.path)
         out.append(f"printf '%s' {payload} | base64 -d > {cand} || fail {cannot}")
@@ -373,6 +413,9 @@ def apply_script(plan: SetupPlan) -> str:
         bak = _q(change.path + BACKUP_SUFFIX)
         if change.old is not None:
             out.append(f"cp -p {target} {bak} || fail {_q('cannot back up ' + change.path)}")
+        if change.new is None:
+            out.append(f"rm -f {target} && r{i}=1 || fail {_q('cannot remove ' + change.path)}")
+            continue
         cannot = _q("cannot replace " + change.path)
         out.append(f"mv -fT {cand} {target} && r{i}=1 || fail {cannot}")
     if plan.reload_sshd:
@@ -406,6 +449,8 @@ def rollback_script(plan: SetupPlan) -> str:
             out.append(f"rm -f {target} || rc=1")
         else:
             out.append(f"mv -fT {bak} {target} || rc=1")
+    for folder in reversed(plan.new_dirs):
+        out.append(f"rmdir {_q(folder)} 2>/dev/null || :")  # only when empty: ours alone
     if plan.create_root_ssh:
         out.append(f"rmdir {ROOT_SSH} 2>/dev/null || :")  # only when empty: ours alone
     elif plan.root_ssh_was is not None:
@@ -586,7 +631,8 @@ def setup_host(host: Host, *, dry_run: bool = False,
         plan = dataclasses.replace(plan, warnings=(*warnings, *plan.warnings))
         if dry_run:
             actions = ("would reload sshd",) if plan.reload_sshd else ()
-            steps = {k: "would change" if v == "changed" else v for k, v in plan.steps.items()}
+            would = {"changed": "would change", "removed": "would remove"}
+            steps = {k: would.get(v, v) for k, v in plan.steps.items()}
             return Outcome(host.name, steps, warnings=plan.warnings,
                            diffs=tuple(c.diff() for c in plan.changes), actions=actions)
         return apply(conn, host, plan, check_login)

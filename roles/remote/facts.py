@@ -25,7 +25,9 @@ from roles.core import platforms
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"
 AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
-RSYNCD_CONF = "/etc/rsyncd.conf"
+RSYNCD_CONF = "/etc/rsyncd.conf"  # shared: read to migrate the old module away from it
+PULLBACK_DIR = "/etc/pullback"
+PULLBACK_RSYNCD_CONF = "/etc/pullback/rsyncd.conf"  # daemon mode's module, ours alone
 
 
 @dataclass(frozen=True)
@@ -121,11 +123,12 @@ for pattern in $patterns; do
   done
 done
 set +f
-for d in /root/.ssh; do
+for d in /root/.ssh {PULLBACK_DIR}; do
   if [ -d "$d" ]; then dirs=$dirs$d$nl; fi
 done
 want {AUTHORIZED_KEYS}
 want {RSYNCD_CONF}
+want {PULLBACK_RSYNCD_CONF}
 IFS=$nl; set -f
 if [ -n "$files$dirs" ]; then stat -c 'STAT %a %u %g %n' -- $files $dirs; fi
 for f in $files; do

@@ -17,10 +17,10 @@ import pytest
 
 from roles.config import rootkey, rsyncd
 from roles.config.sshd import parse_sshd_T
+from roles.core.rsync import parse_version_output
 from roles.features import capture, doctor
-from roles.features.rsync_build import parse_version_output
 from roles.inventory.schema import Host, load
-from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF
+from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_DIR, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 
 WANT = "forced-commands-only"
 
@@ -118,8 +118,9 @@ def test_key_line_forced_command(key_line, expected):
     forced = key_line.forced
     assert forced is not None, "the backup key's line has no command="
     if expected.forced_command == "daemon":
-        assert forced.argv[1:] == ("--server", "--daemon", "."), \
-            f"command={forced.text!r} is not `RSYNC --server --daemon .`"
+        wanted = ("--server", "--daemon", f"--config={PULLBACK_RSYNCD_CONF}", ".")
+        assert forced.argv[1:] == wanted, \
+            f"command={forced.text!r} is not `RSYNC {' '.join(wanted)}`"
     else:
         assert forced.text == capture.GATE, \
             f"command={forced.text!r} is not pullback's capture gate {capture.GATE}"
@@ -140,11 +141,35 @@ def test_rsyncd_module(host, expected):
     if expected.forced_command != "daemon":
         pytest.skip("captured mode uses no rsyncd module")
     with host.sudo():
-        conf = host.file(RSYNCD_CONF)
+        conf = host.file(PULLBACK_RSYNCD_CONF)
         content = conf.content if conf.exists else None
-    assert content is not None, f"{RSYNCD_CONF} does not exist"
+    assert content is not None, f"{PULLBACK_RSYNCD_CONF} does not exist"
     problems = rsyncd.check_module(content, expected.backup.module, path="/")
     assert not problems, f"[{expected.backup.module}]: " + "; ".join(problems)
+
+
+def test_rsyncd_file_private(host, expected):
+    """/etc/pullback/rsyncd.conf is a 0600 root:root file in a root folder no one else can write"""
+    if expected.forced_command != "daemon":
+        pytest.skip("captured mode uses no rsyncd module")
+    kind, mode, uid, gid = _mode(host, PULLBACK_RSYNCD_CONF)
+    assert (kind, mode, uid, gid) == ("file", 0o600, 0, 0), \
+        f"{PULLBACK_RSYNCD_CONF} is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
+    kind, mode, uid, gid = _mode(host, PULLBACK_DIR)
+    assert kind == "folder" and uid == 0 and not mode & 0o022, \
+        f"{PULLBACK_DIR} is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
+
+
+def test_no_module_in_shared_rsyncd_conf(host):
+    """/etc/rsyncd.conf holds no pullback module (any rsync daemon would serve it)"""
+    with host.sudo():
+        conf = host.file(RSYNCD_CONF)
+        content = conf.content if conf.exists else None
+    if content is None:
+        return
+    old = rsyncd.legacy_modules(rsyncd.parse_rsyncd_conf(content))
+    assert not old, (f"{RSYNCD_CONF} still holds pullback's "
+                     f"{', '.join(f'[{s.name}]' for s in old)}: run `invoke setup-remote`")
 
 
 def test_capture_gate(host, expected):

@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 
 from lab import hosts as lab
+from roles.config import rsyncd
 from roles.config.rootkey import fingerprint, parse_public_key
 from roles.features import capture, doctor
 from roles.features.setup_remote import setup_host
 from roles.inventory.schema import Host, load
 from roles.local import keys
-from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF
+from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration
@@ -215,7 +216,8 @@ def test_forced_command_with_a_dry_run_flag(target: Target):
 
 def test_forced_command_whose_rsync_is_missing(target: Target):
     with restored(target.lab, AUTHORIZED_KEYS):
-        set_forced_command(target.lab, "/usr/local/bin/rsync --server --daemon .")
+        set_forced_command(target.lab, "/usr/local/bin/rsync --server --daemon "
+                                       f"--config={PULLBACK_RSYNCD_CONF} .")
         result, lines = run_doctor(target.daemon)
     assert result.returncode == 1
     bad = the(lines, "error", "forced command", "/usr/local/bin/rsync does not exist on the host")
@@ -232,10 +234,10 @@ def test_forced_command_whose_rsync_is_missing(target: Target):
 
 
 def test_rsyncd_conf_without_uid_0(target: Target):
-    conf = read(target.lab, RSYNCD_CONF)
+    conf = read(target.lab, PULLBACK_RSYNCD_CONF)
     assert b"    uid = 0\n" in conf
-    with restored(target.lab, RSYNCD_CONF):
-        write(target.lab, RSYNCD_CONF, conf.replace(b"    uid = 0\n", b""))
+    with restored(target.lab, PULLBACK_RSYNCD_CONF):
+        write(target.lab, PULLBACK_RSYNCD_CONF, conf.replace(b"    uid = 0\n", b""))
         result, lines = run_doctor(target.daemon)
     assert result.returncode == 1
     bad = the(lines, "error", "rsyncd.conf", "uid is not set")
@@ -243,15 +245,47 @@ def test_rsyncd_conf_without_uid_0(target: Target):
 
 
 def test_rsyncd_conf_without_the_module(target: Target):
-    conf = read(target.lab, RSYNCD_CONF)
-    with restored(target.lab, RSYNCD_CONF):
-        write(target.lab, RSYNCD_CONF, conf.replace(b"[system]", b"[other]"))
+    conf = read(target.lab, PULLBACK_RSYNCD_CONF)
+    with restored(target.lab, PULLBACK_RSYNCD_CONF):
+        write(target.lab, PULLBACK_RSYNCD_CONF, conf.replace(b"[system]", b"[other]"))
         result, lines = run_doctor(target.daemon)
     assert result.returncode == 1
     bad = the(lines, "error", "rsyncd.conf", "no [system] module")
     assert "setup-remote" in bad.fix
     pull = the(lines, "error", "test pull", "@ERROR: Unknown module 'system'")
     assert "setup-remote" in pull.fix
+
+
+# --- signature: where the module lives -------------------------------------------------------------
+
+
+def test_old_module_left_in_the_shared_rsyncd_conf(target: Target):
+    # A host an older pullback set up: its module in /etc/rsyncd.conf, the forced command
+    # reading that file.
+    old = rsyncd.render_legacy_module("system")
+    try:
+        sh(target.lab, 'cat > "$1"', RSYNCD_CONF, input=old)
+        with restored(target.lab, AUTHORIZED_KEYS):
+            set_forced_command(target.lab, "/usr/bin/rsync --server --daemon .")
+            result, lines = run_doctor(target.daemon)
+    finally:
+        sh(target.lab, f"rm -f {RSYNCD_CONF}")
+    assert result.returncode == 1
+    bad = the(lines, "error", "rsyncd.conf", "still holds pullback's old module [system]")
+    assert "TCP 873" in bad.why and "setup-remote" in bad.fix
+    reads = the(lines, "error", "rsyncd.conf", "reads /etc/rsyncd.conf, not pullback's own")
+    assert "every other module" in reads.why
+
+
+def test_rsyncd_conf_readable_by_others(target: Target):
+    try:
+        sh(target.lab, f"chmod 0644 {PULLBACK_RSYNCD_CONF}")
+        result, lines = run_doctor(target.daemon)
+    finally:
+        sh(target.lab, f"chmod 0600 {PULLBACK_RSYNCD_CONF}")
+    assert result.returncode == 1
+    bad = the(lines, "error", "rsyncd.conf", "is mode 0644, owner 0:0, not 0600 root:root")
+    assert "setup-remote" in bad.fix
 
 
 # --- signature: options drifted since capture -------------------------------------------------------

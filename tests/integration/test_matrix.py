@@ -37,7 +37,13 @@ from roles.features import setup_remote as setup
 from roles.inventory.schema import Host, load
 from roles.local import keys
 from roles.remote.connection import connect, run
-from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
+from roles.remote.facts import (
+    AUTHORIZED_KEYS,
+    PULLBACK_RSYNCD_CONF,
+    RSYNCD_CONF,
+    SSHD_CONFIG,
+    gather,
+)
 from tests.integration.conftest import Lab, infra_host, serve_directory
 from tests.integration.test_backup import local_tree, remote_tree
 from tests.integration.test_setup_remote import snapshot
@@ -47,10 +53,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.matrix]
 VERSION = "3.2.7"
 VERSION_LINE = f"rsync  version {VERSION}  protocol version 31"
 PREFIX = "/usr/local"
-FORCED = f"{PREFIX}/bin/rsync --server --daemon ."
+FORCED = f"{PREFIX}/bin/rsync --server --daemon --config={PULLBACK_RSYNCD_CONF} ."
 SOURCE = "/etc"
 OPTIONS = ["-aHx", "--numeric-ids", "--delete"]
-WATCHED = (SSHD_CONFIG, AUTHORIZED_KEYS, RSYNCD_CONF)
+WATCHED = (SSHD_CONFIG, AUTHORIZED_KEYS, PULLBACK_RSYNCD_CONF)  # /etc/rsyncd.conf: never written
 # Captured mode adds pullback's own root-only folders and scripts on the host.
 CAPTURED_WATCHED = (*WATCHED, "/root/.ssh", capture.LIBEXEC, capture.GATE,
                     capture.CAPTURE_SCRIPT, capture.REMOTE_STATE, capture.CAPTURED_FILE)
@@ -346,9 +352,10 @@ def test_end_state_with_testinfra(lab_env: Lab, matrix: Matrix, converged: Conve
     assert authorized.content_string == (
         f'restrict,command="{FORCED}",no-port-forwarding,no-agent-forwarding,'
         f"no-X11-forwarding,no-pty {key_type} {blob} pullback-backup\n")
-    conf = infra.file(RSYNCD_CONF)
-    assert (conf.mode, conf.user, conf.group) == (0o644, "root", "root")
-    expected = sh(matrix.labs[RELEASES[0]], f"cat {RSYNCD_CONF}")
+    assert not infra.file(RSYNCD_CONF).exists  # the shared file is never written
+    conf = infra.file(PULLBACK_RSYNCD_CONF)
+    assert (conf.mode, conf.user, conf.group) == (0o600, "root", "root")
+    expected = sh(matrix.labs[RELEASES[0]], f"cat {PULLBACK_RSYNCD_CONF}")
     assert conf.content == expected  # the same module text on every release
     assert b"uid = 0" in expected and b"read only = yes" in expected
     assert infra.check_output(f"{PREFIX}/bin/rsync --version").splitlines()[0] == VERSION_LINE
@@ -381,15 +388,18 @@ def test_captured_setup_installs_no_usable_key_before_a_capture(matrix: Matrix,
         outcome = switched.first_setup[host.name]
         assert outcome.error is None, (release, outcome)
         # The key's daemon-mode line goes (the key must grant nothing before a capture);
-        # no gate, no rsyncd.conf step (daemon mode only), no reload.
-        assert outcome.steps == {"sshd_config": "ok", "authorized_keys": "removed"}, release
+        # daemon mode's /etc/pullback/rsyncd.conf goes too; no gate, no reload.
+        assert outcome.steps == {"sshd_config": "ok", "authorized_keys": "removed",
+                                 "rsyncd.conf": "removed"}, release
         assert outcome.actions == () and outcome.diffs == (), release
         assert "no captured command yet: the backup key's earlier line was removed; run " \
             "`invoke capture-command`" in outcome.warnings, (release, outcome.warnings)
         before, after = switched.before_setup[release], switched.after_setup[release]
-        assert {k: v for k, v in after.items() if k != AUTHORIZED_KEYS} == \
-            {k: v for k, v in before.items() if k != AUTHORIZED_KEYS}, release
+        changed = (AUTHORIZED_KEYS, PULLBACK_RSYNCD_CONF)
+        assert {k: v for k, v in after.items() if k not in changed} == \
+            {k: v for k, v in before.items() if k not in changed}, release
         assert after[AUTHORIZED_KEYS] != before[AUTHORIZED_KEYS], release
+        assert after[PULLBACK_RSYNCD_CONF] == "missing", release
         assert after[capture.GATE] == "missing", release
         # With no line the key is refused outright, and nothing arrives.
         pulled = switched.uncaptured[release]

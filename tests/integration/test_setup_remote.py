@@ -9,6 +9,7 @@ that the fixture sets up once through the CLI.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import select
 import shlex
@@ -24,13 +25,19 @@ import pytest
 import yaml
 
 from lab import hosts as lab
-from roles.config import rsyncd
 from roles.config.sshd import parse_sshd_T
 from roles.features import setup_remote as setup
 from roles.inventory.schema import Host, load
 from roles.local import keys
 from roles.remote.connection import connect, run
-from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG, gather
+from roles.remote.facts import (
+    AUTHORIZED_KEYS,
+    PULLBACK_DIR,
+    PULLBACK_RSYNCD_CONF,
+    RSYNCD_CONF,
+    SSHD_CONFIG,
+    gather,
+)
 from tests.integration.conftest import Lab, infra_host
 
 pytestmark = pytest.mark.integration
@@ -40,14 +47,42 @@ INVOKE = str(Path(sys.executable).parent / "invoke")
 WANT = "forced-commands-only"
 ROOT_SSH = "/root/.ssh"
 DROP_IN = "/etc/ssh/sshd_config.d/50-cloud.conf"
-WATCHED = (SSHD_CONFIG, DROP_IN, ROOT_SSH, AUTHORIZED_KEYS, RSYNCD_CONF)
-FORCED = "/usr/bin/rsync --server --daemon ."  # the lab has no /usr/local/bin/rsync build
+WATCHED = (SSHD_CONFIG, DROP_IN, ROOT_SSH, AUTHORIZED_KEYS, RSYNCD_CONF, PULLBACK_DIR,
+           PULLBACK_RSYNCD_CONF)
+# The lab has no /usr/local/bin/rsync build.
+FORCED = "/usr/bin/rsync --server --daemon --config=/etc/pullback/rsyncd.conf ."
 STOCK_DEFAULT = b"#PermitRootLogin prohibit-password\n"
 FCO_LINE = b"PermitRootLogin forced-commands-only\n"
 ROOT_AT = "root@127.0.0.1"
 NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-# Written out by hand, not rendered from the template: an independent check of the result.
-EXPECTED_RSYNCD = b"""# managed by pullback
+
+
+def expected_rsyncd(addr: str) -> bytes:
+    """/etc/pullback/rsyncd.conf for a backup host at ``addr``. Written out by hand, not
+    rendered from the template: an independent check of the result."""
+    return f"""# managed by pullback
+# Read only by the backup key's forced command (rsync --server --daemon --config=...);
+# never by an rsync daemon on TCP 873, which reads /etc/rsyncd.conf.
+[system]
+    path = /
+    comment = pullback full-system backup (read-only)
+    read only = yes
+    list = false
+    uid = 0
+    gid = 0
+    numeric ids = yes
+    max connections = 1
+    lock file = /run/rsyncd-pullback.lock
+    refuse options = delete* remove-* backup* suffix partial-dir temp-dir inplace append* \
+mkpath write-devices write-batch only-write-batch read-batch log-file*
+    hosts allow = {addr}
+    hosts deny = *
+""".replace("\\\n", "").encode()
+
+
+# What the previous version of setup-remote wrote into the shared /etc/rsyncd.conf: its
+# template as it rendered it, copied here so the migration is tested against those bytes.
+OLD_MODULE = b"""# managed by pullback
 [system]
     path = /
     comment = pullback full-system backup (read-only)
@@ -324,9 +359,12 @@ def test_end_state_with_testinfra(lab_env: Lab, set_up: SetUp):
     authorized = host.file(AUTHORIZED_KEYS)
     assert (authorized.mode, authorized.user, authorized.group) == (0o600, "root", "root")
     assert authorized.content == key_line(target) + b"\n"
-    conf = host.file(RSYNCD_CONF)
-    assert (conf.mode, conf.user, conf.group) == (0o644, "root", "root")
-    assert conf.content == EXPECTED_RSYNCD
+    conf = host.file(PULLBACK_RSYNCD_CONF)
+    assert (conf.mode, conf.user, conf.group) == (0o600, "root", "root")
+    assert conf.content == expected_rsyncd(addr)
+    folder = host.file(PULLBACK_DIR)
+    assert (folder.mode, folder.user, folder.group) == (0o700, "root", "root")
+    assert not host.file(RSYNCD_CONF).exists  # the shared file is never written
     assert leftovers(target.lab) == [SSHD_CONFIG + ".pullback-bak"]  # the one backup kept
 
 
@@ -468,6 +506,64 @@ def test_backup_key_cannot_write_to_the_server(lab_env: Lab, set_up: SetUp, tmp_
     assert not infra_host(lab_env, target.lab).file("/tmp/x").exists
 
 
+def pull(target: Target, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """rsync with the backup key; retried while the previous connection's daemon still
+    holds the module's lock (max connections = 1: it exits just after its client)."""
+    for _ in range(20):
+        result = local(["rsync", "-e", rsync_e(target), *args], timeout=timeout)
+        if b"max connections" not in result.stderr:
+            return result
+        time.sleep(0.5)
+    return result
+
+
+def test_backup_key_pulls_with_the_default_options(set_up: SetUp, tmp_path: Path):
+    # The module refuses delete* and more: what a pull with the default options sends
+    # (--delete stays on the receiving side) must pass.
+    result = pull(set_up.target, "-avzx", "--numeric-ids", "--delete", "--progress",
+                  f"{ROOT_AT}::system/etc/ssh/", f"{tmp_path}/")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "sshd_config").read_bytes() == read(set_up.target.lab, SSHD_CONFIG)
+
+
+def test_backup_key_cannot_delete_through_the_daemon(set_up: SetUp, tmp_path: Path):
+    target = set_up.target
+    sh(target.lab, "mkdir -p /tmp/victim && echo keep > /tmp/victim/a")
+    try:
+        for option in ("--remove-source-files", "--remove-sent-files"):
+            taken = pull(target, "-a", option, f"{ROOT_AT}::system/tmp/victim/",
+                         f"{tmp_path}/{option}/")
+            assert taken.returncode != 0
+            assert b"The server is configured to refuse --remove-s" in taken.stderr, \
+                taken.stderr
+            assert read(target.lab, "/tmp/victim/a") == b"keep\n"
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        for option in ("--delete", "--delete-after", "--delete-excluded"):
+            push = pull(target, "-r", option, f"{empty}/", f"{ROOT_AT}::system/tmp/victim/")
+            assert push.returncode != 0
+            assert b"refuse --delete" in push.stderr or b"read only" in push.stderr or \
+                not push.stderr, push.stderr
+            assert read(target.lab, "/tmp/victim/a") == b"keep\n"
+    finally:
+        sh(target.lab, "rm -rf /tmp/victim")
+
+
+def test_backup_key_reaches_no_other_module(set_up: SetUp, tmp_path: Path):
+    # Another module in the shared /etc/rsyncd.conf (an operator's own daemon): the old
+    # forced command read that file, so the backup key reached it; ours does not.
+    target = set_up.target
+    write(target.lab, RSYNCD_CONF, b"[www]\n    path = /etc\n    uid = 0\n")
+    try:
+        other = pull(target, f"{ROOT_AT}::www/hostname", f"{tmp_path}/hostname")
+        listing = pull(target, f"{ROOT_AT}::")
+    finally:
+        sh(target.lab, f"rm -f {RSYNCD_CONF}")
+    assert other.returncode != 0 and not (tmp_path / "hostname").exists()
+    assert b"Unknown module 'www'" in other.stderr, other.stderr
+    assert b"www" not in listing.stdout and b"system" not in listing.stdout, listing
+
+
 def test_second_run_changes_nothing_and_does_not_reload(set_up: SetUp):
     target = set_up.target
     paths = (*WATCHED, SSHD_CONFIG + ".pullback-bak")
@@ -496,8 +592,11 @@ def test_dry_run_prints_diffs_and_changes_nothing(lab_env: Lab, fresh_host: lab.
     assert f" {STOCK_DEFAULT.decode()}+{FCO_LINE.decode()}" in out
     line = key_line(target).decode()
     assert f"--- /dev/null\n+++ b/root/.ssh/authorized_keys\n@@ -0,0 +1 @@\n+{line}\n" in out
-    expected_conf = "".join("+" + ln for ln in EXPECTED_RSYNCD.decode().splitlines(True))
-    assert f"--- /dev/null\n+++ b/etc/rsyncd.conf\n@@ -0,0 +1,11 @@\n{expected_conf}" in out
+    wanted = expected_rsyncd(client_addr(target)).decode()
+    expected_conf = "".join("+" + ln for ln in wanted.splitlines(True))
+    assert (f"--- /dev/null\n+++ b/etc/pullback/rsyncd.conf\n@@ -0,0 +1,16 @@\n{expected_conf}"
+            in out)
+    assert "b/etc/rsyncd.conf" not in out  # the shared file is never written
     assert step_lines(out, target.name) == {
         "sshd_config": "would change", "authorized_keys": "would change",
         "rsyncd.conf": "would change", "action": "would reload sshd",
@@ -505,6 +604,7 @@ def test_dry_run_prints_diffs_and_changes_nothing(lab_env: Lab, fresh_host: lab.
     after = snapshot(fresh_host)
     assert after == before
     assert after[ROOT_SSH] == after[AUTHORIZED_KEYS] == after[RSYNCD_CONF] == "missing"
+    assert after[PULLBACK_DIR] == after[PULLBACK_RSYNCD_CONF] == "missing"
     assert leftovers(fresh_host) == []
     assert sighups(fresh_host) == 0
 
@@ -717,9 +817,8 @@ def test_existing_keys_and_rsyncd_modules_are_preserved(lab_env: Lab, fresh_host
     outcome = setup.setup_host(target.host)
     assert outcome.error is None, outcome
     assert read(fresh_host, AUTHORIZED_KEYS) == old_keys + key_line(target) + b"\n"
-    block = rsyncd.render_module(rsyncd.RsyncdSettings()).encode()
-    assert block == EXPECTED_RSYNCD
-    assert read(fresh_host, RSYNCD_CONF) == old_conf + b"\n" + block
+    assert read(fresh_host, RSYNCD_CONF) == old_conf  # not ours: never written
+    assert read(fresh_host, PULLBACK_RSYNCD_CONF) == expected_rsyncd(client_addr(target))
     unrestricted = [w for w in outcome.warnings if "without command=" in w]
     assert len(unrestricted) == 1
     assert fingerprint in unrestricted[0] and "without-command" in unrestricted[0]
@@ -731,7 +830,111 @@ def test_existing_keys_and_rsyncd_modules_are_preserved(lab_env: Lab, fresh_host
     content = read(fresh_host, AUTHORIZED_KEYS)
     assert content == old_keys + key_line(target) + b"\n"
     assert content.count(key_line(target).split()[-2]) == 1  # the blob, once
-    assert read(fresh_host, RSYNCD_CONF) == old_conf + b"\n" + block
+    assert read(fresh_host, RSYNCD_CONF) == old_conf
+
+
+# --- no rsync daemon on the host serves / ---------------------------------------------------
+
+
+def start_daemon(lab_host: lab.LabHost, port: int, *options: str) -> None:
+    """A real rsync daemon as root inside the container (as Debian's rsync.service runs
+    it), listening on ``port`` inside only; it goes with the container."""
+    sh(lab_host, f"rsync --daemon --port={port} {shlex.join(options)}")
+
+
+def steal_shadow(lab_host: lab.LabHost, port: int) -> subprocess.CompletedProcess:
+    """The attack: an anonymous read of /etc/shadow through module [system], from inside."""
+    return lab.engine("exec", lab_host.name, "rsync", f"rsync://127.0.0.1:{port}/system/etc/shadow",
+                      "/tmp/stolen", check=False, timeout=60)
+
+
+def test_no_daemon_serves_the_module_before_or_after(lab_env: Lab, fresh_host: lab.LabHost,
+                                                     tmp_path: Path):
+    # An operator's own daemon, with its own module, already running on the host.
+    write(fresh_host, RSYNCD_CONF, b"[pub]\n    path = /srv\n    read only = yes\n")
+    start_daemon(fresh_host, 8873)
+    before = steal_shadow(fresh_host, 8873)
+    assert before.returncode != 0 and b"Unknown module 'system'" in before.stderr, before
+
+    target = make_target(lab_env, fresh_host)
+    outcome = setup.setup_host(target.host)
+    assert outcome.error is None, outcome
+    after = steal_shadow(fresh_host, 8873)  # the daemon reads its file at each connection
+    assert after.returncode != 0 and b"Unknown module 'system'" in after.stderr, after
+    assert read(fresh_host, "/tmp/stolen") is None
+    # Even a daemon started on pullback's own file admits no one but the backup host.
+    addr = client_addr(target)
+    if addr != "127.0.0.1":
+        start_daemon(fresh_host, 8874, f"--config={PULLBACK_RSYNCD_CONF}")
+        own = steal_shadow(fresh_host, 8874)
+        assert own.returncode != 0 and read(fresh_host, "/tmp/stolen") is None, own
+    # ... while the backup key's daemon-over-ssh pull works.
+    result = pull(target, f"{ROOT_AT}::system/etc/shadow", f"{tmp_path}/shadow")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "shadow").read_bytes() == read(fresh_host, "/etc/shadow")
+
+
+def test_migration_from_the_shared_rsyncd_conf(lab_env: Lab, fresh_host: lab.LabHost,
+                                               tmp_path: Path):
+    # A host set up by the previous version: its module appended to an operator's
+    # /etc/rsyncd.conf (globals, comments with CRLF, another module), as the old code did.
+    others = (b"# the ops team's rsync daemon\r\n"
+              b"pid file = /run/rsyncd-ops.pid\n"
+              b"max verbosity = 2\n"
+              b"\n"
+              b"; a public mirror\r\n"
+              b"[pub]\n    path = /srv\n    read only = yes\n    comment = caf\xc3\xa9\n")
+    write(fresh_host, RSYNCD_CONF, others + b"\n" + OLD_MODULE, "0640")
+    start_daemon(fresh_host, 8875)
+    # The hole this fixes: anyone on the host's port 873 reads /etc/shadow.
+    before = steal_shadow(fresh_host, 8875)
+    assert before.returncode == 0, before
+    assert read(fresh_host, "/tmp/stolen") == read(fresh_host, "/etc/shadow")
+    sh(fresh_host, "rm -f /tmp/stolen")
+
+    target = make_target(lab_env, fresh_host)
+    preview = setup.setup_host(target.host, dry_run=True)
+    assert preview.steps["old rsyncd module"] == "would remove"
+    (diff,) = [d for d in preview.diffs if d.startswith("--- a/etc/rsyncd.conf")]
+    assert "-[system]\n" in diff and "-# managed by pullback\n" in diff
+    outcome = setup.setup_host(target.host)
+    assert outcome.error is None, outcome
+    assert outcome.steps == {"sshd_config": "changed", "authorized_keys": "changed",
+                             "rsyncd.conf": "changed", "old rsyncd module": "removed"}
+    assert not [w for w in outcome.warnings if "rsyncd" in w], outcome.warnings
+    host = infra_host(lab_env, fresh_host)
+    shared = host.file(RSYNCD_CONF)
+    assert shared.sha256sum == hashlib.sha256(others).hexdigest()  # the rest, byte for byte
+    assert (shared.mode, shared.user, shared.group) == (0o640, "root", "root")
+    own = host.file(PULLBACK_RSYNCD_CONF)
+    assert (own.mode, own.user, own.group) == (0o600, "root", "root")
+    assert own.content == expected_rsyncd(client_addr(target))
+    after = steal_shadow(fresh_host, 8875)
+    assert after.returncode != 0 and b"Unknown module 'system'" in after.stderr, after
+    assert read(fresh_host, "/tmp/stolen") is None
+    result = pull(target, f"{ROOT_AT}::system/etc/hostname", f"{tmp_path}/hostname")
+    assert result.returncode == 0, result.stderr
+
+    paths = (*WATCHED, RSYNCD_CONF + ".pullback-bak")
+    before_again = snapshot(fresh_host, paths)
+    again = setup.setup_host(target.host)
+    assert again.error is None
+    assert again.steps == {"sshd_config": "ok", "authorized_keys": "ok", "rsyncd.conf": "ok"}
+    assert again.actions == () and again.diffs == ()
+    assert snapshot(fresh_host, paths) == before_again
+
+
+def test_migration_removes_a_file_that_held_only_the_old_module(lab_env: Lab,
+                                                                fresh_host: lab.LabHost):
+    # Without /etc/rsyncd.conf Debian's rsync.service does not start at all: pullback
+    # created that file, so it goes (kept as .pullback-bak).
+    write(fresh_host, RSYNCD_CONF, OLD_MODULE)
+    target = make_target(lab_env, fresh_host)
+    outcome = setup.setup_host(target.host)
+    assert outcome.error is None, outcome
+    assert outcome.steps["old rsyncd module"] == "removed"
+    assert read(fresh_host, RSYNCD_CONF) is None
+    assert read(fresh_host, RSYNCD_CONF + ".pullback-bak") == OLD_MODULE
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -28,7 +28,13 @@ from roles.features import setup_remote as setup
 from roles.inventory.schema import Host, load
 from roles.local import keys
 from roles.remote import connection
-from roles.remote.facts import AUTHORIZED_KEYS, RSYNCD_CONF, SSHD_CONFIG
+from roles.remote.facts import (
+    AUTHORIZED_KEYS,
+    PULLBACK_DIR,
+    PULLBACK_RSYNCD_CONF,
+    RSYNCD_CONF,
+    SSHD_CONFIG,
+)
 from tests.integration.conftest import Lab, infra_host
 
 pytestmark = pytest.mark.integration
@@ -41,7 +47,8 @@ WRONG = "not-the-sudo-password"
 OPERATOR = "operator"
 WANT = "forced-commands-only"
 NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-WATCHED = (SSHD_CONFIG, "/root/.ssh", AUTHORIZED_KEYS, RSYNCD_CONF)
+WATCHED = (SSHD_CONFIG, "/root/.ssh", AUTHORIZED_KEYS, RSYNCD_CONF, PULLBACK_DIR,
+           PULLBACK_RSYNCD_CONF)
 
 
 @dataclass

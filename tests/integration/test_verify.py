@@ -11,6 +11,7 @@ real without building rsync here.
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from lab import hosts as lab
+from roles.config import rsyncd
 from roles.features import capture
 from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
 from roles.local import keys
-from roles.remote.facts import RSYNCD_CONF
+from roles.remote.facts import PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration
@@ -37,6 +39,9 @@ DROP_IN = "/etc/ssh/sshd_config.d/00-verify-test.conf"
 ROOT_SSH = "/root/.ssh is a 0700 root:root folder"
 PERMIT = "sshd -T: PermitRootLogin forced-commands-only for the backup host"
 MODULE = "rsyncd.conf module: path /, uid 0, gid 0, read only, list false (daemon mode)"
+PRIVATE = ("/etc/pullback/rsyncd.conf is a 0600 root:root file in a root folder no one else "
+           "can write")
+SHARED = "/etc/rsyncd.conf holds no pullback module (any rsync daemon would serve it)"
 GATE = "captured mode: the gate is 0700 root:root and rendered from the local capture record"
 CHECKS = [
     PERMIT,
@@ -46,6 +51,8 @@ CHECKS = [
     "the backup key's line forces the command of the inventory's mode",
     "the backup key's line has restrict or every no-* option, and the inventory's from=",
     MODULE,
+    PRIVATE,
+    SHARED,
     GATE,
     "the forced command runs the pinned rsync (rsync.prefix/bin/rsync)",
     "rsync.prefix/bin/rsync reports the inventory's rsync.version",
@@ -94,7 +101,7 @@ def test_provisioned_host_passes_every_check(provisioned):
     expected = {(host.name, c): "PASS" for c in CHECKS}
     expected[(host.name, GATE)] = "SKIP: daemon mode uses no gate"
     assert rows == expected
-    assert result.stdout.splitlines()[-1] == "9 pass, 1 skip"
+    assert result.stdout.splitlines()[-1] == "11 pass, 1 skip"
 
 
 @pytest.mark.parametrize(("change", "undo", "check", "message"), [
@@ -102,9 +109,14 @@ def test_provisioned_host_passes_every_check(provisioned):
      "/root/.ssh is a folder with mode 0644, owner 0:0"),
     (f"printf 'PermitRootLogin yes\\n' > {DROP_IN}", f"rm -f {DROP_IN}", PERMIT,
      "permitrootlogin yes"),
-    (f"cp {RSYNCD_CONF} /root/rsyncd.saved && sed -i 's/read only = yes/read only = no/' "
-     f"{RSYNCD_CONF}", f"mv /root/rsyncd.saved {RSYNCD_CONF}", MODULE,
-     "read only is 'no', should be yes"),
+    (f"cp -p {PULLBACK_RSYNCD_CONF} /root/rsyncd.saved && sed -i "
+     f"'s/read only = yes/read only = no/' {PULLBACK_RSYNCD_CONF}",
+     f"mv /root/rsyncd.saved {PULLBACK_RSYNCD_CONF}", MODULE, "read only is 'no', should be yes"),
+    (f"chmod 0640 {PULLBACK_RSYNCD_CONF}", f"chmod 0600 {PULLBACK_RSYNCD_CONF}", PRIVATE,
+     "mode 0640"),
+    # An old pullback's module, as it wrote it, in the shared file.
+    (f"printf '%s' {shlex.quote(rsyncd.render_legacy_module('system').decode())} "
+     f"> {RSYNCD_CONF}", f"rm -f {RSYNCD_CONF}", SHARED, "still holds pullback's [system]"),
 ])
 def test_a_change_by_hand_fails_the_check_that_covers_it(provisioned, change, undo, check,
                                                          message):
@@ -159,7 +171,8 @@ def test_captured_mode_checks_the_gate(lab_env: Lab, provisioned):
     captured = lab_env.inventory([host], path=inventory.with_name("captured.yaml"), defaults={
         "rsync": PINNED, "forced_command": "captured",
         "backup": {"destination": str(work / "{name}")}})
-    keys_before = "cp /root/.ssh/authorized_keys /root/keys.saved"
+    keys_before = (f"cp /root/.ssh/authorized_keys /root/keys.saved && "
+                   f"cp -p {PULLBACK_RSYNCD_CONF} /root/rsyncd.saved")
     sh(host, keys_before)
     try:
         outcome = capture.capture_host(load(captured).hosts[host.name])
@@ -168,9 +181,12 @@ def test_captured_mode_checks_the_gate(lab_env: Lab, provisioned):
         assert result.returncode == 0, result.stdout + result.stderr
         assert rows[(host.name, GATE)] == "PASS"
         assert rows[(host.name, MODULE)] == "SKIP: captured mode uses no rsyncd module"
+        assert rows[(host.name, SHARED)] == "PASS"
+        sh(host, f"test ! -e {PULLBACK_RSYNCD_CONF}")  # daemon mode's file went
         sh(host, f"chmod 0755 {capture.GATE}")
         result, rows = run_verify(captured)
         assert result.returncode == 1
         assert rows[(host.name, GATE)].startswith("FAIL: ") and "0755" in rows[(host.name, GATE)]
     finally:
-        sh(host, "mv /root/keys.saved /root/.ssh/authorized_keys")
+        sh(host, "mv /root/keys.saved /root/.ssh/authorized_keys && "
+                 f"mv /root/rsyncd.saved {PULLBACK_RSYNCD_CONF}")

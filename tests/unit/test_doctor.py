@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from roles.config import rsyncd
 from roles.core import rsync as rsync_model
 from roles.features import capture, doctor
 from roles.features.doctor import DestinationFacts, check_destination, gather_destination
@@ -19,7 +20,8 @@ from roles.remote.facts import AUTHORIZED_KEYS, FileFact, HostFacts
 
 BLOB = "AAAAC3NzaC1lZDI1NTE5AAAAIJ1wZd8Jy0tXnlAhsnFrH1xNGcs9g6UkqBsvS6gb0EYz"
 OTHER = "AAAAC3NzaC1lZDI1NTE5AAAAIENDBZxwPdjQ+zud0AkNvwKRzmA4/BM7FeBJ8CJHV8Su"
-DAEMON = "/usr/local/bin/rsync --server --daemon ."
+DAEMON = "/usr/local/bin/rsync --server --daemon --config=/etc/pullback/rsyncd.conf ."
+OLD_DAEMON = "/usr/local/bin/rsync --server --daemon ."
 SENDER = "/usr/local/bin/rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
 DRY = "/usr/local/bin/rsync --server --sender -vnlogDtprxze.iLsfxCIvu --numeric-ids . /"
 RESTRICTED = "restrict,no-port-forwarding,no-agent-forwarding,no-X11-forwarding,no-pty"
@@ -31,6 +33,7 @@ GOOD_RSYNCD = b"""[system]
     gid = 0
     max connections = 1
     lock file = /run/rsyncd-pullback.lock
+    refuse options = delete* remove-*
 """
 
 
@@ -98,6 +101,9 @@ EXPLAIN = {
     "sh: 1: /usr/local/bin/rsync: not found": ["build-rsync"],
     "rsync: server sent \"hello\" rather than greeting": ["startup file of root"],
     "pullback gate: refused: rsync --server --daemon .": ["capture-command"],
+    "rsync: The server is configured to refuse --remove-source-files":
+        ["refuse options", "backup.options"],
+    "@ERROR: Unknown module 'full'": ["hosts allow", "/etc/pullback/rsyncd.conf"],
 }
 
 
@@ -156,7 +162,8 @@ def test_without_dry_run_drops_only_the_n():
 
 
 def test_daemon_config_option():
-    assert doctor.parse_forced_command(DAEMON).config == "/etc/rsyncd.conf"
+    assert doctor.parse_forced_command(OLD_DAEMON).config == "/etc/rsyncd.conf"
+    assert doctor.parse_forced_command(DAEMON).config == "/etc/pullback/rsyncd.conf"
     assert doctor.parse_forced_command(
         "rsync --server --daemon --config=/etc/pb.conf .").config == "/etc/pb.conf"
 
@@ -358,8 +365,10 @@ MISSING_ROOT = doctor.RootFacts(program=None, binary=None)
 def forced_findings(command: str, *, mode: str = "daemon", root=OK_ROOT,
                     rsyncd_text: bytes | None = GOOD_RSYNCD, cap=None, **fields):
     host = make_host(forced_command=mode, **fields)
-    return doctor.check_forced_command(host, doctor.parse_forced_command(command), root,
-                                       rsyncd_text, cap)
+    forced = doctor.parse_forced_command(command)
+    if rsyncd_text is not None and forced.config != "/etc/rsyncd.conf":
+        root = dataclasses.replace(root, files={**root.files, forced.config: rsyncd_text})
+    return doctor.check_forced_command(host, forced, root, rsyncd_text, cap)
 
 
 def test_forced_daemon_mode_healthy():
@@ -408,10 +417,63 @@ def test_rsyncd_minor_problems_warn():
     assert levels(forced_findings(DAEMON, rsyncd_text=text)) == [("warn", "rsyncd.conf")]
 
 
-def test_rsyncd_non_default_config_comes_from_the_root_report():
-    root = dataclasses.replace(OK_ROOT, files={"/etc/pb.conf": GOOD_RSYNCD})
-    command = "/usr/local/bin/rsync --server --daemon --config=/etc/pb.conf ."
-    assert not errors(forced_findings(command, root=root, rsyncd_text=None))
+def test_rsyncd_config_comes_from_the_root_report():
+    root = dataclasses.replace(OK_ROOT, files={"/etc/pullback/rsyncd.conf": GOOD_RSYNCD})
+    assert not errors(forced_findings(DAEMON, root=root, rsyncd_text=None))
+
+
+@pytest.mark.parametrize(("command", "needle"), [
+    (OLD_DAEMON, "any rsync daemon on the host"),          # the shared /etc/rsyncd.conf
+    ("/usr/local/bin/rsync --server --daemon --config=/etc/pb.conf .", "cannot tell"),
+])
+def test_signature_daemon_not_on_pullbacks_own_file(command, needle):
+    bad = errors(forced_findings(command))
+    (found,) = [f for f in bad if "not pullback's own" in f.what]
+    assert needle in found.why and "setup-remote" in found.fix
+
+
+def test_signature_module_without_refusals():
+    text = GOOD_RSYNCD.replace(b"    refuse options = delete* remove-*\n", b"")
+    (bad,) = errors(forced_findings(DAEMON, rsyncd_text=text))
+    assert "refuse options lacks delete* remove-*" in bad.what
+
+
+LEGACY = rsyncd.render_legacy_module("system")
+
+
+def files_facts(files: dict[str, tuple[bytes, int, int, int]],
+                dirs: dict[str, tuple[int, int, int]]) -> HostFacts:
+    return HostFacts(files={path: FileFact(path, *value) for path, value in files.items()},
+                     missing=frozenset(), includes={}, dirs=dirs, client_addr="192.0.2.1",
+                     openssh=(9, 2), sshd="/usr/sbin/sshd", effective={}, sshd_T_error="",
+                     service=None)
+
+
+OWN = "/etc/pullback/rsyncd.conf"
+FOLDER = {"/etc/pullback": (0o700, 0, 0)}
+
+
+@pytest.mark.parametrize(("mode", "files", "dirs", "expected"), [
+    ("daemon", {OWN: (GOOD_RSYNCD, 0o600, 0, 0)}, FOLDER, []),
+    ("daemon", {OWN: (GOOD_RSYNCD, 0o600, 0, 0),
+                "/etc/rsyncd.conf": (b"[www]\n path = /srv\n", 0o644, 0, 0)}, FOLDER, []),
+    ("daemon", {OWN: (GOOD_RSYNCD, 0o644, 0, 0)}, FOLDER, [("error", "not 0600 root:root")]),
+    ("daemon", {OWN: (GOOD_RSYNCD, 0o600, 1000, 0)}, FOLDER, [("error", "owner 1000:0")]),
+    ("daemon", {OWN: (GOOD_RSYNCD, 0o600, 0, 0)}, {"/etc/pullback": (0o777, 0, 0)},
+     [("error", "/etc/pullback is mode 0777")]),
+    ("daemon", {OWN: (GOOD_RSYNCD, 0o600, 0, 0)}, {"/etc/pullback": (0o755, 0, 0)}, []),
+    ("daemon", {"/etc/rsyncd.conf": (b"uid = 0\n\n" + LEGACY, 0o644, 0, 0)}, {},
+     [("error", "still holds pullback's old module [system]")]),
+    ("captured", {"/etc/rsyncd.conf": (LEGACY, 0o644, 0, 0)}, {},
+     [("error", "not migrated")]),
+    ("captured", {OWN: (GOOD_RSYNCD, 0o600, 0, 0)}, FOLDER, [("warn", "left from daemon mode")]),
+])
+def test_check_rsyncd_files(mode, files, dirs, expected):
+    found = doctor.check_rsyncd_files(make_host(forced_command=mode), files_facts(files, dirs))
+    assert [f.level for f in found] == [level for level, _ in expected]
+    for finding, (_, needle) in zip(found, expected, strict=True):
+        assert needle in finding.what and "setup-remote" in finding.fix
+        assert finding.check == "rsyncd.conf"
 
 
 def test_signature_hand_captured_command_drifted():

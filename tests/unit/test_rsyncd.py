@@ -1,18 +1,48 @@
-"""roles.config.rsyncd: the module block, the rsyncd.conf plan and check_module."""
+"""roles.config.rsyncd: pullback's own rsyncd.conf, the migration away from /etc/rsyncd.conf,
+and check_module."""
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 
 from roles.config.rsyncd import (
+    REFUSE_OPTIONS,
     RsyncdSettings,
     check_module,
+    hosts_allow_for,
     parse_rsyncd_conf,
-    plan_rsyncd_conf,
+    plan_legacy_removal,
+    plan_pullback_conf,
+    plan_remove_pullback_conf,
+    render_legacy_module,
     render_module,
 )
 
-BLOCK = b"""\
+REFUSE = ("delete* remove-* backup* suffix partial-dir temp-dir inplace append* mkpath "
+          "write-devices write-batch only-write-batch read-batch log-file*")
+
+BLOCK = f"""\
+# managed by pullback
+# Read only by the backup key's forced command (rsync --server --daemon --config=...);
+# never by an rsync daemon on TCP 873, which reads /etc/rsyncd.conf.
+[system]
+    path = /
+    comment = pullback full-system backup (read-only)
+    read only = yes
+    list = false
+    uid = 0
+    gid = 0
+    numeric ids = yes
+    max connections = 1
+    lock file = /run/rsyncd-pullback.lock
+    refuse options = {REFUSE}
+""".encode()
+
+# What the previous version wrote into the shared /etc/rsyncd.conf (its template, copied
+# here on purpose: the migration must recognise exactly these bytes).
+LEGACY = b"""\
 # managed by pullback
 [system]
     path = /
@@ -43,17 +73,27 @@ use chroot = yes
 
 def test_render_module_default() -> None:
     assert render_module(RsyncdSettings()).encode() == BLOCK
+    assert " ".join(REFUSE_OPTIONS) == REFUSE
+
+
+def test_render_module_hosts_allow() -> None:
+    settings = RsyncdSettings(hosts_allow=("192.0.2.7", "2001:db8::/64"))
+    assert render_module(settings).encode() == BLOCK + (
+        b"    hosts allow = 192.0.2.7 2001:db8::/64\n    hosts deny = *\n")
 
 
 def test_render_module_custom() -> None:
     settings = RsyncdSettings(
         module="backup_1", path="/srv/data", lock_file="/var/lock/pb.lock", comment="data"
     )
-    assert render_module(settings) == (
-        "# managed by pullback\n[backup_1]\n    path = /srv/data\n    comment = data\n"
-        "    read only = yes\n    list = false\n    uid = 0\n    gid = 0\n"
-        "    numeric ids = yes\n    max connections = 1\n    lock file = /var/lock/pb.lock\n"
-    )
+    text = render_module(settings)
+    assert "\n[backup_1]\n    path = /srv/data\n    comment = data\n" in text
+    assert "    lock file = /var/lock/pb.lock\n    refuse options = " in text
+
+
+def test_render_legacy_module_is_the_old_template() -> None:
+    assert render_legacy_module("system") == LEGACY
+    assert render_legacy_module("full") == LEGACY.replace(b"[system]", b"[full]")
 
 
 @pytest.mark.parametrize(
@@ -69,120 +109,136 @@ def test_render_module_custom() -> None:
         ("path", "/srv\\", "no surrounding blanks"),
         ("lock_file", "run/x.lock", "absolute path"),
         ("comment", "two\nlines", "printable text"),
+        ("hosts_allow", ("10.0.0.1 10.0.0.2",), "an IP address"),
+        ("hosts_allow", ("*.example.com",), "an IP address"),
+        ("hosts_allow", ("10.0.0.1\n",), "an IP address"),
     ],
 )
-def test_settings_rejects(field: str, value: str, message: str) -> None:
+def test_settings_rejects(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RsyncdSettings(**{field: value})
 
 
-# --- plan_rsyncd_conf -------------------------------------------------------------------
+# --- hosts allow --------------------------------------------------------------------------
 
-PLAN_CASES = [
-    # id, current, expected new
-    ("missing", None, BLOCK),
-    ("empty", b"", BLOCK),
-    ("blank-only", b"\n\n", BLOCK),
-    ("seed", SEED, b"max connections = 1\n\n" + BLOCK),
-    ("globals-and-other-module", GLOBALS_AND_PUB, GLOBALS_AND_PUB + b"\n" + BLOCK),
-    ("globals-only-trailing-blank", b"uid = nobody\n\n", b"uid = nobody\n\n" + BLOCK),
-    ("missing-final-newline", b"[pub]\n path = /srv", b"[pub]\n path = /srv\n\n" + BLOCK),
-    (
-        "stale-values-replaced-in-place",
-        b"uid = nobody\n\n# managed by pullback\n[system]\n    path = /data\n"
-        b"    read only = no\n    hosts allow = 10.0.0.1\n\n; the public area\n[pub]\n"
-        b"    path = /srv/pub\n",
-        b"uid = nobody\n\n" + BLOCK + b"\n; the public area\n[pub]\n    path = /srv/pub\n",
-    ),
-    (
-        "case-and-spacing-of-name",
-        b"[ System ]\n readonly=no\n",
-        BLOCK,
-    ),
-    (
-        "continuation-lines",
-        b"[system]\n    path = \\\n        /\n    uid = 0\n# next\n[pub]\n path=/srv\n",
-        BLOCK + b"# next\n[pub]\n path=/srv\n",
-    ),
-    (
-        "duplicates-removed",
-        b"[system]\n path = /\n\n[pub]\n path = /srv\n\n# managed by pullback\n[SYSTEM]\n"
-        b" read only = no\n",
-        BLOCK + b"\n[pub]\n path = /srv\n\n",
-    ),
-    (
-        "crlf-and-non-utf8-kept",
-        b"# caf\xe9\r\npid file = /run/r.pid\r\n\r\n[pub]\r\n path = /srv\r\n",
-        b"# caf\xe9\r\npid file = /run/r.pid\r\n\r\n[pub]\r\n path = /srv\r\n\n" + BLOCK,
-    ),
-    ("already-current", b"uid = 0\n\n" + BLOCK, b"uid = 0\n\n" + BLOCK),
+
+@pytest.mark.parametrize(
+    ("from_", "client", "allow", "warned"),
+    [
+        (None, "192.0.2.7", ("192.0.2.7",), False),
+        ("10.1.0.0/16,192.0.2.7", "192.0.2.7", ("10.1.0.0/16", "192.0.2.7"), False),
+        ("backup.example.com", "192.0.2.7", ("192.0.2.7",), False),  # no DNS in rsyncd
+        ("10.*", "10.0.0.3", ("10.0.0.3",), False),
+        ("!10.0.0.9,10.0.0.0/8", "10.0.0.3", ("10.0.0.3",), False),
+        (None, "::1", ("::1",), False),
+        (None, "", (), True),
+    ],
+)
+def test_hosts_allow_for(from_, client, allow, warned) -> None:
+    got, warnings = hosts_allow_for(from_, client)
+    assert got == allow
+    assert bool(warnings) is warned
+
+
+# --- pullback's own file ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "changed"),
+    [(None, True), (b"", True), (LEGACY, True), (BLOCK + b"[pub]\n path=/srv\n", True),
+     (BLOCK, False)],
+    ids=["missing", "empty", "old-module", "extra-module", "current"],
+)
+def test_plan_pullback_conf(current: bytes | None, changed: bool) -> None:
+    plan = plan_pullback_conf(current, RsyncdSettings())
+    assert (plan.path, plan.old, plan.new, plan.changed) == (
+        "/etc/pullback/rsyncd.conf", current, BLOCK, changed)
+    again = plan_pullback_conf(plan.new, RsyncdSettings())
+    assert (again.changed, again.diff()) == (False, "")
+    assert check_module(plan.new, "system") == []
+
+
+def test_pullback_conf_diff() -> None:
+    diff = plan_pullback_conf(None, RsyncdSettings()).diff()
+    assert diff.startswith("--- /dev/null\n+++ b/etc/pullback/rsyncd.conf\n@@ -0,0 +1,14 @@\n"
+                           "+# managed by pullback\n")
+    assert f"+    refuse options = {REFUSE}\n" in diff
+
+
+def test_plan_remove_pullback_conf() -> None:
+    plan = plan_remove_pullback_conf(BLOCK)
+    assert (plan.new, plan.changed) == (None, True)
+    assert plan.diff().startswith("--- a/etc/pullback/rsyncd.conf\n+++ /dev/null\n")
+    assert not plan_remove_pullback_conf(None).changed
+
+
+# --- migration: the old module leaves /etc/rsyncd.conf ----------------------------------
+
+CRLF_OTHERS = b"# caf\xe9\r\npid file = /run/r.pid\r\n\r\n[pub]\r\n path = /srv\r\n"
+
+MIGRATION_CASES = [
+    # id, current /etc/rsyncd.conf, expected (None: remove the file), warned
+    ("missing", None, None, False),
+    ("empty-untouched", b"", b"", False),
+    ("no-module-of-ours", GLOBALS_AND_PUB, GLOBALS_AND_PUB, False),
+    ("unmarked-system-is-not-ours", SEED, SEED, False),
+    ("only-ours", LEGACY, None, False),
+    # The old writer appended a blank line and the block: both go.
+    ("appended-after-others", GLOBALS_AND_PUB + b"\n" + LEGACY, GLOBALS_AND_PUB, False),
+    ("appended-after-trailing-blank", b"uid = nobody\n\n" + LEGACY, b"uid = nobody\n", False),
+    ("crlf-non-utf8", CRLF_OTHERS + b"\n" + LEGACY, CRLF_OTHERS, False),
+    ("no-final-newline-after",
+     b"uid = 0\n\n" + LEGACY + b"\n; the public area\n[pub]\n    path = /srv/pub",
+     b"uid = 0\n\n\n; the public area\n[pub]\n    path = /srv/pub", False),
+    ("in-the-middle",
+     b"uid = nobody\n\n" + LEGACY + b"\n[pub]\n path = /srv\n",
+     b"uid = nobody\n\n\n[pub]\n path = /srv\n", False),
+    ("renamed-module", GLOBALS_AND_PUB + b"\n" + LEGACY.replace(b"[system]", b"[full]"),
+     GLOBALS_AND_PUB, False),
+    ("edited-by-hand",
+     b"[pub]\n path = /srv\n\n# managed by pullback\n[system]\n    path = /\n"
+     b"    read only = no\n# kept: a comment after the section\n",
+     b"[pub]\n path = /srv\n\n# kept: a comment after the section\n", True),
+    ("edited-by-hand-appended-line",
+     GLOBALS_AND_PUB + b"\n" + LEGACY + b"    hosts allow = 10.0.0.1\n", GLOBALS_AND_PUB, True),
+    ("two-old-modules",
+     LEGACY + b"\n[pub]\n path = /srv\n\n" + LEGACY.replace(b"[system]", b"[old]"),
+     b"\n[pub]\n path = /srv\n", False),
 ]
 
 
 @pytest.mark.parametrize(
-    ("current", "expected"),
-    [case[1:] for case in PLAN_CASES],
-    ids=[case[0] for case in PLAN_CASES],
+    ("current", "expected", "warned"),
+    [case[1:] for case in MIGRATION_CASES],
+    ids=[case[0] for case in MIGRATION_CASES],
 )
-def test_plan_rsyncd_conf(current: bytes | None, expected: bytes) -> None:
-    plan = plan_rsyncd_conf(current, RsyncdSettings())
+def test_plan_legacy_removal(current: bytes | None, expected: bytes | None,
+                             warned: bool) -> None:
+    plan = plan_legacy_removal(current)
+    assert plan.path == "/etc/rsyncd.conf"
     assert plan.new == expected
-    assert plan.old == current
     assert plan.changed is (current != expected)
-    again = plan_rsyncd_conf(plan.new, RsyncdSettings())
-    assert (again.new, again.changed) == (plan.new, False)
-    assert check_module(plan.new, "system") == []
+    assert bool(plan.warnings) is warned
+    if expected is not None:
+        assert b"managed by pullback" not in expected
+        again = plan_legacy_removal(expected)
+        assert (again.changed, again.warnings) == (False, ())
 
 
-@pytest.mark.parametrize(
-    ("current", "warnings"),
-    [
-        (SEED, ()),
-        (
-            b"[system]\n path = /\n[System]\n uid = nobody\n",
-            (
-                "[system] appeared 2 times; rsyncd merges sections of the same name, so the 1"
-                " later one(s) are removed",
-            ),
-        ),
-        (
-            b"&include /etc/rsyncd.d\n",
-            ("rsyncd.conf has '&include /etc/rsyncd.d': a [system] defined there is not checked",),
-        ),
-        (
-            b"# managed by pullback\n[old]\n path = /\n",
-            ("[old] is also managed by pullback: remove it if unused",),
-        ),
-    ],
-    ids=["none", "duplicate", "include", "other-managed-module"],
-)
-def test_plan_warnings(current: bytes, warnings: tuple[str, ...]) -> None:
-    assert plan_rsyncd_conf(current, RsyncdSettings()).warnings == warnings
+def test_legacy_removal_keeps_the_rest_byte_for_byte() -> None:
+    others = CRLF_OTHERS + b"[www]\r\n path = /var/www\r\n"
+    plan = plan_legacy_removal(others + b"\n" + LEGACY)
+    assert hashlib.sha256(plan.new or b"").hexdigest() == hashlib.sha256(others).hexdigest()
 
 
-def test_plan_custom_module_keeps_system() -> None:
-    settings = RsyncdSettings(module="full", lock_file="/run/pb-full.lock")
-    plan = plan_rsyncd_conf(SEED, settings)
-    assert plan.new == SEED + b"\n" + render_module(settings).encode()
-
-
-def test_diff() -> None:
-    plan = plan_rsyncd_conf(b"[system]\n    path = /\n    list = false\n", RsyncdSettings())
+def test_legacy_removal_diff() -> None:
+    plan = plan_legacy_removal(b"uid = nobody\n\n" + LEGACY)
     assert plan.diff() == (
-        "--- a/etc/rsyncd.conf\n+++ b/etc/rsyncd.conf\n@@ -1,3 +1,11 @@\n"
-        "+# managed by pullback\n [system]\n     path = /\n"
-        "+    comment = pullback full-system backup (read-only)\n+    read only = yes\n"
-        "     list = false\n+    uid = 0\n+    gid = 0\n+    numeric ids = yes\n"
-        "+    max connections = 1\n+    lock file = /run/rsyncd-pullback.lock\n"
-    )
-    assert plan_rsyncd_conf(BLOCK, RsyncdSettings()).diff() == ""
-    assert (
-        plan_rsyncd_conf(None, RsyncdSettings())
-        .diff()
-        .startswith(
-            "--- /dev/null\n+++ b/etc/rsyncd.conf\n@@ -0,0 +1,11 @@\n+# managed by pullback\n"
-        )
-    )
+        "--- a/etc/rsyncd.conf\n+++ b/etc/rsyncd.conf\n@@ -1,13 +1 @@\n uid = nobody\n-\n"
+        + "".join("-" + line for line in LEGACY.decode().splitlines(True)))
+    assert plan_legacy_removal(LEGACY).diff().endswith("+++ /dev/null\n@@ -1,11 +0,0 @@\n"
+                                                       + "".join(
+        "-" + line for line in LEGACY.decode().splitlines(True)))
 
 
 # --- parse_rsyncd_conf ------------------------------------------------------------------
@@ -220,6 +276,8 @@ def test_parse_rsyncd_conf_rejects_unclosed_header() -> None:
 
 UID = "uid is not set: a root daemon drops to nobody and cannot read /"
 GID = "gid is not set: a root daemon drops to nobody and cannot read /"
+REF = ("refuse options lacks delete* remove-*: the key could ask the daemon to delete files "
+       "(--remove-source-files, --delete)")
 
 
 @pytest.mark.parametrize(
@@ -233,6 +291,7 @@ GID = "gid is not set: a root daemon drops to nobody and cannot read /"
                 UID,
                 GID,
                 "max connections without a lock file: rsyncd falls back to /var/run/rsyncd.lock",
+                REF,
             ],
         ),
         (b"[pub]\n path = /srv\n", ["no [system] module in rsyncd.conf"]),
@@ -246,23 +305,25 @@ GID = "gid is not set: a root daemon drops to nobody and cannot read /"
                 "read only is 'no', should be yes",
                 "list is 'yes', should be no",
                 "max connections is not set: overlapping pulls can run at once",
+                REF,
             ],
         ),
         (
             b"uid = root\ngid = 0\nlock file = /run/l\nmax connections = 1\nlist = no\n\n"
-            b"[system]\n path = /\n",
+            b"[system]\n path = /\n refuse options = remove-* delete*\n",
             [],
         ),
         (
             b"[System]\n  path = /\n  uid = 0\n  gid = 0\n  list = off\n  Max Connections = 1\n"
             b"  lock file = /run/l\n  ReadOnly = False\n  write only = maybe\n",
-            ["read only is 'False', should be yes", "write only is 'maybe', not a boolean"],
+            ["read only is 'False', should be yes", "write only is 'maybe', not a boolean", REF],
         ),
         (
             b"[system]\n uid = 0\n gid = 0\n list = no\n max connections = one\n",
             [
                 "no path: rsyncd refuses a module without one",
                 "max connections is 'one', not a number",
+                REF,
             ],
         ),
         (
@@ -279,6 +340,7 @@ GID = "gid is not set: a root daemon drops to nobody and cannot read /"
                 GID,
                 "list is not set (defaults to yes)",
                 "max connections is not set: overlapping pulls can run at once",
+                REF,
             ],
         ),
     ],
@@ -305,6 +367,7 @@ def test_check_module_global_after_module_not_inherited() -> None:
         UID,
         GID,
         "max connections without a lock file: rsyncd falls back to /var/run/rsyncd.lock",
+        REF,
     ]
 
 

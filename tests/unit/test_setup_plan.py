@@ -26,12 +26,15 @@ from roles.features.setup_remote import (
     SetupPlan,
     apply_script,
     daemon_command,
+    facts_after,
     plan_setup,
     rollback_script,
 )
 from roles.inventory.schema import Host
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
+    PULLBACK_DIR,
+    PULLBACK_RSYNCD_CONF,
     RSYNCD_CONF,
     SSHD_CONFIG,
     FileFact,
@@ -42,7 +45,7 @@ from roles.remote.facts import (
 WANT = "forced-commands-only"
 DROPINS = "/etc/ssh/sshd_config.d/*.conf"
 CLOUD = "/etc/ssh/sshd_config.d/50-cloud.conf"
-FORCED = "/usr/local/bin/rsync --server --daemon ."
+FORCED = "/usr/local/bin/rsync --server --daemon --config=/etc/pullback/rsyncd.conf ."
 STOCK = (b"Include /etc/ssh/sshd_config.d/*.conf\n\n#LoginGraceTime 2m\n"
          b"#PermitRootLogin prohibit-password\n#StrictModes yes\n")
 
@@ -57,10 +60,14 @@ def make_key(seed: int = 1) -> str:
 
 
 PUBLIC_KEY = make_key()
-KEY_LINE = ('restrict,command="/usr/local/bin/rsync --server --daemon .",no-port-forwarding,'
+KEY_LINE = ('restrict,command="/usr/local/bin/rsync --server --daemon '
+            '--config=/etc/pullback/rsyncd.conf .",no-port-forwarding,'
             "no-agent-forwarding,no-X11-forwarding,no-pty " + " ".join(PUBLIC_KEY.split()[:2])
             + " pullback-backup")
-MODULE = rsyncd.render_module(rsyncd.RsyncdSettings()).encode()
+# make_facts' client address: the module admits it alone.
+MODULE = rsyncd.render_module(rsyncd.RsyncdSettings(hosts_allow=("192.0.2.1",))).encode()
+LEGACY = rsyncd.render_legacy_module("system")
+PRIVATE = (0o700, 0, 0)
 HOST = Host.model_validate({"name": "web1", "address": "192.0.2.10", "admin_user": "admin",
                             "backup_key": "/srv/keys/backup"})
 
@@ -294,7 +301,8 @@ def make_facts(files: dict[str, bytes | tuple[bytes, int, int, int]], *,
                includes: dict[str, list[str]] | None = None, terr: str = "",
                openssh: tuple[int, int] | None = (9, 2),
                rsync: tuple[str, ...] = ("/usr/local/bin/rsync", "/usr/bin/rsync"),
-               service: str | None = None) -> HostFacts:
+               service: str | None = None,
+               pullback_dir: tuple[int, int, int] | None = PRIVATE) -> HostFacts:
     facts: dict[str, FileFact] = {}
     for path, value in files.items():
         content, mode, uid, gid = value if isinstance(value, tuple) else (value, 0o644, 0, 0)
@@ -304,7 +312,9 @@ def make_facts(files: dict[str, bytes | tuple[bytes, int, int, int]], *,
         includes = {k: v for k, v in includes.items() if v}
     return HostFacts(
         files=facts, missing=frozenset(), includes=includes,
-        dirs={"/root/.ssh": root_ssh} if root_ssh else {}, client_addr="192.0.2.1",
+        dirs={**({"/root/.ssh": root_ssh} if root_ssh else {}),
+              **({PULLBACK_DIR: pullback_dir} if pullback_dir else {})},
+        client_addr="192.0.2.1",
         openssh=openssh, sshd="/usr/sbin/sshd",
         effective={"permitrootlogin": effective, "pidfile": "/run/sshd.pid"} if effective else {},
         sshd_T_error=terr, service=service, rsync={r: "rsync 3.2.7" for r in rsync},
@@ -315,18 +325,20 @@ DONE = {
     SSHD_CONFIG: STOCK.replace(b"prohibit-password\n", b"prohibit-password\nPermitRootLogin "
                                + WANT.encode() + b"\n"),
     AUTHORIZED_KEYS: ((KEY_LINE + "\n").encode(), 0o600, 0, 0),
-    RSYNCD_CONF: MODULE,
+    PULLBACK_RSYNCD_CONF: (MODULE, 0o600, 0, 0),
 }
 
 
 def test_fresh_host_plan_orders_rsyncd_keys_sshd():
-    plan = plan_setup(make_facts({SSHD_CONFIG: STOCK}, root_ssh=None), HOST, PUBLIC_KEY, FORCED)
+    plan = plan_setup(make_facts({SSHD_CONFIG: STOCK}, root_ssh=None, pullback_dir=None), HOST,
+                      PUBLIC_KEY, FORCED)
     assert [(c.step, c.path) for c in plan.changes] == [
-        ("rsyncd.conf", RSYNCD_CONF), ("authorized_keys", AUTHORIZED_KEYS),
+        ("rsyncd.conf", PULLBACK_RSYNCD_CONF), ("authorized_keys", AUTHORIZED_KEYS),
         ("sshd_config", SSHD_CONFIG)]
     rsyncd_change, keys_change, sshd_change = plan.changes
     assert rsyncd_change.old is None and rsyncd_change.new == MODULE
-    assert (rsyncd_change.mode, rsyncd_change.uid, rsyncd_change.gid) == (0o644, 0, 0)
+    assert (rsyncd_change.mode, rsyncd_change.uid, rsyncd_change.gid) == (0o600, 0, 0)
+    assert plan.make_dirs == plan.new_dirs == (PULLBACK_DIR,)
     assert keys_change.old is None and keys_change.new == (KEY_LINE + "\n").encode()
     assert (keys_change.mode, keys_change.uid, keys_change.gid) == (0o600, 0, 0)
     assert keys_change.check_line == KEY_LINE
@@ -344,6 +356,92 @@ def test_no_change_plan_is_empty():
     assert not plan.fix_root_ssh and not plan.create_root_ssh
     assert not plan.reload_sshd and not plan.changed
     assert plan.steps == {"sshd_config": "ok", "authorized_keys": "ok", "rsyncd.conf": "ok"}
+
+
+def test_the_shared_rsyncd_conf_is_never_written_without_a_module_of_ours():
+    others = b"log file = /var/log/rsyncd.log\n[www]\n  path = /srv/www\n"
+    plan = plan_setup(make_facts({**DONE, RSYNCD_CONF: others}, effective=WANT), HOST,
+                      PUBLIC_KEY, FORCED)
+    assert plan.changes == () and not plan.changed
+    assert "old rsyncd module" not in plan.steps
+
+
+@pytest.mark.parametrize(("mode", "folder", "changes"), [
+    ((0o644, 0, 0), PRIVATE, ["rsyncd.conf"]),        # readable by all
+    ((0o600, 1000, 0), PRIVATE, ["rsyncd.conf"]),     # not root's
+    ((0o600, 0, 0), (0o775, 0, 0), []),               # the folder alone
+    ((0o600, 0, 0), (0o700, 1000, 0), []),
+])
+def test_own_file_and_folder_modes_are_changes(mode, folder, changes):
+    files = {**DONE, PULLBACK_RSYNCD_CONF: (MODULE, *mode)}
+    plan = plan_setup(make_facts(files, effective=WANT, pullback_dir=folder), HOST, PUBLIC_KEY,
+                      FORCED)
+    assert [c.step for c in plan.changes] == changes
+    assert plan.make_dirs == (() if folder == PRIVATE else (PULLBACK_DIR,))
+    assert plan.steps["rsyncd.conf"] == "changed" and plan.changed
+    for change in plan.changes:
+        assert (change.new, change.mode, change.uid, change.gid) == (MODULE, 0o600, 0, 0)
+
+
+MIGRATION = [
+    # id, /etc/rsyncd.conf before, after (None: removed)
+    ("only-ours", (LEGACY, 0o644, 0, 0), None),
+    ("with-others", (b"uid = nobody\n\n[www]\n path = /srv\n\n" + LEGACY, 0o640, 0, 4),
+     b"uid = nobody\n\n[www]\n path = /srv\n"),
+]
+
+
+@pytest.mark.parametrize(("current", "after"), [m[1:] for m in MIGRATION],
+                         ids=[m[0] for m in MIGRATION])
+@pytest.mark.parametrize("mode", ["daemon", "captured"])
+def test_migration_removes_the_old_module(current, after, mode):
+    host = HOST.model_copy(update={"forced_command": mode})
+    forced = FORCED if mode == "daemon" else "/usr/local/libexec/pullback/gate"
+    facts = make_facts({**DONE, RSYNCD_CONF: current}, effective=WANT)
+    plan = plan_setup(facts, host, PUBLIC_KEY, forced)
+    (change,) = [c for c in plan.changes if c.path == RSYNCD_CONF]
+    assert (change.step, change.old, change.new) == ("old rsyncd module", current[0], after)
+    assert (change.mode, change.uid, change.gid) == current[1:]  # kept as they were
+    assert plan.changes[-1] is change  # after the key line that stops using it
+    assert plan.steps["old rsyncd module"] == "removed"
+    again = plan_setup(facts_after(facts, plan), host, PUBLIC_KEY, forced)
+    assert again.changes == () and not again.changed
+    assert "old rsyncd module" not in again.steps
+    script = apply_script(plan)
+    if after is None:
+        assert "rm -f /etc/rsyncd.conf && r" in script
+        assert "/etc/rsyncd.conf.pullback-new" not in script
+    assert "cp -p /etc/rsyncd.conf /etc/rsyncd.conf.pullback-bak" in script
+    subprocess.run(["sh", "-n", "-c", script], check=True)
+
+
+def test_captured_mode_removes_the_daemon_file():
+    host = HOST.model_copy(update={"forced_command": "captured"})
+    facts = make_facts(DONE, effective=WANT)
+    plan = plan_setup(facts, host, PUBLIC_KEY, "/usr/local/libexec/pullback/gate")
+    (change,) = [c for c in plan.changes if c.path == PULLBACK_RSYNCD_CONF]
+    assert (change.old, change.new) == (MODULE, None)
+    assert plan.steps["rsyncd.conf"] == "removed"
+    assert change.diff().startswith("--- a/etc/pullback/rsyncd.conf\n+++ /dev/null\n")
+    assert PULLBACK_DIR not in plan.make_dirs
+    again = plan_setup(facts_after(facts, plan), host, PUBLIC_KEY,
+                       "/usr/local/libexec/pullback/gate")
+    assert "rsyncd.conf" not in again.steps and again.changes == ()
+
+
+def test_removal_runs_and_rolls_back(tmp_path: Path):
+    target = tmp_path / "rsyncd.conf"
+    target.write_bytes(LEGACY)
+    change = FileChange("old rsyncd module", str(target), LEGACY, None, 0o644, os.getuid(),
+                        os.getgid())
+    plan = fresh_plan(changes=(change,), fix_root_ssh=False, create_root_ssh=False,
+                      reload_sshd=False, make_dirs=())
+    result = run_script(apply_script(plan))
+    assert result.stdout == "PULLBACK_OK\n", result.stderr
+    assert not target.exists()
+    assert (tmp_path / "rsyncd.conf.pullback-bak").read_bytes() == LEGACY
+    assert run_script(rollback_script(plan)).returncode == 0
+    assert target.read_bytes() == LEGACY
 
 
 @pytest.mark.parametrize("files", [
@@ -452,7 +550,8 @@ def test_old_openssh_gets_no_restrict_option():
 
 @pytest.mark.parametrize(("rsync", "command", "warned"), [
     (("/usr/local/bin/rsync", "/usr/bin/rsync"), FORCED, False),
-    (("/usr/bin/rsync",), "/usr/bin/rsync --server --daemon .", True),
+    (("/usr/bin/rsync",), "/usr/bin/rsync --server --daemon --config=/etc/pullback/rsyncd.conf .",
+     True),
 ])
 def test_daemon_command_prefers_the_pinned_build(rsync, command, warned):
     forced, warnings = daemon_command(make_facts({}, rsync=rsync), HOST)
@@ -478,15 +577,15 @@ def test_apply_script_guards_stages_validates_then_replaces_in_order():
     script = apply_script(plan)
     digest = hashlib.sha256(STOCK).hexdigest()
     assert f"printf '%s  %s\\n' {digest} /etc/ssh/sshd_config | sha256sum -c --status" in script
-    assert "[ ! -e /etc/rsyncd.conf ] || fail" in script
+    assert "[ ! -e /etc/pullback/rsyncd.conf ] || fail" in script
     assert "[ ! -e /root/.ssh/authorized_keys ] || fail" in script
     assert '"$sshd" -t -f /etc/ssh/sshd_config.pullback-new' in script
     assert "ssh-keygen -l -f /root/.ssh/authorized_keys.pullback-line" in script
     replaces = [script.index(f"mv -fT {path}.pullback-new {path}")
-                for path in (RSYNCD_CONF, AUTHORIZED_KEYS, SSHD_CONFIG)]
+                for path in (PULLBACK_RSYNCD_CONF, AUTHORIZED_KEYS, SSHD_CONFIG)]
     assert replaces == sorted(replaces)
     staged = max(script.index(f"> {path}.pullback-new")
-                 for path in (RSYNCD_CONF, AUTHORIZED_KEYS, SSHD_CONFIG))
+                 for path in (PULLBACK_RSYNCD_CONF, AUTHORIZED_KEYS, SSHD_CONFIG))
     assert staged < replaces[0]  # every candidate is validated before anything is replaced
     assert script.index("cp -p /etc/ssh/sshd_config /etc/ssh/sshd_config.pullback-bak") \
         < replaces[2]
@@ -533,21 +632,23 @@ def test_apply_script_without_sshd_change_does_not_reload():
 
 @pytest.mark.parametrize(("reload", "service", "create_root_ssh", "expected"), [
     (True, None, True, [
-        "rm -f /etc/rsyncd.conf || rc=1",
+        "rm -f /etc/pullback/rsyncd.conf || rc=1",
         "rm -f /root/.ssh/authorized_keys || rc=1",
         "mv -fT /etc/ssh/sshd_config.pullback-bak /etc/ssh/sshd_config || rc=1",
+        "rmdir /etc/pullback 2>/dev/null || :",
         "rmdir /root/.ssh 2>/dev/null || :",
         'kill -HUP "$(cat /run/sshd.pid)" || rc=1',
     ]),
     (True, "ssh", False, [
-        "rm -f /etc/rsyncd.conf || rc=1",
+        "rm -f /etc/pullback/rsyncd.conf || rc=1",
         "rm -f /root/.ssh/authorized_keys || rc=1",
         "mv -fT /etc/ssh/sshd_config.pullback-bak /etc/ssh/sshd_config || rc=1",
         "systemctl reload ssh || rc=1",
     ]),
 ])
 def test_rollback_script(reload, service, create_root_ssh, expected):
-    plan = fresh_plan(reload_sshd=reload, service=service, create_root_ssh=create_root_ssh)
+    plan = fresh_plan(reload_sshd=reload, service=service, create_root_ssh=create_root_ssh,
+                      new_dirs=(PULLBACK_DIR,) if create_root_ssh else ())
     lines = rollback_script(plan).splitlines()
     assert lines == ["set -u", "rc=0", *expected, 'exit "$rc"']
 
