@@ -12,6 +12,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from roles.core.outcome import Outcome
 from roles.inventory.selection import Inventory, InventoryError
 
 DEFAULT_INVENTORY = "inventory.yaml"
@@ -93,7 +94,7 @@ def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=
     outcomes = fleet.for_each(
         hosts,
         lambda h: setup.setup_host(h, dry_run=dry_run),
-        lambda h, exc: setup.Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
+        lambda h, exc: Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
         parallel=32,
     )
     _report(outcomes)
@@ -145,14 +146,13 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Capture the exact command the client's rsync sends and force exactly that."""
     from roles.core import fleet
     from roles.features import capture
-    from roles.features import setup_remote as setup
 
     hosts = _hosts(inventory, host, shard)
     if not any(h.forced_command == "captured" for h in hosts):
         raise Exit("capture-command: no selected host has forced_command: captured", code=2)
     outcomes = fleet.for_each(
         hosts, capture.capture_host,
-        lambda h, exc: setup.Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
+        lambda h, exc: Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
         parallel=16,
     )
     _report(outcomes)

@@ -31,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from roles.core.outcome import Outcome
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab import hosts as lab  # noqa: E402
@@ -129,7 +131,7 @@ def run(hosts, counters: list[Path]) -> Run:
     started, cpu, busy = time.perf_counter(), os.times(), machine_busy()
     outcomes = fleet.for_each(
         hosts, lambda h: setup.setup_host(h),
-        lambda h, exc: setup.Outcome(h.name, {}, error=str(exc)), parallel=32,
+        lambda h, exc: Outcome(h.name, {}, error=str(exc)), parallel=32,
     )
     elapsed = time.perf_counter() - started
     after = os.times()

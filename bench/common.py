@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from roles.core.outcome import Outcome
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -33,7 +35,7 @@ def provision(prefix: str, count: int, **backup: object) -> tuple[Path, list[Hos
     hosts = list(load(path).hosts.values())
     keys.ensure_backup_key(Path(hosts[0].backup_key))
     outcomes = fleet.for_each(hosts, setup.setup_host,
-                              lambda h, e: setup.Outcome(h.name, {}, error=str(e)), parallel=32)
+                              lambda h, e: Outcome(h.name, {}, error=str(e)), parallel=32)
     failed = [o for o in outcomes if o.error]
     if failed:
         raise SystemExit(f"setup-remote failed: {failed[0].host}: {failed[0].error}")

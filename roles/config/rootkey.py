@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from roles.core.diffs import split_lines, unified
+from roles.core.hardened import CLASSIC_NO_OPTIONS, RESTRICT
 from roles.core.render import render
 
 DEFAULT_COMMENT = "pullback-backup"
@@ -72,12 +73,6 @@ _VALUE_OPTIONS = frozenset(
 )
 _SINGLE_VALUE_OPTIONS = frozenset({"command", "principals", "from"})
 
-CLASSIC_NO_OPTIONS: tuple[str, ...] = (
-    "no-port-forwarding",
-    "no-agent-forwarding",
-    "no-X11-forwarding",
-    "no-pty",
-)
 
 _FROM_RE = re.compile(r"[A-Za-z0-9.:*?!/,_-]+")
 _BLANK = " \t"
@@ -173,7 +168,7 @@ def build_options(forced_command: str, *, restrict: bool, from_: str | None) -> 
         raise ValueError("forced command is empty")
     if any(c in forced_command for c in "\n\r\0"):
         raise ValueError("forced command must not contain newline, CR or NUL")
-    options = ["restrict"] if restrict else []
+    options = [RESTRICT] if restrict else []
     options.append("command=" + quote_option_value(forced_command))
     if from_ is not None:
         if not _FROM_RE.fullmatch(from_):

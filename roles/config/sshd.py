@@ -40,7 +40,6 @@ MAX_INCLUDE_DEPTH = 16  # SERVCONF_MAX_DEPTH in servconf.c
 
 _WHITESPACE = " \t\r\n"  # WHITESPACE in OpenSSH's misc.h
 _COMMENTED_DEFAULT = re.compile(rb"^\s*#\s*PermitRootLogin\b", re.IGNORECASE)
-_SSHD_T_KEY = re.compile(r"[a-z0-9]+")
 _CONNECTION_SPEC_FORBIDDEN = re.compile(r"[,=\s]")
 
 
@@ -121,7 +120,6 @@ class _Directive:
 
 
 _GLOBAL = _Context(None, None)
-
 
 
 def _text_lines(content: bytes) -> list[str]:
@@ -423,26 +421,6 @@ def plan_permit_root_login(facts: SshdFacts, want: str = "forced-commands-only")
 
 
 # --- checking the result with sshd -T --------------------------------------------------
-
-
-def parse_sshd_T_multi(output: str) -> dict[str, list[str]]:
-    """Every value of every key in `sshd -T` output, in order.
-
-    Only lines whose key is lower-case alphanumeric count, so stderr noise mixed into the
-    output (``/etc/ssh/sshd_config line 3: Deprecated option``) is skipped.
-    """
-    values: dict[str, list[str]] = {}
-    for line in output.splitlines():
-        parts = line.strip().split(None, 1)
-        if not parts or not _SSHD_T_KEY.fullmatch(parts[0]):
-            continue
-        values.setdefault(parts[0], []).append(parts[1].strip() if len(parts) > 1 else "")
-    return values
-
-
-def parse_sshd_T(output: str) -> dict[str, str]:
-    """`sshd -T` output as key -> first value."""
-    return {key: values[0] for key, values in parse_sshd_T_multi(output).items()}
 
 
 def sshd_T_args(user: str, host: str, addr: str) -> list[str]:

@@ -65,7 +65,8 @@ from roles.core.rsync import (
 from roles.local import runner, store
 
 if TYPE_CHECKING:
-    from roles.features.setup_remote import HelperFile, Outcome
+    from roles.core.hardened import HelperFile
+    from roles.core.outcome import Outcome
     from roles.inventory.schema import Host  # pydantic: not imported at run time
     from roles.remote.facts import HostFacts
 
@@ -250,7 +251,7 @@ def render_gate(real_sent: str, dry_sent: str, real_exec: tuple[str, ...],
 
 
 def gate_file(record: CaptureRecord) -> HelperFile:
-    from roles.features.setup_remote import HelperFile
+    from roles.core.hardened import HelperFile
 
     content = render_gate(
         record.sent, record.sent_dry_run, tuple(record.command.split(" ")),
@@ -259,7 +260,7 @@ def gate_file(record: CaptureRecord) -> HelperFile:
 
 
 def capture_file() -> HelperFile:
-    from roles.features.setup_remote import HelperFile
+    from roles.core.hardened import HelperFile
 
     return HelperFile("capture-script", CAPTURE_SCRIPT, render_capture_script())
 
@@ -296,7 +297,7 @@ def check_remote(record: CaptureRecord, facts: HostFacts) -> list[str]:
 
 def check_ready(facts: HostFacts) -> None:
     """sshd must let root in by forced command only: setup-remote's result."""
-    from roles.features.setup_remote import WANT
+    from roles.core.hardened import PERMIT_ROOT_LOGIN as WANT
 
     value = facts.effective.get("permitrootlogin", "")
     if value != WANT:
@@ -314,7 +315,7 @@ def _last_line(text: str) -> str:
 
 def capture_once(conn: Any, host: Host, rsync: str, *, dry_run: bool) -> str:
     """Run the pull as ``backup`` would (it must fail), then read and remove the capture."""
-    from roles.features.setup_remote import gather_files
+    from roles.hostfiles.transaction import gather_files
 
     with tempfile.TemporaryDirectory(prefix="pullback-capture-") as tmp:
         argv = pull.build_argv(host, dry_run=dry_run, tty=False, local_rsync=rsync,
@@ -355,7 +356,7 @@ def prove(host: Host, rsync: str) -> None:
 def _restore_keys(conn: Any, host: Host, facts: HostFacts, old: bytes | None) -> str:
     """Put the key file back as it was before the capture line (the previous gate keeps
     serving backups when a re-capture fails); returns what happened, for the error."""
-    from roles.features.setup_remote import FileChange, SetupPlan, apply
+    from roles.hostfiles.transaction import FileChange, SetupPlan, apply
     from roles.remote.facts import AUTHORIZED_KEYS
 
     current = facts.content(AUTHORIZED_KEYS)
@@ -373,15 +374,14 @@ def _restore_keys(conn: Any, host: Host, facts: HostFacts, old: bytes | None) ->
 
 def capture_host(host: Host) -> Outcome:
     """capture-command on one host: capture, validate, install the gate, record, prove."""
-    from roles.features.setup_remote import (
-        Outcome,
+    from roles.core.outcome import Outcome
+    from roles.features.setup_remote import plan_setup, read_public_key
+    from roles.hostfiles.transaction import (
         SetupError,
         apply,
         facts_after,
         gather_files,
         merge_facts,
-        plan_setup,
-        read_public_key,
     )
     from roles.remote.connection import ConnectError, connect
     from roles.remote.facts import AUTHORIZED_KEYS, gather

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from roles.core import platforms
-
-SSHD_CONFIG = "/etc/ssh/sshd_config"
-AUTHORIZED_KEYS = "/root/.ssh/authorized_keys"
-RSYNCD_CONF = "/etc/rsyncd.conf"  # shared: read to migrate the old module away from it
-PULLBACK_DIR = "/etc/pullback"
-PULLBACK_RSYNCD_CONF = "/etc/pullback/rsyncd.conf"  # daemon mode's module, ours alone
+from roles.core.hardened import (  # noqa: F401 - the paths a gather reads, named once
+    AUTHORIZED_KEYS,
+    PULLBACK_DIR,
+    PULLBACK_RSYNCD_CONF,
+    RSYNCD_CONF,
+    SSHD_CONFIG,
+)
 
 
 @dataclass(frozen=True)

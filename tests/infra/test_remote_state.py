@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from roles.config import rootkey, rsyncd
-from roles.config.sshd import parse_sshd_T
 from roles.core.rsync import parse_version_output
+from roles.core.sshd_output import parse_sshd_T
 from roles.features import capture, doctor
 from roles.inventory.schema import Host, load
 from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_DIR, PULLBACK_RSYNCD_CONF, RSYNCD_CONF

@@ -31,6 +31,7 @@ import pytest
 from lab import hosts as lab
 from lab import mirror
 from roles.core import fleet, platforms, pull
+from roles.core.outcome import Outcome
 from roles.features import backup, capture
 from roles.features import rsync_build as rb
 from roles.features import setup_remote as setup
@@ -169,11 +170,11 @@ def built(matrix: Matrix) -> list[rb.EndResult]:
         list(matrix.hosts.values()), cache_dir=matrix.work / "cache", log=lambda _: None))
 
 
-def failed(host: Host, exc: Exception) -> setup.Outcome:
-    return setup.Outcome(host.name, {}, error=f"{type(exc).__name__}: {exc}")
+def failed(host: Host, exc: Exception) -> Outcome:
+    return Outcome(host.name, {}, error=f"{type(exc).__name__}: {exc}")
 
 
-def setup_all(hosts: dict[str, Host]) -> dict[str, setup.Outcome]:
+def setup_all(hosts: dict[str, Host]) -> dict[str, Outcome]:
     outcomes = fleet.for_each(list(hosts.values()), setup.setup_host, failed)
     return {o.host: o for o in outcomes}
 
@@ -189,8 +190,8 @@ def backup_all(hosts: dict[str, Host]) -> dict[str, backup.BackupResult]:
 
 @dataclass
 class Converged:
-    first: dict[str, setup.Outcome]
-    second: dict[str, setup.Outcome]
+    first: dict[str, Outcome]
+    second: dict[str, Outcome]
     before: dict[str, tuple[str, int]]  # release -> (watched files, SIGHUPs) after run 1
     after: dict[str, tuple[str, int]]
 
@@ -225,14 +226,14 @@ def pull_uncaptured(host: Host, dest: Path) -> subprocess.CompletedProcess:
 class Switched:
     """Every release switched to captured mode after its daemon-mode backup."""
     daemon_copies: dict[str, dict]  # release -> local_tree of the daemon copy, before
-    first_setup: dict[str, setup.Outcome]  # setup-remote in captured mode, no capture yet
+    first_setup: dict[str, Outcome]  # setup-remote in captured mode, no capture yet
     before_setup: dict[str, dict[str, str]]  # release -> snapshot of CAPTURED_WATCHED
     after_setup: dict[str, dict[str, str]]
     uncaptured: dict[str, subprocess.CompletedProcess]  # a captured-mode pull, then
-    captures: dict[str, setup.Outcome]  # capture-command
+    captures: dict[str, Outcome]  # capture-command
     records: dict[str, capture.CaptureRecord | None]
     backups: dict[str, backup.BackupResult]
-    again: dict[str, setup.Outcome]  # setup-remote once more, after the capture
+    again: dict[str, Outcome]  # setup-remote once more, after the capture
     before_again: dict[str, tuple[dict[str, str], int]]  # (snapshot, SIGHUPs)
     after_again: dict[str, tuple[dict[str, str], int]]
 

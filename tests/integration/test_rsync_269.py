@@ -32,6 +32,7 @@ import pytest
 from lab import hosts as lab
 from lab import mirror
 from roles.core import fleet
+from roles.core.outcome import Outcome
 from roles.features import backup, capture, doctor
 from roles.features import rsync_build as rb
 from roles.features import setup_remote as setup
@@ -68,11 +69,11 @@ def hosts_of(lab_env: Lab, labs: list[lab.LabHost], path: Path, **defaults) -> d
     return {h.name: h for h in loaded.hosts.values()}
 
 
-def failed(host: Host, exc: Exception) -> setup.Outcome:
-    return setup.Outcome(host.name, {}, error=f"{type(exc).__name__}: {exc}")
+def failed(host: Host, exc: Exception) -> Outcome:
+    return Outcome(host.name, {}, error=f"{type(exc).__name__}: {exc}")
 
 
-def setup_all(hosts: list[Host]) -> list[setup.Outcome]:
+def setup_all(hosts: list[Host]) -> list[Outcome]:
     return fleet.for_each(hosts, setup.setup_host, failed)
 
 
@@ -149,8 +150,8 @@ def built(card: Card) -> list[rb.EndResult]:
 
 @dataclass
 class Run:
-    setups: dict[str, setup.Outcome]
-    captures: dict[str, setup.Outcome]
+    setups: dict[str, Outcome]
+    captures: dict[str, Outcome]
     backups: dict[str, backup.BackupResult]
     reports: dict[str, doctor.Report]
 

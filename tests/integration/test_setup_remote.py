@@ -25,8 +25,9 @@ import pytest
 import yaml
 
 from lab import hosts as lab
-from roles.config.sshd import parse_sshd_T
+from roles.core.sshd_output import parse_sshd_T
 from roles.features import setup_remote as setup
+from roles.hostfiles import transaction
 from roles.inventory.schema import Host, load
 from roles.local import keys
 from roles.remote.connection import connect, run
@@ -714,7 +715,7 @@ def test_fault_candidate_rejected_by_sshd_t(lab_env: Lab, fresh_host: lab.LabHos
             dataclasses.replace(c, new=c.new + b"NoSuchDirective yes\n")
             if c.step == "sshd_config" else c
             for c in plan.changes)
-        outcome = setup.apply(conn, target.host, dataclasses.replace(plan, changes=broken))
+        outcome = transaction.apply(conn, target.host, dataclasses.replace(plan, changes=broken))
     finally:
         conn.close()
     assert outcome.error is not None
@@ -731,9 +732,9 @@ def test_fault_new_login_fails_after_reload_rolls_back(lab_env: Lab, fresh_host:
     before = snapshot(fresh_host)
     seen: list[str] = []
 
-    def login_fails(host: Host, plan: setup.SetupPlan) -> None:
+    def login_fails(host: Host, plan: transaction.SetupPlan) -> None:
         seen.append(effective(fresh_host, addr))  # the edit was live when the check ran
-        raise setup.SetupError("simulated: a new admin login fails")
+        raise transaction.SetupError("simulated: a new admin login fails")
 
     outcome = setup.setup_host(target.host, check_login=login_fails)
     assert seen == [WANT]
@@ -783,7 +784,7 @@ def test_fault_file_changed_between_read_and_write(lab_env: Lab, fresh_host: lab
         assert [c.step for c in plan.changes] == ["rsyncd.conf", "authorized_keys", "sshd_config"]
         sh(fresh_host, "printf '# edited by someone else\\n' >> /etc/ssh/sshd_config")
         before = snapshot(fresh_host)
-        outcome = setup.apply(conn, target.host, plan)
+        outcome = transaction.apply(conn, target.host, plan)
     finally:
         conn.close()
     assert outcome.error == (f"{SSHD_CONFIG} changed since it was read; run again; "
@@ -971,9 +972,9 @@ def test_fault_puts_back_the_mode_of_an_existing_root_ssh(lab_env: Lab, fresh_ho
         fail_while_staging(target)
         assert_unchanged(target, before)
     else:
-        def login_fails(host: Host, plan: setup.SetupPlan) -> None:
+        def login_fails(host: Host, plan: transaction.SetupPlan) -> None:
             assert snapshot(fresh_host)["/root/.ssh"] == "dir 700 0 0"  # fixed meanwhile
-            raise setup.SetupError("simulated: a new admin login fails")
+            raise transaction.SetupError("simulated: a new admin login fails")
 
         outcome = setup.setup_host(target.host, check_login=login_fails)
         assert outcome.error == "simulated: a new admin login fails; restored and reloaded"

@@ -23,7 +23,7 @@ import paramiko
 import pytest
 
 from lab import hosts as lab
-from roles.config.sshd import parse_sshd_T
+from roles.core.sshd_output import parse_sshd_T
 from roles.features import setup_remote as setup
 from roles.inventory.schema import Host, load
 from roles.local import keys

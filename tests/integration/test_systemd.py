@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from roles.features import setup_remote as setup
+from roles.hostfiles import transaction
 from roles.inventory.schema import Host
 from roles.remote.connection import connect
 from roles.remote.facts import SSHD_CONFIG, gather
@@ -76,9 +77,9 @@ def test_setup_remote_reloads_with_systemctl_and_a_second_run_does_not(sd_target
     assert (state, reloads(sd_target)) == ("active", 0)
     plans: list[str] = []
 
-    def check(host: Host, plan: setup.SetupPlan) -> None:
-        plans.append(setup.reload_command(plan))
-        setup.check_new_login(host, plan)
+    def check(host: Host, plan: transaction.SetupPlan) -> None:
+        plans.append(transaction.reload_command(plan))
+        transaction.check_new_login(host, plan)
 
     outcome = setup.setup_host(sd_target.host, check_login=check)
     assert outcome.error is None, outcome
@@ -109,9 +110,9 @@ def test_a_failed_lockout_check_restores_and_reloads_through_systemctl(sd_target
     _, pid = ssh_unit(sd_target)
     seen: list[str] = []
 
-    def login_fails(host: Host, plan: setup.SetupPlan) -> None:
+    def login_fails(host: Host, plan: transaction.SetupPlan) -> None:
         seen.append(effective(sd_target.lab, addr))
-        raise setup.SetupError("simulated: a new admin login fails")
+        raise transaction.SetupError("simulated: a new admin login fails")
 
     outcome = setup.setup_host(sd_target.host, check_login=login_fails)
     assert seen == [WANT]

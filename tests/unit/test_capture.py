@@ -16,16 +16,11 @@ from pathlib import Path
 import pytest
 
 from roles.core import rsync as rsync_model
+from roles.core.hardened import HelperFile
 from roles.core.render import render
 from roles.features import capture as cap
-from roles.features.setup_remote import (
-    HelperFile,
-    apply_script,
-    facts_after,
-    merge_facts,
-    plan_setup,
-    read_files_script,
-)
+from roles.features.setup_remote import plan_setup
+from roles.hostfiles.transaction import apply_script, facts_after, merge_facts, read_files_script
 from roles.inventory.schema import Host
 from roles.remote.facts import AUTHORIZED_KEYS, SSHD_CONFIG, FileFact, HostFacts, parse_report
 

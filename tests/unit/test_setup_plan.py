@@ -20,14 +20,13 @@ from pathlib import Path
 import pytest
 
 from roles.config import rsyncd
-from roles.features.setup_remote import (
+from roles.features.setup_remote import daemon_command, plan_setup
+from roles.hostfiles.transaction import (
     FileChange,
     SetupError,
     SetupPlan,
     apply_script,
-    daemon_command,
     facts_after,
-    plan_setup,
     rollback_script,
 )
 from roles.inventory.schema import Host

@@ -16,11 +16,10 @@ from roles.config.sshd import (
     SshdPlan,
     find_match_overrides,
     find_permit_root_login,
-    parse_sshd_T,
-    parse_sshd_T_multi,
     plan_permit_root_login,
     sshd_T_args,
 )
+from roles.core.sshd_output import parse_sshd_T, parse_sshd_T_multi
 
 MAIN = "/etc/ssh/sshd_config"
 DROPINS = "/etc/ssh/sshd_config.d/*.conf"

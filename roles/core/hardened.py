@@ -1,0 +1,85 @@
+"""The one definition of a hardened host: what setup-remote and capture-command make true
+on a server, and what doctor, verify and ``tests/infra`` check against.
+
+A server is hardened when
+- sshd applies ``PermitRootLogin forced-commands-only`` to the backup host's connection
+  (``sshd -T -C``, Match blocks included);
+- ``/root/.ssh`` is 0700 root and ``authorized_keys`` 0600 root, holding the backup key's
+  line with a forced command and ``restrict`` plus the classic ``no-*`` options;
+- the forced command runs the pinned rsync build (``rsync.prefix/bin/rsync``) as soon as it
+  exists, whichever of setup-remote and build-rsync ran first:
+  - daemon mode: ``RSYNC --server --daemon --config=/etc/pullback/rsyncd.conf .``, with
+    the module in pullback's own file (0600 root, folder 0700 root), never in the shared
+    ``/etc/rsyncd.conf`` that any rsync daemon on the host would serve;
+  - captured mode: the gate, a root-only allow-list of the two captured commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+PERMIT_ROOT_LOGIN = "forced-commands-only"
+
+SSHD_CONFIG = "/etc/ssh/sshd_config"
+ROOT_SSH = "/root/.ssh"
+AUTHORIZED_KEYS = f"{ROOT_SSH}/authorized_keys"
+RSYNCD_CONF = "/etc/rsyncd.conf"  # shared: read only to migrate the old module away from it
+PULLBACK_DIR = "/etc/pullback"
+PULLBACK_RSYNCD_CONF = f"{PULLBACK_DIR}/rsyncd.conf"  # daemon mode's module, ours alone
+
+# Captured mode's root-only scripts and state on the host.
+LIBEXEC = "/usr/local/libexec/pullback"
+CAPTURE_SCRIPT = f"{LIBEXEC}/capture"
+GATE = f"{LIBEXEC}/gate"
+REMOTE_STATE = "/var/lib/pullback"
+CAPTURED_FILE = f"{REMOTE_STATE}/captured-command"
+
+# (mode, uid, gid)
+PRIVATE = (0o700, 0, 0)  # /root/.ssh, pullback's folders and scripts
+ROOT_ONLY = (0o600, 0, 0)  # authorized_keys, pullback's rsyncd.conf
+
+# Every option the backup key's line carries besides command= and from=. ``restrict``
+# (OpenSSH >= 7.2) denies all of these and whatever later releases add; the classic ones
+# stay for older sshd and human readers.
+RESTRICT = "restrict"
+CLASSIC_NO_OPTIONS: tuple[str, ...] = (
+    "no-port-forwarding",
+    "no-agent-forwarding",
+    "no-X11-forwarding",
+    "no-pty",
+)
+
+
+def daemon_command(rsync: str) -> str:
+    """Daemon mode's forced command: rsync's daemon over the ssh session, reading only
+    pullback's own config file."""
+    return f"{rsync} --server --daemon --config={PULLBACK_RSYNCD_CONF} ."
+
+
+def forced_rsync(pinned: str, found: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """``(path, warning)``: the rsync a forced command must run on a host where ``found``
+    maps each rsync binary to its ``--version`` line.
+
+    The pinned build as soon as it is there; before build-rsync ran, the host's own rsync
+    with a warning (the ends may then differ: the seed's protocol trouble); ``(None, None)``
+    when the host has no rsync at all.
+    """
+    if pinned in found:
+        return pinned, None
+    others = [path for path in found if path != pinned]
+    if not others:
+        return None, None
+    return others[0], (
+        f"{pinned} is not installed yet: the forced command uses {others[0]} for now; "
+        "`invoke build-rsync` installs it and points the forced command at it")
+
+
+@dataclass(frozen=True)
+class HelperFile:
+    """A root-only script of pullback's own on a host (captured mode: the capture script,
+    the gate), mode 0700 root:root in a 0700 root folder."""
+
+    step: str
+    path: str
+    content: bytes
