@@ -85,8 +85,9 @@ from roles.core.pull import (
     has_delete,
     parse_stats,
 )
+from roles.core.rsync import CaptureError
 from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
-from roles.local import folders
+from roles.local import capture_record, folders
 from roles.local.files import write_atomic
 from roles.local.runner import both_ends_have_progress2, find_local_rsync, stream
 from roles.local.store import (
@@ -142,11 +143,9 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     warnings = [warning] if warning else []
     fingerprint: str | None = None
     if host.forced_command == "captured":
-        from roles.features import capture
-
         try:
-            fingerprint = capture.require_record(host, rsync).fingerprint
-        except capture.CaptureError as exc:
+            fingerprint = capture_record.require_record(host, rsync).fingerprint
+        except CaptureError as exc:
             raise BackupError(str(exc)) from None
     try:
         keys.check_private_key(Path(host.backup_key))

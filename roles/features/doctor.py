@@ -59,13 +59,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from roles.config import gate as gate_scripts
 from roles.config import rootkey, rsyncd
-from roles.core import pull
+from roles.core import hardened, pull
 from roles.core.diffs import split_lines
-from roles.core.rsync import parse_version_output
+from roles.core.rsync import CaptureError, parse_version_output
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
 from roles.inventory.schema import Host
-from roles.local import folders, runner, store
+from roles.local import capture_record, folders, runner, store
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
     PULLBACK_DIR,
@@ -674,8 +675,6 @@ def _gate_exec_lines(text: bytes) -> list[ForcedCommand]:
 
 def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
     """Captured mode through capture-command's gate: record, drift, the installed gate."""
-    from roles.features import capture as captured
-
     check = "forced command"
     again = "run `invoke capture-command` again"
     findings: list[Finding] = []
@@ -685,10 +684,10 @@ def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
     record = capture.record
     if record is None:
         return [error(check, f"the forced command is the capture gate, but there is no capture "
-                             f"record here ({captured.record_path(host)})",
+                             f"record here ({capture_record.record_path(host)})",
                       "the backup refuses a captured-mode run without it (it was captured "
                       "from another machine, or the record was removed)", again)]
-    drift = captured.check_drift(host, record, capture.local_version)
+    drift = capture_record.check_drift(host, record, capture.local_version)
     sent = " ".join(capture.sent) if capture.sent else None
     if sent is not None and sent != record.sent:
         drift = (drift or "").split(": the forced command")[0] or "the command"
@@ -699,7 +698,7 @@ def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
             "the gate allows only the recorded commands: the client now sends another one "
             "and the gate refuses it (the backup itself refuses first, naming the drift)",
             again))
-    gate = root.files.get(captured.GATE)
+    gate = root.files.get(hardened.GATE)
     if gate is not None:
         for exec_line in _gate_exec_lines(gate)[:1]:
             if exec_line.dry_run:
@@ -709,9 +708,9 @@ def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
                     "a real run against a forced `n` breaks the protocol ('Invalid file "
                     "index') and was measured deleting destination files before it failed",
                     again))
-        if gate != captured.gate_file(record).content:
+        if gate != gate_scripts.gate_file(record).content:
             findings.append(error(
-                check, f"{captured.GATE} on the host is not the gate of the local capture "
+                check, f"{hardened.GATE} on the host is not the gate of the local capture "
                        "record (edited by hand, or captured from another backup host)",
                 "the gate compares the client's command byte for byte: commands recorded "
                 "elsewhere are refused, or an edited gate runs what nobody recorded", again))
@@ -733,11 +732,9 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
                          rsyncd_text: bytes | None,
                          capture: Capture | None = None) -> list[Finding]:
     """The signatures of section 5 of the module docstring."""
-    from roles.features import capture as captured
-
     check = "forced command"
     capture = capture or Capture()
-    gate = forced.binary == captured.GATE
+    gate = forced.binary == hardened.GATE
     findings: list[Finding] = []
     if root.program is None:
         fix = ("run `invoke build-rsync` (it installs it) and then `invoke setup-remote`"
@@ -1140,17 +1137,15 @@ def _admin_shell(conn: Any, host: Host, findings: list[Finding]) -> None:
 
 def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | None,
                   local_path: str | None, findings: list[Finding]) -> Capture:
-    from roles.features import capture as captured
-
     if host.forced_command != "captured":
         return Capture()
     record, problem = None, ""
     try:
-        record = captured.load_record(host)
-    except captured.CaptureError as exc:
+        record = capture_record.load_record(host)
+    except CaptureError as exc:
         problem = str(exc)
     sent = None
-    if forced is not None and (forced.sender or forced.binary == captured.GATE) and local_path:
+    if forced is not None and (forced.sender or forced.binary == hardened.GATE) and local_path:
         try:
             sent = simulate_sent_command(local_path, host)
         except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
@@ -1160,10 +1155,8 @@ def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | No
 
 
 def _pull_or_skip(host: Host, forced: ForcedCommand | None, local_path: str) -> Finding:
-    from roles.features import capture as captured
-
     if host.forced_command == "captured" and forced is not None and not forced.daemon:
-        if forced.binary == captured.GATE:
+        if forced.binary == hardened.GATE:
             return ok("test pull", "skipped: the gate runs only the recorded pull of "
                                    "backup.source and its dry run; `invoke backup --dry-run` "
                                    "goes through it")
@@ -1249,7 +1242,6 @@ def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationF
 
 def diagnose(host: Host) -> Report:
     """Every check for one host; never raises for a host problem (it becomes a finding)."""
-    from roles.features import capture as captured
     from roles.remote.connection import ConnectError, connect, sudo_script
     from roles.remote.facts import gather
 
@@ -1281,10 +1273,10 @@ def diagnose(host: Host) -> Report:
             key_line = find_key_line(facts.content(AUTHORIZED_KEYS), blob) if blob else None
             forced = key_line.forced if key_line else None
             capture = _capture_info(host, forced, local, local_path, findings)
-            gate = forced is not None and forced.binary == captured.GATE
+            gate = forced is not None and forced.binary == hardened.GATE
             rsync = (capture.record.remote_rsync if gate and capture.record
                      else _remote_binary(key_line, host))
-            files = [captured.GATE] if gate else []
+            files = [hardened.GATE] if gate else []
             if forced is not None and forced.daemon and forced.config != RSYNCD_CONF:
                 files.append(forced.config)
             script = root_script(forced.binary if forced else "", rsync, files,

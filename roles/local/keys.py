@@ -6,10 +6,16 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from roles.core.errors import PullbackError
+
+if TYPE_CHECKING:
+    from roles.inventory.schema import Host  # pydantic: not imported at run time
 
 
-class KeyFileError(Exception):
-    pass
+class KeyFileError(PullbackError):
+    """The backup key is missing, unreadable, or readable by others."""
 
 
 def check_private_key(path: Path) -> None:
@@ -73,3 +79,13 @@ def ensure_destination(path: Path) -> str:
     existed = path.exists()
     note = folders.make_private(path)
     return note or f"{path}: {'exists' if existed else 'created'} (0700)"
+
+def read_public_key(host: Host) -> str:
+    try:
+        with open(host.backup_pubkey, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise KeyFileError(
+            f"cannot read the backup public key {host.backup_pubkey}: {exc.strerror}; "
+            "run `invoke keygen` first"
+        ) from None

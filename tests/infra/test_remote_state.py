@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from roles.config import gate as gate_scripts
 from roles.config import rootkey, rsyncd
+from roles.core import hardened
 from roles.core.rsync import parse_version_output
 from roles.core.sshd_output import parse_sshd_T
 from roles.features import capture, doctor
 from roles.inventory.schema import Host, load
+from roles.local import capture_record
 from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_DIR, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 
 WANT = "forced-commands-only"
@@ -76,12 +79,12 @@ def _mode(host, path: str) -> tuple[str, int, int, int]:
         return (kind, f.mode, f.uid, f.gid)
 
 
-def _record(expected: Host) -> capture.CaptureRecord:
+def _record(expected: Host) -> capture_record.CaptureRecord:
     try:
-        record = capture.load_record(expected)
+        record = capture_record.load_record(expected)
     except capture.CaptureError as exc:
         pytest.fail(str(exc), pytrace=False)
-    assert record is not None, f"no capture record {capture.record_path(expected)}"
+    assert record is not None, f"no capture record {capture_record.record_path(expected)}"
     return record
 
 
@@ -122,8 +125,8 @@ def test_key_line_forced_command(key_line, expected):
         assert forced.argv[1:] == wanted, \
             f"command={forced.text!r} is not `RSYNC {' '.join(wanted)}`"
     else:
-        assert forced.text == capture.GATE, \
-            f"command={forced.text!r} is not pullback's capture gate {capture.GATE}"
+        assert forced.text == hardened.GATE, \
+            f"command={forced.text!r} is not pullback's capture gate {hardened.GATE}"
 
 
 def test_key_line_restrictions(key_line, expected):
@@ -177,13 +180,13 @@ def test_capture_gate(host, expected):
     if expected.forced_command != "captured":
         pytest.skip("daemon mode uses no gate")
     record = _record(expected)
-    kind, mode, uid, gid = _mode(host, capture.GATE)
+    kind, mode, uid, gid = _mode(host, hardened.GATE)
     assert (kind, mode, uid, gid) == ("file", 0o700, 0, 0), \
-        f"{capture.GATE} is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
+        f"{hardened.GATE} is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
     with host.sudo():
-        content = host.file(capture.GATE).content
-    assert content == capture.gate_file(record).content, \
-        f"{capture.GATE} is not the gate of {capture.record_path(expected)}"
+        content = host.file(hardened.GATE).content
+    assert content == gate_scripts.gate_file(record).content, \
+        f"{hardened.GATE} is not the gate of {capture_record.record_path(expected)}"
 
 
 def test_forced_command_rsync_path(key_line, expected):

@@ -23,12 +23,12 @@ import pytest
 import yaml
 
 from lab import hosts as lab
+from roles.config import gate as gate_scripts
 from roles.config import rootkey
-from roles.core import pull
+from roles.core import hardened, pull
 from roles.core import rsync as rsync_model
-from roles.features import capture
 from roles.inventory.schema import Host, load
-from roles.local import keys, runner
+from roles.local import capture_record, keys, runner
 from tests.integration.conftest import Lab
 from tests.integration.test_backup import CHANGE, DATA, OPTIONS, SEED, assert_same, local_tree, sh
 from tests.integration.test_backup import summary_of as last_summary
@@ -36,8 +36,8 @@ from tests.integration.test_setup_remote import cli, leftovers, read, snapshot, 
 
 pytestmark = pytest.mark.integration
 
-GATE_FILES = (capture.LIBEXEC, capture.GATE, capture.CAPTURE_SCRIPT, capture.REMOTE_STATE,
-              capture.CAPTURED_FILE, "/root/.ssh/authorized_keys")
+GATE_FILES = (hardened.LIBEXEC, hardened.GATE, hardened.CAPTURE_SCRIPT, hardened.REMOTE_STATE,
+              hardened.CAPTURED_FILE, "/root/.ssh/authorized_keys")
 # What the local client (3.x) sends for OPTIONS (-avzHx --numeric-ids --delete --progress).
 SENT = f"rsync --server --sender -vlHogDtprxze.iLsfxCIvu --numeric-ids . {DATA}/"
 SENT_DRY = f"rsync --server --sender -vnlHogDtprxze.iLsfxCIvu --numeric-ids . {DATA}/"
@@ -134,30 +134,30 @@ def test_capture_installs_the_gate_and_records_both_commands(story: Story):
         in result.stderr
     assert "is not built: using" in result.stderr
 
-    record = capture.load_record(host)
+    record = capture_record.load_record(host)
     assert (record.sent, record.sent_dry_run) == (SENT, SENT_DRY)
     assert record.remote_rsync == "/usr/bin/rsync"
     assert record.remote_version == sh(remote, "rsync --version | head -n1").decode().strip()
-    local_version = capture.local_version_line(runner.find_local_rsync(host)[0])
+    local_version = capture_record.local_version_line(runner.find_local_rsync(host)[0])
     assert record.local_version == local_version
     assert record.fingerprint == rsync_model.fingerprint(OPTIONS, [], DATA, local_version,
                                                      record.remote_version)
-    saved = json.loads(capture.record_path(host).read_text())
+    saved = json.loads(capture_record.record_path(host).read_text())
     assert saved["command"] == f"/usr/bin/rsync {SENT.removeprefix('rsync ')}"
     assert saved["dry_run_command"] == f"/usr/bin/rsync {SENT_DRY.removeprefix('rsync ')}"
-    assert capture.record_path(host).stat().st_mode & 0o777 == 0o600
+    assert capture_record.record_path(host).stat().st_mode & 0o777 == 0o600
 
     state = snapshot(remote, GATE_FILES)
-    assert state[capture.LIBEXEC] == state[capture.REMOTE_STATE] == "dir 700 0 0"
-    assert state[capture.GATE].endswith(" 700 0 0")
-    assert state[capture.CAPTURE_SCRIPT].endswith(" 700 0 0")
-    assert state[capture.CAPTURED_FILE] == "missing"  # read, then removed
-    assert read(remote, capture.GATE) == capture.gate_file(record).content
-    options = rootkey.build_options(capture.GATE, restrict=True, from_=None)
+    assert state[hardened.LIBEXEC] == state[hardened.REMOTE_STATE] == "dir 700 0 0"
+    assert state[hardened.GATE].endswith(" 700 0 0")
+    assert state[hardened.CAPTURE_SCRIPT].endswith(" 700 0 0")
+    assert state[hardened.CAPTURED_FILE] == "missing"  # read, then removed
+    assert read(remote, hardened.GATE) == gate_scripts.gate_file(record).content
+    options = rootkey.build_options(hardened.GATE, restrict=True, from_=None)
     line = rootkey.render_key_line(public_key(host), options)
     assert read(remote, "/root/.ssh/authorized_keys") == line.encode() + b"\n"
     # Only setup's kept backups (.pullback-bak): no candidate or key-check file.
-    found = [*leftovers(remote), *sh(remote, f"find {capture.LIBEXEC} {capture.REMOTE_STATE} "
+    found = [*leftovers(remote), *sh(remote, f"find {hardened.LIBEXEC} {hardened.REMOTE_STATE} "
                                              "-name '*.pullback-*'").decode().split()]
     assert all(path.endswith(".pullback-bak") for path in found), found
 
@@ -175,7 +175,7 @@ def test_backup_is_an_exact_copy_then_follows_changes(story: Story):
     summary = last_summary(result, dest)
     assert summary["argv"][-2] == f"root@127.0.0.1:{DATA}/"  # one colon: not the daemon
     assert summary["forced_command"] == "captured"
-    assert summary["capture_fingerprint"] == capture.load_record(story.host).fingerprint
+    assert summary["capture_fingerprint"] == capture_record.load_record(story.host).fingerprint
 
     sh(story.lab, CHANGE)
     again = cli("backup", "--inventory", str(story.inventory))
@@ -207,7 +207,7 @@ def test_setup_remote_keeps_and_repairs_the_gate(story: Story):
     assert step_lines(result.stdout, story.lab.name) == {
         "sshd_config": "ok", "authorized_keys": "ok", "gate": "ok", "folders": "ok"}
     assert snapshot(story.lab, GATE_FILES) == before
-    sh(story.lab, f"rm {capture.GATE}")
+    sh(story.lab, f"rm {hardened.GATE}")
     repaired = cli("setup-remote", "--inventory", str(story.inventory))
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert step_lines(repaired.stdout, story.lab.name)["gate"] == "changed"
@@ -216,14 +216,14 @@ def test_setup_remote_keeps_and_repairs_the_gate(story: Story):
 
 def test_capture_again_changes_nothing(story: Story):
     before = snapshot(story.lab, GATE_FILES)
-    record = capture.load_record(story.host)
+    record = capture_record.load_record(story.host)
     result = cli("capture-command", "--inventory", str(story.inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     steps = step_lines(result.stdout, story.lab.name)
     assert (steps["capture-script"], steps["gate"], steps["authorized_keys"]) == \
         ("ok", "ok", "ok")
     assert snapshot(story.lab, GATE_FILES) == before
-    again = capture.load_record(story.host)
+    again = capture_record.load_record(story.host)
     assert (again.sent, again.sent_dry_run, again.fingerprint) == \
         (record.sent, record.sent_dry_run, record.fingerprint)
 

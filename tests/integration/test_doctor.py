@@ -25,6 +25,7 @@ import pytest
 from lab import hosts as lab
 from roles.config import rsyncd
 from roles.config.rootkey import fingerprint, parse_public_key
+from roles.core import hardened
 from roles.features import capture, doctor
 from roles.features.setup_remote import setup_host
 from roles.inventory.schema import Host, load
@@ -319,7 +320,7 @@ def test_capture_gate_then_options_drift(target: Target, lab_env: Lab):
         assert outcome.error is None, outcome
         result, lines = run_doctor(inventory)
         assert result.returncode == 0, result.stdout
-        the(lines, "ok", "forced command", capture.GATE)
+        the(lines, "ok", "forced command", hardened.GATE)
         the(lines, "ok", "test pull", "skipped")
         drifted = lab_env.inventory([target.lab], path=target.work / "gate-drifted.yaml",
                                     defaults={**base, "backup": {**base["backup"],

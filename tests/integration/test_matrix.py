@@ -30,13 +30,13 @@ import pytest
 
 from lab import hosts as lab
 from lab import mirror
-from roles.core import fleet, platforms, pull
+from roles.core import fleet, hardened, platforms, pull
 from roles.core.outcome import Outcome
 from roles.features import backup, capture
 from roles.features import rsync_build as rb
 from roles.features import setup_remote as setup
 from roles.inventory.schema import Host, load
-from roles.local import keys
+from roles.local import capture_record, keys
 from roles.remote.connection import connect, run
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
@@ -59,8 +59,8 @@ SOURCE = "/etc"
 OPTIONS = ["-aHx", "--numeric-ids", "--delete"]
 WATCHED = (SSHD_CONFIG, AUTHORIZED_KEYS, PULLBACK_RSYNCD_CONF)  # /etc/rsyncd.conf: never written
 # Captured mode adds pullback's own root-only folders and scripts on the host.
-CAPTURED_WATCHED = (*WATCHED, "/root/.ssh", capture.LIBEXEC, capture.GATE,
-                    capture.CAPTURE_SCRIPT, capture.REMOTE_STATE, capture.CAPTURED_FILE)
+CAPTURED_WATCHED = (*WATCHED, "/root/.ssh", hardened.LIBEXEC, hardened.GATE,
+                    hardened.CAPTURE_SCRIPT, hardened.REMOTE_STATE, hardened.CAPTURED_FILE)
 DEBIAN_VERSION = {"bullseye": "11.", "bookworm": "12.", "trixie": "13."}
 
 
@@ -231,7 +231,7 @@ class Switched:
     after_setup: dict[str, dict[str, str]]
     uncaptured: dict[str, subprocess.CompletedProcess]  # a captured-mode pull, then
     captures: dict[str, Outcome]  # capture-command
-    records: dict[str, capture.CaptureRecord | None]
+    records: dict[str, capture_record.CaptureRecord | None]
     backups: dict[str, backup.BackupResult]
     again: dict[str, Outcome]  # setup-remote once more, after the capture
     before_again: dict[str, tuple[dict[str, str], int]]  # (snapshot, SIGHUPs)
@@ -257,7 +257,7 @@ def switched(matrix: Matrix, backed_up: dict[str, backup.BackupResult]) -> Switc
     captured = timed(timings, "captured: capture-command", lambda: {
         o.host: o for o in fleet.for_each(list(hosts.values()), capture.capture_host,
                                           failed)})
-    records = {r: capture.load_record(h) for r, h in hosts.items()}
+    records = {r: capture_record.load_record(h) for r, h in hosts.items()}
     backups = timed(timings, "captured: backup", lambda: backup_all(hosts))
     before_again = {r: (snapshot(h, CAPTURED_WATCHED), sighups(h)) for r, h in labs.items()}
     again = timed(timings, "captured: setup-remote again", lambda: setup_all(hosts))
@@ -401,7 +401,7 @@ def test_captured_setup_installs_no_usable_key_before_a_capture(matrix: Matrix,
             {k: v for k, v in before.items() if k not in changed}, release
         assert after[AUTHORIZED_KEYS] != before[AUTHORIZED_KEYS], release
         assert after[PULLBACK_RSYNCD_CONF] == "missing", release
-        assert after[capture.GATE] == "missing", release
+        assert after[hardened.GATE] == "missing", release
         # With no line the key is refused outright, and nothing arrives.
         pulled = switched.uncaptured[release]
         assert pulled.returncode not in pull.OK_CODES, (release, pulled.stderr)
@@ -432,10 +432,10 @@ def test_capture_records_the_matrix_rsync_on_every_release(matrix: Matrix,
                                                               VERSION_LINE), release
         assert f"runs: {record.command}" in outcome.actions, release
         state = switched.before_again[release][0]
-        assert state[capture.GATE].endswith(" 700 0 0"), (release, state)
-        assert state[capture.CAPTURED_FILE] == "missing", release  # read, then removed
+        assert state[hardened.GATE].endswith(" 700 0 0"), (release, state)
+        assert state[hardened.CAPTURED_FILE] == "missing", release  # read, then removed
         assert sh(matrix.labs[release], f"cat {AUTHORIZED_KEYS}").startswith(
-            f'restrict,command="{capture.GATE}",'.encode()), release
+            f'restrict,command="{hardened.GATE}",'.encode()), release
     # The same rsync on every end sends the same command to every release.
     recorded = {r.sent for r in switched.records.values() if r is not None}
     assert len(recorded) == 1, recorded

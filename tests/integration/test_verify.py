@@ -21,6 +21,7 @@ import pytest
 
 from lab import hosts as lab
 from roles.config import rsyncd
+from roles.core import hardened
 from roles.features import capture
 from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
@@ -183,7 +184,7 @@ def test_captured_mode_checks_the_gate(lab_env: Lab, provisioned):
         assert rows[(host.name, MODULE)] == "SKIP: captured mode uses no rsyncd module"
         assert rows[(host.name, SHARED)] == "PASS"
         sh(host, f"test ! -e {PULLBACK_RSYNCD_CONF}")  # daemon mode's file went
-        sh(host, f"chmod 0755 {capture.GATE}")
+        sh(host, f"chmod 0755 {hardened.GATE}")
         result, rows = run_verify(captured)
         assert result.returncode == 1
         assert rows[(host.name, GATE)].startswith("FAIL: ") and "0755" in rows[(host.name, GATE)]

@@ -21,7 +21,7 @@ from roles.core import rsync as rsync_model
 from roles.features import backup as b
 from roles.features import restore
 from roles.inventory.schema import Host
-from roles.local import runner, store
+from roles.local import capture_record, runner, store
 
 RSYNC = "/opt/pullback/bin/rsync"
 # Off a terminal ssh never prompts; on a terminal BatchMode=no lets it ask for a passphrase.
@@ -620,12 +620,11 @@ def captured_host(tmp_path: Path, **backup) -> Host:
 
 
 def write_record(host: Host, rsync_version: str = "rsync  version 9.9.9  protocol version 99"):
-    from roles.features import capture
 
     sent = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
     words = tuple(sent.split(" "))
     settings = host.backup
-    record = capture.CaptureRecord(
+    record = capture_record.CaptureRecord(
         host=host.name, captured_at="2026-11-26T10:15:00Z", source=settings.source,
         options=settings.options, exclude=settings.exclude, sent=sent,
         sent_dry_run=" ".join(rsync_model.dry_run_variant(words)), remote_rsync="/usr/bin/rsync",
@@ -634,7 +633,7 @@ def write_record(host: Host, rsync_version: str = "rsync  version 9.9.9  protoco
         fingerprint=rsync_model.fingerprint(settings.options, settings.exclude, settings.source,
                                         rsync_version,
                                         "rsync  version 3.2.7  protocol version 31"))
-    capture.save_record(host, record)
+    capture_record.save_record(host, record)
     return record
 
 

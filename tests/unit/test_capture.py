@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from roles.config import gate as gate_scripts
+from roles.core import hardened
 from roles.core import rsync as rsync_model
 from roles.core.hardened import HelperFile
 from roles.core.render import render
@@ -22,6 +24,7 @@ from roles.features import capture as cap
 from roles.features.setup_remote import plan_setup
 from roles.hostfiles.transaction import apply_script, facts_after, merge_facts, read_files_script
 from roles.inventory.schema import Host
+from roles.local import capture_record
 from roles.remote.facts import AUTHORIZED_KEYS, SSHD_CONFIG, FileFact, HostFacts, parse_report
 
 REAL = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /srv/data/"
@@ -39,9 +42,9 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
     return Host.model_validate(data)
 
 
-def make_record(for_host: Host, **changes) -> cap.CaptureRecord:
+def make_record(for_host: Host, **changes) -> capture_record.CaptureRecord:
     settings = for_host.backup
-    record = cap.CaptureRecord(
+    record = capture_record.CaptureRecord(
         host=for_host.name, captured_at="2026-11-26T10:15:00Z", source=settings.source,
         options=settings.options, exclude=settings.exclude, sent=REAL, sent_dry_run=DRY,
         remote_rsync="/usr/local/bin/rsync", remote_version=V31,
@@ -189,12 +192,12 @@ def test_record_round_trips_and_names_the_full_commands(tmp_path):
     data = json.loads(record.to_json())
     assert data["command"] == REAL.replace("rsync", "/usr/local/bin/rsync", 1)
     assert data["dry_run_command"] == DRY.replace("rsync", "/usr/local/bin/rsync", 1)
-    assert cap.parse_record(record.to_json()) == record
-    path = cap.save_record(host, record)
+    assert capture_record.parse_record(record.to_json()) == record
+    path = capture_record.save_record(host, record)
     assert path == tmp_path / "web1.pullback" / "capture.json"
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
-    assert cap.load_record(host) == record
+    assert capture_record.load_record(host) == record
 
 
 @pytest.mark.parametrize(("edit", "why"), [
@@ -213,32 +216,32 @@ def test_a_damaged_record_is_refused(tmp_path, edit, why):
     data = json.loads(make_record(host).to_json())
     edit(data)
     with pytest.raises(cap.CaptureError, match=why):
-        cap.parse_record(json.dumps(data))
-    cap.save_record(host, make_record(host))
-    cap.record_path(host).write_text(json.dumps(data))
+        capture_record.parse_record(json.dumps(data))
+    capture_record.save_record(host, make_record(host))
+    capture_record.record_path(host).write_text(json.dumps(data))
     with pytest.raises(cap.CaptureError, match=r"is damaged .*run `invoke capture-command`"):
-        cap.load_record(host)
+        capture_record.load_record(host)
 
 
 def test_load_record_missing_and_for_another_host(tmp_path):
     host = make_host(tmp_path)
-    assert cap.load_record(host) is None
-    cap.save_record(host, make_record(host, host="db1"))
+    assert capture_record.load_record(host) is None
+    capture_record.save_record(host, make_record(host, host="db1"))
     with pytest.raises(cap.CaptureError, match="is for host 'db1'"):
-        cap.load_record(host)
+        capture_record.load_record(host)
 
 
 def test_check_drift_names_what_changed(tmp_path):
     host = make_host(tmp_path)
     record = make_record(host)
-    assert cap.check_drift(host, record, V32) is None
+    assert capture_record.check_drift(host, record, V32) is None
     moved = make_host(tmp_path, options=("-avzx",), exclude=("/tmp/*",))
-    problem = cap.check_drift(moved, record, V31)
+    problem = capture_record.check_drift(moved, record, V31)
     assert problem.startswith("backup.options and backup.exclude and the local rsync changed "
                               "since the capture of 2026-11-26T10:15:00Z")
     assert problem.endswith("run `invoke capture-command` again")
     # The remote version line is the recorded one: nothing else can tell backup about it.
-    assert cap.check_drift(host, dataclasses.replace(record, remote_version=V32), V32) \
+    assert capture_record.check_drift(host, dataclasses.replace(record, remote_version=V32), V32) \
         == ("the fingerprint changed since the capture of 2026-11-26T10:15:00Z: the forced "
             "command on web1 may no longer match what this pull sends; run `invoke "
             "capture-command` again")
@@ -270,9 +273,9 @@ def test_capture_script_writes_the_command_root_only_and_fails(tmp_path):
 
 
 def test_rendered_capture_script_uses_the_root_only_path():
-    text = cap.render_capture_script().decode()
+    text = gate_scripts.render_capture_script().decode()
     assert text.startswith("#!/bin/sh\n# managed by pullback")
-    assert f"> {cap.CAPTURED_FILE}.tmp && mv -f {cap.CAPTURED_FILE}.tmp {cap.CAPTURED_FILE}" \
+    assert f"> {hardened.CAPTURED_FILE}.tmp && mv -f {hardened.CAPTURED_FILE}.tmp {hardened.CAPTURED_FILE}" \
         in text
     assert subprocess.run(["sh", "-n"], input=text, text=True, check=False).returncode == 0
 
@@ -292,7 +295,7 @@ def gate(tmp_path) -> tuple[Path, Path]:
     real_exec = (str(fake), *REAL.split(" ")[1:])
     dry_exec = (str(fake), *DRY.split(" ")[1:])
     script = tmp_path / "gate"
-    script.write_bytes(cap.render_gate(REAL, DRY, real_exec, dry_exec, fingerprint="ab12"))
+    script.write_bytes(gate_scripts.render_gate(REAL, DRY, real_exec, dry_exec, fingerprint="ab12"))
     return script, fake
 
 
@@ -336,15 +339,15 @@ def test_gate_needs_safe_words():
     words = tuple(REAL.split(" "))
     for bad in ("/srv/a b/", "/srv/$x/", "/srv/'q'/", "/srv/*/"):
         with pytest.raises(cap.CaptureError, match="unsafe word"):
-            cap.render_gate(REAL, DRY, (*words[:-1], bad), words)
+            gate_scripts.render_gate(REAL, DRY, (*words[:-1], bad), words)
     with pytest.raises(cap.CaptureError, match="unsafe fingerprint"):
-        cap.render_gate(REAL, DRY, words, words, fingerprint="x\nrm -rf /")
+        gate_scripts.render_gate(REAL, DRY, words, words, fingerprint="x\nrm -rf /")
 
 
 def test_gate_file_from_a_record():
     record = make_record(make_host())
-    helper = cap.gate_file(record)
-    assert helper.path == cap.GATE == "/usr/local/libexec/pullback/gate"
+    helper = gate_scripts.gate_file(record)
+    assert helper.path == hardened.GATE == "/usr/local/libexec/pullback/gate"
     text = helper.content.decode()
     assert f"real='{REAL}'\n" in text and f"dry_run='{DRY}'\n" in text
     assert f"exec /usr/local/bin/rsync {REAL.removeprefix('rsync ')}\n" in text
@@ -380,10 +383,10 @@ def test_remote_rsync_prefers_the_pinned_build_else_says_so():
 
 def test_check_remote_and_check_ready():
     record = make_record(make_host())
-    assert cap.check_remote(record, host_facts({"/usr/local/bin/rsync": V31})) == []
-    (changed,) = cap.check_remote(record, host_facts({"/usr/local/bin/rsync": V32}))
+    assert gate_scripts.check_remote(record, host_facts({"/usr/local/bin/rsync": V31})) == []
+    (changed,) = gate_scripts.check_remote(record, host_facts({"/usr/local/bin/rsync": V32}))
     assert "is now" in changed and "capture-command` again" in changed
-    (gone,) = cap.check_remote(record, host_facts({"/usr/bin/rsync": V31}))
+    (gone,) = gate_scripts.check_remote(record, host_facts({"/usr/bin/rsync": V31}))
     assert "is gone" in gone
     cap.check_ready(host_facts({}))
     with pytest.raises(cap.CaptureError, match="PermitRootLogin without-password .* run "
@@ -399,41 +402,41 @@ def make_key() -> str:
     return f"ssh-ed25519 {base64.b64encode(blob).decode()} backup@client"
 
 
-GATE_FILE = HelperFile("gate", cap.GATE, b"#!/bin/sh\nexit 1\n")
+GATE_FILE = HelperFile("gate", hardened.GATE, b"#!/bin/sh\nexit 1\n")
 
 
 def test_plan_installs_the_gate_before_the_key_line_and_creates_its_folder():
     facts = host_facts({})
-    plan = plan_setup(facts, make_host(), make_key(), cap.GATE, (GATE_FILE,),
-                      (cap.REMOTE_STATE,))
+    plan = plan_setup(facts, make_host(), make_key(), hardened.GATE, (GATE_FILE,),
+                      (hardened.REMOTE_STATE,))
     assert [c.step for c in plan.changes] == ["gate", "authorized_keys"]
     gate = plan.changes[0]
     assert (gate.old, gate.new, gate.mode, gate.uid, gate.gid, gate.check_sh) == \
         (None, GATE_FILE.content, 0o700, 0, 0, True)
-    assert f'command="{cap.GATE}"' in plan.changes[1].new.decode()
-    assert plan.make_dirs == (cap.LIBEXEC, cap.REMOTE_STATE)
+    assert f'command="{hardened.GATE}"' in plan.changes[1].new.decode()
+    assert plan.make_dirs == (hardened.LIBEXEC, hardened.REMOTE_STATE)
     assert plan.steps == {"sshd_config": "ok", "authorized_keys": "changed", "gate": "changed",
                           "folders": "changed"}
     script = apply_script(plan)
-    assert f"sh -n {cap.GATE}.pullback-new" in script
-    assert f"(umask 022 && mkdir -p /usr/local/libexec) && mkdir {cap.LIBEXEC}" in script
-    assert script.index(f"mv -fT {cap.GATE}.pullback-new") < \
+    assert f"sh -n {hardened.GATE}.pullback-new" in script
+    assert f"(umask 022 && mkdir -p /usr/local/libexec) && mkdir {hardened.LIBEXEC}" in script
+    assert script.index(f"mv -fT {hardened.GATE}.pullback-new") < \
         script.index(f"mv -fT {AUTHORIZED_KEYS}.pullback-new")
 
     # Applied: the same plan again changes nothing.
     after = facts_after(facts, plan)
-    again = plan_setup(after, make_host(), make_key(), cap.GATE, (GATE_FILE,),
-                       (cap.REMOTE_STATE,))
+    again = plan_setup(after, make_host(), make_key(), hardened.GATE, (GATE_FILE,),
+                       (hardened.REMOTE_STATE,))
     assert not again.changed and again.make_dirs == ()
     assert again.steps == {"sshd_config": "ok", "authorized_keys": "ok", "gate": "ok",
                            "folders": "ok"}
 
 
 def test_plan_repairs_a_gate_with_the_wrong_mode_or_content():
-    facts = host_facts({}, dirs={"/root/.ssh": (0o700, 0, 0), cap.LIBEXEC: (0o755, 0, 0)})
-    facts = merge_facts(facts, host_facts({}, files={cap.GATE: GATE_FILE.content}, dirs={}))
-    plan = plan_setup(facts, make_host(), make_key(), cap.GATE, (GATE_FILE,))
-    assert plan.make_dirs == (cap.LIBEXEC,)  # 0755 is not ours: set to 0700
+    facts = host_facts({}, dirs={"/root/.ssh": (0o700, 0, 0), hardened.LIBEXEC: (0o755, 0, 0)})
+    facts = merge_facts(facts, host_facts({}, files={hardened.GATE: GATE_FILE.content}, dirs={}))
+    plan = plan_setup(facts, make_host(), make_key(), hardened.GATE, (GATE_FILE,))
+    assert plan.make_dirs == (hardened.LIBEXEC,)  # 0755 is not ours: set to 0700
     assert plan.steps["gate"] == "changed"  # 0644, not 0700
     gate = next(c for c in plan.changes if c.step == "gate")
     assert gate.old == GATE_FILE.content and gate.mode == 0o700
@@ -444,7 +447,7 @@ def test_apply_script_creates_the_folder_and_removes_it_on_failure(tmp_path):
     folder = tmp_path / "libexec" / "pullback"
     helper = HelperFile("gate", str(folder / "gate"), b"#!/bin/sh\nexit 1\n")
     facts = host_facts({})
-    plan = plan_setup(facts, make_host(), make_key(), cap.GATE, (helper,))
+    plan = plan_setup(facts, make_host(), make_key(), hardened.GATE, (helper,))
     plan = dataclasses.replace(plan, changes=tuple(c for c in plan.changes if c.step == "gate"))
     result = subprocess.run(["sh", "-c", apply_script(plan)], capture_output=True, text=True,
                             check=False)
@@ -457,7 +460,7 @@ def test_apply_script_creates_the_folder_and_removes_it_on_failure(tmp_path):
     # A script sh -n rejects: nothing stays behind, not even the folder.
     shutil.rmtree(folder)
     broken = HelperFile("gate", str(folder / "gate"), b"#!/bin/sh\nif then fi\n")
-    plan = plan_setup(facts, make_host(), make_key(), cap.GATE, (broken,))
+    plan = plan_setup(facts, make_host(), make_key(), hardened.GATE, (broken,))
     plan = dataclasses.replace(plan, changes=tuple(c for c in plan.changes if c.step == "gate"))
     result = subprocess.run(["sh", "-c", apply_script(plan)], capture_output=True, text=True,
                             check=False)

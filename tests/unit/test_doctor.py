@@ -10,11 +10,14 @@ import shutil
 
 import pytest
 
+from roles.config import gate as gate_scripts
 from roles.config import rsyncd
+from roles.core import hardened
 from roles.core import rsync as rsync_model
-from roles.features import capture, doctor
+from roles.features import doctor
 from roles.features.doctor import DestinationFacts, check_destination, gather_destination
 from roles.inventory.schema import Host
+from roles.local import capture_record
 from roles.local.folders import Mount
 from roles.remote.facts import AUTHORIZED_KEYS, FileFact, HostFacts
 
@@ -494,10 +497,10 @@ REMOTE = "rsync  version 3.2.7  protocol version 32"
 SENT = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
 
 
-def record_for(host: Host) -> capture.CaptureRecord:
+def record_for(host: Host) -> capture_record.CaptureRecord:
     words = tuple(SENT.split())
     dry = rsync_model.dry_run_variant(words)
-    return capture.CaptureRecord(
+    return capture_record.CaptureRecord(
         host=host.name, captured_at="2026-01-01T00:00:00Z", source=host.backup.source,
         options=host.backup.options, exclude=host.backup.exclude, sent=SENT,
         sent_dry_run=" ".join(dry), remote_rsync="/usr/bin/rsync", remote_version=REMOTE,
@@ -508,13 +511,13 @@ def record_for(host: Host) -> capture.CaptureRecord:
 
 def gate_findings(host: Host, record, *, gate: bytes | None = None, version: str = REMOTE,
                   local: str = LOCAL, sent: str = SENT, problem: str = ""):
-    content = gate if gate is not None else (capture.gate_file(record).content if record
+    content = gate if gate is not None else (gate_scripts.gate_file(record).content if record
                                              else b"")
-    root = doctor.RootFacts(program=capture.GATE, binary="/usr/bin/rsync", version_line=version,
-                            files={capture.GATE: content})
+    root = doctor.RootFacts(program=hardened.GATE, binary="/usr/bin/rsync", version_line=version,
+                            files={hardened.GATE: content})
     cap = doctor.Capture(record=record, problem=problem, sent=tuple(sent.split()),
                          local_version=local)
-    return doctor.check_forced_command(host, doctor.parse_forced_command(capture.GATE), root,
+    return doctor.check_forced_command(host, doctor.parse_forced_command(hardened.GATE), root,
                                        None, cap)
 
 
@@ -545,7 +548,7 @@ def test_gate_local_rsync_changed_is_drift():
 def test_gate_edited_by_hand_and_holding_a_dry_run():
     host = make_host(forced_command="captured")
     record = record_for(host)
-    edited = capture.gate_file(record).content.replace(b"exec /usr/bin/rsync --server "
+    edited = gate_scripts.gate_file(record).content.replace(b"exec /usr/bin/rsync --server "
                                                        b"--sender -vlogD", b"exec /usr/bin/rsync "
                                                        b"--server --sender -vnlogD", 1)
     whats = [f.what for f in errors(gate_findings(host, record, gate=edited))]
