@@ -355,3 +355,25 @@ def plan_authorized_keys(current: bytes | None, line: str | None, key: PublicKey
     new = b"".join(out)
     return KeysPlan(current, new, new != current, replaced, tuple(unrestricted))
 
+
+def forced_command_of(content: bytes | None, blob: str) -> str | None:
+    """The ``command=`` of the first authorized_keys line carrying ``blob`` (sshd uses the
+    first), or None: no such line, no forced command, or a line that does not parse."""
+    for raw in (content or b"").splitlines():
+        text = raw.decode("utf-8", "surrogateescape").strip(" \t\r")
+        if not text or text.startswith("#") or blob not in text:
+            continue
+        try:
+            options, rest = parse_options(text)
+            fields = rest.split()
+            if len(fields) < 2 or fields[1] != blob:
+                continue
+            for option in options:
+                name, value = split_option(option)
+                if name.lower() == "command":
+                    return value
+        except ValueError:
+            return None
+        return None
+    return None
+

@@ -730,12 +730,23 @@ def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
 
 def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
                          rsyncd_text: bytes | None,
-                         capture: Capture | None = None) -> list[Finding]:
-    """The signatures of section 5 of the module docstring."""
+                         capture: Capture | None = None,
+                         found: dict[str, str] | None = None) -> list[Finding]:
+    """The signatures of section 5 of the module docstring. ``found``: the rsync binaries
+    on the host (path -> version line)."""
     check = "forced command"
     capture = capture or Capture()
     gate = forced.binary == hardened.GATE
     findings: list[Finding] = []
+    wanted, _ = hardened.forced_rsync(host.rsync.remote_binary, found or {})
+    if (forced.daemon and host.forced_command == "daemon" and wanted is not None
+            and forced.binary != wanted):
+        findings.append(error(
+            check, f"the forced command runs {forced.binary}, not the pinned build {wanted}",
+            "the two ends then run different rsyncs, the seed's protocol-mismatch pitfall; "
+            "it happens when setup-remote ran before build-rsync installed the build",
+            "run `invoke build-rsync` (it points the forced command at the build it "
+            "installs) or `invoke setup-remote`"))
     if root.program is None:
         fix = ("run `invoke build-rsync` (it installs it) and then `invoke setup-remote`"
                if forced.binary == host.rsync.remote_binary else
@@ -1294,7 +1305,8 @@ def diagnose(host: Host) -> Report:
                 findings.extend(check_key_line(key_line, host, facts))
             if forced is not None:
                 findings.extend(check_forced_command(host, forced, root,
-                                                     facts.content(RSYNCD_CONF), capture))
+                                                     facts.content(RSYNCD_CONF), capture,
+                                                     found=facts.rsync))
             findings.extend(check_rsyncd_files(host, facts))
         except Exception as exc:  # noqa: BLE001 - a broken probe is a finding, not a crash
             findings.append(error("doctor", f"{type(exc).__name__}: {exc}",

@@ -41,6 +41,11 @@ from typing import Any
 
 from roles.core import platforms
 from roles.core.rsync import parse_version_output, validate_version, version_key
+from roles.hostfiles.plan import plan_forced_rsync
+from roles.hostfiles.transaction import apply
+from roles.local.keys import KeyFileError, read_public_key
+from roles.remote.connection import connect
+from roles.remote.facts import gather
 
 # SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
 # from at least one independent packaging recipe (OpenEmbedded, Spack, Homebrew, Nix); the
@@ -962,34 +967,64 @@ class EndResult:
     error: str | None = None
 
 
+def finish_key_line(conn: Any, host: Any, log: Log) -> None:
+    """Point the backup key's daemon forced command at the build now in ``rsync.prefix``.
+
+    Whichever order setup-remote and build-rsync run in, the end state is the same: run
+    first, setup-remote could only name the host's own rsync. Nothing happens without a
+    backup key or a key line (setup-remote writes it later, with the build), or in captured
+    mode (the gate runs the rsync it was captured with: ``invoke capture-command`` again).
+    """
+    try:
+        public_key = read_public_key(host)
+    except KeyFileError:
+        return
+    facts = gather(conn, host.name, [host.rsync.remote_binary])
+    plan = plan_forced_rsync(facts, host, public_key)
+    if plan is None:
+        return
+    outcome = apply(conn, host, plan)
+    if outcome.error:
+        raise BuildError(f"rsync is installed in {host.rsync.prefix}, but pointing the "
+                         f"forced command at it failed: {outcome.error}",
+                         phase="forced command")
+    log(f"forced command: now runs {host.rsync.remote_binary}")
+
+
 def _remote_end(host: Any, tarball: Path, version: str, sha256: str, *, check: bool,
                 install_packages: bool, log: Log) -> BuildResult:
-    from roles.remote.connection import connect
-
     conn = connect(host)
     try:
-        flags = build_flags(version)
-        done = installed_rsync(conn, host.rsync.prefix, version, sha256, flags)
-        if done is not None:
-            log(f"rsync {version} already installed in {host.rsync.prefix}: {done.version_line}")
-            return done
-        ensure_toolchain(conn, install=install_packages, sudo=True, log=log)
-        # SFTP writes as the login user; only the final install runs through sudo.
-        res = _run(conn, "mktemp /tmp/pullback-rsync-src.XXXXXXXX")
-        remote_tar = res.stdout.strip()
-        if res.exited != 0 or not remote_tar.startswith("/tmp/pullback-rsync-src."):
-            raise BuildError(f"mktemp failed on the host: {res.stderr.strip()}", phase="upload")
-        try:
-            started = time.monotonic()
-            conn.put(str(tarball), remote_tar)
-            log(f"upload: {tarball.stat().st_size // 1024} KiB in "
-                f"{time.monotonic() - started:.1f} s")
-            return build_rsync(conn, remote_tar, version, sha256, host.rsync.prefix,
-                               sudo=True, check=check, log=log)
-        finally:
-            _run(conn, shlex.join(["rm", "-f", remote_tar]))
+        result = _build_remote(conn, host, tarball, version, sha256, check=check,
+                               install_packages=install_packages, log=log)
+        finish_key_line(conn, host, log)
+        return result
     finally:
         conn.close()
+
+
+def _build_remote(conn: Any, host: Any, tarball: Path, version: str, sha256: str, *,
+                  check: bool, install_packages: bool, log: Log) -> BuildResult:
+    flags = build_flags(version)
+    done = installed_rsync(conn, host.rsync.prefix, version, sha256, flags)
+    if done is not None:
+        log(f"rsync {version} already installed in {host.rsync.prefix}: {done.version_line}")
+        return done
+    ensure_toolchain(conn, install=install_packages, sudo=True, log=log)
+    # SFTP writes as the login user; only the final install runs through sudo.
+    res = _run(conn, "mktemp /tmp/pullback-rsync-src.XXXXXXXX")
+    remote_tar = res.stdout.strip()
+    if res.exited != 0 or not remote_tar.startswith("/tmp/pullback-rsync-src."):
+        raise BuildError(f"mktemp failed on the host: {res.stderr.strip()}", phase="upload")
+    try:
+        started = time.monotonic()
+        conn.put(str(tarball), remote_tar)
+        log(f"upload: {tarball.stat().st_size // 1024} KiB in "
+            f"{time.monotonic() - started:.1f} s")
+        return build_rsync(conn, remote_tar, version, sha256, host.rsync.prefix,
+                           sudo=True, check=check, log=log)
+    finally:
+        _run(conn, shlex.join(["rm", "-f", remote_tar]))
 
 
 def _local_end(prefix: str, tarball: Path, version: str, sha256: str, *, check: bool,

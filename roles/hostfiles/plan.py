@@ -6,6 +6,7 @@ capture-command apply it with ``roles.hostfiles.transaction``; the wanted state 
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from typing import TYPE_CHECKING
 
@@ -190,3 +191,31 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         root_ssh_was=root_ssh if fix_root_ssh else None,
         new_dirs=tuple(d for d in make_dirs if d not in facts.dirs),
     )
+
+
+def plan_forced_rsync(facts: HostFacts, host: Host, public_key: str) -> SetupPlan | None:
+    """build-rsync's last step on a host: point the backup key's daemon forced command at
+    the pinned build it has just installed (setup-remote may have run before the build
+    existed, and left the host's own rsync in the key line: the card's order).
+
+    Only the key line changes, through the same transaction as setup-remote's. None when
+    there is nothing to do: no key line yet (setup-remote's job), captured mode (the gate
+    runs the rsync it was captured with: capture again), or already the pinned build.
+    """
+    pinned = host.rsync.remote_binary
+    if host.forced_command != "daemon" or pinned not in facts.rsync:
+        return None
+    key = rootkey.parse_public_key(public_key)
+    current = rootkey.forced_command_of(facts.content(AUTHORIZED_KEYS), key.blob)
+    wanted = hardened.daemon_command(pinned)
+    if current is None or current == wanted or " --server --daemon" not in current:
+        return None
+    full = plan_setup(facts, host, public_key, wanted)
+    keys = tuple(c for c in full.changes if c.step == "authorized_keys")
+    if not keys:
+        return None
+    return dataclasses.replace(
+        full, changes=keys, reload_sshd=False, fix_root_ssh=False, make_dirs=(), new_dirs=(),
+        create_root_ssh=False, root_ssh_was=None, steps={"authorized_keys": "changed"},
+        warnings=())
+

@@ -366,16 +366,31 @@ MISSING_ROOT = doctor.RootFacts(program=None, binary=None)
 
 
 def forced_findings(command: str, *, mode: str = "daemon", root=OK_ROOT,
-                    rsyncd_text: bytes | None = GOOD_RSYNCD, cap=None, **fields):
+                    rsyncd_text: bytes | None = GOOD_RSYNCD, cap=None, found=None, **fields):
     host = make_host(forced_command=mode, **fields)
     forced = doctor.parse_forced_command(command)
     if rsyncd_text is not None and forced.config != "/etc/rsyncd.conf":
         root = dataclasses.replace(root, files={**root.files, forced.config: rsyncd_text})
-    return doctor.check_forced_command(host, forced, root, rsyncd_text, cap)
+    return doctor.check_forced_command(host, forced, root, rsyncd_text, cap, found=found)
 
 
 def test_forced_daemon_mode_healthy():
     assert levels(forced_findings(DAEMON)) == [("ok", "forced command"), ("ok", "rsyncd.conf")]
+
+
+def test_card_order_the_daemon_runs_another_rsync_than_the_installed_build():
+    """setup-remote before build-rsync: the key still runs /usr/bin/rsync once the pinned
+    build exists. verify fails that host; doctor must too."""
+    old = DAEMON.replace("/usr/local/bin/rsync", "/usr/bin/rsync")
+    assert old != DAEMON
+    both = {"/usr/local/bin/rsync": "rsync  version 3.2.7", "/usr/bin/rsync": "rsync 3.2.7"}
+    (bad,) = errors(forced_findings(old, cap=None, found=both))
+    assert bad.what == ("the forced command runs /usr/bin/rsync, not the pinned build "
+                        "/usr/local/bin/rsync")
+    assert "build-rsync" in bad.fix
+    # Before the build exists, the host's rsync is what the key may run (a warning elsewhere).
+    assert errors(forced_findings(old, found={"/usr/bin/rsync": "rsync 3.2.7"})) == []
+    assert errors(forced_findings(DAEMON, found=both)) == []
 
 
 def test_signature_daemon_command_with_captured_inventory():
