@@ -64,4 +64,4 @@ def run_drill(host: Host, *, to: str, path: str | None = None,
     copy = drill.gather_local_manifest(Path(restored.target))
     return DrillResult(host.name, path, restored.target,
                        drill.compare_trees(host, server, copy, path),
-                       pulled.seconds, warnings)
+                       pulled.seconds, list(dict.fromkeys(warnings)))
