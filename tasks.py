@@ -202,6 +202,36 @@ def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snaps
     print(f"{h.name}: restored {path} from {result.source} into {result.target}")
 
 
+@task(iterable=["host"], help={
+    **HOST_HELP,
+    "to": "new or empty local folder (made 0700) the restore goes into: TO/tree",
+    "path": "server path to drill (default: backup.source); a quiet one such as /etc",
+    "force": "restore into a non-empty TO/tree",
+})
+def restore_drill(c, inventory=DEFAULT_INVENTORY, host=None, to=None, path=None, force=False):
+    """Back up a host, restore it into a fresh folder, compare with the server: 0 differences."""
+    from roles.cli import drill
+    from roles.core.drill import format_table
+    from roles.core.errors import PullbackError
+    from roles.remote.connection import ConnectError
+
+    if len(host or []) != 1 or not to:
+        raise Exit("restore-drill: name exactly one --host and --to", code=2)
+    (h,) = _hosts(inventory, host)
+    try:
+        result = drill.run_drill(h, to=to, path=path, force=force)
+    except (PullbackError, ConnectError) as exc:
+        raise Exit(f"restore-drill: {exc}", code=getattr(exc, "exit_code", 1)) from None
+    for warning in result.warnings:
+        print(f"{h.name}: warning: {warning}", file=sys.stderr)
+    print(f"{h.name}: {result.path} on the server against its restore in {result.target}")
+    print(format_table(result.comparison), end="")
+    if result.comparison.excluded:
+        print(f"({result.comparison.excluded} server entries left out by backup.exclude)")
+    if not result.ok:
+        raise Exit(f"restore-drill: {result.comparison.differences} differences", code=1)
+
+
 @task(iterable=["host"], help={**FLEET_HELP, "explain": "explain a pasted rsync error "
                                 "message or exit code; no host is contacted"})
 def doctor(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, explain=None):
@@ -400,7 +430,8 @@ def lab_status(c, prefix="pullback-lab"):
 
 
 ns = Collection(
-    keygen, setup_remote, build_rsync, capture_command, backup, restore, doctor, verify,
+    keygen, setup_remote, build_rsync, capture_command, backup, restore, restore_drill,
+    doctor, verify,
     schedule, status, trust_host,
 )
 lab_collection = Collection("lab")

@@ -264,12 +264,18 @@ def has_flag(options: Iterable[str], short: str, long: str) -> bool:
 
 def build_restore_argv(local_rsync: str, options: Iterable[str], source: Path, *,
                        is_dir: bool, to: str) -> list[str]:
-    """``rsync -a --numeric-ids -H [-A] [-X] SRC[/] TO/``: a folder's contents land in TO."""
+    """``rsync -a --numeric-ids -H [-A] [-X] [-S] SRC[/] TO/``: a folder's contents land in TO.
+
+    The copy carries back what the pull kept: ACLs, xattrs and holes when the backup's
+    options had them (not otherwise: the backup holds none, and a 2.6.9 rsync lacks -A/-X).
+    """
     options = list(options)
     argv = [local_rsync, "-a", "--numeric-ids", "-H"]
     if has_flag(options, "A", "--acls"):
         argv.append("-A")
     if has_flag(options, "X", "--xattrs"):
         argv.append("-X")
+    if has_flag(options, "S", "--sparse"):
+        argv.append("-S")
     argv += [str(source) + ("/" if is_dir else ""), to.rstrip("/") + "/"]
     return argv

@@ -42,6 +42,58 @@ def parse_version_output(text: str) -> tuple[str, int]:
     raise ValueError(f"not an rsync --version output: {first!r}")
 
 
+# --- the default options per rsync release ---------------------------------------------------
+
+# The original notes' options: archive, compress, one file system, numeric owners.
+NOTES_OPTIONS = ("-avzx", "--numeric-ids", "--delete", "--progress")
+# Both ends rsync >= 3.0: hard links, ACLs, xattrs (security.capability included) and holes.
+DEFAULT_OPTIONS = ("-avzx", "-HAXS", "--numeric-ids", "--delete", "--progress")
+# Either end rsync 2.6.9 (protocol 29): no -A/-X there; hard links and holes still work.
+DEFAULT_OPTIONS_PROTOCOL29 = ("-avzx", "-HS", "--numeric-ids", "--delete", "--progress")
+METADATA_SINCE = (3, 0, 0)  # -A/--acls and -X/--xattrs: rsync 3.0.0 (protocol 30)
+SPARSE_COMBINES_SINCE = (3, 1, 3)  # --sparse with --inplace or --preallocate
+
+
+def has_metadata_options(version: str) -> bool:
+    """Whether rsync ``version`` has ``-A`` and ``-X`` (3.0.0 and later)."""
+    return version_key(version) >= METADATA_SINCE
+
+
+def default_options(version: str) -> tuple[str, ...]:
+    """``backup.options`` when the inventory gives none, for ``rsync.version`` (the release
+    both ends run: build-rsync installs it on each).
+
+    ``-S`` alone is safe with every release: only its combination with ``--inplace`` or
+    ``--preallocate`` was refused before 3.1.3, and the defaults hold neither.
+    """
+    return DEFAULT_OPTIONS if has_metadata_options(version) else DEFAULT_OPTIONS_PROTOCOL29
+
+
+def _has_option(options: tuple[str, ...] | list[str], short: str, long: str) -> bool:
+    for option in options:
+        if option == long or option.startswith(long + "="):
+            return True
+        if re.fullmatch(r"-[A-Za-z]+", option) and short and short in option[1:]:
+            return True
+    return False
+
+
+def check_options(options: tuple[str, ...] | list[str], version: str) -> str | None:
+    """Why ``options`` cannot run with rsync ``version`` on both ends, or None (one line)."""
+    if not has_metadata_options(version):
+        for short, long, what in (("A", "--acls", "ACLs"), ("X", "--xattrs", "xattrs")):
+            if _has_option(options, short, long):
+                return (f"{long} (-{short}, {what}) needs rsync 3.0 or later on both ends; "
+                        f"rsync.version {version} (protocol 29) has no such option: remove it "
+                        "(2.6.9 cannot copy ACLs or xattrs) or pin rsync 3.x")
+    if version_key(version) < SPARSE_COMBINES_SINCE and _has_option(options, "S", "--sparse"):
+        for other in ("--inplace", "--preallocate"):
+            if _has_option(options, "", other):
+                return (f"--sparse (-S) with {other} is refused by rsync before 3.1.3 "
+                        f"(rsync.version {version}): drop one of them")
+    return None
+
+
 # Characters that need no quoting in sh (a subset of shlex's safe set): the gate compares
 # and execs these words literally, so nothing in them may be special to the shell.
 SAFE_WORD = re.compile(r"[A-Za-z0-9._,:=+@%/-]+")

@@ -83,6 +83,7 @@ SHOW_BYTES = 200
 PULL_TIMEOUT = 60.0
 MIN_GOOD_PROTOCOL = 30  # rsync 3.0: incremental recursion, the protocol every 3.x speaks
 OLDEST_PROTOCOL = 20    # rsync 3.x refuses older peers
+METADATA_PROTOCOL = 30   # -A/--acls and -X/--xattrs: rsync 3.0 on both ends
 
 
 @dataclass(frozen=True)
@@ -955,6 +956,14 @@ def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> 
             "run `invoke build-rsync` so both ends run rsync.version"))
     if local and remote and local.protocol and remote.protocol:
         low = min(local.protocol, remote.protocol)
+        if OLDEST_PROTOCOL <= low < METADATA_PROTOCOL:
+            findings.append(warn(
+                check, f"protocol {low} (rsync 2.6.9 on an end): the copy has no ACLs and no "
+                       "xattrs (file capabilities such as ping's cap_net_raw, SELinux labels) "
+                       "and whole-second mtimes",
+                "-A/-X need rsync 3.0 on both ends; a machine restored from this copy lacks "
+                "them (backup.options defaults to -HS there, not -HAXS)",
+                "run `invoke build-rsync` with rsync.version 3.x on both ends"))
         if low < OLDEST_PROTOCOL:
             findings.append(error(
                 check, f"protocol {low} is older than rsync 3.x accepts ({OLDEST_PROTOCOL})",

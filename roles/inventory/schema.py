@@ -24,10 +24,13 @@ from pydantic import (
     model_validator,
 )
 
+from roles.core import rsync as rsync_model
 from roles.inventory.selection import Inventory, InventoryError, read_inventory
 
 DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.tar.gz"
-DEFAULT_OPTIONS = ("-avzx", "--numeric-ids", "--delete", "--progress")
+# The defaults per rsync release live in roles.core.rsync (default_options); a host that
+# gives no backup.options gets the ones its rsync.version supports (Host._options_for_version).
+DEFAULT_OPTIONS = rsync_model.DEFAULT_OPTIONS
 
 # Folders a backup must never be written into: a --delete pull would empty them.
 DANGEROUS_DESTINATIONS = frozenset(
@@ -241,6 +244,22 @@ class Host(_Strict):
                 f"{value!r} is not a from= pattern list (addresses, host names, * ? ! / ,)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _options_for_version(self) -> Host:
+        """No ``backup.options``: the defaults of ``rsync.version``; given ones must run there."""
+        version = self.rsync.version
+        if "options" not in self.backup.model_fields_set:
+            wanted = rsync_model.default_options(version)
+            if self.backup.options != wanted:
+                # Frozen model: swap in a copy that differs only in its (valid) options.
+                object.__setattr__(self, "backup",
+                                   self.backup.model_copy(update={"options": wanted}))
+            return self
+        problem = rsync_model.check_options(self.backup.options, version)
+        if problem:
+            raise ValueError(f"backup.options: {problem}")
+        return self
 
     @model_validator(mode="after")
     def _destination_per_host(self) -> Host:

@@ -247,6 +247,21 @@ def test_this_machines_rsync_pulls_from_a_269_host(lab_env: Lab, card: Card, dae
                and w.endswith(", remote 2.6.9") for w in warned), warned
 
 
+def test_the_default_options_of_a_269_pin_run_on_269_ends(lab_env: Lab, card: Card,
+                                                          daemon_run: Run, tmp_path: Path):
+    """No backup.options with rsync.version 2.6.9: -avzx -HS (no -A/-X, which 2.6.9 lacks),
+    and both 2.6.9 ends take them."""
+    lab_host = card.labs["bookworm"]
+    host = hosts_of(lab_env, [lab_host], tmp_path / "defaults.yaml", **card.inventory,
+                    backup={"destination": str(tmp_path / "{name}"), "source": DATA}
+                    )[lab_host.name]
+    assert host.backup.options == ("-avzx", "-HS", "--numeric-ids", "--delete", "--progress")
+    result = backup.run_backup(host, dry_run=False, tty=False)
+    assert result.ok and result.error is None, result
+    assert result.warning is None, result.warning  # the 2.6.9 build on both ends
+    assert_same(lab_host, DATA, Path(host.destination) / "tree")
+
+
 # --- captured mode --------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
 
 # --- build_argv -----------------------------------------------------------------------------
 
-DEFAULT = ["-avzx", "--numeric-ids", "--delete"]
+DEFAULT = ["-avzx", "-HAXS", "--numeric-ids", "--delete"]  # rsync.version 3.2.7
 
 CASES = {
     "mirror, no tty: --progress dropped": (
@@ -711,6 +711,12 @@ def test_restore_argv_adds_acls_and_xattrs_only_when_backed_up():
     longs = pull.build_restore_argv(RSYNC, ["-a", "--acls", "--xattrs"], src, is_dir=True,
                                  to="/r")
     assert "-A" in longs and "-X" in longs
+    # The defaults (-HAXS) carry everything back, holes included.
+    default = pull.build_restore_argv(RSYNC, ["-avzx", "-HAXS", "--numeric-ids"], src,
+                                      is_dir=True, to="/r")
+    assert default == [RSYNC, "-a", "--numeric-ids", "-H", "-A", "-X", "-S",
+                       "/b/web1/etc/ssh/", "/r/"]
+    assert "-S" in pull.build_restore_argv(RSYNC, ["--sparse"], src, is_dir=True, to="/r")
 
 
 def test_restore_path_checks(tmp_path):

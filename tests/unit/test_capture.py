@@ -135,6 +135,7 @@ exit 1
 @pytest.mark.parametrize("options", [
     ["-avzx", "--numeric-ids", "--delete", "--progress", "--stats"],
     ["-aHAXx", "--numeric-ids", "--delete", "--stats", "--exclude=/proc/*"],
+    ["-avzx", "-HAXS", "--numeric-ids", "--delete", "--progress", "--stats"],  # the default
     ["-avvzxub", "--numeric-ids", "--max-delete=5", "--link-dest=/x", "--info=progress2"],
 ])
 def test_the_local_client_agrees_with_the_computed_variant(tmp_path, options):

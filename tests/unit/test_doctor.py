@@ -597,7 +597,7 @@ def end(version: str | None, protocol: int | None, note: str = "", path: str = "
 @pytest.mark.parametrize(("local", "remote", "expected"), [
     (end("3.2.7", 31), end("3.2.7", 31), ["ok", "ok", "ok"]),
     (end("3.5.0", 32), end("3.2.7", 32), ["warn", "ok", "warn", "ok"]),
-    (end("3.2.7", 31), end("2.6.9", 29), ["ok", "warn", "warn", "warn"]),
+    (end("3.2.7", 31), end("2.6.9", 29), ["ok", "warn", "warn", "warn", "warn"]),
     (end("3.2.7", 31), end("2.5.7", 19), ["ok", "warn", "warn", "error"]),
     (end("3.2.7", 31), end(None, None, "does not exist on the host"), ["ok", "error"]),
 ])
@@ -613,6 +613,8 @@ def test_different_releases_on_the_two_ends_are_named():
         "remote /usr/bin/rsync: rsync 3.2.7, protocol 31; not the inventory's rsync.version "
         "2.6.9",
         "the ends run different rsync releases: local 2.6.9, remote 3.2.7",
+        "protocol 29 (rsync 2.6.9 on an end): the copy has no ACLs and no xattrs (file "
+        "capabilities such as ping's cap_net_raw, SELinux labels) and whole-second mtimes",
         "protocols 29 and 31: the pull speaks protocol 29",
     ]
 

@@ -45,7 +45,9 @@ def test_defaults_merge_under_each_host():
     assert db1.destination == "/srv/backups/db1"
     assert web1.destination == "/var/backups/pullback/web1"
     assert db1.from_ == "198.51.100.7,2001:db8::/32"
-    assert web1.backup.options == DEFAULT_OPTIONS
+    # web1 pins 2.6.9 (no -A/-X there), db1 3.2.7: each gets its release's defaults.
+    assert web1.backup.options == ("-avzx", "-HS", "--numeric-ids", "--delete", "--progress")
+    assert db1.backup.options == DEFAULT_OPTIONS
     assert web1.rsync.remote_binary == "/opt/rsync/bin/rsync"
 
 
@@ -153,3 +155,44 @@ def test_every_problem_is_reported_at_once():
 def test_missing_file(tmp_path):
     with pytest.raises(InventoryError, match="inventory file not found"):
         load(tmp_path / "nope.yaml")
+
+
+# --- backup.options per rsync release ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("version", "expected"), [
+    ("3.2.7", ("-avzx", "-HAXS", "--numeric-ids", "--delete", "--progress")),
+    ("3.0.0", ("-avzx", "-HAXS", "--numeric-ids", "--delete", "--progress")),
+    ("3.4.0pre1", ("-avzx", "-HAXS", "--numeric-ids", "--delete", "--progress")),
+    ("2.6.9", ("-avzx", "-HS", "--numeric-ids", "--delete", "--progress")),
+])
+def test_default_options_follow_the_pinned_rsync(version, expected):
+    host = load_text(BASE + f"    rsync: {{version: '{version}'}}\n").hosts["a"]
+    assert host.backup.options == expected
+
+
+def test_explicit_options_are_kept_as_given():
+    host = load_text(BASE + "    rsync: {version: 2.6.9}\n"
+                            "    backup: {options: [-avzx, --numeric-ids]}\n").hosts["a"]
+    assert host.backup.options == ("-avzx", "--numeric-ids")
+    host = load_text(BASE + "    backup: {options: [-a]}\n").hosts["a"]
+    assert host.backup.options == ("-a",)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ("[-aHAXx]", "--acls (-A, ACLs) needs rsync 3.0 or later on both ends"),
+    ("[-ax, --xattrs]", "--xattrs (-X, xattrs) needs rsync 3.0 or later on both ends"),
+    ("[-aSx, --inplace]", "--sparse (-S) with --inplace is refused by rsync before 3.1.3"),
+])
+def test_options_the_pinned_269_cannot_run_are_one_line(options, message):
+    with pytest.raises(InventoryError) as exc:
+        load_text(BASE + "    rsync: {version: 2.6.9}\n"
+                         f"    backup: {{options: {options}}}\n")
+    (line,) = exc.value.problems
+    assert line.startswith("inventory.yaml:2: hosts.a: backup.options: " + message), line
+
+
+def test_sparse_with_inplace_is_fine_from_313():
+    host = load_text(BASE + "    rsync: {version: 3.1.3}\n"
+                            "    backup: {options: [-aSx, --inplace]}\n").hosts["a"]
+    assert host.backup.options == ("-aSx", "--inplace")

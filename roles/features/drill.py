@@ -1,0 +1,61 @@
+"""The restore drill's reads: a tree's manifest on a server (admin login + sudo) or here.
+
+Both sides are read by the same code, ``roles.local.manifest``: here it is imported, on a
+server its source is sent as ``sudo python3 -c SOURCE ROOT`` (one round trip; the server
+needs python3). The comparison itself is pure (``roles.core.drill``); the drill's steps
+(back up, restore, read both sides, compare) are put together in ``roles.cli.drill``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from roles.core import drill as comparison
+from roles.core.errors import PullbackError
+from roles.core.rsync import version_key
+from roles.local import manifest
+
+if TYPE_CHECKING:
+    from roles.inventory.schema import Host  # pydantic: not imported at run time
+
+
+class DrillError(PullbackError):
+    """A drill step that could not run (not a difference: those are the report)."""
+
+
+def manifest_source() -> str:
+    return inspect.getsource(manifest)
+
+
+def gather_remote_manifest(c: Any, host_name: str, root: str) -> list[dict]:
+    """The manifest of ``root`` on the server, read as root."""
+    from roles.remote.connection import run
+
+    result = run(c, ["python3", "-c", manifest_source(), root], sudo=True, host=host_name)
+    if result.exited != 0:
+        tail = (result.stderr or "").strip().splitlines()[-1:] or [f"exit {result.exited}"]
+        raise DrillError(f"{host_name}: reading {root} failed: {tail[0]} (the drill needs "
+                         "python3 on the server)")
+    return manifest.read(result.stdout)
+
+
+def gather_local_manifest(root: Path) -> list[dict]:
+    return list(manifest.scan(str(root)))
+
+
+def mtime_resolution_ns(host: Host) -> int:
+    """Nanoseconds travel from protocol 31 (rsync 3.1.0) on; before, whole seconds."""
+    return 1 if version_key(host.rsync.version) >= (3, 1, 0) else 10**9
+
+
+def compare_trees(host: Host, server: list[dict], copy: list[dict],
+                  path: str) -> comparison.Comparison:
+    """``server`` (the tree at ``path`` on the host) against ``copy`` (its restore); the
+    backup's excludes are applied to the server side, relative to ``backup.source``."""
+    source = host.backup.source.rstrip("/") or "/"
+    prefix = path[len(source):] if path.startswith(source) else ""
+    exclude = comparison.build_exclude(host.backup.exclude, prefix=prefix)
+    return comparison.compare(server, copy, mtime_resolution_ns=mtime_resolution_ns(host),
+                              exclude=exclude)
