@@ -44,7 +44,7 @@ from roles.core.rsync import parse_version_output, validate_version, version_key
 from roles.hostfiles.plan import plan_forced_rsync
 from roles.hostfiles.transaction import apply
 from roles.local.keys import KeyFileError, read_public_key
-from roles.remote.connection import connect
+from roles.remote.connection import connect, run
 from roles.remote.facts import gather
 
 # SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
@@ -576,9 +576,9 @@ def _sh(script: str) -> str:
 
 
 def _run(c: Any, script: str, *, sudo: bool = False) -> Any:
-    """Run ``script`` through ``sh -c`` (so sudo covers pipes and redirections)."""
-    runner = c.sudo if sudo else c.run
-    return runner(_sh(script), hide=True, warn=True, in_stream=False)
+    """Run ``script`` through ``sh -c`` (so sudo covers pipes and redirections); root work
+    goes through the one runner, which knows the host's stored sudo password."""
+    return run(c, _sh(script), sudo=sudo)
 
 
 def installed_rsync(

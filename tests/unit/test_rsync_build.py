@@ -330,6 +330,7 @@ class FakeContext:
     def __init__(self, probe_output: str) -> None:
         self.probe_output = probe_output
         self.commands: list[tuple[str, str]] = []
+        self.passwords: list[object] = []
 
     def run(self, command: str, **kwargs: object) -> FakeResult:
         assert kwargs == {"hide": True, "warn": True, "in_stream": False}
@@ -338,6 +339,7 @@ class FakeContext:
 
     def sudo(self, command: str, **kwargs: object) -> FakeResult:
         self.commands.append(("sudo", command))
+        self.passwords.append(kwargs.get("password"))
         return FakeResult("")
 
 
@@ -362,15 +364,31 @@ def test_toolchain_missing_without_install_names_exact_command() -> None:
     assert all(kind == "run" for kind, _ in c.commands)  # nothing installed
 
 
+INSTALL = [
+    "sh -c 'apt-get update'",
+    "sh -c 'env DEBIAN_FRONTEND=noninteractive apt-get install -y gcc make libc6-dev'",
+]
+
+
 def test_toolchain_install_runs_table_commands_with_sudo() -> None:
     c = FakeContext(NO_CC_DEBIAN)
     with pytest.raises(rb.ToolchainError, match="still no working"):
         rb.ensure_toolchain(c, install=True, sudo=True, log=lambda _: None)  # probe stays bad
-    sudo = [cmd for kind, cmd in c.commands if kind == "sudo"]
-    assert sudo == [
-        "sh -c 'apt-get update'",
-        "sh -c 'env DEBIAN_FRONTEND=noninteractive apt-get install -y gcc make libc6-dev'",
-    ]
+    # No stored password: sudo -n, never a prompt answered with nothing.
+    sudo = [cmd.removeprefix("sudo -n ") for kind, cmd in c.commands
+            if kind == "run" and cmd.startswith("sudo -n ")]
+    assert sudo == INSTALL
+
+
+def test_toolchain_install_uses_the_stored_sudo_password() -> None:
+    """build-rsync's root work goes through the one runner: a host with
+    ``sudo_password: true`` gets the password typed once for the run."""
+    c = FakeContext(NO_CC_DEBIAN)
+    c._pullback_sudo_password = "typed once"
+    with pytest.raises(rb.ToolchainError, match="still no working"):
+        rb.ensure_toolchain(c, install=True, sudo=True, log=lambda _: None)
+    assert [cmd for kind, cmd in c.commands if kind == "sudo"] == INSTALL
+    assert c.passwords == ["typed once", "typed once"]
 
 
 @pytest.mark.parametrize(
