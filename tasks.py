@@ -12,6 +12,7 @@ from pathlib import Path
 from invoke import Collection, task
 from invoke.exceptions import Exit
 
+from roles.core.hardened import Mode
 from roles.core.outcome import Outcome
 from roles.inventory.selection import Inventory, InventoryError
 
@@ -148,7 +149,7 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     from roles.features import capture
 
     hosts = _hosts(inventory, host, shard)
-    if not any(h.forced_command == "captured" for h in hosts):
+    if not any(h.forced_command == Mode.CAPTURED for h in hosts):
         raise Exit("capture-command: no selected host has forced_command: captured", code=2)
     outcomes = fleet.for_each(
         hosts, capture.capture_host,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 PERMIT_ROOT_LOGIN = "forced-commands-only"
 
@@ -83,3 +84,10 @@ class HelperFile:
     step: str
     path: str
     content: bytes
+
+
+class Mode(StrEnum):
+    """``forced_command`` in the inventory: what the backup key's forced command is."""
+
+    DAEMON = "daemon"  # rsync's daemon over the ssh session; the client pulls HOST::MODULE
+    CAPTURED = "captured"  # the gate: exactly the captured commands; the client pulls HOST:/

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from roles.core import rsync_errors
+from roles.core.hardened import Mode
 from roles.core.rsync_errors import explain_exit
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def source_spec(host: Host) -> str:
     """
     address = f"[{host.address}]" if ":" in host.address else host.address
     path = host.backup.source.strip("/")
-    if host.forced_command == "captured":
+    if host.forced_command == Mode.CAPTURED:
         return f"root@{address}:/{path + '/' if path else ''}"
     return f"root@{address}::{host.backup.module}/{path + '/' if path else ''}"
 

@@ -78,6 +78,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from roles.core.hardened import Mode
 from roles.core.pull import (
     OK_CODES,
     build_argv,
@@ -142,7 +143,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     rsync, warning = find_local_rsync(host)
     warnings = [warning] if warning else []
     fingerprint: str | None = None
-    if host.forced_command == "captured":
+    if host.forced_command == Mode.CAPTURED:
         try:
             fingerprint = capture_record.require_record(host, rsync).fingerprint
         except CaptureError as exc:

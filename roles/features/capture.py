@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from roles.config.gate import capture_file, gate_file
 from roles.core import pull
-from roles.core.hardened import CAPTURE_SCRIPT, CAPTURED_FILE, GATE, LIBEXEC, REMOTE_STATE
+from roles.core.hardened import CAPTURE_SCRIPT, CAPTURED_FILE, GATE, LIBEXEC, REMOTE_STATE, Mode
 from roles.core.rsync import (
     CaptureError,
     dry_run_variant,
@@ -183,7 +183,7 @@ def capture_host(host: Host) -> Outcome:
     from roles.remote.connection import ConnectError, connect
     from roles.remote.facts import AUTHORIZED_KEYS, gather
 
-    if host.forced_command != "captured":
+    if host.forced_command != Mode.CAPTURED:
         return Outcome(host.name, {"capture": "skipped"},
                        warnings=("forced_command is daemon: there is nothing to capture",))
     steps: dict[str, str] = {}

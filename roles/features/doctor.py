@@ -63,6 +63,7 @@ from roles.config import gate as gate_scripts
 from roles.config import rootkey, rsyncd
 from roles.core import hardened, pull
 from roles.core.diffs import split_lines
+from roles.core.hardened import Mode
 from roles.core.rsync import CaptureError, parse_version_output
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
 from roles.inventory.schema import Host
@@ -609,7 +610,7 @@ def check_key_files(facts: HostFacts) -> list[Finding]:
 
 def check_key_line(key: KeyLine | None, host: Host, facts: HostFacts) -> list[Finding]:
     check = "key line"
-    mode_fix = ("`invoke setup-remote`" if host.forced_command == "daemon"
+    mode_fix = ("`invoke setup-remote`" if host.forced_command == Mode.DAEMON
                 else "`invoke capture-command`")
     if key is None:
         return [error(check, f"the backup key ({host.backup_pubkey}) is not in "
@@ -740,7 +741,7 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
     gate = forced.binary == hardened.GATE
     findings: list[Finding] = []
     wanted, _ = hardened.forced_rsync(host.rsync.remote_binary, found or {})
-    if (forced.daemon and host.forced_command == "daemon" and wanted is not None
+    if (forced.daemon and host.forced_command == Mode.DAEMON and wanted is not None
             and forced.binary != wanted):
         findings.append(error(
             check, f"the forced command runs {forced.binary}, not the pinned build {wanted}",
@@ -763,7 +764,7 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
             check, f"the forced command runs {forced.binary}, neither rsync nor pullback's gate",
             "doctor cannot tell which rsync it starts or what it allows",
             "make sure it execs the pinned rsync by full path"))
-    if forced.daemon and host.forced_command == "captured":
+    if forced.daemon and host.forced_command == Mode.CAPTURED:
         findings.append(error(
             check, "the forced command is an rsync daemon (--daemon) but the inventory says "
                    "forced_command: captured, so the backup pulls root@host:/ (one colon)",
@@ -773,7 +774,7 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
             "either set `forced_command: daemon` for this host (the backup then pulls "
             f"root@host::{host.backup.module}/), or run `invoke capture-command` to install "
             "the command the client really sends"))
-    elif host.forced_command == "daemon" and not forced.daemon and (forced.is_rsync or gate):
+    elif host.forced_command == Mode.DAEMON and not forced.daemon and (forced.is_rsync or gate):
         findings.append(error(
             check, f"the inventory uses daemon mode but the forced command is not a daemon: "
                    f"{forced.text!r}",
@@ -792,7 +793,7 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
             "run `invoke capture-command` (it captures with the real options, never -n, and "
             "installs a gate that runs the real command or its dry run) and do not run a "
             "real backup until then"))
-    if forced.sender and capture.sent is not None and host.forced_command == "captured":
+    if forced.sender and capture.sent is not None and host.forced_command == Mode.CAPTURED:
         mine = parse_forced_command(" ".join(forced.without_dry_run()))
         if not same_command(mine.argv, capture.sent):
             findings.append(error(
@@ -803,7 +804,7 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
                 "about the protocol ('Invalid file index', 'error in rsync protocol data "
                 "stream', exit 2 or 12)",
                 "run `invoke capture-command` again"))
-    if gate and host.forced_command == "captured" and root.program is not None:
+    if gate and host.forced_command == Mode.CAPTURED and root.program is not None:
         findings.extend(check_gate(host, root, capture))
     if forced.daemon:
         findings.extend(check_rsyncd(host, forced, root, rsyncd_text))
@@ -891,14 +892,14 @@ def check_rsyncd_files(host: Host, facts: HostFacts) -> list[Finding]:
             f"that module is one {_SHARED_WHY}",
             "run `invoke setup-remote` (it removes that module and nothing else)"))
     fact = facts.files.get(PULLBACK_RSYNCD_CONF)
-    if fact is not None and host.forced_command == "daemon" and (
+    if fact is not None and host.forced_command == Mode.DAEMON and (
             fact.mode & 0o077 or (fact.uid, fact.gid) != (0, 0)):
         findings.append(error(
             check, f"{PULLBACK_RSYNCD_CONF} is mode {fact.mode:04o}, owner "
                    f"{fact.uid}:{fact.gid}, not 0600 root:root",
             "someone other than root can read it, or change the module the backup key "
             "serves (turn off read only, widen hosts allow)", "run `invoke setup-remote`"))
-    elif fact is not None and host.forced_command == "captured":
+    elif fact is not None and host.forced_command == Mode.CAPTURED:
         findings.append(warn(
             check, f"{PULLBACK_RSYNCD_CONF} is left from daemon mode",
             "captured mode does not use it; it only confuses a later reader",
@@ -1157,7 +1158,7 @@ def _admin_shell(conn: Any, host: Host, findings: list[Finding]) -> None:
 
 def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | None,
                   local_path: str | None, findings: list[Finding]) -> Capture:
-    if host.forced_command != "captured":
+    if host.forced_command != Mode.CAPTURED:
         return Capture()
     record, problem = None, ""
     try:
@@ -1175,14 +1176,14 @@ def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | No
 
 
 def _pull_or_skip(host: Host, forced: ForcedCommand | None, local_path: str) -> Finding:
-    if host.forced_command == "captured" and forced is not None and not forced.daemon:
+    if host.forced_command == Mode.CAPTURED and forced is not None and not forced.daemon:
         if forced.binary == hardened.GATE:
             return ok("test pull", "skipped: the gate runs only the recorded pull of "
                                    "backup.source and its dry run; `invoke backup --dry-run` "
                                    "goes through it")
         return ok("test pull", "skipped: the forced command serves only the captured source, "
                                "whatever path a test pull asks for")
-    return try_pull(host, local_path, single_colon=host.forced_command == "captured")
+    return try_pull(host, local_path, single_colon=host.forced_command == Mode.CAPTURED)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from roles.config import gate as gate_scripts
 from roles.core import hardened
-from roles.core.hardened import HelperFile
+from roles.core.hardened import HelperFile, Mode
 from roles.core.outcome import Outcome
 from roles.core.rsync import CaptureError
 from roles.hostfiles.plan import daemon_command, plan_setup
@@ -61,7 +61,7 @@ def setup_host(host: Host, *, dry_run: bool = False,
     record = None
     try:
         public_key = read_public_key(host)
-        if host.forced_command == "captured" and captured_command is None:
+        if host.forced_command == Mode.CAPTURED and captured_command is None:
             record = capture_record.load_record(host)
         conn = connect(host)
     except (SetupError, KeyFileError, ConnectError, CaptureError) as exc:
@@ -73,7 +73,7 @@ def setup_host(host: Host, *, dry_run: bool = False,
         facts = gather(conn, host.name, binaries)
         warnings: list[str] = []
         helpers: tuple[HelperFile, ...] = ()
-        if host.forced_command == "daemon":
+        if host.forced_command == Mode.DAEMON:
             forced, warnings = daemon_command(facts, host)
         elif record is not None:
             forced, helpers = hardened.GATE, (gate_scripts.gate_file(record),)

@@ -22,6 +22,7 @@ from roles.core.hardened import (
     RSYNCD_CONF,
     SSHD_CONFIG,
     HelperFile,
+    Mode,
 )
 from roles.hostfiles.transaction import FileChange, SetupError, SetupPlan
 
@@ -130,7 +131,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
     # folder); captured mode serves no module, so a file left from daemon mode goes.
     own_dirs: list[str] = []
     current_conf = facts.content(PULLBACK_RSYNCD_CONF)
-    if host.forced_command == "daemon":
+    if host.forced_command == Mode.DAEMON:
         allow, allow_warnings = rsyncd.hosts_allow_for(host.from_, facts.client_addr)
         warnings.extend(allow_warnings)
         settings = rsyncd.RsyncdSettings(module=host.backup.module, path="/",
@@ -203,7 +204,7 @@ def plan_forced_rsync(facts: HostFacts, host: Host, public_key: str) -> SetupPla
     runs the rsync it was captured with: capture again), or already the pinned build.
     """
     pinned = host.rsync.remote_binary
-    if host.forced_command != "daemon" or pinned not in facts.rsync:
+    if host.forced_command != Mode.DAEMON or pinned not in facts.rsync:
         return None
     key = rootkey.parse_public_key(public_key)
     current = rootkey.forced_command_of(facts.content(AUTHORIZED_KEYS), key.blob)
