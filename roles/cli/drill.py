@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from roles.core.drill import Comparison
 from roles.features import backup, drill, restore
+from roles.remote.connection import connect
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host
@@ -44,8 +45,6 @@ class DrillResult:
 def run_drill(host: Host, *, to: str, path: str | None = None,
               force: bool = False) -> DrillResult:
     """Raise DrillError (or the backup's, restore's errors) when a step cannot run."""
-    from roles.remote.connection import connect
-
     path = path or host.backup.source
     pulled = backup.run_backup(host, dry_run=False, tty=False)
     if not pulled.ok:

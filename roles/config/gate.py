@@ -4,9 +4,11 @@ the two recorded commands and execs the matching one by full path."""
 
 from __future__ import annotations
 
+import shlex
 from typing import TYPE_CHECKING
 
 from roles.core.hardened import CAPTURE_SCRIPT, CAPTURED_FILE, GATE, HelperFile
+from roles.core.render import render
 from roles.core.rsync import SAFE_WORD, CaptureError
 from roles.local.capture_record import AGAIN, CaptureRecord
 
@@ -15,8 +17,6 @@ if TYPE_CHECKING:
 
 
 def render_capture_script() -> bytes:
-    from roles.core.render import render
-
     return render("capture.sh.j2", output=CAPTURED_FILE,
                   output_tmp=CAPTURED_FILE + ".tmp").encode()
 
@@ -26,10 +26,6 @@ def render_gate(real_sent: str, dry_sent: str, real_exec: tuple[str, ...],
     """The gate script. Every word must already be validated as safe: the script holds
     them literally (quoting them would change nothing, which is the point). Nothing
     time-dependent goes in: a re-capture with the same result leaves the file as it is."""
-    import shlex
-
-    from roles.core.render import render
-
     for word in (*real_sent.split(" "), *dry_sent.split(" "), *real_exec, *dry_exec):
         if not SAFE_WORD.fullmatch(word):
             raise CaptureError(f"unsafe word {word!r} for the gate")
@@ -41,8 +37,6 @@ def render_gate(real_sent: str, dry_sent: str, real_exec: tuple[str, ...],
 
 
 def gate_file(record: CaptureRecord) -> HelperFile:
-    from roles.core.hardened import HelperFile
-
     content = render_gate(
         record.sent, record.sent_dry_run, tuple(record.command.split(" ")),
         tuple(record.dry_run_command.split(" ")), fingerprint=record.fingerprint)
@@ -50,8 +44,6 @@ def gate_file(record: CaptureRecord) -> HelperFile:
 
 
 def capture_file() -> HelperFile:
-    from roles.core.hardened import HelperFile
-
     return HelperFile("capture-script", CAPTURE_SCRIPT, render_capture_script())
 
 

@@ -78,6 +78,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from roles.core import fleet
 from roles.core.hardened import Mode
 from roles.core.pull import (
     OK_CODES,
@@ -88,7 +89,7 @@ from roles.core.pull import (
 )
 from roles.core.rsync import CaptureError
 from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
-from roles.local import capture_record, folders
+from roles.local import capture_record, folders, keys
 from roles.local.files import write_atomic
 from roles.local.runner import both_ends_have_progress2, find_local_rsync, stream
 from roles.local.store import (
@@ -138,8 +139,6 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     ``tty``: keep the progress options and show rsync's output live (on ``echo``, default
     this process's stdout).
     """
-    from roles.local import keys
-
     rsync, warning = find_local_rsync(host)
     warnings = [warning] if warning else []
     fingerprint: str | None = None
@@ -294,8 +293,6 @@ def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = No
     ``backup.parallel`` at a time; print warnings and failures (``err``) and the table
     (``out``); return the hosts that failed. Live output only for one host on a terminal:
     several interleaved streams are noise."""
-    from roles.core import fleet
-
     out = out or sys.stdout
     err = err or sys.stderr
     tty = len(hosts) == 1 and out.isatty()

@@ -52,6 +52,8 @@ from typing import TYPE_CHECKING, Any
 from roles.config.gate import capture_file, gate_file
 from roles.core import pull
 from roles.core.hardened import CAPTURE_SCRIPT, CAPTURED_FILE, GATE, LIBEXEC, REMOTE_STATE, Mode
+from roles.core.hardened import PERMIT_ROOT_LOGIN as WANT
+from roles.core.outcome import Outcome
 from roles.core.rsync import (
     CaptureError,
     dry_run_variant,
@@ -59,9 +61,20 @@ from roles.core.rsync import (
     validate_sent,
 )
 from roles.hostfiles.plan import plan_setup
+from roles.hostfiles.transaction import (
+    FileChange,
+    SetupError,
+    SetupPlan,
+    apply,
+    facts_after,
+    gather_files,
+    merge_facts,
+)
 from roles.local import runner, store
 from roles.local.capture_record import CaptureRecord, local_version_line, save_record
 from roles.local.keys import KeyFileError, read_public_key
+from roles.remote.connection import ConnectError, connect
+from roles.remote.facts import AUTHORIZED_KEYS, gather
 
 if TYPE_CHECKING:
     from roles.core.outcome import Outcome
@@ -95,8 +108,6 @@ def remote_rsync(facts: HostFacts, host: Host) -> tuple[str, str, list[str]]:
 
 def check_ready(facts: HostFacts) -> None:
     """sshd must let root in by forced command only: setup-remote's result."""
-    from roles.core.hardened import PERMIT_ROOT_LOGIN as WANT
-
     value = facts.effective.get("permitrootlogin", "")
     if value != WANT:
         raise CaptureError(f"sshd applies PermitRootLogin {value or '(unknown)'} to root "
@@ -113,8 +124,6 @@ def _last_line(text: str) -> str:
 
 def capture_once(conn: Any, host: Host, rsync: str, *, dry_run: bool) -> str:
     """Run the pull as ``backup`` would (it must fail), then read and remove the capture."""
-    from roles.hostfiles.transaction import gather_files
-
     with tempfile.TemporaryDirectory(prefix="pullback-capture-") as tmp:
         argv = pull.build_argv(host, dry_run=dry_run, tty=False, local_rsync=rsync,
                                  dest=tmp)
@@ -154,9 +163,6 @@ def prove(host: Host, rsync: str) -> None:
 def _restore_keys(conn: Any, host: Host, facts: HostFacts, old: bytes | None) -> str:
     """Put the key file back as it was before the capture line (the previous gate keeps
     serving backups when a re-capture fails); returns what happened, for the error."""
-    from roles.hostfiles.transaction import FileChange, SetupPlan, apply
-    from roles.remote.facts import AUTHORIZED_KEYS
-
     current = facts.content(AUTHORIZED_KEYS)
     if old is None or current is None or old == current:
         return "the key line still runs the capture script, which serves nothing"
@@ -172,17 +178,6 @@ def _restore_keys(conn: Any, host: Host, facts: HostFacts, old: bytes | None) ->
 
 def capture_host(host: Host) -> Outcome:
     """capture-command on one host: capture, validate, install the gate, record, prove."""
-    from roles.core.outcome import Outcome
-    from roles.hostfiles.transaction import (
-        SetupError,
-        apply,
-        facts_after,
-        gather_files,
-        merge_facts,
-    )
-    from roles.remote.connection import ConnectError, connect
-    from roles.remote.facts import AUTHORIZED_KEYS, gather
-
     if host.forced_command != Mode.CAPTURED:
         return Outcome(host.name, {"capture": "skipped"},
                        warnings=("forced_command is daemon: there is nothing to capture",))

@@ -51,6 +51,7 @@ import hashlib
 import ipaddress
 import os
 import shlex
+import socket
 import subprocess
 import tempfile
 import time
@@ -59,21 +60,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import paramiko
+
 from roles.config import gate as gate_scripts
 from roles.config import rootkey, rsyncd
-from roles.core import hardened, pull
+from roles.core import fleet, hardened, pull
 from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
 from roles.core.rsync import CaptureError, parse_version_output
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
 from roles.inventory.schema import Host
 from roles.local import capture_record, folders, runner, store
+from roles.remote.connection import ROUND_TRIPS, ConnectError, connect, run, sudo_script
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
     PULLBACK_DIR,
     PULLBACK_RSYNCD_CONF,
     RSYNCD_CONF,
     HostFacts,
+    gather,
 )
 
 LEVELS = ("ok", "warn", "error")
@@ -1003,10 +1008,6 @@ def host_key_fingerprint(key_blob: bytes) -> str:
 
 def offered_host_key(address: str, port: int, timeout: float = 10) -> tuple[str, bytes]:
     """``(type, blob)`` of the host key sshd offers, without trusting or authenticating."""
-    import socket
-
-    import paramiko
-
     sock = socket.create_connection((address, port), timeout=timeout)
     transport = paramiko.Transport(sock)
     try:
@@ -1024,8 +1025,6 @@ def known_host_label(host: Host) -> str:
 
 def check_unreachable(host: Host, message: str) -> Finding:
     """Classify a failed admin login: unknown or changed host key, or another reason."""
-    import paramiko
-
     check = "host key"
     label = known_host_label(host)
     try:
@@ -1064,8 +1063,6 @@ def check_unreachable(host: Host, message: str) -> Finding:
 def run_raw(conn: Any, command: str, host_name: str, timeout: float = 20) -> tuple[int, bytes,
                                                                                     bytes]:
     """Exit code and the exact bytes of stdout and stderr (Fabric would decode them)."""
-    from roles.remote.connection import ROUND_TRIPS
-
     ROUND_TRIPS.add(host_name)
     _, stdout, stderr = conn.client.exec_command(command, timeout=timeout)
     out, err = stdout.read(), stderr.read()
@@ -1142,8 +1139,6 @@ def _remote_binary(key: KeyLine | None, host: Host) -> str:
 
 def _admin_shell(conn: Any, host: Host, findings: list[Finding]) -> None:
     """The clean-shell test for the admin login; a second trip only when it is not clean."""
-    from roles.remote.connection import run
-
     _, out, err = run_raw(conn, "true", host.name)
     probes: tuple[tuple[int, str], ...] = ()
     shell = ""
@@ -1263,9 +1258,6 @@ def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationF
 
 def diagnose(host: Host) -> Report:
     """Every check for one host; never raises for a host problem (it becomes a finding)."""
-    from roles.remote.connection import ConnectError, connect, sudo_script
-    from roles.remote.facts import gather
-
     started = time.monotonic()
     report = Report(host.name, f"{host.address}:{host.port}")
     findings = report.findings
@@ -1332,8 +1324,6 @@ def diagnose(host: Host) -> Report:
 
 
 def diagnose_all(hosts: list[Host]) -> list[Report]:
-    from roles.core import fleet
-
     def failed(host: Host, exc: Exception) -> Report:
         return Report(host.name, f"{host.address}:{host.port}", [error(
             "doctor", f"{type(exc).__name__}: {exc}", "doctor could not finish its checks",

@@ -16,6 +16,7 @@ from roles.core import drill as comparison
 from roles.core.errors import PullbackError
 from roles.core.rsync import version_key
 from roles.local import manifest
+from roles.remote.connection import run
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host  # pydantic: not imported at run time
@@ -31,8 +32,6 @@ def manifest_source() -> str:
 
 def gather_remote_manifest(c: Any, host_name: str, root: str) -> list[dict]:
     """The manifest of ``root`` on the server, read as root."""
-    from roles.remote.connection import run
-
     result = run(c, ["python3", "-c", manifest_source(), root], sudo=True, host=host_name)
     if result.exited != 0:
         tail = (result.stderr or "").strip().splitlines()[-1:] or [f"exit {result.exited}"]

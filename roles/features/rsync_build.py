@@ -34,10 +34,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
+
+import invoke
 
 from roles.core import platforms
 from roles.core.rsync import parse_version_output, validate_version, version_key
@@ -1029,8 +1032,6 @@ def _build_remote(conn: Any, host: Any, tarball: Path, version: str, sha256: str
 
 def _local_end(prefix: str, tarball: Path, version: str, sha256: str, *, check: bool,
                install_packages: bool, log: Log) -> BuildResult:
-    import invoke
-
     c = invoke.Context()
     sudo = local_install_needs_sudo(Path(prefix))
     flags = build_flags(version)
@@ -1057,8 +1058,6 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
     fetched offline); that tree is not byte-identical to the release, so they pass its
     own sum here rather than relax the pin.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     jobs: list[tuple[str, Any]] = []
     tarballs: dict[str, tuple[Path, str]] = {}
     results: list[EndResult] = []

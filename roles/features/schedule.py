@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from roles.core.render import render
+from roles.core.shards import parse_shard
+from roles.local import keys
 from roles.local.files import write_atomic
 
 MARKER = "managed by pullback"
@@ -143,7 +145,6 @@ def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_
     for name in names:
         argv += ["--host", name]
     if shard is not None:
-        from roles.core.shards import parse_shard
 
         argv += ["--shard", "{}/{}".format(*parse_shard(shard))]
     return Job(argv=tuple(argv), hosts=names, inventory=inventory, at=hour_minute,
@@ -663,8 +664,6 @@ class KeyReport:
 
 def check_keys(paths: Iterable[str], *, agent_socket: str | None) -> KeyReport:
     """A schedule whose key others can read (or that is missing) would fail every night."""
-    from roles.local import keys
-
     report = KeyReport()
     for path in dict.fromkeys(paths):
         try:

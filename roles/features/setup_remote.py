@@ -36,6 +36,8 @@ from roles.hostfiles.transaction import (
 from roles.inventory.schema import Host
 from roles.local import capture_record
 from roles.local.keys import KeyFileError, read_public_key
+from roles.remote.connection import ConnectError, connect
+from roles.remote.facts import gather
 
 # --- planning (pure) --------------------------------------------------------------------
 
@@ -55,9 +57,6 @@ def setup_host(host: Host, *, dry_run: bool = False,
     command is the gate, installed or repaired from the record; without one no key line is
     installed. ``captured_command`` overrides that with a forced command of the caller's.
     """
-    from roles.remote.connection import ConnectError, connect
-    from roles.remote.facts import gather
-
     record = None
     try:
         public_key = read_public_key(host)

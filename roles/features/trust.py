@@ -26,6 +26,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import paramiko
+
 from roles.inventory.schema import Host
 from roles.local.files import write_atomic
 
@@ -157,8 +159,6 @@ def fetch_host_key(address: str, port: int, *, key_types: list[str] | None = Non
     ``key_types`` restricts the negotiation to the types already pinned, so a host with
     several keys is compared on the key that is pinned (as paramiko's client does).
     """
-    import paramiko
-
     try:
         sock = socket.create_connection((address, port), timeout=timeout)
     except OSError as exc:

@@ -32,7 +32,8 @@ from roles.core.diffs import unified
 from roles.core.hardened import PERMIT_ROOT_LOGIN, PRIVATE, ROOT_SSH, SSHD_CONFIG
 from roles.core.outcome import Outcome
 from roles.core.sshd_output import parse_sshd_T
-from roles.remote.facts import FileFact
+from roles.remote.connection import ConnectError, connect, run, sudo_script
+from roles.remote.facts import FileFact, parse_report
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host  # pydantic: not imported at run time
@@ -280,8 +281,6 @@ def _script_error(result: Any) -> str | None:
 
 def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
     """Open a NEW admin connection, use sudo, and confirm the effective setting."""
-    from roles.remote.connection import ConnectError, connect, run
-
     spec = platforms.connection_spec(plan.client_addr)
     last = ""
     for _ in range(attempts):
@@ -307,8 +306,6 @@ def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
 
 def apply(c: Any, host: Host, plan: SetupPlan,
           check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
-    from roles.remote.connection import sudo_script
-
     steps = dict(plan.steps)
     if not plan.changed:
         return Outcome(host.name, steps, warnings=plan.warnings)
@@ -358,9 +355,6 @@ def gather_files(c: Any, host_name: str, paths: Iterable[str], dirs: Iterable[st
     ``merge_facts``. It is a separate read so that the main fact report stays the same for
     every mode.
     """
-    from roles.remote.connection import sudo_script
-    from roles.remote.facts import parse_report
-
     paths = list(paths)
     result = sudo_script(c, read_files_script(paths, list(dirs), list(clear)), host=host_name)
     if result.exited != 0 or not result.stdout.rstrip().endswith("END"):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from roles.core.errors import PullbackError
+from roles.local import folders
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host  # pydantic: not imported at run time
@@ -74,8 +75,6 @@ def ensure_destination(path: Path) -> str:
     """Create the local backup folder with mode 0700 (it will hold copies of root files),
     missing parents 0700 too; FolderError when a folder on the way is unsafe
     (``roles.local.folders``)."""
-    from roles.local import folders
-
     existed = path.exists()
     note = folders.make_private(path)
     return note or f"{path}: {'exists' if existed else 'created'} (0700)"

@@ -21,12 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import logging
 import secrets
 import shlex
 import socket
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import paramiko
+from fabric import Connection
+from invoke.exceptions import AuthFailure, UnexpectedExit
 
 if TYPE_CHECKING:
     from fabric import Connection
@@ -100,8 +105,6 @@ def _nodelay_transport(sock: Any, **kwargs: Any) -> Any:
     ms, and every later command on the connection about 45 ms sooner. A gateway's channel
     (ProxyJump) or a ProxyCommand pipe is left as it is.
     """
-    import paramiko
-
     if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return paramiko.Transport(sock, **kwargs)
@@ -112,8 +115,6 @@ def _quiet_paramiko() -> None:
     reading SSH protocol banner" while sshd re-executes after a reload, which the lockout
     check retries); with no handler configured Python prints it to stderr. The same
     failure reaches us as an exception, reported in one line: keep paramiko's log quiet."""
-    import logging
-
     logger = logging.getLogger("paramiko")
     if not logger.handlers:
         logger.addHandler(logging.NullHandler())
@@ -121,10 +122,7 @@ def _quiet_paramiko() -> None:
 
 def connect(host: Host, timeout: float = 10) -> Connection:
     """Open an admin connection to ``host``; raise ConnectError with a one-line reason."""
-    import paramiko
-
     _quiet_paramiko()
-    from fabric import Connection
 
     known_hosts = Path(host.known_hosts)
     if not known_hosts.is_file():
@@ -179,7 +177,6 @@ def run(c: Any, command: str | list[str], *, sudo: bool = False, host: str = "",
     ROUND_TRIPS.add(host or getattr(c, "host", "local"))
     if not sudo:
         return c.run(command, hide=True, warn=warn, in_stream=False)
-    from invoke.exceptions import AuthFailure
 
     user = getattr(c, "user", None) or "the admin"
     where = f"{host or getattr(c, 'host', 'local')}: sudo as {user}"
@@ -193,7 +190,6 @@ def run(c: Any, command: str | list[str], *, sudo: bool = False, host: str = "",
                 "in the inventory (asked once per run), or allow NOPASSWD sudo for that user"
             )
         if result.exited != 0 and not warn:
-            from invoke.exceptions import UnexpectedExit
 
             raise UnexpectedExit(result)
         return result
@@ -229,8 +225,6 @@ def upload_script(c: Any, script: str, *, host: str = "") -> str:
     """Write ``script`` to a new file in the login user's home over SFTP, as that user
     (Fabric's rule: upload as the login user, then act as root; never a sudo-put): a random
     name opened with O_EXCL, mode 0600 before any byte is written. Returns its path."""
-    import paramiko
-
     where = host or getattr(c, "host", "local")
     ROUND_TRIPS.add(where)
     try:

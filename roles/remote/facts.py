@@ -29,6 +29,7 @@ from roles.core.hardened import (  # noqa: F401 - the paths a gather reads, name
     RSYNCD_CONF,
     SSHD_CONFIG,
 )
+from roles.remote.connection import run
 
 
 @dataclass(frozen=True)
@@ -274,8 +275,6 @@ def openssh_banner(c: Any) -> str:
 
 def gather(c: Any, host_name: str, rsync_binaries: list[str]) -> HostFacts:
     """Run the gather script as root in one round trip and parse its report."""
-    from roles.remote.connection import run
-
     script = gather_script(rsync_binaries)
     # "$SSH_CONNECTION" is expanded by the admin's login shell, before sudo resets the
     # environment: it tells us the backup host's address as this server sees it.
