@@ -40,6 +40,7 @@ from roles.remote.facts import (
     gather,
 )
 from tests.integration.conftest import Lab, infra_host
+from tests.unit.test_rsyncd import LEGACY
 
 pytestmark = pytest.mark.integration
 
@@ -81,20 +82,9 @@ mkpath write-devices write-batch only-write-batch read-batch log-file*
 """.replace("\\\n", "").encode()
 
 
-# What the previous version of setup-remote wrote into the shared /etc/rsyncd.conf: its
-# template as it rendered it, copied here so the migration is tested against those bytes.
-OLD_MODULE = b"""# managed by pullback
-[system]
-    path = /
-    comment = pullback full-system backup (read-only)
-    read only = yes
-    list = false
-    uid = 0
-    gid = 0
-    numeric ids = yes
-    max connections = 1
-    lock file = /run/rsyncd-pullback.lock
-"""
+# What the previous version of setup-remote wrote into the shared /etc/rsyncd.conf, copied
+# byte for byte in the unit tests (the migration must recognise exactly those bytes).
+OLD_MODULE = LEGACY
 
 
 # --- helpers ----------------------------------------------------------------------------------
