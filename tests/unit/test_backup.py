@@ -25,8 +25,12 @@ from roles.local import runner, store
 
 RSYNC = "/opt/pullback/bin/rsync"
 # Off a terminal ssh never prompts; on a terminal BatchMode=no lets it ask for a passphrase.
-SSH_E = ("ssh -i /keys/backup -p 2222 -o StrictHostKeyChecking=yes "
-         "-o UserKnownHostsFile=/keys/known_hosts -o BatchMode=yes -o IdentitiesOnly=yes "
+# No ssh_config is read (-F /dev/null), only the inventory's known_hosts, nothing forwarded.
+SSH_E = ("ssh -F /dev/null -i /keys/backup -p 2222 -o StrictHostKeyChecking=yes "
+         "-o UserKnownHostsFile=/keys/known_hosts -o GlobalKnownHostsFile=/dev/null "
+         "-o UpdateHostKeys=no -o BatchMode=yes -o IdentitiesOnly=yes -o ForwardAgent=no "
+         "-o ForwardX11=no -o ClearAllForwardings=yes -o PermitLocalCommand=no "
+         "-o ControlPath=none "
          "-o ConnectTimeout=30 -o ServerAliveInterval=30 -o ServerAliveCountMax=4")
 
 
@@ -109,10 +113,33 @@ def test_ssh_command_survives_rsync_splitting_with_spaces():
                                           "known_hosts": "/my keys/known hosts"})
     e = pull.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC, dest="/d")[2]
     assert shlex.split(e) == [
-        "ssh", "-i", "/my keys/backup", "-p", "2222", "-o", "StrictHostKeyChecking=yes",
-        "-o", "UserKnownHostsFile=/my keys/known hosts", "-o", "BatchMode=yes",
-        "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30",
+        "ssh", "-F", "/dev/null", "-i", "/my keys/backup", "-p", "2222",
+        "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=/my keys/known hosts",
+        "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no",
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ForwardAgent=no",
+        "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes", "-o", "PermitLocalCommand=no",
+        "-o", "ControlPath=none", "-o", "ConnectTimeout=30",
         "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4"]
+
+
+def test_ssh_command_reads_no_ssh_config_and_forwards_nothing():
+    """Whatever ~/.ssh/config or /etc/ssh/ssh_config say (ProxyCommand, LocalCommand,
+    RemoteForward, ForwardAgent yes, a ControlPath), the backup's ssh reads neither: -F
+    /dev/null comes before the destination, and every option that could run a command,
+    open a tunnel, lend the agent or trust another host key is stated on the command line
+    (ssh takes the first value it sees)."""
+    for tty in (False, True):
+        words = shlex.split(pull.ssh_command(make_host(), interactive=tty))
+        assert words[:3] == ["ssh", "-F", "/dev/null"]
+        options = dict(w.split("=", 1) for w in words[words.index("-p") + 2:] if w != "-o")
+        assert options | {"BatchMode": "?"} == {
+            "StrictHostKeyChecking": "yes", "UserKnownHostsFile": "/keys/known_hosts",
+            "GlobalKnownHostsFile": "/dev/null", "UpdateHostKeys": "no", "BatchMode": "?",
+            "IdentitiesOnly": "yes", "ForwardAgent": "no", "ForwardX11": "no",
+            "ClearAllForwardings": "yes", "PermitLocalCommand": "no", "ControlPath": "none",
+            "ConnectTimeout": "30", "ServerAliveInterval": "30", "ServerAliveCountMax": "4"}
+        assert options["BatchMode"] == ("no" if tty else "yes")
+        assert words[words.index("-i") + 1] == "/keys/backup"
 
 
 def test_ipv6_address_is_bracketed():
