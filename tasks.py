@@ -130,6 +130,10 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
         except ValueError as exc:
             raise Exit(f"build-rsync: {exc}", code=2) from None
     hosts = _hosts(inventory, host, shard)
+    # A client backup would refuse to run is not built at all: an inventory problem, exit 2.
+    refusals = [] if remote_only else rsync_build.client_build_refusals(hosts, version)
+    if refusals:
+        raise Exit("\n".join(f"build-rsync: {r}" for r in refusals), code=2)
     results = rsync_build.build_everywhere(
         hosts, version=version, local=not remote_only, remote=not local_only, check=check,
         install_packages=not no_install_packages, cache_dir=DOWNLOADS,

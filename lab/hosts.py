@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lab import mirror
 from roles.core import platforms
+from roles.core.rsync import client_exposure
 from roles.local import state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -439,6 +440,9 @@ def render_inventory(hosts: list[LabHost], mirror_port: int | None,
         "  forced_command: daemon",
         "  rsync:",
         f"    version: {version}",
+        # The lab builds Debian's byte-identical 3.2.7 offline: older than 3.4.1, so the
+        # client needs the switch (a lab server is no threat to this machine).
+        f"    allow_vulnerable: {'true' if client_exposure(version) else 'false'}",
         f'    url: "{url}"',
         f'    mirrors: ["file://{state}/mirror/{mirror.UPSTREAM_LAYOUT}"]',
         "    prefix: /usr/local",

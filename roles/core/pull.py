@@ -23,17 +23,34 @@ TAIL_BYTES = 65536
 _PROGRESS_OPTIONS = ("--progress", "--info=progress2", "--info=progress1", "--info=progress0")
 
 def ssh_command(host: Host, *, interactive: bool = False) -> str:
-    """The ``-e`` value: strict host keys from the inventory, only the backup key.
+    """The ``-e`` value: no ssh_config, strict host keys from the inventory only, only the
+    backup key, nothing forwarded.
 
-    Unattended runs never prompt (``BatchMode``: a passphrase key needs an agent); an
-    interactive run on a terminal may ask for the key's passphrase, once per host.
+    The backup host connects as root to every server, so the session must not depend on
+    (or be changed by) any ssh_config: ``-F /dev/null`` skips ``~/.ssh/config`` and
+    ``/etc/ssh/ssh_config`` (a ``ProxyCommand``, ``LocalCommand``, ``RemoteForward``,
+    ``ForwardAgent yes`` or ``ControlPath`` there would run, tunnel or lend the agent to a
+    server that may be compromised). The ``-o`` options then state what matters even
+    where ssh's defaults already agree: no agent, X11 or port forwarding, no local
+    command, no connection sharing, host keys only from the inventory's ``known_hosts``
+    (never the global file, never updated by what a server offers).
+    Unattended runs never prompt (``BatchMode``: a passphrase key needs an agent, which is
+    used for authentication only, never forwarded); an interactive run on a terminal may
+    ask for the key's passphrase, once per host.
     """
     return shlex.join([
-        "ssh", "-i", host.backup_key, "-p", str(host.port),
+        "ssh", "-F", "/dev/null", "-i", host.backup_key, "-p", str(host.port),
         "-o", "StrictHostKeyChecking=yes",
         "-o", f"UserKnownHostsFile={host.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "UpdateHostKeys=no",
         "-o", f"BatchMode={'no' if interactive else 'yes'}",
         "-o", "IdentitiesOnly=yes",
+        "-o", "ForwardAgent=no",
+        "-o", "ForwardX11=no",
+        "-o", "ClearAllForwardings=yes",
+        "-o", "PermitLocalCommand=no",
+        "-o", "ControlPath=none",
         # An unattended run must not hang forever on a dead network.
         "-o", "ConnectTimeout=30",
         "-o", "ServerAliveInterval=30",

@@ -28,6 +28,58 @@ def version_key(version: str) -> tuple[int, int, int]:
     return int(m[1]), int(m[2]), int(m[3])
 
 
+# Where build-rsync records what it built into a prefix (version, sum, flags), as JSON.
+STAMP_RELPATH = "share/pullback/rsync.stamp"
+
+# The newest release pullback pins (``roles.features.rsync_build.KNOWN_SHA256``): the default
+# rsync.version. A unit test keeps the two in step.
+DEFAULT_VERSION = "3.5.1"
+
+# The oldest CLIENT rsync a backup runs without ``rsync.allow_vulnerable``: 3.4.0 fixed
+# CVE-2024-12084..12088, through which the server a client pulls from can corrupt the
+# client's memory, read its files or write outside the destination; 3.4.1 fixed 3.4.0's
+# regressions. A backup host pulls from every server, so one compromised server is enough.
+MIN_SAFE_CLIENT = "3.4.1"
+CLIENT_CVES = "CVE-2024-12084..12088 (and the later fixes up to 3.4.x)"
+_LEADING_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?(pre\d+)?")
+
+
+def release_key(version: str) -> tuple[int, int, int, int] | None:
+    """A sortable key for a release as ``--version`` prints it (``3.2.7``, ``3.4.0pre1``,
+    ``3.4.2dev``); a pre-release sorts before its release. None: not a version at all."""
+    m = _LEADING_RE.match(version or "")
+    if not m:
+        return None
+    return int(m[1]), int(m[2]), int(m[3] or 0), 0 if m[4] else 1
+
+
+def client_exposure(version: str | None, subject: str = "the local rsync") -> str | None:
+    """Why a CLIENT rsync of ``version`` is exposed to the servers it pulls from, or None
+    when it is ``MIN_SAFE_CLIENT`` or newer. A version that cannot be read counts as exposed:
+    nothing shows it has the fixes."""
+    key = release_key(version) if version else None
+    safe = release_key(MIN_SAFE_CLIENT)
+    assert safe is not None
+    if key is not None and key >= safe:
+        return None
+    shown = (f"is rsync {version}, older than {MIN_SAFE_CLIENT}" if key is not None
+             else f"has a version pullback cannot read ({version!r}), not shown to be "
+                  f"{MIN_SAFE_CLIENT} or newer")
+    lacks = "lacks" if key is not None else "may lack"
+    return (f"{subject} {shown}: it {lacks} the fixes for {CLIENT_CVES}, so any server it "
+            "pulls from could attack this backup host")
+
+
+def client_refusal(version: str | None, subject: str = "the local rsync") -> str | None:
+    """The one-line refusal for an exposed client without ``rsync.allow_vulnerable``."""
+    exposure = client_exposure(version, subject)
+    if exposure is None:
+        return None
+    return (f"refused: {exposure}; fix: build {MIN_SAFE_CLIENT} or newer (rsync.version, "
+            f"default {DEFAULT_VERSION}, then `invoke build-rsync --local-only`), or set "
+            "rsync.allow_vulnerable: true knowingly")
+
+
 def parse_version_output(text: str) -> tuple[str, int]:
     """``(version, protocol)`` from ``rsync --version`` output (2.6.9 through 3.5.x).
 

@@ -2,9 +2,16 @@
 
 The pull is::
 
-    RSYNC -e "ssh -i KEY -p PORT -o StrictHostKeyChecking=yes -o UserKnownHostsFile=KH
-              -o BatchMode=yes -o IdentitiesOnly=yes" OPTIONS --stats [--exclude=P ...]
-          [-n] [--max-delete=N] [--link-dest=DEST/<newest>] SRC DEST/
+    RSYNC -e "ssh -F /dev/null -i KEY -p PORT -o StrictHostKeyChecking=yes
+              -o UserKnownHostsFile=KH -o GlobalKnownHostsFile=/dev/null -o BatchMode=yes
+              -o IdentitiesOnly=yes -o ForwardAgent=no ... (roles.core.pull.ssh_command)"
+          OPTIONS --stats [--exclude=P ...] [-n] [--max-delete=N]
+          [--link-dest=DEST/<newest>] SRC DEST/
+
+Before anything (key, lock, destination) the local rsync's version is checked: older than
+3.4.1 (no fixes for CVE-2024-12084..12088, through which a server attacks its client) is
+refused unless ``rsync.allow_vulnerable``. The pinned build's version is its build stamp
+(no extra process on the scheduled path); PATH's rsync is asked with ``--version``.
 
 with ``SRC`` ``root@ADDR::MODULE/SOURCE/`` in daemon mode (the forced command is an rsync
 daemon) and ``root@ADDR:SOURCE/`` in captured mode (the forced command is the gate that
@@ -91,7 +98,13 @@ from roles.core.rsync import CaptureError
 from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
 from roles.local import capture_record, folders, keys
 from roles.local.files import write_atomic
-from roles.local.runner import both_ends_have_progress2, find_local_rsync, stream
+from roles.local.runner import (
+    both_ends_have_progress2,
+    find_local_rsync,
+    local_rsync_version,
+    refuse_exposed_client,
+    stream,
+)
 from roles.local.store import (
     PARTIAL,
     TREE,
@@ -140,6 +153,10 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     this process's stdout).
     """
     rsync, warning = find_local_rsync(host)
+    local_version = local_rsync_version(host, rsync)
+    refusal = refuse_exposed_client(host, rsync, local_version)
+    if refusal:  # before the key, the lock or the destination are touched
+        raise BackupError(refusal)
     warnings = [warning] if warning else []
     fingerprint: str | None = None
     if host.forced_command == Mode.CAPTURED:
@@ -205,7 +222,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
                     warnings.append(f"resumed the interrupted run {resume}")
         argv = build_argv(host, dry_run=dry_run, tty=tty, local_rsync=rsync,
                           dest=str(target), link_dest=link_dest,
-                          progress2=tty and both_ends_have_progress2(host, rsync))
+                          progress2=tty and both_ends_have_progress2(host, local_version))
         log_path = logs / f"{run}.log"
         with open(log_path, "wb") as log:
             os.fchmod(log.fileno(), 0o600)

@@ -187,6 +187,10 @@ def capture_host(host: Host) -> Outcome:
         public_key = read_public_key(host)
         rsync, warning = runner.find_local_rsync(host)
         warnings += [warning] if warning else []
+        refusal = runner.refuse_exposed_client(host, rsync,
+                                               runner.local_rsync_version(host, rsync))
+        if refusal:  # the capture runs are pulls from the server like any backup
+            raise CaptureError(refusal)
         local_version = local_version_line(rsync)
         state = store.prepare_state(host)
         conn = connect(host)

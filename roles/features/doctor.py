@@ -67,7 +67,13 @@ from roles.config import rootkey, rsyncd
 from roles.core import fleet, hardened, pull
 from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
-from roles.core.rsync import CaptureError, parse_version_output
+from roles.core.rsync import (
+    DEFAULT_VERSION,
+    MIN_SAFE_CLIENT,
+    CaptureError,
+    client_exposure,
+    parse_version_output,
+)
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
 from roles.inventory.schema import Host
 from roles.local import capture_record, folders, runner, store
@@ -953,6 +959,8 @@ def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> 
                 "different builds are how the seed's protocol trouble began", fix))
         else:
             findings.append(ok(check, shown))
+    if local is not None and local.version is not None:
+        findings.extend(check_client_exposure(host, local))
     if local and remote and local.version and remote.version and local.version != remote.version:
         findings.append(warn(
             check, f"the ends run different rsync releases: local {local.version}, remote "
@@ -987,6 +995,29 @@ def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> 
             findings.append(ok(check, f"protocols {local.protocol} and {remote.protocol}: "
                                       f"{same} protocol {low}, both >= {MIN_GOOD_PROTOCOL}"))
     return findings
+
+
+def client_refused(host: Host, local: RsyncEnd | None) -> bool:
+    """backup refuses this local rsync (older than 3.4.1, no rsync.allow_vulnerable)."""
+    return (local is not None and local.version is not None
+            and not host.rsync.allow_vulnerable
+            and client_exposure(local.version) is not None)
+
+
+def check_client_exposure(host: Host, local: RsyncEnd) -> list[Finding]:
+    """The local rsync against the servers it pulls from: an error when backup refuses it,
+    a warning when rsync.allow_vulnerable lets it run; nothing when it is 3.4.1 or newer."""
+    exposure = client_exposure(local.version, f"the local rsync {local.path}")
+    if exposure is None:
+        return []
+    fix = (f"build {MIN_SAFE_CLIENT} or newer: set rsync.version (default {DEFAULT_VERSION}) "
+           "and run `invoke build-rsync`")
+    if host.rsync.allow_vulnerable:
+        return [warn("client rsync", exposure,
+                     "rsync.allow_vulnerable: true lets backup run it anyway", fix)]
+    return [error("client rsync", exposure,
+                  "backup refuses to run it (exit 1) unless rsync.allow_vulnerable: true",
+                  f"{fix}; or set rsync.allow_vulnerable: true knowingly")]
 
 
 def version_end(path: str, text: str, note: str = "") -> RsyncEnd:
@@ -1316,7 +1347,10 @@ def diagnose(host: Host) -> Report:
                                   "run it again; report it if it stays"))
         finally:
             conn.close()
-    if blob and local_path:
+    if blob and local_path and client_refused(host, local):
+        findings.append(ok("test pull", "skipped: backup refuses the local rsync (see "
+                                        "client rsync)"))
+    elif blob and local_path:
         findings.append(_pull_or_skip(host, forced, local_path))
     findings.extend(check_destination(gather_destination(host)))
     report.seconds = time.monotonic() - started

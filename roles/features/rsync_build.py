@@ -43,7 +43,16 @@ from typing import Any
 import invoke
 
 from roles.core import platforms
-from roles.core.rsync import parse_version_output, validate_version, version_key
+from roles.core.rsync import (  # noqa: F401 - STAMP_RELPATH re-exported
+    CLIENT_CVES,
+    MIN_SAFE_CLIENT,
+    STAMP_RELPATH,
+    client_exposure,
+    client_refusal,
+    parse_version_output,
+    validate_version,
+    version_key,
+)
 from roles.hostfiles.plan import plan_forced_rsync
 from roles.hostfiles.transaction import apply
 from roles.local.keys import KeyFileError, read_public_key
@@ -91,7 +100,6 @@ LEGACY_CFLAGS = (
 FETCH_TIMEOUT = 20.0
 PROGRESS_STEP = 1 << 20  # one progress line per MiB at most
 LOG_TAIL_LINES = 30
-STAMP_RELPATH = "share/pullback/rsync.stamp"
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _MARK = "--pullback-mark--"
@@ -173,15 +181,31 @@ def build_flags(version: str, extra_configure_args: Sequence[str] = ()) -> Build
 
 
 def security_warning(version: str) -> str | None:
-    """A warning for releases without the CVE-2024-12084..12088 fixes (before 3.4.0)."""
-    if version_key(version) >= (3, 4, 0):
+    """A warning for releases a client must not run unknowingly (before 3.4.1: no fixes for
+    CVE-2024-12084..12088, or 3.4.0's regressions)."""
+    if client_exposure(version) is None:
         return None
     return (
-        f"rsync {version} predates 3.4.0 and lacks the fixes for CVE-2024-12084..12088: "
-        "a malicious or compromised server can attack a client running it (memory "
-        "corruption, file leaks, writes outside the destination). Prefer 3.4.1 or newer "
-        "unless you need this version for compatibility."
+        f"rsync {version} is older than {MIN_SAFE_CLIENT} and lacks the fixes for "
+        f"{CLIENT_CVES}: a malicious or compromised server can attack a client running it "
+        "(memory corruption, file leaks, writes outside the destination); backup refuses "
+        "such a local rsync unless rsync.allow_vulnerable is true. Prefer "
+        f"{MIN_SAFE_CLIENT} or newer unless you need this version for compatibility."
     )
+
+
+def client_build_refusals(hosts: Sequence[Any], version: str | None = None) -> list[str]:
+    """What build-rsync refuses before anything is built: a LOCAL build older than 3.4.1
+    for hosts without rsync.allow_vulnerable (backup would refuse to run it anyway). One
+    line per version, naming the hosts; empty when everything may be built."""
+    wanted: dict[str, list[str]] = {}
+    for host in hosts:
+        chosen = version or host.rsync.version
+        if not host.rsync.allow_vulnerable and client_exposure(chosen) is not None:
+            wanted.setdefault(chosen, []).append(host.name)
+    source = "--version" if version else "rsync.version"
+    return [client_refusal(chosen, f"the local build for {', '.join(names)} ({source})") or ""
+            for chosen, names in wanted.items()]
 
 
 def stamp_text(version: str, sha256: str, flags: BuildFlags) -> str:
@@ -1064,6 +1088,11 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
     local_versions: dict[str, str] = {}  # local prefix -> the one version built into it
     for host in hosts:
         wanted = version or host.rsync.version
+        refused = client_build_refusals([host], version) if local else []
+        if refused:  # never build a client that backup would refuse to run
+            results.append(EndResult(f"local:{host.rsync.local_prefix}:{wanted}",
+                                     error=refused[0]))
+            continue
         try:
             validate_version(wanted)
             # rsync.sha256 pins the inventory's rsync.version, also when --version names it.

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from roles.core import rsync as rsync_model
+from roles.core.rsync import DEFAULT_VERSION
 from roles.inventory.selection import Inventory, InventoryError, read_inventory
 
 DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.tar.gz"
@@ -58,6 +59,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MODULE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FROM = re.compile(r"^[A-Za-z0-9.:*?!/,_-]+$")
 _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+# An IPv6 scope id names an interface (``fe80::1%eth0``, ``%2``). ipaddress accepts any
+# characters there (spaces, ``;``, ``$(...)``), and the address ends up in ssh's and
+# rsync's arguments and in from= patterns: only interface-name characters pass.
+_ZONE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 # --- field validators -------------------------------------------------------------------
@@ -82,9 +87,16 @@ def _absolute_path(value: str) -> str:
 def _address(value: str) -> str:
     try:
         ipaddress.ip_address(value)
-        return value
     except ValueError:
         pass
+    else:
+        _, percent, zone = value.partition("%")
+        if percent and not _ZONE.match(zone):
+            raise ValueError(
+                f"{value!r}: the IPv6 scope id {zone!r} is not an interface name (letters, "
+                "digits, '.', '_', '-')"
+            )
+        return value
     if not _HOSTNAME.match(value) or ".." in value:
         raise ValueError(
             f"{value!r} is not a host name or IP address (letters, digits, '.', '-'; "
@@ -107,7 +119,10 @@ class _Strict(BaseModel):
 
 
 class RsyncSettings(_Strict):
-    version: Annotated[str, AfterValidator(_version)] = "3.2.7"
+    version: Annotated[str, AfterValidator(_version)] = DEFAULT_VERSION
+    # Lets the CLIENT run an rsync older than 3.4.1 (roles.core.rsync.MIN_SAFE_CLIENT), which
+    # a compromised server can attack: only for a deliberate choice, e.g. the card's 2.6.9.
+    allow_vulnerable: bool = False
     url: str = DEFAULT_RSYNC_URL
     mirrors: tuple[str, ...] = ()
     sha256: str | None = None

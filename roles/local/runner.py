@@ -3,13 +3,15 @@ environment, with its output copied to the run's log as it comes."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from roles.core.pull import OutputScanner, supports_progress2
-from roles.core.rsync import parse_version_output
+from roles.core.rsync import STAMP_RELPATH, client_refusal, parse_version_output
 from roles.local.store import BackupError, Lock
 
 if TYPE_CHECKING:
@@ -71,16 +73,45 @@ def stream(argv: list[str], log: BinaryIO, echo: BinaryIO | None,
     scanner.close()
     return code, scanner
 
-def both_ends_have_progress2(host: Host, local_rsync: str) -> bool:
-    """Both rsyncs >= 3.1: the remote is the pinned build (rsync.version) that the forced
-    command runs; the local one is the pinned build too, else whatever PATH gave."""
+def stamped_version(prefix: str) -> str | None:
+    """The version build-rsync recorded for ``prefix`` (its stamp), or None."""
+    try:
+        data = json.loads(Path(prefix, STAMP_RELPATH).read_bytes())
+    except (OSError, ValueError):
+        return None
+    version = data.get("version") if isinstance(data, dict) else None
+    return version if isinstance(version, str) else None
+
+
+def local_rsync_version(host: Host, local_rsync: str) -> str | None:
+    """The version of the local rsync the backup runs, None when it cannot be told.
+
+    The pinned build's is its stamp (a file read: a scheduled run starts no extra process;
+    the stamp, not rsync.version, so a version raised in the inventory but not yet built
+    is not taken for built). Anything else (PATH's rsync, a build without a stamp) is
+    asked with ``--version``.
+    """
     if local_rsync == host.rsync.local_binary:
-        local_version: str | None = host.rsync.version
-    else:
+        stamped = stamped_version(host.rsync.local_prefix)
+        if stamped is not None:
+            return stamped
+    try:
         result = subprocess.run([local_rsync, "--version"], capture_output=True, text=True,
-                                check=False)
-        try:
-            local_version = parse_version_output(result.stdout)[0]
-        except ValueError:
-            local_version = None
+                                check=False, timeout=30, stdin=subprocess.DEVNULL)
+        return parse_version_output(result.stdout)[0]
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def refuse_exposed_client(host: Host, local_rsync: str, version: str | None) -> str | None:
+    """The refusal (one line) for a local rsync older than 3.4.1, unless the inventory sets
+    rsync.allow_vulnerable; None when the run may go on."""
+    if host.rsync.allow_vulnerable:
+        return None
+    return client_refusal(version, f"the local rsync {local_rsync}")
+
+
+def both_ends_have_progress2(host: Host, local_version: str | None) -> bool:
+    """Both rsyncs >= 3.1: the remote is the pinned build (rsync.version) that the forced
+    command runs; the local one is ``local_version`` (``local_rsync_version``)."""
     return supports_progress2(local_version) and supports_progress2(host.rsync.version)

@@ -89,8 +89,11 @@ class Lab:
             "known_hosts": str(known_hosts),
             "backup_key": str(self.state / "backup_ed25519"),
             "backup": {"destination": str(self.state / "backups" / "{name}")},
+            # The lab pins 3.2.7 (built offline), and local_prefix usually has no build, so
+            # PATH's rsync runs, whatever its version (Debian 12: 3.2.7): the switch is on.
+            # Tests of the refusal turn it off.
             "rsync": {"version": "3.2.7", "url": "file:///nonexistent/rsync-{version}.tar.gz",
-                      "local_prefix": str(self.state / "local")},
+                      "local_prefix": str(self.state / "local"), "allow_vulnerable": True},
         }
         for key, value in (defaults or {}).items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):

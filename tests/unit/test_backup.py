@@ -25,8 +25,12 @@ from roles.local import capture_record, runner, store
 
 RSYNC = "/opt/pullback/bin/rsync"
 # Off a terminal ssh never prompts; on a terminal BatchMode=no lets it ask for a passphrase.
-SSH_E = ("ssh -i /keys/backup -p 2222 -o StrictHostKeyChecking=yes "
-         "-o UserKnownHostsFile=/keys/known_hosts -o BatchMode=yes -o IdentitiesOnly=yes "
+# No ssh_config is read (-F /dev/null), only the inventory's known_hosts, nothing forwarded.
+SSH_E = ("ssh -F /dev/null -i /keys/backup -p 2222 -o StrictHostKeyChecking=yes "
+         "-o UserKnownHostsFile=/keys/known_hosts -o GlobalKnownHostsFile=/dev/null "
+         "-o UpdateHostKeys=no -o BatchMode=yes -o IdentitiesOnly=yes -o ForwardAgent=no "
+         "-o ForwardX11=no -o ClearAllForwardings=yes -o PermitLocalCommand=no "
+         "-o ControlPath=none "
          "-o ConnectTimeout=30 -o ServerAliveInterval=30 -o ServerAliveCountMax=4")
 
 
@@ -109,10 +113,33 @@ def test_ssh_command_survives_rsync_splitting_with_spaces():
                                           "known_hosts": "/my keys/known hosts"})
     e = pull.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC, dest="/d")[2]
     assert shlex.split(e) == [
-        "ssh", "-i", "/my keys/backup", "-p", "2222", "-o", "StrictHostKeyChecking=yes",
-        "-o", "UserKnownHostsFile=/my keys/known hosts", "-o", "BatchMode=yes",
-        "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30",
+        "ssh", "-F", "/dev/null", "-i", "/my keys/backup", "-p", "2222",
+        "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=/my keys/known hosts",
+        "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no",
+        "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ForwardAgent=no",
+        "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes", "-o", "PermitLocalCommand=no",
+        "-o", "ControlPath=none", "-o", "ConnectTimeout=30",
         "-o", "ServerAliveInterval=30", "-o", "ServerAliveCountMax=4"]
+
+
+def test_ssh_command_reads_no_ssh_config_and_forwards_nothing():
+    """Whatever ~/.ssh/config or /etc/ssh/ssh_config say (ProxyCommand, LocalCommand,
+    RemoteForward, ForwardAgent yes, a ControlPath), the backup's ssh reads neither: -F
+    /dev/null comes before the destination, and every option that could run a command,
+    open a tunnel, lend the agent or trust another host key is stated on the command line
+    (ssh takes the first value it sees)."""
+    for tty in (False, True):
+        words = shlex.split(pull.ssh_command(make_host(), interactive=tty))
+        assert words[:3] == ["ssh", "-F", "/dev/null"]
+        options = dict(w.split("=", 1) for w in words[words.index("-p") + 2:] if w != "-o")
+        assert options | {"BatchMode": "?"} == {
+            "StrictHostKeyChecking": "yes", "UserKnownHostsFile": "/keys/known_hosts",
+            "GlobalKnownHostsFile": "/dev/null", "UpdateHostKeys": "no", "BatchMode": "?",
+            "IdentitiesOnly": "yes", "ForwardAgent": "no", "ForwardX11": "no",
+            "ClearAllForwardings": "yes", "PermitLocalCommand": "no", "ControlPath": "none",
+            "ConnectTimeout": "30", "ServerAliveInterval": "30", "ServerAliveCountMax": "4"}
+        assert options["BatchMode"] == ("no" if tty else "yes")
+        assert words[words.index("-i") + 1] == "/keys/backup"
 
 
 def test_ipv6_address_is_bracketed():
@@ -574,7 +601,7 @@ def test_run_backup_on_a_tty_echoes_and_shows_progress(tmp_path, fake):
     shown = io.BytesIO()
     result = b.run_backup(make_host(tmp_path), dry_run=False, tty=True, echo=shown)
     assert result.ok and b"Number of files" in shown.getvalue()
-    # Both ends are the pinned 3.2.7: one progress line for the whole pull.
+    # Both ends >= 3.1 (the fake says 9.9.9): one progress line for the whole pull.
     assert "--info=progress2" in (fake.parent / "server.argv").read_text()
     old = make_host(tmp_path)
     old = old.model_copy(update={"rsync": old.rsync.model_copy(update={"version": "3.0.9"})})
@@ -1038,9 +1065,79 @@ def test_both_ends_checks_the_local_rsync_on_path(tmp_path):
     old = tmp_path / "rsync"
     old.write_text("#!/bin/sh\necho 'rsync  version 3.0.9  protocol version 30'\n")
     old.chmod(0o755)
-    host = make_host(tmp_path)  # rsync.version 3.2.7 on the server, local build missing
-    assert runner.both_ends_have_progress2(host, str(old)) is False
-    assert runner.both_ends_have_progress2(host, host.rsync.local_binary) is True
+    host = make_host(tmp_path)  # rsync.version 3.5.1 on the server, local build missing
+    assert runner.local_rsync_version(host, str(old)) == "3.0.9"
+    assert runner.both_ends_have_progress2(host, "3.0.9") is False
+    assert runner.both_ends_have_progress2(host, "3.2.7") is True
+    assert runner.both_ends_have_progress2(host, None) is False
     assert runner.both_ends_have_progress2(
         host.model_copy(update={"rsync": host.rsync.model_copy(update={"version": "2.6.9"})}),
-        host.rsync.local_binary) is False
+        "3.5.1") is False
+
+
+def stamp(host: Host, version: str) -> None:
+    """A pinned build in rsync.local_prefix with build-rsync's stamp for ``version``."""
+    prefix = Path(host.rsync.local_prefix)
+    (prefix / "bin").mkdir(parents=True, exist_ok=True)
+    (prefix / "bin" / "rsync").write_text("#!/bin/sh\nexit 99\n")
+    (prefix / "bin" / "rsync").chmod(0o755)
+    (prefix / rsync_model.STAMP_RELPATH).parent.mkdir(parents=True, exist_ok=True)
+    (prefix / rsync_model.STAMP_RELPATH).write_text(json.dumps({"version": version}))
+
+
+def test_the_pinned_build_s_version_is_its_stamp_without_a_process(tmp_path, monkeypatch):
+    """A scheduled backup with the pinned build starts no `rsync --version`: the stamp says
+    what was built (not rsync.version, which may be raised before the build)."""
+    host = make_host(tmp_path)
+    stamp(host, "3.2.7")
+    monkeypatch.setattr(runner.subprocess, "run", lambda *a, **k: pytest.fail("a process ran"))
+    assert runner.local_rsync_version(host, host.rsync.local_binary) == "3.2.7"
+
+
+def test_an_unstamped_or_unreadable_rsync_is_asked_or_unknown(tmp_path):
+    host = make_host(tmp_path)
+    stamp(host, "3.2.7")
+    (Path(host.rsync.local_prefix) / rsync_model.STAMP_RELPATH).write_text("{not json")
+    assert runner.local_rsync_version(host, host.rsync.local_binary) is None  # exit 99
+    assert runner.local_rsync_version(host, str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize(("version", "allowed", "refused"), [
+    ("3.2.7", False, True), ("2.6.9", False, True), ("3.4.0", False, True),
+    ("3.4.1pre1", False, True), (None, False, True),
+    ("3.4.1", False, False), ("3.5.1", False, False),
+    ("3.2.7", True, False), ("2.6.9", True, False), (None, True, False),
+])
+def test_refuse_exposed_client(tmp_path, version, allowed, refused):
+    host = make_host(tmp_path)
+    host = host.model_copy(update={"rsync": host.rsync.model_copy(
+        update={"allow_vulnerable": allowed})})
+    refusal = runner.refuse_exposed_client(host, "/x/rsync", version)
+    assert (refusal is not None) == refused
+    if refusal:
+        assert "\n" not in refusal and refusal.startswith("refused: the local rsync /x/rsync ")
+        assert "CVE-2024-12084..12088" in refusal and "3.4.1" in refusal
+        assert "rsync.allow_vulnerable: true" in refusal and "build-rsync" in refusal
+        assert (version or "cannot read") in refusal
+
+
+def test_run_backup_refuses_an_old_local_rsync_before_anything(tmp_path, fake):
+    host = make_host(tmp_path, snapshots=2)
+    stamp(host, "3.2.7")
+    with pytest.raises(store.BackupError, match=r"^refused: the local rsync .* is rsync 3\.2\.7, "
+                       r"older than 3\.4\.1: .*CVE-2024-12084\.\.12088"):
+        b.run_backup(host, dry_run=False, tty=False)
+    assert not (tmp_path / "web1").exists()
+    assert not store.state_dir(host).exists()  # no lock, no log: nothing ran
+    assert not (fake.parent / "server.argv").exists()
+
+
+def test_run_backup_runs_an_old_local_rsync_with_the_switch(tmp_path, fake):
+    host = make_host(tmp_path)
+    host = host.model_copy(update={"rsync": host.rsync.model_copy(
+        update={"allow_vulnerable": True})})
+    stamp_file = Path(host.rsync.local_prefix) / rsync_model.STAMP_RELPATH
+    stamp_file.parent.mkdir(parents=True)
+    stamp_file.write_text(json.dumps({"version": "2.6.9"}))  # the fake rsync stays in bin/
+    result = b.run_backup(host, dry_run=False, tty=False)
+    assert result.ok and result.warning is None, result

@@ -594,16 +594,41 @@ def end(version: str | None, protocol: int | None, note: str = "", path: str = "
     return doctor.RsyncEnd(path, version, protocol, note)
 
 
+# The lab's pin: 3.2.7, which a client may run only with rsync.allow_vulnerable (a warning).
+LAB_PIN = {"version": "3.2.7", "allow_vulnerable": True}
+
+
 @pytest.mark.parametrize(("local", "remote", "expected"), [
-    (end("3.2.7", 31), end("3.2.7", 31), ["ok", "ok", "ok"]),
+    (end("3.2.7", 31), end("3.2.7", 31), ["ok", "ok", "warn", "ok"]),
     (end("3.5.0", 32), end("3.2.7", 32), ["warn", "ok", "warn", "ok"]),
-    (end("3.2.7", 31), end("2.6.9", 29), ["ok", "warn", "warn", "warn", "warn"]),
-    (end("3.2.7", 31), end("2.5.7", 19), ["ok", "warn", "warn", "error"]),
-    (end("3.2.7", 31), end(None, None, "does not exist on the host"), ["ok", "error"]),
+    (end("3.2.7", 31), end("2.6.9", 29), ["ok", "warn", "warn", "warn", "warn", "warn"]),
+    (end("3.2.7", 31), end("2.5.7", 19), ["ok", "warn", "warn", "warn", "error"]),
+    (end("3.2.7", 31), end(None, None, "does not exist on the host"), ["ok", "error", "warn"]),
 ])
 def test_check_rsync(local, remote, expected):
-    findings = doctor.check_rsync(make_host(), local, remote)
+    findings = doctor.check_rsync(make_host(rsync=LAB_PIN), local, remote)
     assert [f.level for f in findings] == expected
+
+
+@pytest.mark.parametrize(("version", "allowed", "level"), [
+    ("3.2.7", False, "error"), ("2.6.9", False, "error"), ("3.4.0", False, "error"),
+    ("3.2.7", True, "warn"), ("2.6.9", True, "warn"),
+    ("3.4.1", False, None), ("3.5.1", False, None), ("3.5.1", True, None),
+])
+def test_the_clients_exposure(version, allowed, level):
+    """An error when backup refuses the local rsync, a warning when the switch allows it."""
+    host = make_host(rsync={"version": version, "allow_vulnerable": allowed})
+    found = [f for f in doctor.check_rsync(host, end(version, 31), end(version, 31))
+             if f.check == "client rsync"]
+    assert [f.level for f in found] == ([level] if level else [])
+    if level:
+        (finding,) = found
+        assert finding.what.startswith(f"the local rsync /usr/bin/rsync is rsync {version}, "
+                                       "older than 3.4.1: it lacks the fixes for "
+                                       "CVE-2024-12084..12088")
+        assert "build-rsync" in finding.fix
+        assert ("allow_vulnerable: true knowingly" in finding.fix) == (level == "error")
+        assert doctor.client_refused(host, end(version, 31)) == (level == "error")
 
 
 def test_different_releases_on_the_two_ends_are_named():

@@ -55,9 +55,38 @@ def test_the_shipped_example_mirrors_the_seed():
     host = load(ROOT / "inventory.yaml").hosts["example.com"]
     assert host.address == "example.com"
     assert host.admin_user == "remoteuser"
-    assert host.rsync.version == "2.6.9"
+    assert host.rsync.version == "3.5.1" and host.rsync.allow_vulnerable is False
     assert host.backup.options == ("-avzx", "--numeric-ids", "--delete", "--progress")
     assert host.backup.snapshots == 0
+
+
+def test_the_shipped_example_shows_the_seeds_2_6_9_behind_the_switch():
+    """Uncommenting the example's two lines gives the seed's 2.6.9, knowingly allowed."""
+    text = (ROOT / "inventory.yaml").read_text()
+    assert "    # version: 2.6.9\n    # allow_vulnerable: true\n" in text
+    text = (text.replace("    version: 3.5.1 ", "    # version: 3.5.1 ")
+            .replace("    allow_vulnerable: false\n", "")
+            .replace("    # version: 2.6.9\n", "    version: 2.6.9\n")
+            .replace("    # allow_vulnerable: true\n", "    allow_vulnerable: true\n"))
+    host = load_text(text).hosts["example.com"]
+    assert (host.rsync.version, host.rsync.allow_vulnerable) == ("2.6.9", True)
+
+
+def test_rsync_defaults_to_the_newest_pin_and_refuses_nothing_silently():
+    from roles.core.rsync import DEFAULT_VERSION, release_key
+    from roles.features.rsync_build import KNOWN_SHA256
+
+    host = load_text(BASE).hosts["a"]
+    assert host.rsync.version == DEFAULT_VERSION == max(KNOWN_SHA256, key=release_key)
+    assert host.rsync.allow_vulnerable is False
+    assert load_text(BASE + "    rsync: {allow_vulnerable: true}\n").hosts["a"].rsync \
+        .allow_vulnerable is True
+
+
+@pytest.mark.parametrize("address", ["fe80::1%eth0", "fe80::1%2", "fe80::1%enp0s31f6",
+                                     "fe80::1%br-lan.10", "2001:db8::7", "192.0.2.1"])
+def test_addresses_with_a_plain_scope_id_pass(address):
+    assert load_text(BASE.replace("a.example", f"'{address}'")).hosts["a"].address == address
 
 
 def test_select_hosts():
@@ -89,6 +118,21 @@ BAD = [
     (BASE.replace("a.example", "'a.example; rm -rf /'"),
      "inventory.yaml:3: hosts.a.address: 'a.example; rm -rf /' is not a host name or IP address "
      "(letters, digits, '.', '-'; must not start with '-')"),
+    (BASE.replace("a.example", "'fe80::1%eth0 -oProxyCommand=sh'"),
+     "inventory.yaml:3: hosts.a.address: 'fe80::1%eth0 -oProxyCommand=sh': the IPv6 scope id "
+     "'eth0 -oProxyCommand=sh' is not an interface name (letters, digits, '.', '_', '-')"),
+    (BASE.replace("a.example", "'fe80::1%$(id)'"),
+     "inventory.yaml:3: hosts.a.address: 'fe80::1%$(id)': the IPv6 scope id '$(id)' is not an "
+     "interface name (letters, digits, '.', '_', '-')"),
+    (BASE.replace("a.example", "'fe80::1%eth0;id'"),
+     "inventory.yaml:3: hosts.a.address: 'fe80::1%eth0;id': the IPv6 scope id 'eth0;id' is not "
+     "an interface name (letters, digits, '.', '_', '-')"),
+    (BASE.replace("a.example", "'fe80::1%`id`'"),
+     "inventory.yaml:3: hosts.a.address: 'fe80::1%`id`': the IPv6 scope id '`id`' is not an "
+     "interface name (letters, digits, '.', '_', '-')"),
+    (BASE + "    rsync: {allow_vulnerable: 'yes'}\n",
+     "inventory.yaml:6: hosts.a.rsync.allow_vulnerable: Input should be a valid boolean "
+     "(got str 'yes')"),
     (BASE.replace("  a:", "  '-a':"),
      "inventory.yaml:2: hosts.-a: '-a' is not a valid host name (letters, digits, '.', '_', "
      "'-'; must not start with '-')"),

@@ -117,13 +117,80 @@ def test_flags_extra_configure_args_are_appended() -> None:
 
 @pytest.mark.parametrize(
     ("version", "warned"),
-    [("2.6.9", True), ("3.2.7", True), ("3.4.0pre1", False), ("3.4.0", False), ("3.5.1", False)],
+    [("2.6.9", True), ("3.2.7", True), ("3.4.0pre1", True), ("3.4.0", True),
+     ("3.4.1pre1", True), ("3.4.1", False), ("3.5.1", False)],
 )
 def test_security_warning(version: str, warned: bool) -> None:
     warning = rb.security_warning(version)
     assert (warning is not None) == warned
     if warning:
         assert "CVE-2024-12084" in warning and version in warning
+
+
+# ------------------------------------------------------------- the client's version policy
+
+
+@pytest.mark.parametrize(("version", "key"), [
+    ("2.6.9", (2, 6, 9, 1)), ("3.4.1pre1", (3, 4, 1, 0)), ("3.4.1", (3, 4, 1, 1)),
+    ("v3.4.2dev", (3, 4, 2, 1)), ("3.10", (3, 10, 0, 1)), ("junk", None), ("", None),
+])
+def test_release_key_orders_releases(version: str, key: tuple[int, ...] | None) -> None:
+    from roles.core.rsync import release_key
+
+    assert release_key(version) == key
+
+
+def test_client_exposure_and_refusal_are_one_line_with_the_fix() -> None:
+    from roles.core.rsync import client_exposure, client_refusal
+
+    assert client_exposure("3.4.1") is None and client_refusal("3.5.1") is None
+    refusal = client_refusal("3.2.7", "the local rsync /usr/bin/rsync")
+    assert refusal == (
+        "refused: the local rsync /usr/bin/rsync is rsync 3.2.7, older than 3.4.1: it lacks "
+        "the fixes for CVE-2024-12084..12088 (and the later fixes up to 3.4.x), so any server "
+        "it pulls from could attack this backup host; fix: build 3.4.1 or newer "
+        "(rsync.version, default 3.5.1, then `invoke build-rsync --local-only`), or set "
+        "rsync.allow_vulnerable: true knowingly")
+    unknown = client_refusal("weird")
+    assert unknown is not None and "cannot read ('weird')" in unknown and "may lack" in unknown
+
+
+@dataclass
+class _Rsync:
+    version: str
+    allow_vulnerable: bool = False
+    local_prefix: str = "/nonexistent/prefix"
+    sha256: str | None = None
+    urls: tuple[str, ...] = ("file:///nonexistent/rsync-{version}.tar.gz",)
+    gpg_keyring: str | None = None
+
+
+@dataclass
+class _Host:
+    name: str
+    rsync: _Rsync
+
+
+def test_build_rsync_refuses_an_exposed_local_build_naming_the_hosts() -> None:
+    hosts = [_Host("web1", _Rsync("3.2.7")), _Host("web2", _Rsync("3.2.7")),
+             _Host("old", _Rsync("2.6.9", allow_vulnerable=True)), _Host("new", _Rsync("3.5.1"))]
+    (line,) = rb.client_build_refusals(hosts)
+    assert line.startswith("refused: the local build for web1, web2 (rsync.version) is rsync "
+                           "3.2.7, older than 3.4.1: it lacks the fixes for CVE-2024-12084")
+    # --version overrides the inventory's version for every host, the switch still counts.
+    (line,) = rb.client_build_refusals(hosts, "3.4.0")
+    assert "for web1, web2, new (--version) is rsync 3.4.0" in line
+    assert rb.client_build_refusals(hosts, "3.4.1") == []
+
+
+def test_build_everywhere_never_builds_a_refused_client(tmp_path: Path) -> None:
+    logged: list[str] = []
+    results = rb.build_everywhere([_Host("web1", _Rsync("3.2.7"))], cache_dir=tmp_path,
+                                  log=logged.append)
+    (result,) = results
+    assert result.end == "local:/nonexistent/prefix:3.2.7" and result.result is None
+    assert result.error is not None and result.error.startswith("refused: the local build")
+    assert logged == [] and list(tmp_path.iterdir()) == []  # nothing fetched
 
 
 # ----------------------------------------------------------------------------- parsing

@@ -128,3 +128,25 @@ def test_status_names_the_shard_that_took_a_host_over(tmp_path):
     for line in notes:
         assert "shard 4/4 backs it up now" in line and "rsync -aH --numeric-ids" in line
 
+
+
+def test_build_rsync_refuses_an_exposed_client_before_anything_with_exit_2(tmp_path):
+    """An inventory-level refusal: one line on stderr, exit 2, nothing fetched or built."""
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(textwrap.dedent(f"""\
+        defaults:
+          admin_user: u
+          backup_key: /k
+          rsync: {{version: 3.2.7, url: "file://{tmp_path}/none-{{version}}.tar.gz",
+                  local_prefix: {tmp_path}/local}}
+        hosts:
+          web1: {{address: 192.0.2.1}}
+        """))
+    result = invoke("build-rsync", "--inventory", str(inventory), "--local-only")
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("build-rsync: refused: the local build for web1 (rsync.version) "
+                           "is rsync 3.2.7, older than 3.4.1")
+    assert "rsync.allow_vulnerable: true" in line
+    assert not (tmp_path / "local").exists()
