@@ -37,7 +37,7 @@ from roles.features import backup, capture, doctor
 from roles.features import rsync_build as rb
 from roles.features import setup_remote as setup
 from roles.inventory.schema import Host, load
-from roles.local import keys
+from roles.local import capture_record, keys
 from roles.remote.facts import AUTHORIZED_KEYS
 from tests.integration.conftest import Lab, serve_directory
 from tests.integration.test_backup import DATA, MOUNT, OPTIONS, SEED, assert_same
@@ -273,7 +273,7 @@ def test_captured_mode_setup_capture_backup_and_doctor(card: Card, captured_run:
     outcome = captured_run.captures[host.name]
     assert outcome.error is None, outcome
     assert outcome.warnings == (), outcome.warnings
-    record = capture.load_record(host)
+    record = capture_record.load_record(host)
     assert record is not None
     # 2.6.9 sends its own short form: no -e.iLsfxCIvu capability string of 3.x.
     assert record.command.startswith(f"{PREFIX}/bin/rsync --server --sender -vlHogDtprxz "), \
