@@ -62,8 +62,7 @@ from roles.remote.facts import gather
 # SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
 # from at least one independent packaging recipe (OpenEmbedded, Spack, Homebrew, Nix); the
 # 3.2.7 sum also matches Debian bookworm's rsync_3.2.7.orig.tar.gz byte for byte (see
-# ../shared/DESIGN.md, "rsync versions, sums and builds"). A version not listed here needs
-# ``rsync.sha256`` in the inventory.
+# docs/build-rsync.md). A version not listed here needs ``rsync.sha256`` in the inventory.
 KNOWN_SHA256: dict[str, str] = {
     "2.6.9": "ca437301becd890e73300bc69a39189ff1564baa761948ff149b3dd7bde633f9",
     "3.2.7": "4e7d9d3f6ed10878c58c5fb724a67dacf4b6aac7340b13e488fb2dc41346f2bb",
@@ -271,11 +270,11 @@ class Signer:
 
 
 # Who signs upstream's detached ``rsync-VERSION.tar.gz.asc`` (beside each tarball on
-# download.samba.org), by primary-key fingerprint. From ../shared/DESIGN.md ("rsync versions,
-# sums and builds"): releases up to 3.2.x are signed with Wayne Davison's DSA key, 3.4.0 and
-# later with Andrew Tridgell's RSA key. Wayne's range starts at 2.6.9, the oldest release
-# pullback knows; 3.3.x is not pinned (DESIGN.md does not say who signed it), so its
-# signature is "not checked". The SHA-256 pin above stays the primary check.
+# download.samba.org), by primary-key fingerprint (docs/build-rsync.md): releases up to
+# 3.2.x are signed with Wayne Davison's DSA key, 3.4.0 and later with Andrew Tridgell's RSA
+# key. Wayne's range starts at 2.6.9, the oldest release pullback knows; 3.3.x is not
+# pinned (who signed it is not established), so its signature is "not checked". The
+# SHA-256 pin above stays the primary check.
 SIGNERS: tuple[Signer, ...] = (
     Signer("0048C8B026D4C96F0E589C2F6C859FB14B96A8C5", "Wayne Davison", "2.6.9", "3.3.0"),
     Signer("9FEF112DCE19A0DC7E882CB81BB24997A8535F6F", "Andrew Tridgell", "3.4.0"),
