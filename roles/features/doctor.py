@@ -88,7 +88,6 @@ from roles.remote.facts import (
 )
 
 LEVELS = ("ok", "warn", "error")
-WANT_PERMIT = "forced-commands-only"
 PROBE_PATH = "/etc/hostname"
 SSHD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sshd's default
 SHOW_BYTES = 200
@@ -220,9 +219,9 @@ class KeyLine:
 
     @property
     def missing_restrictions(self) -> list[str]:
-        if "restrict" in self.flags:
+        if hardened.RESTRICT in self.flags:
             return []
-        return [o for o in rootkey.CLASSIC_NO_OPTIONS if o.lower() not in self.flags]
+        return [o for o in hardened.CLASSIC_NO_OPTIONS if o.lower() not in self.flags]
 
 
 def find_key_line(content: bytes | None, blob: str) -> KeyLine | None:
@@ -549,7 +548,7 @@ def check_sshd(facts: HostFacts) -> list[Finding]:
     eff = facts.effective
     findings: list[Finding] = []
     permit = eff.get("permitrootlogin", "")
-    if permit == WANT_PERMIT:
+    if permit == hardened.PERMIT_ROOT_LOGIN:
         findings.append(ok(check, f"permitrootlogin {permit} for root from {facts.client_addr}"))
     elif permit == "no":
         findings.append(error(
@@ -560,7 +559,7 @@ def check_sshd(facts: HostFacts) -> list[Finding]:
     else:
         findings.append(error(
             check, f"sshd applies PermitRootLogin {permit or '(unknown)'} to root from "
-                   f"{facts.client_addr}, not {WANT_PERMIT}",
+                   f"{facts.client_addr}, not {hardened.PERMIT_ROOT_LOGIN}",
             "the backup works, but root keys without command= (and passwords, with yes) "
             "still give a full root shell: the restricted key is not the only way in",
             "run `invoke setup-remote`; if it reports a Match block, fix that block by hand"))
@@ -590,8 +589,8 @@ def check_key_files(facts: HostFacts) -> list[Finding]:
     check = "key files"
     strict = facts.effective.get("strictmodes", "yes") == "yes"
     findings: list[Finding] = []
-    for path, want, kind in ((os.path.dirname(AUTHORIZED_KEYS), 0o700, "folder"),
-                             (AUTHORIZED_KEYS, 0o600, "file")):
+    for path, want, kind in ((hardened.ROOT_SSH, hardened.PRIVATE[0], "folder"),
+                             (AUTHORIZED_KEYS, hardened.ROOT_ONLY[0], "file")):
         fact = facts.dirs.get(path) if kind == "folder" else (
             (facts.files[path].mode, facts.files[path].uid, facts.files[path].gid)
             if path in facts.files else None)

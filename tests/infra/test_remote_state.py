@@ -1,4 +1,5 @@
-"""The hardened state setup-remote leaves on a host, checked over SSH with testinfra.
+"""The hardened state setup-remote leaves on a host, checked over SSH with testinfra: the
+wanted values come from ``roles.core.hardened``, the definition setup plans from.
 
 Run by `invoke verify` (see roles/features/verify.py); each check's docstring is its name in the
 report. The expected values come from the inventory given with ``--pullback-inventory``:
@@ -18,14 +19,13 @@ import pytest
 from roles.config import gate as gate_scripts
 from roles.config import rootkey, rsyncd
 from roles.core import hardened
+from roles.core.hardened import Mode
 from roles.core.rsync import parse_version_output
 from roles.core.sshd_output import parse_sshd_T
 from roles.features import capture, doctor
 from roles.inventory.schema import Host, load
 from roles.local import capture_record
 from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_DIR, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
-
-WANT = "forced-commands-only"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +91,7 @@ def _record(expected: Host) -> capture_record.CaptureRecord:
 def test_permit_root_login(sshd_settings, client_addr):
     """sshd -T: PermitRootLogin forced-commands-only for the backup host"""
     value = sshd_settings.get("permitrootlogin")
-    assert value == WANT, f"sshd applies permitrootlogin {value} to root from {client_addr}"
+    assert value == hardened.PERMIT_ROOT_LOGIN, f"sshd applies permitrootlogin {value} to root from {client_addr}"
 
 
 def test_pubkey_authentication(sshd_settings):
@@ -102,15 +102,15 @@ def test_pubkey_authentication(sshd_settings):
 
 def test_root_ssh_folder(host):
     """/root/.ssh is a 0700 root:root folder"""
-    kind, mode, uid, gid = _mode(host, "/root/.ssh")
-    assert (kind, mode, uid, gid) == ("folder", 0o700, 0, 0), \
-        f"/root/.ssh is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
+    kind, mode, uid, gid = _mode(host, hardened.ROOT_SSH)
+    assert (kind, (mode, uid, gid)) == ("folder", hardened.PRIVATE), \
+        f"{hardened.ROOT_SSH} is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
 
 
 def test_authorized_keys_file(host):
     """/root/.ssh/authorized_keys is a 0600 root:root file"""
     kind, mode, uid, gid = _mode(host, AUTHORIZED_KEYS)
-    assert (kind, mode, uid, gid) == ("file", 0o600, 0, 0), \
+    assert (kind, (mode, uid, gid)) == ("file", hardened.ROOT_ONLY), \
         f"{AUTHORIZED_KEYS} is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
 
 
@@ -120,10 +120,9 @@ def test_key_line_forced_command(key_line, expected):
     assert key_line.count == 1, f"the backup key is on {key_line.count} lines"
     forced = key_line.forced
     assert forced is not None, "the backup key's line has no command="
-    if expected.forced_command == "daemon":
-        wanted = ("--server", "--daemon", f"--config={PULLBACK_RSYNCD_CONF}", ".")
-        assert forced.argv[1:] == wanted, \
-            f"command={forced.text!r} is not `RSYNC {' '.join(wanted)}`"
+    if expected.forced_command == Mode.DAEMON:
+        wanted = hardened.daemon_command(forced.binary)
+        assert forced.text == wanted, f"command={forced.text!r} is not {wanted!r}"
     else:
         assert forced.text == hardened.GATE, \
             f"command={forced.text!r} is not pullback's capture gate {hardened.GATE}"
@@ -141,7 +140,7 @@ def test_key_line_restrictions(key_line, expected):
 
 def test_rsyncd_module(host, expected):
     """rsyncd.conf module: path /, uid 0, gid 0, read only, list false (daemon mode)"""
-    if expected.forced_command != "daemon":
+    if expected.forced_command != Mode.DAEMON:
         pytest.skip("captured mode uses no rsyncd module")
     with host.sudo():
         conf = host.file(PULLBACK_RSYNCD_CONF)
@@ -153,10 +152,10 @@ def test_rsyncd_module(host, expected):
 
 def test_rsyncd_file_private(host, expected):
     """/etc/pullback/rsyncd.conf is a 0600 root:root file in a root folder no one else can write"""
-    if expected.forced_command != "daemon":
+    if expected.forced_command != Mode.DAEMON:
         pytest.skip("captured mode uses no rsyncd module")
     kind, mode, uid, gid = _mode(host, PULLBACK_RSYNCD_CONF)
-    assert (kind, mode, uid, gid) == ("file", 0o600, 0, 0), \
+    assert (kind, (mode, uid, gid)) == ("file", hardened.ROOT_ONLY), \
         f"{PULLBACK_RSYNCD_CONF} is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
     kind, mode, uid, gid = _mode(host, PULLBACK_DIR)
     assert kind == "folder" and uid == 0 and not mode & 0o022, \
@@ -177,11 +176,11 @@ def test_no_module_in_shared_rsyncd_conf(host):
 
 def test_capture_gate(host, expected):
     """captured mode: the gate is 0700 root:root and rendered from the local capture record"""
-    if expected.forced_command != "captured":
+    if expected.forced_command != Mode.CAPTURED:
         pytest.skip("daemon mode uses no gate")
     record = _record(expected)
     kind, mode, uid, gid = _mode(host, hardened.GATE)
-    assert (kind, mode, uid, gid) == ("file", 0o700, 0, 0), \
+    assert (kind, (mode, uid, gid)) == ("file", hardened.PRIVATE), \
         f"{hardened.GATE} is a {kind} with mode {mode:04o}, owner {uid}:{gid}"
     with host.sudo():
         content = host.file(hardened.GATE).content
@@ -192,7 +191,7 @@ def test_capture_gate(host, expected):
 def test_forced_command_rsync_path(key_line, expected):
     """the forced command runs the pinned rsync (rsync.prefix/bin/rsync)"""
     assert key_line is not None and key_line.forced is not None, "no forced command"
-    if expected.forced_command == "captured":
+    if expected.forced_command == Mode.CAPTURED:
         runs = _record(expected).remote_rsync
     else:
         runs = key_line.forced.binary
