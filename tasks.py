@@ -369,7 +369,7 @@ def trust_host(c, inventory=DEFAULT_INVENTORY, host=None, yes=False):
     for h in hosts:
         try:
             outcome = trust.trust_host(h, confirm)
-        except trust.TrustError as exc:
+        except trust.HostKeyError as exc:  # TrustError too: it is one
             print(f"{h.name}: refused: {exc}", file=sys.stderr)
             failed.append(h.name)
             continue

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 import struct
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from roles.core.diffs import split_lines, unified
 from roles.core.hardened import CLASSIC_NO_OPTIONS, RESTRICT
 from roles.core.render import render
+from roles.core.sshkeys import fingerprint_of
 
 DEFAULT_COMMENT = "pullback-backup"
 
@@ -148,8 +148,7 @@ def parse_public_key(text: str) -> PublicKey:
 
 def fingerprint(key: PublicKey) -> str:
     """``SHA256:...`` like ``ssh-keygen -l`` (unpadded base64 of the blob's SHA-256)."""
-    digest = hashlib.sha256(key.decoded()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+    return fingerprint_of(key.decoded())
 
 
 def quote_option_value(value: str) -> str:

@@ -47,11 +47,9 @@ import base64
 import contextlib
 import dataclasses
 import fnmatch
-import hashlib
 import ipaddress
 import os
 import shlex
-import socket
 import subprocess
 import tempfile
 import time
@@ -75,6 +73,7 @@ from roles.core.rsync import (
     parse_version_output,
 )
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
+from roles.core.sshkeys import fingerprint_of
 from roles.inventory.schema import Host
 from roles.local import capture_record, folders, runner, store
 from roles.remote.connection import ROUND_TRIPS, ConnectError, connect, run, sudo_script
@@ -86,6 +85,7 @@ from roles.remote.facts import (
     HostFacts,
     gather,
 )
+from roles.remote.hostkeys import fetch_host_key, known_hosts_name
 
 LEVELS = ("ok", "warn", "error")
 PROBE_PATH = "/etc/hostname"
@@ -1031,26 +1031,8 @@ def version_end(path: str, text: str, note: str = "") -> RsyncEnd:
 # --- talking to the host -------------------------------------------------------------------
 
 
-def host_key_fingerprint(key_blob: bytes) -> str:
-    digest = hashlib.sha256(key_blob).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-def offered_host_key(address: str, port: int, timeout: float = 10) -> tuple[str, bytes]:
-    """``(type, blob)`` of the host key sshd offers, without trusting or authenticating."""
-    sock = socket.create_connection((address, port), timeout=timeout)
-    transport = paramiko.Transport(sock)
-    try:
-        transport.start_client(timeout=timeout)
-        key = transport.get_remote_server_key()
-        return key.get_name(), key.asbytes()
-    finally:
-        transport.close()
-        sock.close()
-
-
 def known_host_label(host: Host) -> str:
-    return host.address if host.port == 22 else f"[{host.address}]:{host.port}"
+    return known_hosts_name(host.address, host.port)
 
 
 def check_unreachable(host: Host, message: str) -> Finding:
@@ -1058,12 +1040,13 @@ def check_unreachable(host: Host, message: str) -> Finding:
     check = "host key"
     label = known_host_label(host)
     try:
-        key_type, blob = offered_host_key(host.address, host.port)
+        offered = fetch_host_key(host.address, host.port)
+        key_type, blob = offered.type, base64.b64decode(offered.blob)
     except Exception as exc:  # noqa: BLE001 - any failure: report the login's own message
         return error("reach", f"cannot reach sshd at {host.address}:{host.port}: {exc}",
                      "neither the admin tasks nor the backup can connect",
                      "check address and port in the inventory, that sshd runs, and firewalls")
-    fingerprint = host_key_fingerprint(blob)
+    fingerprint = fingerprint_of(blob)
     known = paramiko.HostKeys()
     with contextlib.suppress(OSError, paramiko.SSHException):
         known.load(host.known_hosts)
@@ -1081,7 +1064,7 @@ def check_unreachable(host: Host, message: str) -> Finding:
     if expected is not None and expected.asbytes() != blob:
         return error(
             check, f"HOST KEY CHANGED: {label} offers {key_type} {fingerprint}, "
-                   f"{host.known_hosts} has {host_key_fingerprint(expected.asbytes())}",
+                   f"{host.known_hosts} has {fingerprint_of(expected.asbytes())}",
             "a reinstalled server, or someone in the middle; the backup refuses to connect "
             "(exit 255)", "find out why it changed; only then replace the line in "
                           f"{host.known_hosts}")
@@ -1309,7 +1292,7 @@ def diagnose(host: Host) -> Report:
         try:
             key = conn.client.get_transport().get_remote_server_key()
             findings.append(ok("host key", f"{key.get_name()} "
-                                           f"{host_key_fingerprint(key.asbytes())} matches "
+                                           f"{fingerprint_of(key.asbytes())} matches "
                                            f"{host.known_hosts}"))
             _admin_shell(conn, host, findings)
             facts = gather(conn, host.name, [host.rsync.remote_binary])

@@ -23,10 +23,10 @@ import yaml
 from lab import hosts as lab
 from roles.features import schedule as sched
 from roles.features.setup_remote import setup_host
-from roles.features.trust import HostKey, known_hosts_name
 from roles.inventory.schema import Host, load
 from roles.local import keys
 from roles.remote import connection
+from roles.remote.hostkeys import HostKey, known_hosts_name
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration

@@ -678,12 +678,6 @@ def test_simulate_sent_command_is_what_rsync_sends():
     assert "H" in doctor.parse_forced_command(" ".join(with_h)).short_flags
 
 
-def test_host_key_fingerprint_matches_ssh_keygen_format():
-    blob = base64.b64decode(BLOB)
-    from roles.config.rootkey import PublicKey, fingerprint
-    assert doctor.host_key_fingerprint(blob) == fingerprint(PublicKey("ssh-ed25519", BLOB))
-
-
 def test_known_host_label():
     assert doctor.known_host_label(make_host()) == "[192.0.2.10]:2222"
     assert doctor.known_host_label(make_host(port=22)) == "192.0.2.10"

@@ -178,5 +178,5 @@ def test_a_file_changed_while_asking_is_not_overwritten(tmp_path, offered):
 
 
 def test_fetch_refuses_an_unreachable_host():
-    with pytest.raises(t.TrustError, match="cannot connect to 127.0.0.1:1"):
+    with pytest.raises(t.HostKeyError, match="cannot connect to 127.0.0.1:1"):
         t.fetch_host_key("127.0.0.1", 1, timeout=2)
