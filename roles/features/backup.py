@@ -96,6 +96,7 @@ from roles.core.pull import (
 )
 from roles.core.rsync import CaptureError
 from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
+from roles.core.table import format_rows
 from roles.local import capture_record, folders, keys
 from roles.local.files import write_atomic
 from roles.local.runner import (
@@ -300,9 +301,7 @@ def format_table(results: Iterable[BackupResult]) -> str:
             human_bytes(r.stats.get("bytes_received")),
             Path(r.snapshot).name if r.snapshot else "-",
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in rows) + "\n"
+    return format_rows(rows)
 
 
 def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = None) -> list[str]:

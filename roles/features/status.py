@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from roles.core.table import format_rows
 from roles.local.store import complete_snapshots, human_bytes, run_key, state_dir
 
 if TYPE_CHECKING:
@@ -186,9 +187,7 @@ def format_table(statuses: Iterable[HostStatus]) -> str:
             format_age(s.age_hours) + (" ago" if s.age_hours is not None else ""),
             s.state,
         ))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip() for row in rows) + "\n"
+    return format_rows(rows)
 
 
 # --- log retention ------------------------------------------------------------------------
