@@ -4,7 +4,7 @@ The same pull (``roles.features.backup.pull_all``), options and exit codes as ``
 (0 all good, 1 a host failed, 2 a bad inventory or selection), with a start-up that imports
 neither invoke nor, once the inventory is compiled (``roles.inventory.compiled``), PyYAML and
 pydantic: a no-change backup adds about 45 ms to rsync this way, against about 100 ms
-through invoke (README, Performance).
+through invoke (docs/performance.md).
 ``invoke schedule`` writes units and crontabs that run it.
 """
 

@@ -674,5 +674,5 @@ def check_keys(paths: Iterable[str], *, agent_socket: str | None) -> KeyReport:
         if keys.key_has_passphrase(Path(path)) and not agent_socket:
             report.warnings.append(
                 f"{path} has a passphrase: unattended runs need an ssh-agent holding it; "
-                "load it once after boot and pass --agent-socket (see the README)")
+                "load it once after boot and pass --agent-socket (see docs/tasks.md)")
     return report
