@@ -1,2 +1,3 @@
-"""Layer 5: presentation and the lean entry points (``pullback-backup``).
+"""Layer 6: presentation and entry points that run several features (``pullback-backup``,
+the restore drill).
 """

@@ -1,6 +1,6 @@
 """The backup key's line in root's ``authorized_keys``.
 
-Everything here is pure: the lead's gather/apply code reads and writes the file.
+Everything here is pure: ``roles.hostfiles`` plans with it, reads and writes the file.
 
 The "managed by pullback" marker lives in the key's COMMENT field (``pullback-backup``),
 not on a ``#`` line of its own: this line is inserted among a user's own keys, and a

@@ -1,6 +1,6 @@
 """The pullback module, in pullback's own ``/etc/pullback/rsyncd.conf``.
 
-Everything here is pure: ``roles.setup`` reads and writes the files.
+Everything here is pure: ``roles.hostfiles`` plans with it, reads and writes the files.
 
 Why a file of our own: a module in the shared ``/etc/rsyncd.conf`` is served by ANY rsync
 daemon on the host (Debian/Ubuntu's ``rsync.service`` starts whenever that file exists,

@@ -1,4 +1,5 @@
-"""Layer 1, pure: rsync's errors, rendering, diffs, the per-OS table, the fleet's thread pool.
+"""Layer 1, pure: the wanted state of a hardened host (hardened.py), rsync's versions,
+commands and errors, the pull's argv, rendering, diffs, the per-OS table, shards, tables.
 
-Standard library (and jinja2 for rendering) only; no I/O beyond reading templates.
+Standard library (and jinja2 for rendering) only.
 """

@@ -1,3 +1,3 @@
-"""Layer 4: one module per task family. Features never import each other: what two
+"""Layer 5: one module per task family. Features never import each other: what two
 features share lives in a lower layer.
 """

@@ -37,8 +37,8 @@ discovery:
 Round trips: the admin login, ``facts.gather`` (one), ``true`` (one), one read-only root
 script for the rest (one), and one more only when a shell turns out not to be clean. The
 pull is one ssh connection with the backup key. Everything that decides is pure and
-unit-tested; this module imports no SSH library at import time (``backup`` may import
-``explain_rsync_error`` without paying for paramiko).
+unit-tested; the explanations of rsync's errors live in ``roles.core.rsync_errors``, so
+``backup`` reads them without importing doctor (or paramiko).
 """
 
 from __future__ import annotations

@@ -1,2 +1,3 @@
-"""Layer 2: the backup host's own files: keys, state folders, atomic writes.
+"""Layer 2: the backup host's own files: keys, the backup store, safe folders, the capture
+record, the local rsync, atomic writes.
 """

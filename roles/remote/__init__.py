@@ -1,2 +1,3 @@
-"""Layer 2: talking to a host: the SSH connection, sudo, and the one-round-trip fact gathering.
+"""Layer 2: talking to a host: the SSH connection and sudo, host keys, and the
+one-round-trip fact gathering.
 """

@@ -4,8 +4,8 @@ Fabric's ``Connection`` silently trusts unknown host keys (its constructor sets 
 ``AutoAddPolicy``). Every connection here loads the inventory's ``known_hosts`` and sets
 ``RejectPolicy``: an unknown or changed host key is an error, never a silent accept.
 
-Fabric and paramiko are imported lazily so that tasks that never open an SSH connection
-(``backup`` runs rsync locally) do not pay for them at start-up.
+``backup`` runs rsync locally and never imports this module (the lean-path contract in
+pyproject.toml), so Fabric and paramiko are imported at the top like everything else.
 
 sudo: with ``sudo_password: true`` the password is asked once per admin user (getpass),
 kept in this process's memory only, and given to sudo on stdin (``sudo -S``, Fabric's
