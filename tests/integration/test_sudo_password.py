@@ -97,7 +97,10 @@ def sudo_commands(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
             exits.append(result.exited)
         return result
 
-    monkeypatch.setattr(connection, "run", recording)
+    # Modules take ``run`` by name at import: patch it wherever it was taken.
+    for module in list(sys.modules.values()):
+        if module.__name__.startswith("roles.") and getattr(module, "run", None) is real:
+            monkeypatch.setattr(module, "run", recording)
     return exits
 
 
