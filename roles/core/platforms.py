@@ -24,7 +24,7 @@ SSHD_T_KEYS = ("user", "host", "addr")
 class PackageManager:
     name: str  # the binary probed with ``command -v``
     install: tuple[str, ...]  # argv before the package names
-    packages: tuple[str, ...]  # a C compiler, make and libc headers
+    packages: tuple[str, ...]  # a C compiler, make, libc and ACL headers (rsync -A)
     refresh: tuple[str, ...] = ()  # run first: a fresh Debian image has empty apt lists
 
     @property
@@ -36,11 +36,11 @@ class PackageManager:
 APT = PackageManager(
     "apt-get",
     ("env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y"),
-    ("gcc", "make", "libc6-dev"),
+    ("gcc", "make", "libc6-dev", "libacl1-dev"),
     refresh=("apt-get", "update"),
 )
-DNF = PackageManager("dnf", ("dnf", "install", "-y"), ("gcc", "make"))
-YUM = PackageManager("yum", ("yum", "install", "-y"), ("gcc", "make"))
+DNF = PackageManager("dnf", ("dnf", "install", "-y"), ("gcc", "make", "libacl-devel"))
+YUM = PackageManager("yum", ("yum", "install", "-y"), ("gcc", "make", "libacl-devel"))
 
 # Probe order for the toolchain install. zypper and apk have no platform row: they only
 # install a compiler for build-rsync (documented, not tested); sshd facts there come from
@@ -49,8 +49,9 @@ PACKAGE_MANAGERS: tuple[PackageManager, ...] = (
     APT,
     DNF,
     YUM,
-    PackageManager("zypper", ("zypper", "--non-interactive", "install"), ("gcc", "make")),
-    PackageManager("apk", ("apk", "add", "--no-cache"), ("build-base",)),
+    PackageManager("zypper", ("zypper", "--non-interactive", "install"),
+                   ("gcc", "make", "libacl-devel")),
+    PackageManager("apk", ("apk", "add", "--no-cache"), ("build-base", "acl-dev")),
 )
 
 

@@ -241,3 +241,17 @@ def fingerprint(options: list[str] | tuple[str, ...], exclude: list[str] | tuple
             "local_rsync": local_version, "remote_rsync": remote_version}
     encoded = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()
+
+
+# What a full-system copy needs from a 3.x build besides the basics: without the ACL
+# headers at build time rsync says "no ACLs" and refuses -A ("ACLs are not supported on
+# this client"), so the default -HAXS options would fail every backup.
+REQUIRED_CAPABILITIES = ("ACLs", "xattrs")
+
+
+def missing_capabilities(version_output: str) -> list[str]:
+    """The capabilities of ``REQUIRED_CAPABILITIES`` that ``rsync --version`` lists as
+    ``no X`` (only 3.x lists them; 2.6.9 has neither)."""
+    text = " ".join(version_output.split())
+    return [cap for cap in REQUIRED_CAPABILITIES if f"no {cap}" in text]
+

@@ -43,12 +43,13 @@ from typing import Any
 import invoke
 
 from roles.core import platforms
-from roles.core.rsync import (  # noqa: F401 - STAMP_RELPATH re-exported
+from roles.core.rsync import (
     CLIENT_CVES,
     MIN_SAFE_CLIENT,
     STAMP_RELPATH,
     client_exposure,
     client_refusal,
+    missing_capabilities,  # noqa: F401 - STAMP_RELPATH re-exported
     parse_version_output,
     validate_version,
     version_key,
@@ -213,7 +214,7 @@ def stamp_text(version: str, sha256: str, flags: BuildFlags) -> str:
         "cflags": flags.env.get("CFLAGS", ""),
         "configure_args": list(flags.configure_args),
         "sha256": sha256,
-        "stamp": 1,
+        "stamp": 2,  # 2: 3.x builds must have ACLs and xattrs
         "version": version,
     }
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
@@ -808,16 +809,25 @@ def build_rsync(
 
     # Never replace a working install with a binary that does not even start.
     staged_bin = f"{stage_prefix}/bin/rsync"
-    res = _run(c, f"{shlex.quote(staged_bin)} --version 2>&1 | head -n 1")
+    res = _run(c, f"{shlex.quote(staged_bin)} --version 2>&1")
     try:
         staged_version, _ = parse_version_output(res.stdout)
     except ValueError:
         staged_version = ""
     if staged_version != version:
+        first = (res.stdout or res.stderr).strip().splitlines()[:1]
         raise fail(
             "verify build",
             f"the staged {staged_bin} does not report version {version} "
-            f"({(res.stdout or res.stderr).strip()!r})",
+            f"({first[0] if first else ''!r})",
+        )
+    missing = missing_capabilities(res.stdout) if version_key(version) >= (3, 0, 0) else []
+    if missing:
+        raise fail(
+            "verify build",
+            f"the build has {', '.join('no ' + m for m in missing)}: the default options "
+            "(-A, -X) would fail every backup; install the ACL headers (Debian: "
+            "libacl1-dev, RHEL: libacl-devel) and build again",
         )
 
     started = time.monotonic()
@@ -886,6 +896,7 @@ class ToolchainFacts:
     package_manager: str
     os_name: str  # `uname -s`
     os_id: str = ""  # /etc/os-release ID, when there is one
+    acl: bool = True  # <sys/acl.h> compiles (Linux: libacl's headers, for rsync -A)
 
     @property
     def platform(self) -> platforms.Platform | None:
@@ -893,7 +904,7 @@ class ToolchainFacts:
 
     @property
     def ok(self) -> bool:
-        return bool(self.cc and self.make and self.compiles)
+        return bool(self.cc and self.make and self.compiles and self.acl)
 
 
 _TOOLCHAIN_PROBE = "\n".join(
@@ -905,6 +916,10 @@ _TOOLCHAIN_PROBE = "\n".join(
         '  t=$(mktemp -d "${TMPDIR:-/tmp}/pullback-cc.XXXXXX") && {',
         '    printf \'#include <stdio.h>\\nint main(void){puts("");return 0;}\\n\' > "$t/t.c"',
         '    "$cc" -o "$t/t" "$t/t.c" >/dev/null 2>&1 && "$t/t" >/dev/null && ok=yes',
+        # Linux keeps ACLs in libacl; its headers decide whether rsync can do -A at all.
+        '    acl=yes; if [ "$(uname -s)" = Linux ]; then acl=no;',
+        '      printf \'#include <sys/acl.h>\\nint main(void){return 0;}\\n\' > "$t/a.c"',
+        '      "$cc" -c -o "$t/a.o" "$t/a.c" >/dev/null 2>&1 && acl=yes; fi',
         '    rm -rf "$t"; }',
         "fi",
         "pm=",
@@ -912,8 +927,8 @@ _TOOLCHAIN_PROBE = "\n".join(
         '  if command -v "$p" >/dev/null 2>&1; then pm=$p; break; fi',
         "done",
         'id=$( (. /etc/os-release && printf %s "${ID:-}") 2>/dev/null || true)',
-        'printf "cc=%s\\nmake=%s\\ncompiles=%s\\npm=%s\\nos=%s\\nid=%s\\n" '
-        '"$cc" "$mk" "$ok" "$pm" "$(uname -s)" "$id"',
+        'printf "cc=%s\\nmake=%s\\ncompiles=%s\\npm=%s\\nos=%s\\nid=%s\\nacl=%s\\n" '
+        '"$cc" "$mk" "$ok" "$pm" "$(uname -s)" "$id" "${acl:-no}"',
     ]
 )
 
@@ -929,6 +944,7 @@ def gather_toolchain(c: Any) -> ToolchainFacts:
         package_manager=kv.get("pm", ""),
         os_name=kv.get("os", ""),
         os_id=kv.get("id", ""),
+        acl=kv.get("acl", "no") == "yes",
     )
 
 
@@ -952,6 +968,7 @@ def ensure_toolchain(c: Any, *, install: bool, sudo: bool, log: Log = print) -> 
                 bool(facts.cc) and not facts.compiles,
             ),
             ("make", not facts.make),
+            ("the ACL headers (libacl, for rsync -A)", not facts.acl),
         )
         if gone
     )

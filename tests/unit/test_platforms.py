@@ -47,8 +47,9 @@ def test_service_and_pidfile_per_family():
     assert (debian.service, debian.pidfile) == ("ssh", "/run/sshd.pid")
     assert BY_NAME["ubuntu"].service == "ssh"
     assert (rhel.service, rhel.pidfile) == ("sshd", "/var/run/sshd.pid")
-    assert rhel.package_manager is platforms.DNF and rhel.build_packages == ("gcc", "make")
-    assert debian.build_packages == ("gcc", "make", "libc6-dev")
+    assert rhel.package_manager is platforms.DNF
+    assert rhel.build_packages == ("gcc", "make", "libacl-devel")
+    assert debian.build_packages == ("gcc", "make", "libc6-dev", "libacl1-dev")
     assert (macos.server, macos.client, macos.init, macos.gnu_tools) == (
         False, True, "launchd", False)
     assert macos.package_manager is None and "xcode-select --install" in macos.toolchain_hint

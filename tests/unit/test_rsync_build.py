@@ -244,7 +244,7 @@ def test_stamp_text_is_stable_json() -> None:
         "cflags": "",
         "configure_args": DISABLES,
         "sha256": sha,
-        "stamp": 1,
+        "stamp": 2,
         "version": "3.2.7",
     }
     assert list(json.loads(a)) == sorted(json.loads(a))  # key order fixed
@@ -414,7 +414,7 @@ NO_CC_DEBIAN = "cc=\nmake=/usr/bin/make\ncompiles=no\npm=apt-get\nos=Linux\n"
 
 
 def test_toolchain_ok_needs_one_command() -> None:
-    c = FakeContext("cc=/usr/bin/cc\nmake=/usr/bin/make\ncompiles=yes\npm=apt-get\nos=Linux\n")
+    c = FakeContext("cc=/usr/bin/cc\nmake=/usr/bin/make\ncompiles=yes\npm=apt-get\nos=Linux\nacl=yes\n")
     tc = rb.ensure_toolchain(c, install=False, sudo=True)
     assert tc == rb.Toolchain("/usr/bin/cc", "/usr/bin/make")
     assert len(c.commands) == 1
@@ -426,14 +426,14 @@ def test_toolchain_missing_without_install_names_exact_command() -> None:
         rb.ensure_toolchain(c, install=False, sudo=True)
     assert (
         "sudo apt-get update && sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "
-        "gcc make libc6-dev"
+        "gcc make libc6-dev libacl1-dev"
     ) in str(err.value)
     assert all(kind == "run" for kind, _ in c.commands)  # nothing installed
 
 
 INSTALL = [
     "sh -c 'apt-get update'",
-    "sh -c 'env DEBIAN_FRONTEND=noninteractive apt-get install -y gcc make libc6-dev'",
+    "sh -c 'env DEBIAN_FRONTEND=noninteractive apt-get install -y gcc make libc6-dev libacl1-dev'",
 ]
 
 
@@ -458,13 +458,33 @@ def test_toolchain_install_uses_the_stored_sudo_password() -> None:
     assert c.passwords == ["typed once", "typed once"]
 
 
+def test_toolchain_without_acl_headers_installs_them() -> None:
+    """A compiler is not enough: without libacl's headers rsync 3.x builds "no ACLs" and the
+    default -A fails every backup."""
+    c = FakeContext("cc=/usr/bin/cc\nmake=/usr/bin/make\ncompiles=yes\npm=apt-get\nos=Linux\n"
+                    "acl=no\n")
+    with pytest.raises(rb.ToolchainError) as err:
+        rb.ensure_toolchain(c, install=False, sudo=True)
+    assert "missing the ACL headers (libacl, for rsync -A)" in str(err.value)
+    assert "libacl1-dev" in str(err.value)
+
+
+def test_missing_capabilities_reads_the_version_output() -> None:
+    from roles.core.rsync import missing_capabilities
+    built_without = ("Capabilities:\n    64-bit files, hardlink-symlinks, IPv6, atimes, "
+                     "batchfiles, inplace, append, no ACLs,\n    xattrs, optional secluded-args")
+    assert missing_capabilities(built_without) == ["ACLs"]
+    assert missing_capabilities("append, ACLs,\n    xattrs, iconv") == []
+    assert missing_capabilities("append, no\n    xattrs") == ["xattrs"]
+
+
 @pytest.mark.parametrize(
     ("pm", "expected"),
     [
-        ("dnf", ["dnf install -y gcc make"]),
-        ("yum", ["yum install -y gcc make"]),
-        ("zypper", ["zypper --non-interactive install gcc make"]),
-        ("apk", ["apk add --no-cache build-base"]),
+        ("dnf", ["dnf install -y gcc make libacl-devel"]),
+        ("yum", ["yum install -y gcc make libacl-devel"]),
+        ("zypper", ["zypper --non-interactive install gcc make libacl-devel"]),
+        ("apk", ["apk add --no-cache build-base acl-dev"]),
     ],
 )
 def test_install_commands_table(pm: str, expected: list[str]) -> None:
