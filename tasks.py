@@ -114,10 +114,11 @@ def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=
     "no_install_packages": "never install compiler packages; print the command instead",
     "require_signature": "fail unless upstream's .asc signature is checked and good "
                          "(needs gpg and rsync.gpg_keyring)",
+    "dry_run": "say what each end would get; fetch, build and change nothing",
 })
 def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=None,
                 local_only=False, remote_only=False, check=False, no_install_packages=False,
-                require_signature=False):
+                require_signature=False, dry_run=False):
     """Build the pinned rsync from verified source on both ends, in parallel."""
     from roles.features import rsync_build
     from roles.local.state import DOWNLOADS
@@ -137,12 +138,14 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
     results = rsync_build.build_everywhere(
         hosts, version=version, local=not remote_only, remote=not local_only, check=check,
         install_packages=not no_install_packages, cache_dir=DOWNLOADS,
-        require_signature=require_signature,
+        require_signature=require_signature, dry_run=dry_run,
     )
     for r in results:
         end = "local" if r.end.startswith("local:") else r.end
         if r.error:
             print(f"{end:24} failed: {r.error}")
+        elif r.plan:
+            print(f"{end:24} {r.plan.describe()}")
         elif r.result:
             state = "ok" if r.result.skipped else "built"
             print(f"{end:24} {state:6} {r.result.version_line}")

@@ -608,13 +608,37 @@ def _run(c: Any, script: str, *, sudo: bool = False) -> Any:
     return run(c, _sh(script), sudo=sudo)
 
 
-def installed_rsync(
-    c: Any, prefix: str, version: str, sha256: str, flags: BuildFlags
-) -> BuildResult | None:
-    """One command: is ``prefix`` already holding exactly this build? (stamp + --version)
+@dataclass(frozen=True)
+class BuildPlan:
+    """What build-rsync will do on one end: nothing (the stamp and ``--version`` match) or
+    a build, and what is there now."""
 
-    Callers can use it before uploading a tarball to skip the upload on a re-run.
-    """
+    version: str
+    prefix: str
+    up_to_date: bool
+    installed: str  # ``PREFIX/bin/rsync --version`` line 1, "" when there is none
+
+    def describe(self) -> str:
+        if self.up_to_date:
+            return f"ok      {self.installed}"
+        now = self.installed or f"no rsync in {self.prefix}"
+        return f"would build rsync {self.version} into {self.prefix} (now: {now})"
+
+
+def plan_build(version: str, sha256: str, flags: BuildFlags, prefix: str, stamp: str,
+               version_out: str) -> BuildPlan:
+    """Pure: from the stamp and the ``--version`` output found under ``prefix``."""
+    first = version_out.strip().splitlines()[0].strip() if version_out.strip() else ""
+    try:
+        found, _ = parse_version_output(version_out)
+    except ValueError:
+        found = ""
+    same = stamp == stamp_text(version, sha256, flags) and found == version
+    return BuildPlan(version=version, prefix=prefix, up_to_date=same, installed=first)
+
+
+def read_install(c: Any, prefix: str) -> tuple[str, str]:
+    """One command: ``(stamp text, --version line 1)`` of the build under ``prefix``."""
     binary = f"{prefix.rstrip('/')}/bin/rsync"
     script = (
         f"cat {shlex.quote(stamp_path(prefix))} 2>/dev/null; "
@@ -623,20 +647,26 @@ def installed_rsync(
     )
     r = _run(c, script)
     stamp, _, version_out = r.stdout.partition(f"\n{_MARK}\n")
-    if stamp != stamp_text(version, sha256, flags):
+    return stamp, version_out
+
+
+def installed_rsync(
+    c: Any, prefix: str, version: str, sha256: str, flags: BuildFlags
+) -> BuildResult | None:
+    """One command: is ``prefix`` already holding exactly this build? (stamp + --version)
+
+    Callers can use it before uploading a tarball to skip the upload on a re-run.
+    """
+    plan = plan_build(version, sha256, flags, prefix, *read_install(c, prefix))
+    if not plan.up_to_date:
         return None
-    try:
-        found, protocol = parse_version_output(version_out)
-    except ValueError:
-        return None
-    if found != version:
-        return None
+    _, protocol = parse_version_output(plan.installed)
     return BuildResult(
-        version_line=version_out.strip(),
+        version_line=plan.installed,
         protocol=protocol,
         skipped=True,
         log_path="",
-        version=found,
+        version=version,
     )
 
 
@@ -1008,6 +1038,7 @@ class EndResult:
     end: str
     result: BuildResult | None = None
     error: str | None = None
+    plan: BuildPlan | None = None  # --dry-run: what a real run would do on this end
 
 
 def finish_key_line(conn: Any, host: Any, log: Log) -> None:
@@ -1084,10 +1115,55 @@ def _local_end(prefix: str, tarball: Path, version: str, sha256: str, *, check: 
                        log=log)
 
 
+def _plan_everywhere(hosts: list[Any], *, version: str | None, local: bool, remote: bool,
+                     pins: Mapping[str, str]) -> list[EndResult]:
+    """build-rsync --dry-run: every end's plan, read concurrently."""
+    jobs: list[tuple[str, Any]] = []
+    seen_local: set[str] = set()
+    results: list[EndResult] = []
+    for host in hosts:
+        wanted = version or host.rsync.version
+        try:
+            sha = expected_sha256(
+                wanted, host.rsync.sha256 if wanted == host.rsync.version else None, pins)
+        except ValueError as exc:
+            results.append(EndResult(host.name, error=str(exc)))
+            continue
+        flags = build_flags(wanted)
+        if remote:
+            def remote_plan(h: Any = host, v: str = wanted, s: str = sha,
+                            f: BuildFlags = flags) -> BuildPlan:
+                conn = connect(h)
+                try:
+                    return plan_build(v, s, f, h.rsync.prefix,
+                                      *read_install(conn, h.rsync.prefix))
+                finally:
+                    conn.close()
+            jobs.append((host.name, remote_plan))
+        prefix = host.rsync.local_prefix
+        if local and prefix not in seen_local:
+            seen_local.add(prefix)
+            jobs.append((f"local:{prefix}:{wanted}",
+                         lambda v=wanted, s=sha, p=prefix, f=flags: plan_build(
+                             v, s, f, p, *read_install(invoke.Context(), p))))
+
+    def run(job: tuple[str, Any]) -> EndResult:
+        name, work = job
+        try:
+            return EndResult(name, plan=work())
+        except Exception as exc:  # noqa: BLE001 - one end failing never stops the others
+            return EndResult(name, error=f"{type(exc).__name__}: {exc}")
+
+    if jobs:
+        with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
+            results.extend(pool.map(run, jobs))
+    return results
+
+
 def build_everywhere(hosts: list[Any], *, version: str | None = None, local: bool = True,
                      remote: bool = True, check: bool = False, install_packages: bool = True,
                      cache_dir: Path, require_signature: bool = False,
-                     log: Log = print,
+                     log: Log = print, dry_run: bool = False,
                      pins: Mapping[str, str] = KNOWN_SHA256) -> list[EndResult]:
     """Fetch + verify once, then build on the local end and every host at the same time.
 
@@ -1097,7 +1173,12 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
     2.6.9 from a source tree made from upstream's git tag (the release tarball cannot be
     fetched offline); that tree is not byte-identical to the release, so they pass its
     own sum here rather than relax the pin.
+
+    ``dry_run``: fetch nothing, build nothing; read each end's stamp and ``--version`` (one
+    command per end) and say what a real run would do (``EndResult.plan``).
     """
+    if dry_run:
+        return _plan_everywhere(hosts, version=version, local=local, remote=remote, pins=pins)
     jobs: list[tuple[str, Any]] = []
     tarballs: dict[str, tuple[Path, str]] = {}
     results: list[EndResult] = []

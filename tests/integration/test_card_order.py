@@ -64,6 +64,16 @@ def verify(card: Card) -> tuple[int, dict[str, str]]:
     return result.returncode, rows
 
 
+def dry_run(card: Card) -> dict[str, str]:
+    """``invoke build-rsync --dry-run``: end -> what it says."""
+    result = subprocess.run([INVOKE, "build-rsync", "--dry-run", "--inventory",
+                             str(card.inventory)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=False, env=NO_AGENT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {line.split(None, 1)[0]: line.split(None, 1)[1].strip()
+            for line in result.stdout.splitlines() if line.strip()}
+
+
 def build(card: Card) -> list[rb.EndResult]:
     lines: list[str] = []
     results = rb.build_everywhere([card.host], cache_dir=card.work / "cache", log=lines.append)
@@ -99,12 +109,23 @@ def test_setup_first_then_build_ends_where_build_first_would(card: Card):
     assert any(f"{PINNED} is not installed yet" in w for w in outcome.warnings), outcome
     assert 'command="/usr/bin/rsync --server --daemon' in key_line(card)
 
-    # 2. build-rsync: both ends get the pinned build, and the key line follows it.
+    # 2. build-rsync --dry-run says what would happen and does none of it.
+    planned = dry_run(card)
+    assert planned[card.lab.name].startswith(f"would build rsync {VERSION} into /usr/local "), \
+        planned
+    assert planned["local"].startswith(f"would build rsync {VERSION} into "), planned
+    assert not (card.work / "local").exists()
+    assert 'command="/usr/bin/rsync --server --daemon' in key_line(card)
+
+    # 3. build-rsync: both ends get the pinned build, and the key line follows it.
     results = build(card)
     assert {r.result.version for r in results} == {VERSION}
     assert f'command="{hardened.daemon_command(PINNED)}"' in key_line(card)
 
-    # 3. doctor, verify and the pull agree.
+    assert set(dry_run(card).values()) == {f"ok      rsync  version {VERSION}  protocol "
+                                           "version 31"}
+
+    # 4. doctor, verify and the pull agree.
     report = doctor.diagnose(card.host)
     assert report.errors == [], doctor.format_report(report)
     code, rows = verify(card)
@@ -112,7 +133,7 @@ def test_setup_first_then_build_ends_where_build_first_would(card: Card):
     result = backup.run_backup(card.host, dry_run=False, tty=False)
     assert result.ok, result
     assert (Path(card.host.destination) / "tree" / "hostname").is_file()
-    # 4. setup-remote again: nothing left to change.
+    # 5. setup-remote again: nothing left to change.
     again = setup_host(card.host)
     assert again.error is None and set(again.steps.values()) <= {"ok"}, again
 

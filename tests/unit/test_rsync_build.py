@@ -701,3 +701,28 @@ def test_inventory_gpg_keyring_is_optional_and_absolute() -> None:
     assert RsyncSettings(gpg_keyring="~/k.gpg").gpg_keyring == str(Path("~/k.gpg").expanduser())
     with pytest.raises(ValueError, match="absolute"):
         RsyncSettings(gpg_keyring="k.gpg")
+
+
+# --- build-rsync --dry-run: the plan per end (pure) ------------------------------------------
+
+
+def test_plan_build_says_what_a_run_would_do() -> None:
+    sha = rb.KNOWN_SHA256["3.2.7"]
+    flags = rb.build_flags("3.2.7")
+    line = "rsync  version 3.2.7  protocol version 31\n"
+    done = rb.plan_build("3.2.7", sha, flags, "/usr/local",
+                         rb.stamp_text("3.2.7", sha, flags), line)
+    assert done.up_to_date and done.describe() == "ok      rsync  version 3.2.7  protocol version 31"
+    # Debian's own 3.2.7 in the prefix, without pullback's stamp: a build.
+    other = rb.plan_build("3.2.7", sha, flags, "/usr/local", "", line)
+    assert not other.up_to_date
+    assert other.describe() == ("would build rsync 3.2.7 into /usr/local (now: rsync  version "
+                                "3.2.7  protocol version 31)")
+    nothing = rb.plan_build("3.5.1", rb.KNOWN_SHA256["3.5.1"], rb.build_flags("3.5.1"),
+                            "/opt/x", "", "")
+    assert nothing.describe() == "would build rsync 3.5.1 into /opt/x (now: no rsync in /opt/x)"
+    # A stamp of another version (an upgrade): a build.
+    old = rb.plan_build("3.5.1", rb.KNOWN_SHA256["3.5.1"], rb.build_flags("3.5.1"),
+                        "/usr/local", rb.stamp_text("3.2.7", sha, flags), line)
+    assert not old.up_to_date
+
