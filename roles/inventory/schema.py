@@ -224,7 +224,9 @@ class Host(_Strict):
     port: int = Field(default=22, ge=1, le=65535)
     admin_user: str
     admin_key: AbsPath | None = None
-    known_hosts: AbsPath = "~/.ssh/known_hosts"
+    # validate_default: the default goes through _absolute_path too, so its ~ is expanded
+    # (pydantic does not validate defaults otherwise; it stayed a relative ./~/.ssh/...).
+    known_hosts: AbsPath = Field(default="~/.ssh/known_hosts", validate_default=True)
     backup_key: AbsPath
     from_: str | None = Field(default=None, alias="from")
     forced_command: Literal["captured", "daemon"] = "daemon"

@@ -240,3 +240,20 @@ def test_sparse_with_inplace_is_fine_from_313():
     host = load_text(BASE + "    rsync: {version: 3.1.3}\n"
                             "    backup: {options: [-aSx, --inplace]}\n").hosts["a"]
     assert host.backup.options == ("-aSx", "--inplace")
+
+
+# --- known_hosts ----------------------------------------------------------------------------
+
+MINIMAL = "hosts:\n  a: {address: 192.0.2.1, admin_user: admin, backup_key: /keys/backup}\n"
+
+
+def test_the_default_known_hosts_is_in_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    host = load_text(MINIMAL).hosts["a"]
+    assert host.known_hosts == f"{tmp_path}/.ssh/known_hosts"
+
+
+def test_a_known_hosts_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = MINIMAL.replace("/keys/backup}", "/keys/backup, known_hosts: ~/pb/known}")
+    assert load_text(text).hosts["a"].known_hosts == f"{tmp_path}/pb/known"
