@@ -813,6 +813,56 @@ def test_run_restore_refuses_non_empty_and_inside_the_backup(tmp_path):
     assert (target / "other").exists()
 
 
+def test_a_restore_during_a_backup_fails_at_once_and_a_backup_during_a_restore(tmp_path):
+    host = make_host(tmp_path)
+    (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
+    state = store.state_dir(host)
+    state.mkdir(mode=0o700)
+    target = tmp_path / "out"
+    backup_holds = rf"another backup of web1 is running \(pid {os.getpid()}\)"
+    with store.Lock(state / "lock", host.name), \
+            pytest.raises(store.BackupError, match=backup_holds):
+        restore.run_restore(host, path="/etc", to=str(target))
+    assert not target.exists()
+    restore_holds = rf"a restore of web1 is running \(pid {os.getpid()}\); lock {state}/lock$"
+    with store.Lock(state / "lock", host.name, "restore"), \
+            pytest.raises(store.BackupError, match=restore_holds):
+        b.run_backup(host, dry_run=False, tty=False)
+    assert restore.run_restore(host, path="/etc", to=str(target)).ok
+    assert (state / "lock").read_text() == ""  # released
+
+
+def test_a_restore_holds_the_lock_while_its_rsync_runs(tmp_path, monkeypatch):
+    host = make_host(tmp_path)
+    (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
+    seen = []
+
+    def fake_run(argv, **kwargs):
+        lock = store.state_dir(host) / "lock"
+        seen.append((lock.read_text(), kwargs.get("pass_fds")))
+        with pytest.raises(store.BackupError, match="a restore of web1 is running"):
+            store.Lock(lock, host.name).__enter__()
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+
+    monkeypatch.setattr(restore.subprocess, "run", fake_run)
+    assert restore.run_restore(host, path="/etc", to=str(tmp_path / "out")).ok
+    (text, fds), = seen
+    assert text == f"{os.getpid()} restore\n" and fds and len(fds) == 1
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("4711\n", "another backup of h is running (pid 4711)"),
+    ("4711 rsync 4712\n", "another backup of h is running (pid 4711, rsync pid 4712)"),
+    ("4711 restore\n", "a restore of h is running (pid 4711)"),
+    ("4711 rsync 4712 restore\n", "a restore of h is running (pid 4711, rsync pid 4712)"),
+    ("4711 capture-command\n", "a capture-command of h is running (pid 4711)"),
+    ("", "another backup of h is running (pid unknown)"),
+    ("4711 $(reboot)\n", "another backup of h is running (pid 4711)"),
+])
+def test_describe_holder(text, said):
+    assert store.describe_holder("h", text) == said
+
+
 def test_run_restore_makes_a_new_container_0700(tmp_path):
     host = make_host(tmp_path)
     (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
