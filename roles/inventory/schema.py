@@ -38,18 +38,57 @@ DANGEROUS_DESTINATIONS = frozenset(
     {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc",
      "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib"}
 )
-# Options the toolkit itself owns: a user setting them would break the forced command or
-# the safety of the pull.
+# Options the toolkit itself owns or never lets a backup use: a user setting them would
+# break the forced command or the safety of the pull. Checked by name (``--name=value``
+# too); short options inside clusters (``-avn``, ``-0e...``) are read as rsync's popt
+# reads them (roles.core.rsync.split_short).
 RESERVED_OPTIONS = {
     "-n": "use `invoke backup --dry-run` instead of -n",
     "--dry-run": "use `invoke backup --dry-run` instead",
+    "--list-only": "a listing is not a backup (nothing would be copied)",
     "-e": "the ssh command is built from the inventory",
     "--rsh": "the ssh command is built from the inventory",
     "--rsync-path": "the remote rsync comes from rsync.prefix",
+    "-M": "options for the server's rsync would run there as root",
+    "--remote-option": "options for the server's rsync would run there as root",
     "--remove-source-files": "a backup never deletes on the server",
+    "--remove-sent-files": "a backup never deletes on the server",
+    "--log-file": "pullback logs every run in DEST.pullback/logs",
+    "--log-file-format": "pullback logs every run in DEST.pullback/logs",
+    "--trust-sender": "it turns off the checks that protect this machine from a compromised "
+                      "server",
+    "--read-batch": "a batch is not a pull",
+    "--write-batch": "a batch is not a pull",
+    "--only-write-batch": "a batch is not a pull (nothing would be copied)",
     "--server": "internal rsync option",
+    "--sender": "internal rsync option",
     "--daemon": "internal rsync option",
+    "--config": "internal rsync option",
 }
+# Every option starting so is refused as well (rsync's --remove-*, --log-file*).
+RESERVED_PREFIXES = {
+    "--remove-": "a backup never deletes on the server",
+    "--log-file": "pullback logs every run in DEST.pullback/logs",
+}
+
+
+def option_problem(option: str) -> str | None:
+    """Why ``option`` (one word of backup.options) is refused, or None. Pure."""
+    if option in ("-", "--") or not option.startswith("-"):
+        return f"{option!r} is not an option (options start with '-')"
+    if option.startswith("--"):
+        name = option.split("=", 1)[0]
+        why = RESERVED_OPTIONS.get(name) or next(
+            (text for prefix, text in RESERVED_PREFIXES.items() if name.startswith(prefix)),
+            None)
+        return f"{option!r} is not allowed here: {why}" if why else None
+    flags, letter, _ = rsync_model.split_short(option)
+    if "n" in flags:
+        return f"{option!r} contains -n: use `invoke backup --dry-run` instead"
+    if letter in ("e", "M"):
+        return f"{option!r} contains -{letter}: {RESERVED_OPTIONS['-' + letter]}"
+    return None
+
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -189,16 +228,9 @@ class BackupSettings(_Strict):
     def _options(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for option in value:
             _no_control(option)
-            if not option.startswith("-"):
-                raise ValueError(f"{option!r} is not an option (options start with '-')")
-            name = option.split("=", 1)[0]
-            if name in RESERVED_OPTIONS:
-                raise ValueError(f"{option!r} is not allowed here: {RESERVED_OPTIONS[name]}")
-            short = option[1:] if re.match(r"^-[a-zA-Z]+$", option) else ""
-            if "n" in short:
-                raise ValueError(f"{option!r} contains -n: use `invoke backup --dry-run` instead")
-            if "e" in short:
-                raise ValueError(f"{option!r} contains -e: the ssh command comes from inventory")
+            problem = option_problem(option)
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("exclude")
