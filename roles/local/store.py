@@ -321,7 +321,8 @@ def snapshot_file_count(dest: Path, logs: Path, snapshot: str) -> tuple[int, str
     try:
         data = json.loads((logs / f"{snapshot}.json").read_text())
         files = data["stats"]["files"]
-        if isinstance(files, int) and not isinstance(files, bool) and data.get("ok"):
+        if (isinstance(files, int) and not isinstance(files, bool) and data.get("ok")
+                and not data["stats"].get("dry_run") and not data["stats"].get("batch_only")):
             return files, f"{logs / snapshot}.json"
     except (OSError, ValueError, KeyError, TypeError):
         pass
