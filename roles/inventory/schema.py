@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from roles.core import destinations
 from roles.core import rsync as rsync_model
 from roles.core.rsync import DEFAULT_VERSION
 from roles.inventory.selection import Inventory, InventoryError, read_inventory
@@ -33,11 +34,9 @@ DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.ta
 # gives no backup.options gets the ones its rsync.version supports (Host._options_for_version).
 DEFAULT_OPTIONS = rsync_model.DEFAULT_OPTIONS
 
-# Folders a backup must never be written into: a --delete pull would empty them.
-DANGEROUS_DESTINATIONS = frozenset(
-    {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc",
-     "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib"}
-)
+# The toolkit's own folder (the repository, or where it is installed): no DEST may hold it.
+TOOLKIT = str(Path(__file__).resolve().parents[2])
+
 # Options the toolkit itself owns or never lets a backup use: a user setting them would
 # break the forced command or the safety of the pull. Checked by name (``--name=value``
 # too); short options inside clusters (``-avn``, ``-0e...``) are read as rsync's popt
@@ -210,6 +209,9 @@ class BackupSettings(_Strict):
     max_delete: int | None = Field(default=None, ge=0)
     parallel: int = Field(default=4, ge=1, le=64)
     max_age: float = Field(default=36, gt=0)  # hours
+    # One more root below which destinations may lie (roles.core.destinations); the lab
+    # sets its state folder here.
+    allow_destination: AbsPath | None = None
 
     @field_validator("destination")
     @classmethod
@@ -218,9 +220,17 @@ class BackupSettings(_Strict):
         probe = value.replace("{name}", "host")
         if "{" in probe or "}" in probe:
             raise ValueError("may only use the placeholder {name}")
-        probe = _absolute_path(probe)
-        if str(PurePosixPath(probe)) in DANGEROUS_DESTINATIONS:
-            raise ValueError(f"{value!r} is a system folder; a --delete pull would empty it")
+        if probe.startswith("~"):
+            raise ValueError(f"must be an absolute path, got {value!r}")
+        _absolute_path(probe)
+        return value
+
+    @field_validator("allow_destination")
+    @classmethod
+    def _allow(cls, value: str | None) -> str | None:
+        problem = destinations.allow_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("options")
@@ -314,6 +324,14 @@ class Host(_Strict):
     def _destination_per_host(self) -> Host:
         if self.backup.snapshots and self.backup.destination.rstrip("/") == "":
             raise ValueError("backup.destination must not be empty")
+        keep_out = [("the backup key", self.backup_key), ("known_hosts", self.known_hosts),
+                    ("the toolkit", TOOLKIT)]
+        if self.admin_key:
+            keep_out.append(("the admin key", self.admin_key))
+        problem = destinations.destination_problem(
+            self.destination, allow=self.backup.allow_destination, keep_out=keep_out)
+        if problem:
+            raise ValueError(f"backup.destination: {problem}")
         return self
 
     @property
@@ -434,6 +452,10 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         except ValidationError as exc:
             for error in exc.errors():
                 loc = tuple("from" if p == "from_" else p for p in error["loc"])
+                message = _message(error)
+                if not loc and message.startswith(_DEST_PREFIX):
+                    # Host's own check of its destination: point at backup.destination.
+                    loc, message = ("backup", "destination"), message[len(_DEST_PREFIX):]
                 # Point at the line the bad value came from: the host entry or defaults.
                 host_path = ("hosts", name, *loc)
                 default_path = ("defaults", *loc)
@@ -443,10 +465,23 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
                     path = host_path
                 else:
                     path = default_path
-                report(path, _message(error))
+                report(path, message)
+    seen: list[Host] = []
+    for name, host in hosts.items():
+        for other in seen:
+            if destinations.dests_meet(host.destination, other.destination):
+                report(("hosts", name, "backup", "destination"),
+                       f"{host.destination} (host {name}) and {other.destination} (host "
+                       f"{other.name}) share a folder (or one holds the other, or its "
+                       ".pullback state): each host needs its own, e.g. with {name}")
+                break
+        seen.append(host)
     if problems:
         raise InventoryError(problems)
     return Inventory(path=Path(source), hosts=hosts)
+
+
+_DEST_PREFIX = "backup.destination: "
 
 
 def _message(error: Any) -> str:

@@ -671,7 +671,7 @@ def test_mirror_mode_refuses_a_folder_of_snapshots(tmp_path, fake):
 def test_an_orphaned_rsync_keeps_the_lock(tmp_path, fake, monkeypatch):
     """pullback killed, its rsync still running: no new run may start until rsync ends."""
     monkeypatch.setenv("FAKE_SLEEP", "1.5")
-    host = make_host(tmp_path)
+    host = make_host(tmp_path, allow_destination=str(tmp_path))  # the child has no seam
     script = ("import sys, roles.features.backup as b, roles.inventory.schema as i; "
               "b.run_backup(i.Host.model_validate_json(sys.argv[1]), dry_run=False, tty=False)")
     child = subprocess.Popen([sys.executable, "-c", script, host.model_dump_json(by_alias=True)],
@@ -1093,6 +1093,7 @@ def cli(tmp_path: Path, *args: str, **host) -> subprocess.CompletedProcess:
         for i, (name, mode) in enumerate(host.items()))
     inventory.write_text(f"defaults:\n  admin_user: admin\n  backup_key: {tmp_path}/key\n"
                          f"  backup:\n    destination: {tmp_path}/b/{{name}}\n"
+                         f"    allow_destination: {tmp_path}/b\n"
                          f"hosts:\n{entries}")
     return subprocess.run([str(Path(sys.executable).parent / "invoke"), *args,
                            "--inventory", str(inventory)], capture_output=True, text=True,

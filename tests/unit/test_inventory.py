@@ -142,11 +142,11 @@ BAD = [
      "inventory.yaml:5: hosts.a.backup_key: must be an absolute path (or start with ~/), "
      "got 'keys/backup'"),
     (BASE + "    backup: {destination: /}\n",
-     "inventory.yaml:6: hosts.a.backup.destination: '/' is a system folder; a --delete pull "
-     "would empty it"),
+     "inventory.yaml:6: hosts.a.backup.destination: / is a system folder; a backup there would "
+     "change it (mode 0700, --delete)"),
     (BASE + "    backup: {destination: /etc/}\n",
-     "inventory.yaml:6: hosts.a.backup.destination: '/etc/' is a system folder; a --delete pull "
-     "would empty it"),
+     "inventory.yaml:6: hosts.a.backup.destination: /etc/ is a system folder; a backup there "
+     "would change it (mode 0700, --delete)"),
     (BASE + "    backup: {destination: '/srv/{host}'}\n",
      "inventory.yaml:6: hosts.a.backup.destination: may only use the placeholder {name}"),
     (BASE + "    rsync: {version: 3.2}\n",
