@@ -565,7 +565,7 @@ def test_local_users_cannot_reach_the_servers_setuid_files_and_devices(lab_env, 
     path = lab_env.inventory([remote], path=open_parent / "inventory.yaml", defaults={
         "rsync": {"local_prefix": str(open_parent / "no-local-build")},
         "backup": {"destination": str(open_parent / "backups" / "{name}"), "source": DATA,
-                   "options": OPTIONS},
+                   "options": OPTIONS, "allow_destination": str(open_parent / "backups")},
     })
     host = load(path).hosts[remote.name]
     result = invoke("backup", "--inventory", str(path))

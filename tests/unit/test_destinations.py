@@ -169,3 +169,17 @@ def test_allow_destination_admits_the_labs_state_folder():
     state = f"{TOOLKIT}/.state/lab/backups"
     text = HOSTS % f", backup: {{destination: '{state}/{{name}}', allow_destination: {state}}}"
     assert load_text(text).hosts["web2"].destination == f"{state}/web2"
+
+
+def test_the_labs_inventory_allows_its_state_folder_explicitly():
+    """`invoke lab.up` writes destinations into .state/lab/backups in the repository: not a
+    root meant for backups, so the lab's inventory names it in backup.allow_destination."""
+    from lab import hosts as lab
+
+    state = lab.state_dir()
+    hosts = [lab.LabHost(f"pullback-lab-{i}", 2200 + i, "ssh-ed25519 AAAA") for i in (1, 2)]
+    inventory = load_text(lab.render_inventory(hosts, None, state))
+    for host in inventory.hosts.values():
+        assert host.destination == f"{state}/backups/{host.name}"
+        assert host.backup.allow_destination == f"{state}/backups"
+    assert not str(state).startswith(tuple(d.EXTRA_ROOTS))  # not merely the test seam
