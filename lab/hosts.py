@@ -449,6 +449,8 @@ def render_inventory(hosts: list[LabHost], mirror_port: int | None,
         f"    local_prefix: {state}/local",
         "  backup:",
         f'    destination: "{state}/backups/{{name}}"',
+        # The lab's state folder is no root meant for backups: allowed here, explicitly.
+        f'    allow_destination: "{state}/backups"',
         "hosts:",
     ]
     for host in hosts:

@@ -182,9 +182,44 @@ def parse_stats(text: str) -> dict[str, Any]:
     speedups = re.findall(r"speedup is ([\d,.]+)", text)
     if speedups:
         stats["speedup"] = float(speedups[-1].replace(",", ""))
-    if "(DRY RUN)" in text:
+    marker = no_transfer_marker(text)
+    if marker == DRY_RUN_MARK:
         stats["dry_run"] = True
+    elif marker == BATCH_ONLY_MARK:
+        stats["batch_only"] = True
     return stats
+
+
+# rsync ends its summary line ``total size is N  speedup is X`` with `` (DRY RUN)`` after a
+# run that copied nothing (-n, --dry-run, however it got in) and `` (BATCH ONLY)`` after
+# --only-write-batch (2.6.9 to 3.5.x, main.c). Only the LAST such line counts: rsync prints
+# it last, and a file listed earlier (-v) may carry any name, this text included.
+DRY_RUN_MARK = "(DRY RUN)"
+BATCH_ONLY_MARK = "(BATCH ONLY)"
+_SUMMARY_LINE = re.compile(r"^total size is .*  speedup is [\d,.]+(?: (\([A-Z ]+\)))?[ \t]*$",
+                           re.MULTILINE)
+
+
+def no_transfer_marker(text: str) -> str | None:
+    """``(DRY RUN)`` or ``(BATCH ONLY)`` when rsync's own summary line in ``text`` says it
+    copied nothing, else None (also when there is no summary line)."""
+    lines = _SUMMARY_LINE.findall(text)
+    if lines and lines[-1] in (DRY_RUN_MARK, BATCH_ONLY_MARK):
+        return lines[-1]
+    return None
+
+
+def not_a_backup(stats: dict[str, Any]) -> str | None:
+    """Why parsed ``stats`` of a run asked to be real are no backup, or None."""
+    if stats.get("dry_run"):
+        marker = DRY_RUN_MARK
+    elif stats.get("batch_only"):
+        marker = BATCH_ONLY_MARK
+    else:
+        return None
+    return (f"rsync's output ends with {marker}: it copied nothing, so this run is no "
+            "backup (a dry-run or batch option got into the pull: check backup.options); "
+            "nothing was promoted")
 
 
 def _types(text: str) -> dict[str, int]:

@@ -167,17 +167,81 @@ def remote_path(source: str) -> str:
     return f"/{inner}/" if inner else "/"
 
 
+# rsync's short options that take an argument (its popt table: -B --block-size, -e --rsh,
+# -f --filter, -M --remote-option, -T --temp-dir, -@ --modify-window). popt reads a word
+# ``-abc`` letter by letter; at one of these the rest of the word (or, when nothing is left,
+# the next word) is its argument, whatever letters it holds.
+SHORT_WITH_ARGUMENT = "BefMT@"
+
+# Sender-side options that write or run something on the server, as root in captured mode:
+# never in a captured command. ``-M``/``--remote-option`` does not itself reach the server
+# (the client sends the option it carries), but is refused on sight too.
+WRITING_SENT = {
+    "--remove-source-files": "deletes every file it sends from the server",
+    "--remove-sent-files": "deletes every file it sends from the server",
+    "--log-file": "makes the server's rsync write a log file (as root) where it says",
+    "--log-file-format": "belongs to --log-file, a log file the server's rsync writes",
+    "--rsh": "names a command to run",
+    "--remote-option": "passes options to the server's rsync",
+    "--daemon": "starts a daemon",
+    "--config": "starts a daemon",
+    "--write-batch": "writes a batch file",
+    "--only-write-batch": "writes a batch file",
+    "--read-batch": "reads a batch file instead of the server's files",
+}
+WRITING_SENT_PREFIXES = ("--remove-", "--log-file")
+# Short ones, in a word of their own (rsync sends ``-B2048`` so; -e only inside the cluster).
+WRITING_SHORT = {"e": "names a command to run (-e, --rsh)",
+                 "M": "passes options to the server's rsync (-M, --remote-option)",
+                 "T": "makes the server's rsync write into a folder (-T, --temp-dir)"}
+# The capability string after ``e`` in the cluster: ``.`` or a pre-release's
+# ``PROTOCOL.SUB``, then capability letters (``.iLsfxCIvu``); rsync's server_options().
+_CAPABILITIES = re.compile(r"^(?:\.|\d+\.\d+)[A-Za-z]*$")
+
+
+def split_short(word: str) -> tuple[str, str, str]:
+    """``(flags, letter, argument)`` of a short-option word as rsync's popt reads it.
+
+    ``-vlogDtprxze.iLsfxCIvu`` -> ``("vlogDtprxz", "e", ".iLsfxCIvu")``; ``-0n`` -> ``("0n",
+    "", "")``; ``-B1024n`` -> ``("", "B", "1024n")``: after a letter of SHORT_WITH_ARGUMENT
+    nothing in the word is an option (an ``n`` there is no dry run).
+    """
+    body = word[1:] if word.startswith("-") and not word.startswith("--") else ""
+    for at, letter in enumerate(body):
+        if letter in SHORT_WITH_ARGUMENT:
+            return body[:at], letter, body[at + 1:]
+    return body, "", ""
+
+
+def writing_long_option(word: str) -> str | None:
+    """Why the long option ``word`` (``--name`` or ``--name=value``) writes or runs
+    something on the server, or None."""
+    name = word.split("=", 1)[0]
+    if name in WRITING_SENT:
+        return WRITING_SENT[name]
+    if name.startswith(WRITING_SENT_PREFIXES):
+        return "writes or deletes on the server"
+    return None
+
+
 def flag_cluster(words: list[str] | tuple[str, ...]) -> tuple[str, str]:
     """``(flags, rest)`` of the short-option word (``-vlogDtprxze.iLsfxCIvu``).
 
-    From protocol 30 on, ``e`` ends the flags: what follows is the capability string
-    (``.iLsfxCIvu``), whose letters are not options and may include any letter.
+    rsync's ``server_options()`` writes the flags, then (protocol 30 on) ``e`` and the
+    capability string (``.iLsfxCIvu``), whose letters are not options and may include any
+    letter: popt takes everything after ``e`` as -e's argument. 2.6.9 sends no ``e``. No
+    other option that takes an argument is ever in the cluster; one is refused.
     """
     if len(words) < 4 or not words[3].startswith("-") or words[3].startswith("--"):
         raise CaptureError("the command has no short-option cluster after "
                            f"{' '.join(SERVER_PREFIX)}: {' '.join(words)!r}")
-    flags, sep, rest = words[3][1:].partition("e")
-    return flags, sep + rest
+    flags, letter, argument = split_short(words[3])
+    if letter and (letter != "e" or not _CAPABILITIES.match(argument)):
+        raise CaptureError(
+            f"the cluster {words[3]!r} holds -{letter} with the argument {argument!r}: rsync "
+            "sends only flags there, then 'e' and its capability string; captured mode "
+            "refuses anything else (-e as a command, -M, -T, -B, -f)")
+    return flags, (letter + argument)
 
 
 def validate_sent(text: str, source: str, *, dry_run: bool = False) -> tuple[str, ...]:
@@ -201,7 +265,22 @@ def validate_sent(text: str, source: str, *, dry_run: bool = False) -> tuple[str
                            "(backup.source): options that move the arguments off the command "
                            "line (--secluded-args, -s) cannot be captured")
     flags, _ = flag_cluster(words)
-    if ("n" in flags) != dry_run:
+    dry = "n" in flags
+    for word in words[4:-2]:
+        why = None
+        if word.startswith("--"):
+            why = writing_long_option(word)
+            dry = dry or word == "--dry-run"
+        elif word.startswith("-"):
+            more, letter, _ = split_short(word)
+            if letter in WRITING_SHORT:
+                why = WRITING_SHORT[letter]
+            dry = dry or "n" in more
+        if why:
+            raise CaptureError(
+                f"the captured command {shown!r} holds {word!r}, which {why}: captured mode "
+                "runs only sender options that read; remove it from backup.options")
+    if dry != dry_run:
         if dry_run:
             raise CaptureError(f"the dry-run capture {shown!r} has no 'n' in its flags")
         raise CaptureError(f"the captured command {shown!r} holds the dry-run flag 'n': a "

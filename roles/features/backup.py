@@ -92,6 +92,7 @@ from roles.core.pull import (
     build_argv,
     describe_failure,
     has_delete,
+    not_a_backup,
     parse_stats,
 )
 from roles.core.rsync import CaptureError
@@ -235,6 +236,10 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         stats = parse_stats(scanner.tail)
         ok = code in OK_CODES
         error = None if ok else describe_failure(code, scanner.errors)
+        # rsync's own word: a run that printed (DRY RUN) is never a backup, whatever asked.
+        nothing_copied = None if dry_run else not_a_backup(stats)
+        if ok and nothing_copied:
+            ok, error = False, nothing_copied
         if code == 24:
             warnings.append("some files vanished on the server during the transfer "
                             "(rsync code 24); everything else was copied")

@@ -199,7 +199,7 @@ def capture_host(host: Host) -> Outcome:
         return Outcome(host.name, steps, error=str(exc), warnings=tuple(warnings))
     try:
         # A scheduled backup of this host must not run into the capture script.
-        with store.Lock(state / "lock", host.name):
+        with store.Lock(state / "lock", host.name, "capture-command"):
             facts = gather(conn, host.name, [host.rsync.remote_binary])
             check_ready(facts)
             remote, remote_version, more = remote_rsync(facts, host)

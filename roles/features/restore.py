@@ -18,7 +18,9 @@ from roles.local.store import (
     LATEST,
     TREE,
     BackupError,
+    Lock,
     complete_snapshots,
+    prepare_state,
     read_mirror_layout,
     state_dir,
 )
@@ -138,8 +140,27 @@ def check_restore_container(to: Path, names: list[str], mode: int | None, *,
 
 def run_restore(host: Host, *, path: str, to: str, snapshot: str | None = None,
                 force: bool = False) -> RestoreResult:
-    """Copy ``path`` (a server path) out of the local backup into ``to``."""
+    """Copy ``path`` (a server path) out of the local backup into ``to``.
+
+    Under the host's backup lock (``DEST.pullback/lock``, as ``restore``): a backup
+    renames, promotes and prunes the very folders a restore reads, so a restore while a
+    backup of the host runs fails at once (BackupError, exit 1), and so does a backup or a
+    capture while a restore runs. rsync inherits the lock: a killed restore's rsync
+    still holds it.
+    """
     restore_relpath(host, path)
+    backup_root(host, snapshot)  # no backup at all: say so before any folder is made
+    try:
+        state = prepare_state(host)
+    except BackupError as exc:
+        raise RestoreError(str(exc)) from None
+    with Lock(state / "lock", host.name, "restore") as lock:
+        return _restore_locked(host, path=path, to=to, snapshot=snapshot, force=force,
+                               lock=lock)
+
+
+def _restore_locked(host: Host, *, path: str, to: str, snapshot: str | None, force: bool,
+                    lock: Lock) -> RestoreResult:
     root = backup_root(host, snapshot)
     source = resolve_restore_path(host, root, path)
     target = Path(os.path.normpath(Path(to).absolute()))
@@ -173,7 +194,7 @@ def run_restore(host: Host, *, path: str, to: str, snapshot: str | None = None,
     argv = build_restore_argv(rsync, host.backup.options, source, is_dir=is_dir,
                               to=str(target / TREE))
     result = subprocess.run(argv, capture_output=True, env=rsync_env(), check=False,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, pass_fds=(lock.fd,))
     output = (result.stdout + result.stderr).decode(errors="replace")
     error = None
     if result.returncode != 0:

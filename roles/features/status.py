@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from roles.core.pull import not_a_backup
 from roles.core.table import format_rows
 from roles.local.store import complete_snapshots, human_bytes, run_key, state_dir
 
@@ -73,16 +74,23 @@ def parse_summary(data: Any, run: str) -> Run:
         value = stats.get(key)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
+    dry_run = bool(data.get("dry_run"))
+    ok, error = data["ok"], data.get("error")
+    # rsync's output said (DRY RUN) (or BATCH ONLY) though the run was meant to be real
+    # (a summary written before backup refused such runs): failed, never a good backup.
+    nothing_copied = None if dry_run else not_a_backup(stats)
+    if nothing_copied:
+        ok, error = False, nothing_copied
     return Run(
         run=str(data.get("run") or run),
         started=_started(data, run),
-        ok=data["ok"],
+        ok=ok,
         exit_code=code if isinstance(code, int) else None,
         seconds=float(seconds) if isinstance(seconds, int | float) else 0.0,
         transferred=number("transferred_size"),
         received=number("bytes_received"),
-        dry_run=bool(data.get("dry_run")),
-        error=data.get("error") if isinstance(data.get("error"), str) else None,
+        dry_run=dry_run,
+        error=error if isinstance(error, str) else None,
     )
 
 

@@ -9,8 +9,9 @@ the computed paths, per host) to ``~/.cache/pullback/inventory-<hash of the path
 of these still hold, else it validates again:
 
 - the key matches: a SHA-256 over the inventory's bytes, ``$HOME`` (``~`` expands
-  against it), the Python version and the source of the two modules that define the
-  result (``roles/inventory/schema.py``, this file), so editing either one invalidates it;
+  against it), the Python version and the source of the modules that define the result
+  (``roles/inventory/schema.py``, ``selection.py``, this file, and the rules in
+  ``roles/core/destinations.py`` and ``rsync.py``), so editing any one invalidates it;
 - the cache file and folder belong to this user, the folder's parent to this user or root,
   none is a symlink and nobody else can write them (the entry becomes the argv of a root
   backup, so it is trusted no more than the inventory; under ``sudo`` with the caller's
@@ -36,8 +37,11 @@ from roles.inventory.selection import Inventory, Record, read_inventory
 
 FORMAT = 1
 CACHE_MAX_AGE = 30 * 24 * 3600  # entries of inventories not loaded for 30 days are removed
+# The rules the validation applies live in roles.core too: the destination rules and the
+# option checks; editing them invalidates the cache as well.
 _SOURCES = (Path(__file__).with_name("schema.py"), Path(__file__).with_name("selection.py"),
-            Path(__file__))
+            Path(__file__), Path(__file__).parents[1] / "core" / "destinations.py",
+            Path(__file__).parents[1] / "core" / "rsync.py")
 
 
 # --- the cache ------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from roles.core import destinations
 from roles.core import rsync as rsync_model
 from roles.core.rsync import DEFAULT_VERSION
 from roles.inventory.selection import Inventory, InventoryError, read_inventory
@@ -33,23 +34,60 @@ DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.ta
 # gives no backup.options gets the ones its rsync.version supports (Host._options_for_version).
 DEFAULT_OPTIONS = rsync_model.DEFAULT_OPTIONS
 
-# Folders a backup must never be written into: a --delete pull would empty them.
-DANGEROUS_DESTINATIONS = frozenset(
-    {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib64", "/opt", "/proc",
-     "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib"}
-)
-# Options the toolkit itself owns: a user setting them would break the forced command or
-# the safety of the pull.
+# The toolkit's own folder (the repository, or where it is installed): no DEST may hold it.
+TOOLKIT = str(Path(__file__).resolve().parents[2])
+
+# Options the toolkit itself owns or never lets a backup use: a user setting them would
+# break the forced command or the safety of the pull. Checked by name (``--name=value``
+# too); short options inside clusters (``-avn``, ``-0e...``) are read as rsync's popt
+# reads them (roles.core.rsync.split_short).
 RESERVED_OPTIONS = {
     "-n": "use `invoke backup --dry-run` instead of -n",
     "--dry-run": "use `invoke backup --dry-run` instead",
+    "--list-only": "a listing is not a backup (nothing would be copied)",
     "-e": "the ssh command is built from the inventory",
     "--rsh": "the ssh command is built from the inventory",
     "--rsync-path": "the remote rsync comes from rsync.prefix",
+    "-M": "options for the server's rsync would run there as root",
+    "--remote-option": "options for the server's rsync would run there as root",
     "--remove-source-files": "a backup never deletes on the server",
+    "--remove-sent-files": "a backup never deletes on the server",
+    "--log-file": "pullback logs every run in DEST.pullback/logs",
+    "--log-file-format": "pullback logs every run in DEST.pullback/logs",
+    "--trust-sender": "it turns off the checks that protect this machine from a compromised "
+                      "server",
+    "--read-batch": "a batch is not a pull",
+    "--write-batch": "a batch is not a pull",
+    "--only-write-batch": "a batch is not a pull (nothing would be copied)",
     "--server": "internal rsync option",
+    "--sender": "internal rsync option",
     "--daemon": "internal rsync option",
+    "--config": "internal rsync option",
 }
+# Every option starting so is refused as well (rsync's --remove-*, --log-file*).
+RESERVED_PREFIXES = {
+    "--remove-": "a backup never deletes on the server",
+    "--log-file": "pullback logs every run in DEST.pullback/logs",
+}
+
+
+def option_problem(option: str) -> str | None:
+    """Why ``option`` (one word of backup.options) is refused, or None. Pure."""
+    if option in ("-", "--") or not option.startswith("-"):
+        return f"{option!r} is not an option (options start with '-')"
+    if option.startswith("--"):
+        name = option.split("=", 1)[0]
+        why = RESERVED_OPTIONS.get(name) or next(
+            (text for prefix, text in RESERVED_PREFIXES.items() if name.startswith(prefix)),
+            None)
+        return f"{option!r} is not allowed here: {why}" if why else None
+    flags, letter, _ = rsync_model.split_short(option)
+    if "n" in flags:
+        return f"{option!r} contains -n: use `invoke backup --dry-run` instead"
+    if letter in ("e", "M"):
+        return f"{option!r} contains -{letter}: {RESERVED_OPTIONS['-' + letter]}"
+    return None
+
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -171,6 +209,9 @@ class BackupSettings(_Strict):
     max_delete: int | None = Field(default=None, ge=0)
     parallel: int = Field(default=4, ge=1, le=64)
     max_age: float = Field(default=36, gt=0)  # hours
+    # One more root below which destinations may lie (roles.core.destinations); the lab
+    # sets its state folder here.
+    allow_destination: AbsPath | None = None
 
     @field_validator("destination")
     @classmethod
@@ -179,9 +220,17 @@ class BackupSettings(_Strict):
         probe = value.replace("{name}", "host")
         if "{" in probe or "}" in probe:
             raise ValueError("may only use the placeholder {name}")
-        probe = _absolute_path(probe)
-        if str(PurePosixPath(probe)) in DANGEROUS_DESTINATIONS:
-            raise ValueError(f"{value!r} is a system folder; a --delete pull would empty it")
+        if probe.startswith("~"):
+            raise ValueError(f"must be an absolute path, got {value!r}")
+        _absolute_path(probe)
+        return value
+
+    @field_validator("allow_destination")
+    @classmethod
+    def _allow(cls, value: str | None) -> str | None:
+        problem = destinations.allow_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("options")
@@ -189,16 +238,9 @@ class BackupSettings(_Strict):
     def _options(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for option in value:
             _no_control(option)
-            if not option.startswith("-"):
-                raise ValueError(f"{option!r} is not an option (options start with '-')")
-            name = option.split("=", 1)[0]
-            if name in RESERVED_OPTIONS:
-                raise ValueError(f"{option!r} is not allowed here: {RESERVED_OPTIONS[name]}")
-            short = option[1:] if re.match(r"^-[a-zA-Z]+$", option) else ""
-            if "n" in short:
-                raise ValueError(f"{option!r} contains -n: use `invoke backup --dry-run` instead")
-            if "e" in short:
-                raise ValueError(f"{option!r} contains -e: the ssh command comes from inventory")
+            problem = option_problem(option)
+            if problem:
+                raise ValueError(problem)
         return value
 
     @field_validator("exclude")
@@ -224,7 +266,9 @@ class Host(_Strict):
     port: int = Field(default=22, ge=1, le=65535)
     admin_user: str
     admin_key: AbsPath | None = None
-    known_hosts: AbsPath = "~/.ssh/known_hosts"
+    # validate_default: the default goes through _absolute_path too, so its ~ is expanded
+    # (pydantic does not validate defaults otherwise; it stayed a relative ./~/.ssh/...).
+    known_hosts: AbsPath = Field(default="~/.ssh/known_hosts", validate_default=True)
     backup_key: AbsPath
     from_: str | None = Field(default=None, alias="from")
     forced_command: Literal["captured", "daemon"] = "daemon"
@@ -280,6 +324,14 @@ class Host(_Strict):
     def _destination_per_host(self) -> Host:
         if self.backup.snapshots and self.backup.destination.rstrip("/") == "":
             raise ValueError("backup.destination must not be empty")
+        keep_out = [("the backup key", self.backup_key), ("known_hosts", self.known_hosts),
+                    ("the toolkit", TOOLKIT)]
+        if self.admin_key:
+            keep_out.append(("the admin key", self.admin_key))
+        problem = destinations.destination_problem(
+            self.destination, allow=self.backup.allow_destination, keep_out=keep_out)
+        if problem:
+            raise ValueError(f"backup.destination: {problem}")
         return self
 
     @property
@@ -400,6 +452,10 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         except ValidationError as exc:
             for error in exc.errors():
                 loc = tuple("from" if p == "from_" else p for p in error["loc"])
+                message = _message(error)
+                if not loc and message.startswith(_DEST_PREFIX):
+                    # Host's own check of its destination: point at backup.destination.
+                    loc, message = ("backup", "destination"), message[len(_DEST_PREFIX):]
                 # Point at the line the bad value came from: the host entry or defaults.
                 host_path = ("hosts", name, *loc)
                 default_path = ("defaults", *loc)
@@ -409,10 +465,23 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
                     path = host_path
                 else:
                     path = default_path
-                report(path, _message(error))
+                report(path, message)
+    seen: list[Host] = []
+    for name, host in hosts.items():
+        for other in seen:
+            if destinations.dests_meet(host.destination, other.destination):
+                report(("hosts", name, "backup", "destination"),
+                       f"{host.destination} (host {name}) and {other.destination} (host "
+                       f"{other.name}) share a folder (or one holds the other, or its "
+                       ".pullback state): each host needs its own, e.g. with {name}")
+                break
+        seen.append(host)
     if problems:
         raise InventoryError(problems)
     return Inventory(path=Path(source), hosts=hosts)
+
+
+_DEST_PREFIX = "backup.destination: "
 
 
 def _message(error: Any) -> str:

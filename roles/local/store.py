@@ -207,13 +207,15 @@ def state_dir(host: Host) -> Path:
 class Lock:
     """A non-blocking ``fcntl.flock`` on ``DEST.pullback/lock``; the file holds the pid.
 
-    rsync inherits the locked descriptor (``pass_fds``), so when this process is killed
-    and rsync lives on, the lock stays held until rsync exits too: no new run touches the
-    ``.partial`` folder an orphaned rsync still writes into.
+    Every run that reads or writes DEST takes it: a backup, a capture, a restore
+    (``action``, recorded after the pid so the refusal says what holds the lock). rsync
+    inherits the locked descriptor (``pass_fds``), so when this process is killed and rsync
+    lives on, the lock stays held until rsync exits too: no new run touches the
+    ``.partial`` folder an orphaned rsync still writes into (or reads from).
     """
 
-    def __init__(self, path: Path, host: str) -> None:
-        self.path, self.host = path, host
+    def __init__(self, path: Path, host: str, action: str = "backup") -> None:
+        self.path, self.host, self.action = path, host, action
         self._fd: int | None = None
 
     @property
@@ -226,18 +228,17 @@ class Lock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").split()
+            holder = os.pread(fd, 64, 0).decode(errors="replace")
             os.close(fd)
-            pid = holder[0] if holder else "unknown"
-            also = f", rsync pid {holder[2]}" if len(holder) > 2 else ""
-            raise BackupError(f"another backup of {self.host} is running (pid {pid}{also}); "
-                              f"lock {self.path}") from None
+            raise BackupError(f"{describe_holder(self.host, holder)}; lock {self.path}") from None
         self._fd = fd
         self.record()
         return self
 
     def record(self, rsync_pid: int | None = None) -> None:
-        text = f"{os.getpid()}" + (f" rsync {rsync_pid}" if rsync_pid else "") + "\n"
+        """``PID``, ``PID rsync RPID``; other actions than backup add theirs: ``PID restore``."""
+        text = (f"{os.getpid()}" + (f" rsync {rsync_pid}" if rsync_pid else "")
+                + ("" if self.action == "backup" else f" {self.action}") + "\n")
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, text.encode(), 0)
 
@@ -246,6 +247,20 @@ class Lock:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+
+
+def describe_holder(host: str, text: str) -> str:
+    """Pure: who holds ``host``'s lock, from the lock file's ``text`` (Lock.record)."""
+    words = text.split()
+    pid = words[0] if words else "unknown"
+    rest = words[1:]
+    rsync = ""
+    if len(rest) >= 2 and rest[0] == "rsync":
+        rsync, rest = f", rsync pid {rest[1]}", rest[2:]
+    what = rest[0] if rest and re.fullmatch(r"[a-z-]{1,20}", rest[0]) else "backup"
+    if what == "backup":
+        return f"another backup of {host} is running (pid {pid}{rsync})"
+    return f"a {what} of {host} is running (pid {pid}{rsync})"
 
 
 def mkdir_private(path: Path) -> None:
@@ -306,7 +321,8 @@ def snapshot_file_count(dest: Path, logs: Path, snapshot: str) -> tuple[int, str
     try:
         data = json.loads((logs / f"{snapshot}.json").read_text())
         files = data["stats"]["files"]
-        if isinstance(files, int) and not isinstance(files, bool) and data.get("ok"):
+        if (isinstance(files, int) and not isinstance(files, bool) and data.get("ok")
+                and not data["stats"].get("dry_run") and not data["stats"].get("batch_only")):
             return files, f"{logs / snapshot}.json"
     except (OSError, ValueError, KeyError, TypeError):
         pass

@@ -313,6 +313,27 @@ def test_a_second_concurrent_run_fails_at_once(mirror):
     assert result.stdout.splitlines()[1].split()[1] == "failed"
 
 
+def test_a_restore_while_a_backup_runs_fails_at_once(mirror, work):
+    inventory, host = mirror
+    assert invoke("backup", "--inventory", str(inventory)).returncode == 0
+    lock = Path(host.destination + ".pullback") / "lock"
+    target = work / "restored-while-locked"
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.seek(0)
+        held.truncate()
+        held.write("4711 rsync 4712\n")
+        held.flush()
+        started = time.monotonic()
+        result = invoke("restore", "--inventory", str(inventory), "--host", host.name,
+                        "--path", f"{DATA}/some", "--to", str(target))
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert (f"restore: another backup of {host.name} is running (pid 4711, rsync pid 4712)"
+            in result.stderr)
+    assert elapsed < 10 and not target.exists()
+
+
 def test_restore_round_trips_a_folder_and_refuses_a_non_empty_target(remote, mirror, work):
     inventory, host = mirror
     assert invoke("backup", "--inventory", str(inventory)).returncode == 0
@@ -544,7 +565,7 @@ def test_local_users_cannot_reach_the_servers_setuid_files_and_devices(lab_env, 
     path = lab_env.inventory([remote], path=open_parent / "inventory.yaml", defaults={
         "rsync": {"local_prefix": str(open_parent / "no-local-build")},
         "backup": {"destination": str(open_parent / "backups" / "{name}"), "source": DATA,
-                   "options": OPTIONS},
+                   "options": OPTIONS, "allow_destination": str(open_parent / "backups")},
     })
     host = load(path).hosts[remote.name]
     result = invoke("backup", "--inventory", str(path))

@@ -19,7 +19,7 @@ import pytest
 from roles.core import pull
 from roles.core import rsync as rsync_model
 from roles.features import backup as b
-from roles.features import restore
+from roles.features import restore, status
 from roles.inventory.schema import Host
 from roles.local import capture_record, runner, store
 
@@ -226,6 +226,33 @@ def test_parse_stats_dry_run_and_human_readable(tmp_path):
     assert human["transferred_size"] == pytest.approx(1_501_234, rel=0.01)
 
 
+# The last line of a 3.x and a 2.6.9 --stats run, with and without -n / --only-write-batch.
+@pytest.mark.parametrize(("text", "marker"), [
+    ("sent 1 bytes  received 2 bytes  6.00 bytes/sec\n"
+     "total size is 1,501,239  speedup is 1.00 (DRY RUN)\n", "(DRY RUN)"),
+    ("total size is 987654321  speedup is 25904.14 (DRY RUN)\n", "(DRY RUN)"),
+    ("total size is 1.50M  speedup is 1.00 (DRY RUN)\n", "(DRY RUN)"),  # -h
+    ("total size is 987654321  speedup is 25904.14 (BATCH ONLY)\n", "(BATCH ONLY)"),
+    ("total size is 987654321  speedup is 25904.14\n", None),
+    # A file named like the marker line, listed by -v, then rsync's own line: not a dry run.
+    ("total size is 1  speedup is 1.00 (DRY RUN)\nsent 1 bytes  received 2 bytes\n"
+     "total size is 5  speedup is 0.01\n", None),
+    # ...and the other way round: a real dry run whose listing held a plain line.
+    ("total size is 1  speedup is 1.00\ntotal size is 5  speedup is 0.01 (DRY RUN)\n",
+     "(DRY RUN)"),
+    ("(DRY RUN)\n", None),  # not rsync's summary line
+    ("", None),
+])
+def test_no_transfer_marker_reads_rsyncs_own_summary_line(text, marker):
+    assert pull.no_transfer_marker(text) == marker
+    assert pull.parse_stats(text).get("dry_run", False) == (marker == "(DRY RUN)")
+
+
+def test_real_dry_run_output_carries_the_marker(tmp_path):
+    assert pull.no_transfer_marker(real_stats(tmp_path, "-n")) == "(DRY RUN)"
+    assert pull.no_transfer_marker(real_stats(tmp_path / "again")) is None
+
+
 STATS_269 = """\
 sending incremental file list
 
@@ -401,7 +428,8 @@ if code:
     print("rsync error: some files/attrs were not transferred (see previous errors) "
           f"(code {code}) at main.c(1338) [generator=3.2.7]")
     sys.exit(code)
-os.execv(os.environ["REAL_RSYNC"], ["rsync", "-a", *args])
+os.execv(os.environ["REAL_RSYNC"], ["rsync", "-a", *os.environ.get("FAKE_EXTRA", "").split(),
+                                    *args])
 """
 
 
@@ -587,6 +615,31 @@ def test_run_backup_code_24_is_a_success_with_a_warning(tmp_path, fake, monkeypa
     assert result.snapshot and b.result_label(result) == "ok (24)"
 
 
+@pytest.mark.parametrize("snapshots", [0, 2])
+def test_a_run_whose_rsync_says_dry_run_is_not_a_backup(tmp_path, fake, monkeypatch,
+                                                         snapshots):
+    """-n smuggled past backup.options (here: into the stand-in's own argv): rsync's
+    (DRY RUN) marks the run failed, nothing is promoted, status never counts it."""
+    host = make_host(tmp_path, snapshots=snapshots)
+    monkeypatch.setenv("FAKE_EXTRA", "--dry-run")
+    result = b.run_backup(host, dry_run=False, tty=False)
+    assert not result.ok and result.snapshot is None and not result.dry_run
+    assert "(DRY RUN)" in result.error and "nothing was promoted" in result.error
+    dest = tmp_path / "web1"
+    assert "latest" not in os.listdir(dest)
+    assert store.complete_snapshots(os.listdir(dest)) == []
+    summary = json.loads(Path(result.summary_path).read_text())
+    assert summary["ok"] is False and summary["stats"]["dry_run"] is True
+    assert status.gather_status(host).newest_good is None
+    # A dry run asked for says (DRY RUN) too: that one is fine, and still no backup.
+    asked = b.run_backup(host, dry_run=True, tty=False)
+    assert asked.ok and asked.dry_run and status.gather_status(host).newest_good is None
+    monkeypatch.delenv("FAKE_EXTRA")
+    real = b.run_backup(host, dry_run=False, tty=False)
+    assert real.ok and status.gather_status(host).newest_good is not None
+    assert bool(real.snapshot) == bool(snapshots)
+
+
 def test_lock_refuses_a_second_run_at_once(tmp_path, fake):
     host = make_host(tmp_path)
     state = store.state_dir(host)
@@ -618,7 +671,7 @@ def test_mirror_mode_refuses_a_folder_of_snapshots(tmp_path, fake):
 def test_an_orphaned_rsync_keeps_the_lock(tmp_path, fake, monkeypatch):
     """pullback killed, its rsync still running: no new run may start until rsync ends."""
     monkeypatch.setenv("FAKE_SLEEP", "1.5")
-    host = make_host(tmp_path)
+    host = make_host(tmp_path, allow_destination=str(tmp_path))  # the child has no seam
     script = ("import sys, roles.features.backup as b, roles.inventory.schema as i; "
               "b.run_backup(i.Host.model_validate_json(sys.argv[1]), dry_run=False, tty=False)")
     child = subprocess.Popen([sys.executable, "-c", script, host.model_dump_json(by_alias=True)],
@@ -813,6 +866,56 @@ def test_run_restore_refuses_non_empty_and_inside_the_backup(tmp_path):
     assert (target / "other").exists()
 
 
+def test_a_restore_during_a_backup_fails_at_once_and_a_backup_during_a_restore(tmp_path):
+    host = make_host(tmp_path)
+    (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
+    state = store.state_dir(host)
+    state.mkdir(mode=0o700)
+    target = tmp_path / "out"
+    backup_holds = rf"another backup of web1 is running \(pid {os.getpid()}\)"
+    with store.Lock(state / "lock", host.name), \
+            pytest.raises(store.BackupError, match=backup_holds):
+        restore.run_restore(host, path="/etc", to=str(target))
+    assert not target.exists()
+    restore_holds = rf"a restore of web1 is running \(pid {os.getpid()}\); lock {state}/lock$"
+    with store.Lock(state / "lock", host.name, "restore"), \
+            pytest.raises(store.BackupError, match=restore_holds):
+        b.run_backup(host, dry_run=False, tty=False)
+    assert restore.run_restore(host, path="/etc", to=str(target)).ok
+    assert (state / "lock").read_text() == ""  # released
+
+
+def test_a_restore_holds_the_lock_while_its_rsync_runs(tmp_path, monkeypatch):
+    host = make_host(tmp_path)
+    (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
+    seen = []
+
+    def fake_run(argv, **kwargs):
+        lock = store.state_dir(host) / "lock"
+        seen.append((lock.read_text(), kwargs.get("pass_fds")))
+        with pytest.raises(store.BackupError, match="a restore of web1 is running"):
+            store.Lock(lock, host.name).__enter__()
+        return subprocess.CompletedProcess(argv, 0, b"", b"")
+
+    monkeypatch.setattr(restore.subprocess, "run", fake_run)
+    assert restore.run_restore(host, path="/etc", to=str(tmp_path / "out")).ok
+    (text, fds), = seen
+    assert text == f"{os.getpid()} restore\n" and fds and len(fds) == 1
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("4711\n", "another backup of h is running (pid 4711)"),
+    ("4711 rsync 4712\n", "another backup of h is running (pid 4711, rsync pid 4712)"),
+    ("4711 restore\n", "a restore of h is running (pid 4711)"),
+    ("4711 rsync 4712 restore\n", "a restore of h is running (pid 4711, rsync pid 4712)"),
+    ("4711 capture-command\n", "a capture-command of h is running (pid 4711)"),
+    ("", "another backup of h is running (pid unknown)"),
+    ("4711 $(reboot)\n", "another backup of h is running (pid 4711)"),
+])
+def test_describe_holder(text, said):
+    assert store.describe_holder("h", text) == said
+
+
 def test_run_restore_makes_a_new_container_0700(tmp_path):
     host = make_host(tmp_path)
     (tmp_path / "web1" / "tree" / "etc").mkdir(parents=True)
@@ -990,6 +1093,7 @@ def cli(tmp_path: Path, *args: str, **host) -> subprocess.CompletedProcess:
         for i, (name, mode) in enumerate(host.items()))
     inventory.write_text(f"defaults:\n  admin_user: admin\n  backup_key: {tmp_path}/key\n"
                          f"  backup:\n    destination: {tmp_path}/b/{{name}}\n"
+                         f"    allow_destination: {tmp_path}/b\n"
                          f"hosts:\n{entries}")
     return subprocess.run([str(Path(sys.executable).parent / "invoke"), *args,
                            "--inventory", str(inventory)], capture_output=True, text=True,

@@ -8,6 +8,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -87,6 +88,95 @@ def test_valid_commands(text, source, dry_run):
 ])
 def test_invalid_commands(text, why):
     with pytest.raises(cap.CaptureError, match=why):
+        rsync_model.validate_sent(text, "/srv/data")
+
+
+# What a client really sends with options that write on the server (this machine's rsync
+# 3.5.0 with a stand-in ssh; see test_the_local_client_refuses_what_writes for the live run).
+SENT_WITH = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids {} . /srv/data/"
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    (SENT_WITH.format("--remove-source-files"), "'--remove-source-files', which deletes"),
+    (SENT_WITH.format("--remove-sent-files"), "'--remove-sent-files', which deletes"),
+    (SENT_WITH.format("--remove-anything"), "writes or deletes on the server"),
+    (SENT_WITH.format("--log-file=/etc/cron.d/x"), "write a log file"),  # from -M
+    (SENT_WITH.format("--log-file-format=%i"), "'--log-file-format=%i'"),
+    (SENT_WITH.format("--log-filex=/x"), "writes or deletes on the server"),
+    (SENT_WITH.format("-essh"), "names a command to run"),  # what -M-essh sends
+    (SENT_WITH.format("-e"), "names a command to run"),
+    (SENT_WITH.format("--rsh=ssh"), "names a command to run"),
+    (SENT_WITH.format("-M--log-file=/x"), "passes options to the server's rsync"),
+    (SENT_WITH.format("--remote-option=-x"), "passes options to the server's rsync"),
+    (SENT_WITH.format("-T/tmp"), "write into a folder"),
+    (SENT_WITH.format("--daemon"), "starts a daemon"),
+    (SENT_WITH.format("--config=/etc/x"), "starts a daemon"),
+    (SENT_WITH.format("--only-write-batch=/x"), "writes a batch file"),
+    # The cluster: flags, then e and the capability string; nothing else takes an argument.
+    ("rsync --server --sender -vlogDtprxzessh . /srv/data/", "holds -e with the argument 'ssh'"),
+    ("rsync --server --sender -vlogDtprxze/bin/sh . /srv/data/", "holds -e"),
+    ("rsync --server --sender -vlogM--log-file=/x . /srv/data/", "holds -M"),
+    ("rsync --server --sender -vlogT/tmp . /srv/data/", "holds -T"),
+    ("rsync --server --sender -vlogDtprxzB1024 . /srv/data/", "holds -B"),
+    # A dry run hidden outside the cluster is still a dry run: refused for a real capture.
+    (SENT_WITH.format("--dry-run"), "holds the dry-run flag"),
+    (SENT_WITH.format("-0n"), "holds the dry-run flag"),
+])
+def test_commands_that_write_on_the_server_are_refused(text, why):
+    with pytest.raises(cap.CaptureError, match=re.escape(why)):
+        rsync_model.validate_sent(text, "/srv/data")
+
+
+@pytest.mark.parametrize("text", [
+    REAL,
+    SENT_WITH.format("-B2048"),  # --block-size: sent as a word of its own; the sender reads
+    SENT_WITH.format("--iconv=utf8"),
+    SENT_WITH.format("--checksum-choice=md5"),
+    "rsync --server --sender -vlogDtpRxze.LsfxCIvu --numeric-ids --files-from=- --from0 . "
+    "/srv/data/",
+    "rsync --server --sender -0vlogDtprxze.iLsfxCIvu . /srv/data/",  # flags before e
+    "rsync --server --sender -vlogDtprxze31.2iLsfxCIvu . /srv/data/",  # a pre-release's e
+])
+def test_sender_options_that_read_pass(text):
+    assert rsync_model.validate_sent(text, "/srv/data") == tuple(text.split(" "))
+
+
+@pytest.mark.parametrize(("word", "parts"), [
+    ("-vlogDtprxze.iLsfxCIvu", ("vlogDtprxz", "e", ".iLsfxCIvu")),
+    ("-vlogDtprxz", ("vlogDtprxz", "", "")),
+    ("-0e.iLs", ("0", "e", ".iLs")),
+    ("-0n", ("0n", "", "")),
+    ("-B1024n", ("", "B", "1024n")),
+    ("-avM--log-file=/x", ("av", "M", "--log-file=/x")),
+    ("-@-1", ("", "@", "-1")),
+    ("--dry-run", ("", "", "")),
+])
+def test_split_short_reads_a_word_as_popt_does(word, parts):
+    assert rsync_model.split_short(word) == parts
+
+
+@pytest.mark.parametrize(("option", "sent"), [
+    ("--remove-source-files", "--remove-source-files"),
+    ("--remove-sent-files", "--remove-sent-files"),
+    ("-M--log-file=/tmp/x", "--log-file=/tmp/x"),
+    ("--remote-option=--log-file-format=%i", "--log-file-format=%i"),
+    ("-M-essh", "-essh"),
+])
+def test_the_local_client_refuses_what_writes(tmp_path, option, sent):
+    """What this machine's rsync really sends for options that write on the server: each is
+    refused, so capture-command never installs it as the forced command."""
+    rsync = shutil.which("rsync")
+    assert rsync, "rsync is needed on PATH"
+    ssh = tmp_path / "ssh"
+    ssh.write_text(FAKE_SSH)
+    ssh.chmod(0o755)
+    out = tmp_path / "captured"
+    subprocess.run([rsync, "-e", str(ssh), "-avzx", "--numeric-ids", option,
+                    "root@h:/srv/data/", str(tmp_path / "dest")], capture_output=True,
+                   env={**os.environ, "CAPTURED": str(out)}, check=False, timeout=30)
+    text = out.read_text()
+    assert sent in text.split(" ")
+    with pytest.raises(cap.CaptureError, match="runs only sender options that read"):
         rsync_model.validate_sent(text, "/srv/data")
 
 

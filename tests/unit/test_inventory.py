@@ -142,11 +142,11 @@ BAD = [
      "inventory.yaml:5: hosts.a.backup_key: must be an absolute path (or start with ~/), "
      "got 'keys/backup'"),
     (BASE + "    backup: {destination: /}\n",
-     "inventory.yaml:6: hosts.a.backup.destination: '/' is a system folder; a --delete pull "
-     "would empty it"),
+     "inventory.yaml:6: hosts.a.backup.destination: / is a system folder; a backup there would "
+     "change it (mode 0700, --delete)"),
     (BASE + "    backup: {destination: /etc/}\n",
-     "inventory.yaml:6: hosts.a.backup.destination: '/etc/' is a system folder; a --delete pull "
-     "would empty it"),
+     "inventory.yaml:6: hosts.a.backup.destination: /etc/ is a system folder; a backup there "
+     "would change it (mode 0700, --delete)"),
     (BASE + "    backup: {destination: '/srv/{host}'}\n",
      "inventory.yaml:6: hosts.a.backup.destination: may only use the placeholder {name}"),
     (BASE + "    rsync: {version: 3.2}\n",
@@ -240,3 +240,93 @@ def test_sparse_with_inplace_is_fine_from_313():
     host = load_text(BASE + "    rsync: {version: 3.1.3}\n"
                             "    backup: {options: [-aSx, --inplace]}\n").hosts["a"]
     assert host.backup.options == ("-aSx", "--inplace")
+
+
+# --- known_hosts ----------------------------------------------------------------------------
+
+MINIMAL = "hosts:\n  a: {address: 192.0.2.1, admin_user: admin, backup_key: /keys/backup}\n"
+
+
+def test_the_default_known_hosts_is_in_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    host = load_text(MINIMAL).hosts["a"]
+    assert host.known_hosts == f"{tmp_path}/.ssh/known_hosts"
+
+
+def test_a_known_hosts_with_a_tilde_is_in_the_home_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = MINIMAL.replace("/keys/backup}", "/keys/backup, known_hosts: ~/pb/known}")
+    assert load_text(text).hosts["a"].known_hosts == f"{tmp_path}/pb/known"
+
+
+# --- backup.options: what a backup never runs --------------------------------------------------
+
+
+@pytest.mark.parametrize(("option", "why"), [
+    ("-n", "contains -n: use `invoke backup --dry-run` instead"),
+    ("--dry-run", "use `invoke backup --dry-run` instead"),
+    ("-avn", "contains -n"),
+    ("-0n", "contains -n"),  # a digit in the cluster hid the n from the old check
+    ("-4avzn", "contains -n"),
+    ("--list-only", "a listing is not a backup"),
+    ("-e", "the ssh command is built from the inventory"),
+    ("-essh", "contains -e"),
+    ("-avessh", "contains -e"),
+    ("-0e.iLs", "contains -e"),
+    ("-e=ssh", "contains -e"),
+    ("--rsh", "the ssh command is built from the inventory"),
+    ("--rsh=ssh -i /k", "the ssh command is built from the inventory"),
+    ("-M--log-file=/etc/cron.d/x", "contains -M"),
+    ("-avM--remove-source-files", "contains -M"),
+    ("--remote-option=--remove-source-files", "would run there as root"),
+    ("--remote-option", "would run there as root"),
+    ("--remove-source-files", "a backup never deletes on the server"),
+    ("--remove-sent-files", "a backup never deletes on the server"),
+    ("--remove-anything-new", "a backup never deletes on the server"),
+    ("--log-file=/tmp/x", "pullback logs every run"),
+    ("--log-file-format=%i", "pullback logs every run"),
+    ("--log-file-anything", "pullback logs every run"),
+    ("--trust-sender", "compromised server"),
+    ("--only-write-batch=/tmp/b", "a batch is not a pull"),
+    ("--read-batch=/tmp/b", "a batch is not a pull"),
+    ("--rsync-path=/tmp/evil", "rsync.prefix"),
+    ("--server", "internal rsync option"),
+    ("--daemon", "internal rsync option"),
+    ("-", "is not an option"),
+    ("ssh", "is not an option"),
+])
+def test_backup_options_that_are_refused(option, why):
+    text = BASE + f"    backup: {{options: [-a, {option!r}]}}\n"
+    with pytest.raises(InventoryError) as caught:
+        load_text(text)
+    (problem,) = caught.value.problems
+    assert problem.startswith("inventory.yaml:6: hosts.a.backup.options: ")
+    assert why in problem and "\n" not in problem
+
+
+@pytest.mark.parametrize("options", [
+    list(DEFAULT_OPTIONS),
+    ["-aHAXx", "--numeric-ids", "--delete", "--stats", "--exclude=/proc/*"],
+    ["-avvzxub", "--numeric-ids", "--max-delete=5", "--info=progress2"],
+    ["-avzx", "-B1024n"],  # after -B the word is its argument: no dry run
+    ["-avzx", "-T/var/tmp/pullback"],  # --temp-dir: local
+    ["-avzx", "-0", "-4", "-8h"],
+    ["-avzx", "--delete-after", "--delete-excluded"],
+    ["-a", "--numeric-ids", "--checksum-choice=xxh128", "--compress-level=3", "--open-noatime"],
+])
+def test_backup_options_that_pass(options):
+    text = BASE + f"    backup: {{options: {options!r}}}\n"
+    assert load_text(text).hosts["a"].backup.options == tuple(options)
+
+
+def test_a_refused_option_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(BASE + "    backup: {options: [-a, '-M--log-file=/etc/x']}\n")
+    result = subprocess.run([str(Path(sys.executable).parent / "invoke"), "status",
+                             "--inventory", str(inventory)], cwd=ROOT, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 2, result
+    assert result.stderr.strip().count("\n") == 0
+    assert "hosts.a.backup.options: '-M--log-file=/etc/x' contains -M" in result.stderr

@@ -200,3 +200,22 @@ def test_prune_logs_keeps_the_summaries_of_complete_snapshots(tmp_path):
     removed = store.prune_logs(logs, keep=5, protect=[oldest, "2020-01-01T000000Z"])
     assert {n.rsplit(".", 1)[0] for n in removed} == set(ids[5:34])
     assert (logs / f"{oldest}.json").exists() and not (logs / f"{older}.json").exists()
+
+
+@pytest.mark.parametrize(("stats", "dry_run", "counted"), [
+    ({"files": 10}, False, True),
+    ({"files": 10, "dry_run": True}, False, False),  # rsync said (DRY RUN): no backup
+    ({"files": 10, "batch_only": True}, False, False),  # (BATCH ONLY): nothing copied
+    ({"files": 10, "dry_run": True}, True, False),  # a dry run asked for: ignored as ever
+])
+def test_a_run_whose_output_says_dry_run_is_never_a_good_backup(tmp_path, stats, dry_run,
+                                                                 counted):
+    logs = tmp_path / "logs"
+    write_summary(logs, NOW - timedelta(hours=1), stats=stats, dry_run=dry_run)
+    runs, _ = st.read_runs(logs)
+    status = st.plan_status("web1", runs, now=NOW, max_age=36)
+    assert (status.newest_good is not None) == counted
+    assert status.stale == (not counted)
+    if not counted and not dry_run:
+        assert status.last is not None and status.last.result == "failed (0)"
+        assert "(DRY RUN)" in status.last.error or "(BATCH ONLY)" in status.last.error

@@ -97,7 +97,8 @@ def test_bad_shard_is_a_one_line_error(text):
 def test_shard_flag_selects_hosts_without_contacting_any(tmp_path):
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text(INVENTORY.replace("/k", str(tmp_path / "key")).replace(
-        "defaults: {", f"defaults: {{backup: {{destination: '{tmp_path}/b/{{name}}'}}, "))
+        "defaults: {", f"defaults: {{backup: {{destination: '{tmp_path}/b/{{name}}', "
+                      f"allow_destination: '{tmp_path}/b'}}, "))
     expected = sorted(h.name for h in load_text(inventory.read_text()).select(None, (2, 3)))
     result = invoke("status", "--inventory", str(inventory), "--shard", "2/3")
     # status reads only local summaries: every selected host is "never backed up" (exit 1)
@@ -115,7 +116,8 @@ def test_status_names_the_shard_that_took_a_host_over(tmp_path):
     shard 4 now backs up; status says so, and which shard owns them."""
     inventory = tmp_path / "inventory.yaml"
     inventory.write_text(INVENTORY.replace("/k", str(tmp_path / "key")).replace(
-        "defaults: {", f"defaults: {{backup: {{destination: '{tmp_path}/b/{{name}}'}}, "))
+        "defaults: {", f"defaults: {{backup: {{destination: '{tmp_path}/b/{{name}}', "
+                      f"allow_destination: '{tmp_path}/b'}}, "))
     hosts = load_text(inventory.read_text()).hosts
     mine_before = [n for n in hosts if shard_of(n, 3) == 1]
     moved = [n for n in mine_before if shard_of(n, 4) != 1]
