@@ -449,6 +449,7 @@ def render_inventory(hosts: list[LabHost], mirror_port: int | None,
         f"    local_prefix: {state}/local",
         "  backup:",
         f'    destination: "{state}/backups/{{name}}"',
+        "    snapshots: 7                  # the default: DEST/latest is the newest run",
         "hosts:",
     ]
     for host in hosts:

@@ -90,7 +90,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -127,11 +127,14 @@ from roles.local.store import (
     complete_snapshots,
     finish_snapshot,
     human_bytes,
+    last_mirror_run,
     mark_new_layout,
     migrate_mirror,
     new_run_id,
     newest_snapshot,
     plan_partials,
+    plan_tree_snapshot,
+    point_latest,
     prepare_state,
     prune_logs,
     read_mirror_layout,
@@ -223,8 +226,24 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
                 warnings.append(f"{dest} holds {', '.join(layout.strays)} besides {TREE}: "
                                 "not part of the backup, left alone")
         else:
+            link_dest = None
+            first = plan_tree_snapshot(
+                entries, tree_is_dir=(dest / TREE).is_dir() and not (dest / TREE).is_symlink(),
+                last_mirror=last_mirror_run(logs) if TREE in entries else None,
+                fallback=new_run_id(started - timedelta(seconds=1), entries))
+            if first is not None and dry_run:
+                link_dest = str(dest / TREE)
+                warnings.append(f"a real run first turns the mirror {dest / TREE} into the "
+                                f"first snapshot {first}")
+            elif first is not None:
+                os.rename(dest / TREE, dest / first)
+                point_latest(dest, first)
+                entries = os.listdir(dest)
+                warnings.append(f"the mirror {dest / TREE} became the first snapshot {first} "
+                                f"(backup.snapshots is {snapshots}); this run hard-links its "
+                                "unchanged files")
             newest = newest_snapshot(entries)
-            link_dest = str(dest / newest) if newest else None
+            link_dest = str(dest / newest) if newest else link_dest
             target = dest / (run + PARTIAL)
             if not dry_run:
                 resume, stale = plan_partials(entries, resume=has_delete(host.backup.options))

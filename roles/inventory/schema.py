@@ -32,6 +32,7 @@ DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.ta
 # The defaults per rsync release live in roles.core.rsync (default_options); a host that
 # gives no backup.options gets the ones its rsync.version supports (Host._options_for_version).
 DEFAULT_OPTIONS = rsync_model.DEFAULT_OPTIONS
+DEFAULT_SNAPSHOTS = 7
 
 # Folders a backup must never be written into: a --delete pull would empty them.
 DANGEROUS_DESTINATIONS = frozenset(
@@ -166,7 +167,9 @@ class BackupSettings(_Strict):
     destination: str = "/var/backups/pullback/{name}"
     options: tuple[str, ...] = DEFAULT_OPTIONS
     exclude: tuple[str, ...] = ()
-    snapshots: int = Field(default=0, ge=0, le=10000)
+    # History by default: a server wiped or encrypted by ransomware must not overwrite
+    # its only copy. 0 is one mirror (DEST/tree); N keeps the newest N hard-linked runs.
+    snapshots: int = Field(default=DEFAULT_SNAPSHOTS, ge=0, le=10000)
     module: str = "system"
     max_delete: int | None = Field(default=None, ge=0)
     parallel: int = Field(default=4, ge=1, le=64)

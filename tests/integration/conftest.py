@@ -88,7 +88,9 @@ class Lab:
             "admin_key": str(lab.admin_key()),
             "known_hosts": str(known_hosts),
             "backup_key": str(self.state / "backup_ed25519"),
-            "backup": {"destination": str(self.state / "backups" / "{name}")},
+            # Mirror mode (DEST/tree), which most tests compare against the server; the
+            # default keeps snapshots, and the tests of snapshots say so.
+            "backup": {"destination": str(self.state / "backups" / "{name}"), "snapshots": 0},
             # The lab pins 3.2.7 (built offline), and local_prefix usually has no build, so
             # PATH's rsync runs, whatever its version (Debian 12: 3.2.7): the switch is on.
             # Tests of the refusal turn it off.

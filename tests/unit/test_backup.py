@@ -39,7 +39,7 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
         "name": "web1", "address": "192.0.2.10", "port": 2222, "admin_user": "admin",
         "backup_key": "/keys/backup", "known_hosts": "/keys/known_hosts",
         "backup": {"destination": str(tmp / "{name}") if tmp else "/backups/{name}",
-                   **backup},
+                   "snapshots": 0, **backup},  # mirror mode unless a test asks for snapshots
     }
     if tmp is not None:
         data["rsync"] = {"local_prefix": str(tmp / "prefix")}
@@ -1195,3 +1195,44 @@ def test_run_backup_runs_an_old_local_rsync_with_the_switch(tmp_path, fake):
     stamp_file.write_text(json.dumps({"version": "2.6.9"}))  # the fake rsync stays in bin/
     result = b.run_backup(host, dry_run=False, tty=False)
     assert result.ok and result.warning is None, result
+
+
+# --- the default became snapshots: a mirror's DEST/tree becomes the first snapshot ------------
+
+
+def test_a_mirror_becomes_the_first_snapshot_and_is_hard_linked(tmp_path, fake):
+    dest = tmp_path / "web1"
+    mirror = b.run_backup(make_host(tmp_path), dry_run=False, tty=False)
+    assert mirror.ok and os.listdir(dest) == ["tree"]
+    tree_inode = (dest / "tree" / "keep").stat().st_ino
+    mirror_run = Path(mirror.summary_path).stem
+    host = make_host(tmp_path, snapshots=7)
+
+    dry = b.run_backup(host, dry_run=True, tty=False)
+    assert dry.ok and os.listdir(dest) == ["tree"]  # a dry run moves nothing
+    assert f"turns the mirror {dest / 'tree'} into the first snapshot {mirror_run}" in dry.warning
+
+    first = b.run_backup(host, dry_run=False, tty=False)
+    assert first.ok, first.error
+    assert f"the mirror {dest / 'tree'} became the first snapshot {mirror_run}" in first.warning
+    new = Path(first.snapshot).name
+    assert store.complete_snapshots(os.listdir(dest)) == [mirror_run, new]
+    assert os.readlink(dest / "latest") == new and not (dest / "tree").exists()
+    assert (dest / mirror_run / "keep").stat().st_ino == tree_inode  # renamed, not copied
+    assert (dest / new / "keep").stat().st_ino == tree_inode  # hard-linked by --link-dest
+    summary = json.loads(Path(first.summary_path).read_text())
+    assert f"--link-dest={dest / mirror_run}" in summary["argv"]
+
+
+@pytest.mark.parametrize("names,tree_is_dir,last,want", [
+    (["tree"], True, "2026-01-02T030405Z", "2026-01-02T030405Z"),
+    (["tree"], True, None, "FALLBACK"),
+    (["tree", "2026-01-02T030405Z"], True, "2026-01-02T030405Z", None),  # has a snapshot
+    (["tree", "2026-01-02T030405Z.partial"], True, "2026-01-02T030405Z",
+     "2026-01-02T030405Z"),
+    (["tree"], False, None, None),  # a file or link named tree: not a mirror
+    ([], True, None, None),
+])
+def test_plan_tree_snapshot(names, tree_is_dir, last, want):
+    assert store.plan_tree_snapshot(names, tree_is_dir=tree_is_dir, last_mirror=last,
+                                    fallback="FALLBACK") == want
