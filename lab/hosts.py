@@ -451,6 +451,7 @@ def render_inventory(hosts: list[LabHost], mirror_port: int | None,
         f'    destination: "{state}/backups/{{name}}"',
         # The lab's state folder is no root meant for backups: allowed here, explicitly.
         f'    allow_destination: "{state}/backups"',
+        "    snapshots: 7                  # the default: DEST/latest is the newest run",
         "hosts:",
     ]
     for host in hosts:

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from roles.core.diffs import split_lines, unified
+from roles.core.hardened import FROM_ANY
 from roles.core.render import render
 from roles.remote.facts import PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 
@@ -209,10 +210,13 @@ def hosts_allow_for(from_: str | None, client_addr: str) -> tuple[tuple[str, ...
     """The module's ``hosts allow``, and warnings.
 
     The inventory's ``from`` when every pattern in it is an address or network (rsync
-    reads those as sshd does); otherwise the backup host's address as the server saw
-    setup-remote's own login. A hostname or wildcard pattern is not copied: rsync would
-    need a reverse DNS lookup to match it.
+    reads those as sshd does); none with ``from: any`` (like the key line, which then has
+    no ``from=``: ``roles.core.hardened.wanted_from``); otherwise the backup host's address
+    as the server saw setup-remote's own login. A hostname or wildcard pattern is not
+    copied: rsync would need a reverse DNS lookup to match it.
     """
+    if from_ == FROM_ANY:
+        return (), []
     if from_:
         patterns = [p.strip() for p in from_.split(",") if p.strip()]
         try:

@@ -5,7 +5,8 @@ A server is hardened when
 - sshd applies ``PermitRootLogin forced-commands-only`` to the backup host's connection
   (``sshd -T -C``, Match blocks included);
 - ``/root/.ssh`` is 0700 root and ``authorized_keys`` 0600 root, holding the backup key's
-  line with a forced command and ``restrict`` plus the classic ``no-*`` options;
+  line with a forced command and ``restrict`` plus the classic ``no-*`` options, and the
+  ``from=`` of ``wanted_from`` (by default the backup host's own address);
 - the forced command runs the pinned rsync build (``rsync.prefix/bin/rsync``) as soon as it
   exists, whichever of setup-remote and build-rsync ran first:
   - daemon mode: ``RSYNC --server --daemon --config=/etc/pullback/rsyncd.conf .``, with
@@ -16,6 +17,7 @@ A server is hardened when
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -50,6 +52,30 @@ CLASSIC_NO_OPTIONS: tuple[str, ...] = (
     "no-X11-forwarding",
     "no-pty",
 )
+
+
+# ``from: any`` in the inventory: the backup key's line carries no from= at all.
+FROM_ANY = "any"
+
+
+def wanted_from(from_: str | None, client_addr: str) -> str | None:
+    """The backup key's ``from=`` value for a host, or None for no ``from=``.
+
+    The one rule that setup-remote writes and doctor and verify check: the inventory's
+    pattern list when it gives one; none with ``from: any``; by default the backup host's
+    own address as the server sees it (``facts.client_addr``, from ``$SSH_CONNECTION`` of
+    the admin login), so a stolen backup key is refused from anywhere else. None when the
+    server reported no usable address (setup-remote warns).
+    """
+    if from_ == FROM_ANY:
+        return None
+    if from_ is not None:
+        return from_
+    try:
+        ipaddress.ip_address(client_addr)
+    except ValueError:
+        return None
+    return client_addr
 
 
 def daemon_command(rsync: str) -> str:

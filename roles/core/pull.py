@@ -301,6 +301,56 @@ def describe_failure(code: int, errors: Iterable[str]) -> str:
             f"{known or explain_exit(code)}")
 
 
+_DELETIONS_STOPPED = re.compile(
+    r"Deletions stopped due to --max-delete limit \((\d[\d,]*) skipped\)")
+# The dry run's exit codes after which its deletion count holds: complete (0), files
+# vanished (24), some files not transferred (23: the generator still ran to its end, and
+# rsync deletes nothing on an I/O error anyway). 25 is the limit itself.
+CHECK_COMPLETE = (0, 23, 24)
+
+
+def max_delete_problem(max_delete: int | None, local_version: str | None) -> str | None:
+    """Why ``--max-delete=max_delete`` would not limit this local rsync, or None.
+
+    rsync before 3.0.0 reads ``--max-delete=0`` as "no limit" (2.6.9: ``if (max_delete &&
+    ...)``); from 3.0.0 it means "delete nothing". A version that cannot be told is taken
+    as new enough: every build pullback makes is stamped.
+    """
+    if max_delete != 0 or local_version is None:
+        return None
+    match = re.match(r"(\d+)\.", local_version)
+    if match is None or int(match[1]) >= 3:
+        return None
+    return (f"backup.max_delete 0 means 'no limit' to the local rsync {local_version} "
+            "(before 3.0.0 only a positive --max-delete limits): set it to 1 or more")
+
+
+def deletion_check(code: int, errors: Iterable[str], stats: dict[str, Any],
+                   max_delete: int) -> tuple[bool, int | None]:
+    """Read the dry run that precedes a mirror pull with ``--max-delete=N``:
+    ``(over_limit, would_delete)``.
+
+    ``--max-delete`` alone does not refuse a run: every rsync (2.6.9 and 3.x alike)
+    deletes the first N extraneous files, skips the rest, prints "Deletions stopped due to
+    --max-delete limit (K skipped)" and exits 25. A dry run (``-n``) counts deletions the
+    same way (its unlink is a no-op) and deletes nothing, so the limit is read from it:
+    the message (or exit 25) means more than N; ``would_delete`` is then N + K (at least:
+    the skipped entries of a folder are counted as rsync met them), else the dry run's
+    ``Number of deleted files`` (rsync >= 3.1 on both ends), else None.
+    """
+    skipped = None
+    for line in errors:
+        match = _DELETIONS_STOPPED.search(line)
+        if match:
+            skipped = int(match[1].replace(",", ""))
+    if skipped is not None:
+        return True, max_delete + skipped
+    if code == 25:
+        return True, None
+    deleted = stats.get("files_deleted")
+    return False, deleted if isinstance(deleted, int) else None
+
+
 def has_delete(options: Iterable[str]) -> bool:
     return any(option == "--delete" or option.startswith("--delete-") or option == "--del"
                for option in options)

@@ -57,8 +57,17 @@ removes anything stale in it and the data already pulled is not pulled again; wi
 snapshot. Only the run holding the lock touches ``.partial`` folders, so a running job's
 folder is never removed.
 
-Empty-source guard: in mirror mode ``backup.max_delete`` becomes rsync's ``--max-delete``
-(exit 25, the destination kept). A new snapshot deletes nothing, so there it is checked
+Empty-source guard: in mirror mode (with a ``--delete`` option) ``backup.max_delete`` is
+checked BEFORE the pull: rsync's ``--max-delete=N`` alone still deletes the first N files
+(every version, 2.6.9 to 3.x: it only skips the deletions past N, then exits 25), so a dry
+run of the same pull (``-n --max-delete=N``: its deletions are counted, none happen) goes
+first, in the same log; when it reports the limit exceeded the run fails and nothing was
+deleted or transferred. Only then does the real pull run, still with ``--max-delete=N``
+against a source emptied between the two. The cost is one more pass over both file
+lists (no data moves). In daemon mode the check's daemon may hold the module's lock for a
+moment after its client exits (max connections = 1): the real pull retries that refusal
+for up to 10 s. ``max_delete: 0`` (delete nothing) is refused with a local rsync before
+3.0.0, which reads it as "no limit". A new snapshot deletes nothing, so there it is checked
 after the pull instead: when ``Number of files`` (``--stats``) fell by more than
 ``max_delete`` below the newest complete snapshot's (its ``logs/<snapshot>.json``; without
 one, counted on disk), the ``.partial`` is removed rather than promoted, ``latest`` and
@@ -81,17 +90,20 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from roles.core import fleet
 from roles.core.hardened import Mode
 from roles.core.pull import (
+    CHECK_COMPLETE,
     OK_CODES,
     build_argv,
+    deletion_check,
     describe_failure,
     has_delete,
+    max_delete_problem,
     not_a_backup,
     parse_stats,
 )
@@ -117,11 +129,14 @@ from roles.local.store import (
     complete_snapshots,
     finish_snapshot,
     human_bytes,
+    last_mirror_run,
     mark_new_layout,
     migrate_mirror,
     new_run_id,
     newest_snapshot,
     plan_partials,
+    plan_tree_snapshot,
+    point_latest,
     prepare_state,
     prune_logs,
     read_mirror_layout,
@@ -156,7 +171,8 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     """
     rsync, warning = find_local_rsync(host)
     local_version = local_rsync_version(host, rsync)
-    refusal = refuse_exposed_client(host, rsync, local_version)
+    refusal = refuse_exposed_client(host, rsync, local_version) \
+        or max_delete_problem(host.backup.max_delete, local_version)
     if refusal:  # before the key, the lock or the destination are touched
         raise BackupError(refusal)
     warnings = [warning] if warning else []
@@ -212,8 +228,24 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
                 warnings.append(f"{dest} holds {', '.join(layout.strays)} besides {TREE}: "
                                 "not part of the backup, left alone")
         else:
+            link_dest = None
+            first = plan_tree_snapshot(
+                entries, tree_is_dir=(dest / TREE).is_dir() and not (dest / TREE).is_symlink(),
+                last_mirror=last_mirror_run(logs) if TREE in entries else None,
+                fallback=new_run_id(started - timedelta(seconds=1), entries))
+            if first is not None and dry_run:
+                link_dest = str(dest / TREE)
+                warnings.append(f"a real run first turns the mirror {dest / TREE} into the "
+                                f"first snapshot {first}")
+            elif first is not None:
+                os.rename(dest / TREE, dest / first)
+                point_latest(dest, first)
+                entries = os.listdir(dest)
+                warnings.append(f"the mirror {dest / TREE} became the first snapshot {first} "
+                                f"(backup.snapshots is {snapshots}); this run hard-links its "
+                                "unchanged files")
             newest = newest_snapshot(entries)
-            link_dest = str(dest / newest) if newest else None
+            link_dest = str(dest / newest) if newest else link_dest
             target = dest / (run + PARTIAL)
             if not dry_run:
                 resume, stale = plan_partials(entries, resume=has_delete(host.backup.options))
@@ -225,13 +257,22 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         argv = build_argv(host, dry_run=dry_run, tty=tty, local_rsync=rsync,
                           dest=str(target), link_dest=link_dest,
                           progress2=tty and both_ends_have_progress2(host, local_version))
+        max_delete = host.backup.max_delete
+        check: dict[str, Any] | None = None
         log_path = logs / f"{run}.log"
         with open(log_path, "wb") as log:
             os.fchmod(log.fileno(), 0o600)
+            out = echo if echo is not None else (sys.stdout.buffer if tty else None)
+            if (not snapshots and not dry_run and max_delete is not None
+                    and has_delete(host.backup.options)):
+                check, refused_early = _deletion_check(host, rsync, target, log, lock,
+                                                       max_delete)
+                if refused_early is not None:
+                    return _finish_refused(host, run, started, t0, dest, logs, log_path,
+                                           check, refused_early, warnings, fingerprint)
             log.write(f"# {shlex.join(argv)}\n".encode())
             log.flush()
-            out = echo if echo is not None else (sys.stdout.buffer if tty else None)
-            code, scanner = stream(argv, log, out, lock)
+            code, scanner = _stream_retrying(argv, log, out, lock, retry=check is not None)
         seconds = round(time.monotonic() - t0, 3)
         stats = parse_stats(scanner.tail)
         ok = code in OK_CODES
@@ -244,7 +285,6 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
             warnings.append("some files vanished on the server during the transfer "
                             "(rsync code 24); everything else was copied")
         refused: str | None = None
-        max_delete = host.backup.max_delete
         if ok and snapshots and newest is not None and max_delete is not None:
             previous, where = snapshot_file_count(dest, logs, newest)
             shrunk = check_shrink(stats.get("files"), previous, newest, where, max_delete)
@@ -278,12 +318,81 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         summary = {**asdict(result), "run": run, "started": started.isoformat(),
                    "mode": "snapshot" if snapshots else "mirror", "argv": argv,
                    "destination": str(dest), "pruned": pruned,
-                   "forced_command": host.forced_command, "capture_fingerprint": fingerprint}
+                   "forced_command": host.forced_command, "capture_fingerprint": fingerprint,
+                   "deletion_check": check}
         write_atomic(logs / f"{run}.json", (json.dumps(summary, indent=2) + "\n").encode(),
                      0o600)
         prune_logs(logs, protect=complete_snapshots(os.listdir(dest))
                           if snapshots and dest.is_dir() else ())
         return result
+
+
+# The daemon of the check's connection still holds the module's lock for a moment after
+# its client exits (max connections = 1): the real pull retries that refusal, briefly.
+BUSY_RETRIES = 20
+BUSY_WAIT = 0.5
+
+
+def _deletion_check(host: Host, rsync: str, target: Path, log: BinaryIO, lock: Lock,
+                    max_delete: int) -> tuple[dict[str, Any], str | None]:
+    """Mirror mode with ``backup.max_delete``: a dry run of the same pull first, counting
+    what it would delete (``roles.core.pull.deletion_check``). ``(record, refusal)``: the
+    refusal (one line) when the real pull must not run; nothing has been deleted then."""
+    argv = build_argv(host, dry_run=True, tty=False, local_rsync=rsync, dest=str(target))
+    log.write(f"# deletion check (dry run): {shlex.join(argv)}\n".encode())
+    log.flush()
+    t0 = time.monotonic()
+    code, scanner = stream(argv, log, None, lock)
+    stats = parse_stats(scanner.tail)
+    over, would = deletion_check(code, scanner.errors, stats, max_delete)
+    record = {"argv": argv, "exit_code": code, "seconds": round(time.monotonic() - t0, 3),
+              "would_delete": would, "over_limit": over}
+    log.write(b"\n")
+    if over:
+        count = f"at least {would}" if would is not None else f"more than {max_delete}"
+        return record, (
+            f"refused before any deletion: the pull would delete {count} files from "
+            f"{target}, more than backup.max_delete {max_delete} (a dry run found it; "
+            "nothing was deleted or transferred). The source may have come back empty or "
+            "nearly empty (a missing mount, a failed disk, a wiped server): check the "
+            "server, and only if the deletions are intended raise backup.max_delete for "
+            "one run")
+    if code not in CHECK_COMPLETE:
+        return record, ("the deletion check (a dry run before the pull) failed, so the "
+                        "pull did not run: " + describe_failure(code, scanner.errors))
+    return record, None
+
+
+def _stream_retrying(argv: list[str], log: BinaryIO, out: BinaryIO | None, lock: Lock, *,
+                     retry: bool) -> tuple[int, Any]:
+    """``stream``; after a deletion check, a daemon still busy with the check's connection
+    (``@ERROR: max connections``, exit 5, nothing done yet) is waited for."""
+    for attempt in range(BUSY_RETRIES if retry else 1):
+        code, scanner = stream(argv, log, out, lock)
+        busy = code == 5 and any("max connections" in e for e in scanner.errors)
+        if not (retry and busy) or attempt == BUSY_RETRIES - 1:
+            break
+        log.write(b"# the module is still busy with the check's connection: again\n")
+        time.sleep(BUSY_WAIT)
+    return code, scanner
+
+
+def _finish_refused(host: Host, run: str, started: datetime, t0: float, dest: Path,
+                    logs: Path, log_path: Path, check: dict[str, Any], error: str,
+                    warnings: list[str], fingerprint: str | None) -> BackupResult:
+    """The result and summary of a mirror run the deletion check stopped."""
+    result = BackupResult(
+        host=host.name, ok=False, exit_code=check["exit_code"],
+        seconds=round(time.monotonic() - t0, 3), stats={}, log_path=str(log_path),
+        summary_path=str(logs / f"{run}.json"), warning="; ".join(warnings) or None,
+        error=error)
+    summary = {**asdict(result), "run": run, "started": started.isoformat(), "mode": "mirror",
+               "argv": check["argv"], "destination": str(dest), "pruned": [],
+               "forced_command": host.forced_command, "capture_fingerprint": fingerprint,
+               "deletion_check": check}
+    write_atomic(logs / f"{run}.json", (json.dumps(summary, indent=2) + "\n").encode(), 0o600)
+    prune_logs(logs)
+    return result
 
 
 def result_label(result: BackupResult) -> str:

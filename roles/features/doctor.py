@@ -654,10 +654,16 @@ def check_key_line(key: KeyLine | None, host: Host, facts: HostFacts) -> list[Fi
                    "the server sees it)",
             "sshd refuses the key from here: 'Permission denied (publickey)', exit 255",
             "set the inventory's `from` to include that address and run setup-remote"))
-    if host.from_ is not None and key.from_ != host.from_:
+    wanted = hardened.wanted_from(host.from_, facts.client_addr)
+    if key.from_ != wanted and (wanted is not None or host.from_ is not None):
+        says = (f"from: {host.from_}" if host.from_ is not None
+                else f"no `from`: the backup host's address {facts.client_addr}")
         findings.append(warn(
-            check, f"the line has from={key.from_!r}, the inventory says {host.from_!r}",
-            "the installed restriction is not the one the inventory asks for",
+            check, f"the line has from={key.from_!r}, wanted {wanted!r} (the inventory has "
+                   f"{says})",
+            "the installed restriction is not the one the inventory asks for"
+            + (": anyone holding the backup key can log in from anywhere"
+               if key.from_ is None else ""),
             f"run {mode_fix}"))
     if not findings or all(f.level == "ok" for f in findings):
         options = ",".join(o for o in key.options if not o.lower().startswith("command="))

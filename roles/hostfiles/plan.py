@@ -106,7 +106,12 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
     else:
         key = rootkey.parse_public_key(public_key)
         restrict = facts.openssh is None or platforms.supports_restrict(facts.openssh)
-        options = rootkey.build_options(forced_command, restrict=restrict, from_=host.from_)
+        from_ = hardened.wanted_from(host.from_, facts.client_addr)
+        if from_ is None and host.from_ is None:
+            warnings.append(f"the server did not report the backup host's address "
+                            f"({facts.client_addr!r}): the backup key's line has no from=; "
+                            "set `from` in the inventory")
+        options = rootkey.build_options(forced_command, restrict=restrict, from_=from_)
         line = rootkey.render_key_line(key, options).rstrip("\n")
         rootkey.validate_key_line(line, forced_command=forced_command)
         keys_plan = rootkey.plan_authorized_keys(current_keys, line, key)

@@ -33,6 +33,7 @@ DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.ta
 # The defaults per rsync release live in roles.core.rsync (default_options); a host that
 # gives no backup.options gets the ones its rsync.version supports (Host._options_for_version).
 DEFAULT_OPTIONS = rsync_model.DEFAULT_OPTIONS
+DEFAULT_SNAPSHOTS = 7
 
 # The toolkit's own folder (the repository, or where it is installed): no DEST may hold it.
 TOOLKIT = str(Path(__file__).resolve().parents[2])
@@ -204,7 +205,9 @@ class BackupSettings(_Strict):
     destination: str = "/var/backups/pullback/{name}"
     options: tuple[str, ...] = DEFAULT_OPTIONS
     exclude: tuple[str, ...] = ()
-    snapshots: int = Field(default=0, ge=0, le=10000)
+    # History by default: a server wiped or encrypted by ransomware must not overwrite
+    # its only copy. 0 is one mirror (DEST/tree); N keeps the newest N hard-linked runs.
+    snapshots: int = Field(default=DEFAULT_SNAPSHOTS, ge=0, le=10000)
     module: str = "system"
     max_delete: int | None = Field(default=None, ge=0)
     parallel: int = Field(default=4, ge=1, le=64)
@@ -322,8 +325,6 @@ class Host(_Strict):
 
     @model_validator(mode="after")
     def _destination_per_host(self) -> Host:
-        if self.backup.snapshots and self.backup.destination.rstrip("/") == "":
-            raise ValueError("backup.destination must not be empty")
         keep_out = [("the backup key", self.backup_key), ("known_hosts", self.known_hosts),
                     ("the toolkit", TOOLKIT)]
         if self.admin_key:
@@ -332,6 +333,8 @@ class Host(_Strict):
             self.destination, allow=self.backup.allow_destination, keep_out=keep_out)
         if problem:
             raise ValueError(f"backup.destination: {problem}")
+        if self.backup.snapshots and self.backup.destination.rstrip("/") == "":
+            raise ValueError("backup.destination must not be empty")
         return self
 
     @property

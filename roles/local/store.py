@@ -345,15 +345,50 @@ def check_shrink(files: int | None, previous: int, snapshot: str, where: str,
             "disk)")
 
 
+def point_latest(dest: Path, run: str) -> None:
+    """``DEST/latest -> run``, replaced atomically."""
+    tmp = dest / f".{LATEST}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(run, tmp)
+    os.replace(tmp, dest / LATEST)
+
+
+def last_mirror_run(logs: Path) -> str | None:
+    """The newest successful real mirror run in ``logs`` (its summary), or None."""
+    runs = sorted((key, path.stem) for path in logs.glob("*.json")
+                  if (key := run_key(path.stem)) is not None)
+    for _, run in reversed(runs):
+        try:
+            data = json.loads((logs / f"{run}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("mode") == "mirror" and data.get("ok") \
+                and not data.get("dry_run"):
+            return run
+    return None
+
+
+def plan_tree_snapshot(names: Iterable[str], *, tree_is_dir: bool, last_mirror: str | None,
+                       fallback: str) -> str | None:
+    """Snapshot mode over a mirror's DEST (``tree`` and no snapshot yet: the default
+    became ``snapshots: 7``): the name the mirror takes as the first snapshot, so the new
+    run hard-links its unchanged files instead of copying them all again. The last good
+    mirror run's name (its summary then holds the file count the empty-source guard
+    compares with), else ``fallback`` (a name just before this run). None: nothing to do."""
+    names = list(names)
+    if TREE not in names or not tree_is_dir or complete_snapshots(names):
+        return None
+    if last_mirror is not None and last_mirror not in names:
+        return last_mirror
+    return fallback
+
+
 def finish_snapshot(dest: Path, partial: Path, run: str, keep: int,
                      warnings: list[str]) -> tuple[str, list[str]]:
     """Rename the partial into place, point ``latest`` at it (atomically), prune."""
     final = dest / run
     os.rename(partial, final)
-    tmp = dest / f".{LATEST}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(run, tmp)
-    os.replace(tmp, dest / LATEST)
+    point_latest(dest, run)
     pruned: list[str] = []
     for name in plan_prune(os.listdir(dest), keep):
         try:

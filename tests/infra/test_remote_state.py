@@ -128,14 +128,16 @@ def test_key_line_forced_command(key_line, expected):
             f"command={forced.text!r} is not pullback's capture gate {hardened.GATE}"
 
 
-def test_key_line_restrictions(key_line, expected):
+def test_key_line_restrictions(key_line, expected, client_addr):
     """the backup key's line has restrict or every no-* option, and the inventory's from="""
     assert key_line is not None, f"the backup key is not in {AUTHORIZED_KEYS}"
     assert not key_line.problem, key_line.problem
     missing = key_line.missing_restrictions
     assert not missing, f"no `restrict` and missing {', '.join(missing)}"
-    assert key_line.from_ == expected.from_, \
-        f"from={key_line.from_!r}, the inventory says {expected.from_!r}"
+    wanted = hardened.wanted_from(expected.from_, client_addr)
+    assert key_line.from_ == wanted, \
+        f"from={key_line.from_!r}, wanted {wanted!r} (inventory from: {expected.from_!r}, " \
+        f"this client {client_addr})"
 
 
 def test_rsyncd_module(host, expected):

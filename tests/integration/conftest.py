@@ -88,9 +88,11 @@ class Lab:
             "admin_key": str(lab.admin_key()),
             "known_hosts": str(known_hosts),
             "backup_key": str(self.state / "backup_ed25519"),
-            # pytest's base temporary folder: the tests' destinations lie below it.
+            # pytest's base temporary folder: the tests' destinations lie below it. Mirror
+            # mode (DEST/tree), which most tests compare against the server; the default
+            # keeps snapshots, and the tests of snapshots say so.
             "backup": {"destination": str(self.state / "backups" / "{name}"),
-                       "allow_destination": str(self.state.parent)},
+                       "allow_destination": str(self.state.parent), "snapshots": 0},
             # The lab pins 3.2.7 (built offline), and local_prefix usually has no build, so
             # PATH's rsync runs, whatever its version (Debian 12: 3.2.7): the switch is on.
             # Tests of the refusal turn it off.

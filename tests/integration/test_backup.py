@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -380,32 +381,55 @@ def test_x_copies_the_mount_point_but_not_the_second_file_system(lab_env, remote
     assert local_tree(copy)[0] == theirs
 
 
-def test_mirror_guard_stops_the_deletions_of_an_emptied_source(lab_env, remote, mirror, work):
-    """Mirror mode: backup.max_delete is rsync's --max-delete (exit 25, explained)."""
-    inventory, host = write_inventory(lab_env, remote, work, "mirror-guarded", max_delete=3)
+def test_mirror_guard_refuses_an_emptied_source_before_any_deletion(lab_env, remote, mirror,
+                                                                   work):
+    """Mirror mode, max_delete 5: the emptied source is found by a dry run first and the
+    run fails with ZERO files deleted (rsync's --max-delete alone deletes the first 5)."""
+    inventory, host = write_inventory(lab_env, remote, work, "mirror-guarded", max_delete=5)
     dest = Path(host.destination)
     copy = dest / "tree"
     first = invoke("backup", "--inventory", str(inventory))
     assert first.returncode == 0, first.stdout + first.stderr
-    before = set(local_tree(copy)[0])
-    assert len(before) > 15
+    before = local_tree(copy)
+    assert len(before[0]) > 15
     sh(remote, EMPTY)
     try:
+        started = time.monotonic()
         stopped = invoke("backup", "--inventory", str(inventory))
+        refused_in = time.monotonic() - started
     finally:
         sh(remote, RESTORE)
     assert stopped.returncode == 1, stopped.stdout + stopped.stderr
     assert stopped.stdout.splitlines()[1].split()[:2] == [remote.name, "failed"]
-    assert "rsync exit 25: Deletions stopped due to --max-delete limit" in stopped.stderr
-    assert "check the server before raising backup.max_delete" in stopped.stderr
-    after = set(local_tree(copy)[0])
-    assert after <= before and len(before - after) <= 3, sorted(before - after)
+    # Everything but `.` and the mount point would go; rsync counts the skipped entries
+    # as it meets them (a folder whose contents were skipped is not counted again).
+    gone = len(before[0]) - 2
+    match = re.search(rf"{remote.name}: failed: refused before any deletion: the pull would "
+                      rf"delete at least (\d+) files from {re.escape(str(copy))}, more than "
+                      r"backup.max_delete 5 \(a dry run found it; nothing was deleted or "
+                      r"transferred\)", stopped.stderr)
+    assert match, stopped.stderr
+    assert 5 < int(match[1]) <= gone
+    assert "check the server" in stopped.stderr
+    assert local_tree(copy) == before  # not one file deleted, nothing touched
     summary = summary_of(stopped, dest)
-    assert summary["exit_code"] == 25 and "--max-delete=3" in summary["argv"]
-    # The source is back: the next run is an exact copy again.
+    check = summary["deletion_check"]
+    assert check["over_limit"] and check["exit_code"] == 25
+    assert check["would_delete"] == int(match[1])
+    assert "-n" in check["argv"] and "--max-delete=5" in check["argv"]
+    print(f"refused in {refused_in:.2f}s")
+
+    # The source is back: the check passes and the pull follows it at once, even though
+    # the check's daemon may still hold the module (max connections = 1).
+    started = time.monotonic()
     again = invoke("backup", "--inventory", str(inventory))
+    both = time.monotonic() - started
     assert again.returncode == 0, again.stdout + again.stderr
     assert_same(remote, DATA, copy)
+    summary = summary_of(again, dest)
+    assert summary["deletion_check"]["over_limit"] is False
+    assert summary["deletion_check"]["exit_code"] == 0
+    print(f"check {summary['deletion_check']['seconds']:.2f}s of a {both:.2f}s run")
 
 
 # --- snapshot mode --------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from roles.core import hardened, pull
 from roles.core import rsync as rsync_model
 from roles.inventory.schema import Host, load
 from roles.local import capture_record, keys, runner
+from roles.remote.connection import connect, run
 from tests.integration.conftest import Lab
 from tests.integration.test_backup import CHANGE, DATA, OPTIONS, SEED, assert_same, local_tree, sh
 from tests.integration.test_backup import summary_of as last_summary
@@ -153,7 +154,14 @@ def test_capture_installs_the_gate_and_records_both_commands(story: Story):
     assert state[hardened.CAPTURE_SCRIPT].endswith(" 700 0 0")
     assert state[hardened.CAPTURED_FILE] == "missing"  # read, then removed
     assert read(remote, hardened.GATE) == gate_scripts.gate_file(record).content
-    options = rootkey.build_options(hardened.GATE, restrict=True, from_=None)
+    conn = connect(host)
+    try:  # the backup host's address as the server sees it: the key's default from=
+        addr = run(conn, 'printf %s "$SSH_CONNECTION"').stdout.split()[0]
+    finally:
+        conn.close()
+    options = rootkey.build_options(hardened.GATE, restrict=True,
+                                    from_=hardened.wanted_from(host.from_, addr))
+    assert f'from="{addr}"' in options
     line = rootkey.render_key_line(public_key(host), options)
     assert read(remote, "/root/.ssh/authorized_keys") == line.encode() + b"\n"
     # Only setup's kept backups (.pullback-bak): no candidate or key-check file.

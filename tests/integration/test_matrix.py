@@ -351,8 +351,8 @@ def test_end_state_with_testinfra(lab_env: Lab, matrix: Matrix, converged: Conve
     assert (authorized.mode, authorized.user, authorized.group) == (0o600, "root", "root")
     key_type, blob = Path(host.backup_pubkey).read_text().split()[:2]
     assert authorized.content_string == (
-        f'restrict,command="{FORCED}",no-port-forwarding,no-agent-forwarding,'
-        f"no-X11-forwarding,no-pty {key_type} {blob} pullback-backup\n")
+        f'restrict,command="{FORCED}",from="{client_addr(host)}",no-port-forwarding,'
+        f"no-agent-forwarding,no-X11-forwarding,no-pty {key_type} {blob} pullback-backup\n")
     assert not infra.file(RSYNCD_CONF).exists  # the shared file is never written
     conf = infra.file(PULLBACK_RSYNCD_CONF)
     assert (conf.mode, conf.user, conf.group) == (0o600, "root", "root")

@@ -190,9 +190,15 @@ def assert_admin_login_works(target: Target) -> None:
         conn.close()
 
 
-def key_line(target: Target, command: str = FORCED) -> bytes:
+def key_line(target: Target, command: str = FORCED, addr: str | None = None) -> bytes:
+    """The backup key's line; from= the backup host's address as the server sees it
+    (``addr``, else asked) unless the inventory says ``from: any`` or a pattern."""
     key_type, blob = Path(target.host.backup_pubkey).read_text().split()[:2]
-    return (f'restrict,command="{command}",no-port-forwarding,no-agent-forwarding,'
+    if target.host.from_ == "any":
+        from_ = ""
+    else:
+        from_ = f'from="{target.host.from_ or addr or client_addr(target)}",'
+    return (f'restrict,command="{command}",{from_}no-port-forwarding,no-agent-forwarding,'
             f"no-X11-forwarding,no-pty {key_type} {blob} pullback-backup").encode()
 
 
@@ -349,7 +355,8 @@ def test_end_state_with_testinfra(lab_env: Lab, set_up: SetUp):
     assert (root_ssh.mode, root_ssh.user, root_ssh.group) == (0o700, "root", "root")
     authorized = host.file(AUTHORIZED_KEYS)
     assert (authorized.mode, authorized.user, authorized.group) == (0o600, "root", "root")
-    assert authorized.content == key_line(target) + b"\n"
+    assert authorized.content == key_line(target, addr=addr) + b"\n"
+    assert f'",from="{addr}",no-port-forwarding'.encode() in authorized.content
     conf = host.file(PULLBACK_RSYNCD_CONF)
     assert (conf.mode, conf.user, conf.group) == (0o600, "root", "root")
     assert conf.content == expected_rsyncd(addr)
@@ -369,6 +376,59 @@ def test_backup_key_pulls_in_daemon_mode(set_up: SetUp, tmp_path: Path):
     # A root-only file: the daemon really reads as uid 0.
     private = "/etc/ssh/ssh_host_ed25519_key"
     assert (dest / "ssh_host_ed25519_key").read_bytes() == read(target.lab, private)
+
+
+def in_container_login(lab_host: lab.LabHost, key: Path) -> subprocess.CompletedProcess:
+    """The backup key used from INSIDE the server (ssh to its own 127.0.0.1): another
+    source address than the backup host's, the one a stolen key would come from."""
+    secret = "/tmp/pullback-stolen-key"
+    write(lab_host, secret, key.read_bytes(), mode="0600")
+    try:
+        return lab.engine(
+            "exec", lab_host.name, "timeout", "20", "ssh", "-F", "/dev/null", "-i", secret,
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-n", "-p", "22",
+            "root@127.0.0.1", check=False, timeout=60)
+    finally:
+        sh(lab_host, f"rm -f {secret}")
+
+
+def test_backup_key_only_works_from_the_backup_hosts_address(set_up: SetUp):
+    """No `from` in the inventory: from="ADDR" (setup-remote's own view of this machine);
+    the same key from another address (the server's own 127.0.0.1) is refused by sshd."""
+    target, addr = set_up.target, set_up.addr
+    assert addr != "127.0.0.1"  # the lab's server sees this machine from outside
+    assert f'from="{addr}"'.encode() in read(target.lab, AUTHORIZED_KEYS)
+    stolen = in_container_login(target.lab, target.key)
+    assert stolen.returncode == 255, stolen
+    assert b"Permission denied (publickey" in stolen.stderr, stolen.stderr
+    assert b"@RSYNCD" not in stolen.stdout
+
+
+def test_from_any_leaves_no_from_and_no_hosts_allow(lab_env: Lab, fresh_host: lab.LabHost,
+                                                    tmp_path: Path):
+    """`from: any` opts out: no from= on the line, no `hosts allow` in the module; the key
+    then reaches the forced command from anywhere (the control for the refusal above)."""
+    target = make_target(lab_env, fresh_host, defaults={"from": "any"})
+    result = cli("setup-remote", "--inventory", str(target.inventory))
+    assert result.returncode == 0, result.stdout + result.stderr
+    content = read(fresh_host, AUTHORIZED_KEYS)
+    assert content == key_line(target) + b"\n" and b"from=" not in content
+    assert b"hosts allow" not in read(fresh_host, PULLBACK_RSYNCD_CONF)
+    anywhere = in_container_login(fresh_host, target.key)
+    assert anywhere.stdout.startswith(b"@RSYNCD: "), anywhere  # the daemon's greeting
+    pulled = pull(target, "-a", f"{ROOT_AT}::system/etc/ssh/", f"{tmp_path}/")
+    assert pulled.returncode == 0, pulled.stderr
+    # Back to the default: from= this machine again, and the module admits it alone.
+    default = make_target(lab_env, fresh_host)
+    again = cli("setup-remote", "--inventory", str(default.inventory))
+    assert again.returncode == 0, again.stdout + again.stderr
+    addr = client_addr(default)
+    assert read(fresh_host, AUTHORIZED_KEYS) == key_line(default, addr=addr) + b"\n"
+    assert read(fresh_host, PULLBACK_RSYNCD_CONF) == expected_rsyncd(addr)
+    assert in_container_login(fresh_host, default.key).returncode == 255
+    pulled = pull(default, "-a", f"{ROOT_AT}::system/etc/ssh/", f"{tmp_path}/again/")
+    assert pulled.returncode == 0, pulled.stderr
 
 
 def test_backup_key_runs_no_shell_command(set_up: SetUp):

@@ -39,7 +39,7 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
         "name": "web1", "address": "192.0.2.10", "port": 2222, "admin_user": "admin",
         "backup_key": "/keys/backup", "known_hosts": "/keys/known_hosts",
         "backup": {"destination": str(tmp / "{name}") if tmp else "/backups/{name}",
-                   **backup},
+                   "snapshots": 0, **backup},  # mirror mode unless a test asks for snapshots
     }
     if tmp is not None:
         data["rsync"] = {"local_prefix": str(tmp / "prefix")}
@@ -594,18 +594,72 @@ def test_snapshot_guard_is_off_without_max_delete(tmp_path, fake):
     assert empty.ok and os.listdir(empty.snapshot) == []
 
 
-def test_mirror_guard_is_rsyncs_max_delete(tmp_path, fake):
-    """Mirror mode: --max-delete stops rsync's deletions (exit 25), the files stay."""
+def test_mirror_guard_refuses_before_any_deletion(tmp_path, fake):
+    """Mirror mode: a dry run counts the deletions first; over the limit nothing is
+    deleted (rsync's --max-delete alone would still delete the first N)."""
     host = make_host(tmp_path, max_delete=1)
-    dest = tmp_path / "web1"
-    assert b.run_backup(host, dry_run=False, tty=False).ok
+    copy = tmp_path / "web1" / "tree"
+    first = b.run_backup(host, dry_run=False, tty=False)
+    assert first.ok
+    summary = json.loads(Path(first.summary_path).read_text())
+    assert summary["deletion_check"]["over_limit"] is False
+    assert "-n" in summary["deletion_check"]["argv"]
     for name in ("keep", "change"):
         (fake / name).unlink()
     stopped = b.run_backup(host, dry_run=False, tty=False)
     assert not stopped.ok and stopped.exit_code == 25
-    assert "Deletions stopped due to --max-delete limit" in stopped.error
-    assert "check the server before raising backup.max_delete" in stopped.error
-    assert len(os.listdir(dest)) == 1  # one deletion allowed, the other stopped
+    assert stopped.error.startswith("refused before any deletion: the pull would delete at "
+                                    f"least 2 files from {copy}, more than backup.max_delete 1")
+    assert sorted(os.listdir(copy)) == ["change", "keep"]  # nothing deleted
+    log = Path(stopped.log_path).read_text()
+    assert log.startswith("# deletion check (dry run): ") and log.count("\n# ") == 0
+    summary = json.loads(Path(stopped.summary_path).read_text())
+    assert summary["deletion_check"]["would_delete"] == 2 and not summary["ok"]
+    # Within the limit the pull runs (after the check, in the same log).
+    (fake / "keep").write_text("same in every snapshot\n")
+    one = b.run_backup(host, dry_run=False, tty=False)
+    assert one.ok and sorted(os.listdir(copy)) == ["keep"]
+    log = Path(one.log_path).read_text()
+    assert log.startswith("# deletion check (dry run): ") and "\n# " in log
+
+
+def test_mirror_guard_check_is_skipped_without_delete_or_limit(tmp_path, fake):
+    for host in (make_host(tmp_path), make_host(tmp_path, max_delete=1,
+                                                options=("-a", "--numeric-ids"))):
+        result = b.run_backup(host, dry_run=False, tty=False)
+        assert result.ok
+        assert json.loads(Path(result.summary_path).read_text())["deletion_check"] is None
+
+
+def test_max_delete_zero_is_refused_with_an_old_local_rsync(tmp_path, fake, monkeypatch):
+    monkeypatch.setattr(b, "local_rsync_version", lambda host, rsync: "2.6.9")
+    host = make_host(tmp_path, max_delete=0)
+    host = host.model_copy(update={"rsync": host.rsync.model_copy(
+        update={"allow_vulnerable": True})})
+    with pytest.raises(store.BackupError, match="means 'no limit' to the local rsync 2.6.9"):
+        b.run_backup(host, dry_run=False, tty=False)
+
+
+@pytest.mark.parametrize("code,errors,stats,want", [
+    (25, ["Deletions stopped due to --max-delete limit (38 skipped)",
+          "rsync error: the --max-delete limit stopped deletions (code 25) at main.c(1394)"],
+     {"files_deleted": 5}, (True, 43)),
+    (23, ["rsync warning: Deletions stopped due to --max-delete limit (1,200 skipped)"], {},
+     (True, 1205)),
+    (25, [], {}, (True, None)),
+    (0, [], {"files_deleted": 3}, (False, 3)),
+    (0, [], {}, (False, None)),  # 2.6.9 prints no deletion count
+])
+def test_deletion_check_reads_the_dry_run(code, errors, stats, want):
+    assert pull.deletion_check(code, errors, stats, 5) == want
+
+
+@pytest.mark.parametrize("limit,version,refused", [
+    (0, "2.6.9", True), (0, "3.0.0", False), (0, "3.5.1", False), (1, "2.6.9", False),
+    (None, "2.6.9", False), (0, None, False),
+])
+def test_max_delete_zero_needs_rsync_3(limit, version, refused):
+    assert (pull.max_delete_problem(limit, version) is not None) == refused
 
 
 def test_run_backup_code_24_is_a_success_with_a_warning(tmp_path, fake, monkeypatch):
@@ -1245,3 +1299,44 @@ def test_run_backup_runs_an_old_local_rsync_with_the_switch(tmp_path, fake):
     stamp_file.write_text(json.dumps({"version": "2.6.9"}))  # the fake rsync stays in bin/
     result = b.run_backup(host, dry_run=False, tty=False)
     assert result.ok and result.warning is None, result
+
+
+# --- the default became snapshots: a mirror's DEST/tree becomes the first snapshot ------------
+
+
+def test_a_mirror_becomes_the_first_snapshot_and_is_hard_linked(tmp_path, fake):
+    dest = tmp_path / "web1"
+    mirror = b.run_backup(make_host(tmp_path), dry_run=False, tty=False)
+    assert mirror.ok and os.listdir(dest) == ["tree"]
+    tree_inode = (dest / "tree" / "keep").stat().st_ino
+    mirror_run = Path(mirror.summary_path).stem
+    host = make_host(tmp_path, snapshots=7)
+
+    dry = b.run_backup(host, dry_run=True, tty=False)
+    assert dry.ok and os.listdir(dest) == ["tree"]  # a dry run moves nothing
+    assert f"turns the mirror {dest / 'tree'} into the first snapshot {mirror_run}" in dry.warning
+
+    first = b.run_backup(host, dry_run=False, tty=False)
+    assert first.ok, first.error
+    assert f"the mirror {dest / 'tree'} became the first snapshot {mirror_run}" in first.warning
+    new = Path(first.snapshot).name
+    assert store.complete_snapshots(os.listdir(dest)) == [mirror_run, new]
+    assert os.readlink(dest / "latest") == new and not (dest / "tree").exists()
+    assert (dest / mirror_run / "keep").stat().st_ino == tree_inode  # renamed, not copied
+    assert (dest / new / "keep").stat().st_ino == tree_inode  # hard-linked by --link-dest
+    summary = json.loads(Path(first.summary_path).read_text())
+    assert f"--link-dest={dest / mirror_run}" in summary["argv"]
+
+
+@pytest.mark.parametrize("names,tree_is_dir,last,want", [
+    (["tree"], True, "2026-01-02T030405Z", "2026-01-02T030405Z"),
+    (["tree"], True, None, "FALLBACK"),
+    (["tree", "2026-01-02T030405Z"], True, "2026-01-02T030405Z", None),  # has a snapshot
+    (["tree", "2026-01-02T030405Z.partial"], True, "2026-01-02T030405Z",
+     "2026-01-02T030405Z"),
+    (["tree"], False, None, None),  # a file or link named tree: not a mirror
+    ([], True, None, None),
+])
+def test_plan_tree_snapshot(names, tree_is_dir, last, want):
+    assert store.plan_tree_snapshot(names, tree_is_dir=tree_is_dir, last_mirror=last,
+                                    fallback="FALLBACK") == want

@@ -336,8 +336,24 @@ def test_key_files(root_ssh, keys_mode, expected):
 
 def test_key_line_ok_names_command_and_options():
     key = doctor.find_key_line(line().encode(), BLOB)
-    (only,) = doctor.check_key_line(key, make_host(), facts())
+    (only,) = doctor.check_key_line(key, make_host(**{"from": "any"}), facts())
     assert only.level == "ok" and DAEMON in only.what and "restrict" in only.what
+
+
+def test_key_line_from_defaults_to_this_clients_address():
+    """No `from` in the inventory: the line must carry from= the address the server sees."""
+    good = doctor.find_key_line(line(options=RESTRICTED + ',from="10.0.0.5"').encode(), BLOB)
+    (only,) = doctor.check_key_line(good, make_host(), facts())
+    assert only.level == "ok" and 'from="10.0.0.5"' in only.what
+    bare = doctor.find_key_line(line().encode(), BLOB)
+    (finding,) = doctor.check_key_line(bare, make_host(), facts())
+    assert finding.level == "warn"
+    assert finding.what == ("the line has from=None, wanted '10.0.0.5' (the inventory has no "
+                            "`from`: the backup host's address 10.0.0.5)")
+    assert "from anywhere" in finding.why
+    # `from: any` wants no from= at all.
+    (extra,) = doctor.check_key_line(good, make_host(**{"from": "any"}), facts())
+    assert extra.level == "warn" and "wanted None" in extra.what
 
 
 @pytest.mark.parametrize(("key_text", "host_fields", "needle"), [
@@ -742,7 +758,7 @@ def test_check_destination(facts, expected):
 
 
 def test_gather_destination_reads_the_layout_and_the_mount(tmp_path):
-    host = make_host(backup={"destination": str(tmp_path / "{name}")})
+    host = make_host(backup={"destination": str(tmp_path / "{name}"), "snapshots": 0})
     (tmp_path / "web1" / "etc").mkdir(parents=True)
     (tmp_path / "web1").chmod(0o755)
     mountinfo = f"1 0 8:1 / / rw - ext4 /dev/sda1 rw\n2 1 8:2 / {tmp_path} rw,nosuid - ext4 x rw\n"

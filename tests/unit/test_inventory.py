@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from roles.inventory.schema import DEFAULT_OPTIONS, InventoryError, load, load_text
+from roles.inventory.schema import (
+    DEFAULT_OPTIONS,
+    DEFAULT_SNAPSHOTS,
+    InventoryError,
+    load,
+    load_text,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +63,18 @@ def test_the_shipped_example_mirrors_the_seed():
     assert host.admin_user == "remoteuser"
     assert host.rsync.version == "3.5.1" and host.rsync.allow_vulnerable is False
     assert host.backup.options == ("-avzx", "--numeric-ids", "--delete", "--progress")
-    assert host.backup.snapshots == 0
+    assert host.backup.snapshots == 7  # history by default, not the seed's one mirror
+    assert host.from_ is None  # from= this backup host's address, as the server sees it
+
+
+def test_defaults_keep_history_and_from_any_is_accepted():
+    inventory = load_text("hosts:\n  a:\n    address: 192.0.2.1\n    admin_user: u\n"
+                          "    backup_key: /k\n  b:\n    address: 192.0.2.2\n"
+                          "    admin_user: u\n    backup_key: /k\n    from: any\n"
+                          "    backup: {snapshots: 0}\n")
+    a, b = inventory.hosts["a"], inventory.hosts["b"]
+    assert a.backup.snapshots == DEFAULT_SNAPSHOTS == 7 and b.backup.snapshots == 0
+    assert a.from_ is None and b.from_ == "any"
 
 
 def test_the_shipped_example_shows_the_seeds_2_6_9_behind_the_switch():

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from roles.config import rsyncd
+from roles.config import rootkey, rsyncd
+from roles.core import hardened
 from roles.features.setup_remote import daemon_command, plan_setup
 from roles.hostfiles.transaction import (
     FileChange,
@@ -59,8 +60,9 @@ def make_key(seed: int = 1) -> str:
 
 
 PUBLIC_KEY = make_key()
+# from=: no `from` in HOST, so the backup host's address as make_facts' server sees it.
 KEY_LINE = ('restrict,command="/usr/local/bin/rsync --server --daemon '
-            '--config=/etc/pullback/rsyncd.conf .",no-port-forwarding,'
+            '--config=/etc/pullback/rsyncd.conf .",from="192.0.2.1",no-port-forwarding,'
             "no-agent-forwarding,no-X11-forwarding,no-pty " + " ".join(PUBLIC_KEY.split()[:2])
             + " pullback-backup")
 # make_facts' client address: the module admits it alone.
@@ -539,6 +541,28 @@ def test_captured_mode_without_a_capture_removes_the_keys_earlier_line():
                        host, PUBLIC_KEY, None)
     assert [c.step for c in again.changes] == ["sshd_config"]
     assert again.steps["authorized_keys"] == "skipped"
+
+
+@pytest.mark.parametrize(("from_", "client", "wanted", "allow"), [
+    (None, "192.0.2.1", '"192.0.2.1"', "192.0.2.1"),        # the default: this client only
+    ("any", "192.0.2.1", None, None),                        # the opt-out: neither
+    ("198.51.100.0/24", "192.0.2.1", '"198.51.100.0/24"', "198.51.100.0/24"),
+    ("backup.example.org", "192.0.2.1", '"backup.example.org"', "192.0.2.1"),
+    (None, "", None, None),                                  # no address reported: a warning
+])
+def test_key_from_and_hosts_allow_follow_one_rule(from_, client, wanted, allow):
+    host = HOST.model_copy(update={"from_": from_})
+    facts = dataclasses.replace(make_facts({SSHD_CONFIG: STOCK}), client_addr=client)
+    plan = plan_setup(facts, host, PUBLIC_KEY, FORCED)
+    keys_change = next(c for c in plan.changes if c.step == "authorized_keys")
+    options, _ = rootkey.parse_options(keys_change.new.decode().strip())
+    froms = [o.removeprefix("from=") for o in options if o.startswith("from=")]
+    assert froms == ([wanted] if wanted else [])
+    assert hardened.wanted_from(from_, client) == (wanted.strip('"') if wanted else None)
+    module = next(c for c in plan.changes if c.step == "rsyncd.conf").new.decode()
+    assert (f"hosts allow = {allow}" in module) if allow else ("hosts allow" not in module)
+    warned = any("did not report the backup host's address" in w for w in plan.warnings)
+    assert warned is (from_ is None and not client)
 
 
 def test_old_openssh_gets_no_restrict_option():
