@@ -47,7 +47,7 @@ REMOTE_RSYNC = f"{REMOTE_PREFIX}/bin/rsync"
 REMOTE_STAMP = rb.stamp_path(REMOTE_PREFIX)
 APT_COMMAND = (
     "sudo apt-get update && "
-    "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y gcc make libc6-dev"
+    "sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y gcc make libc6-dev libacl1-dev"
 )
 FAKE_VERSION = "9.9.9"
 FAKE_CONFIGURE = (
@@ -485,7 +485,8 @@ def test_host_without_compiler(lab_env: Lab, mirror: Mirror, tmp_path: Path) -> 
             "build-rsync could not install gcc/make on the bare lab host through apt; the "
             "container must reach Debian's archive (deb.debian.org) for this test:\n" + run.out
         )
-        assert f"{host.name}: missing a C compiler, make: installing with apt-get" in run.lines
+        assert (f"{host.name}: missing a C compiler, make, the ACL headers (libacl, for rsync "
+                "-A): installing with apt-get") in run.lines
         assert f"{host.name:24} built  {VERSION_LINE}" in run.lines, run.out
         assert remote.run(f"{REMOTE_RSYNC} --version").stdout.splitlines()[0] == VERSION_LINE
         assert remote.run("command -v gcc make").stdout.split() == ["/usr/bin/gcc", "/usr/bin/make"]
