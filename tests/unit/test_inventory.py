@@ -62,7 +62,9 @@ def test_the_shipped_example_mirrors_the_seed():
     assert host.address == "example.com"
     assert host.admin_user == "remoteuser"
     assert host.rsync.version == "3.5.1" and host.rsync.allow_vulnerable is False
-    assert host.backup.options == ("-avzx", "--numeric-ids", "--delete", "--progress")
+    # The release's defaults: the seed's options would lose hard links, ACLs, xattrs, holes.
+    assert host.backup.options == DEFAULT_OPTIONS == (
+        "-avzx", "-HAXS", "--numeric-ids", "--delete", "--progress")
     assert host.backup.snapshots == 7  # history by default, not the seed's one mirror
     assert host.from_ is None  # from= this backup host's address, as the server sees it
 
