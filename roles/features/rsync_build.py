@@ -1115,6 +1115,22 @@ def _local_end(prefix: str, tarball: Path, version: str, sha256: str, *, check: 
                        log=log)
 
 
+def _run_ends(jobs: list[tuple[str, Any]], field: str) -> list[EndResult]:
+    """Run each end's work at the same time; its return value goes to ``EndResult.field``."""
+
+    def run(job: tuple[str, Any]) -> EndResult:
+        name, work = job
+        try:
+            return EndResult(name, **{field: work()})
+        except Exception as exc:  # noqa: BLE001 - one end failing never stops the others
+            return EndResult(name, error=f"{type(exc).__name__}: {exc}")
+
+    if not jobs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
+        return list(pool.map(run, jobs))
+
+
 def _plan_everywhere(hosts: list[Any], *, version: str | None, local: bool, remote: bool,
                      pins: Mapping[str, str]) -> list[EndResult]:
     """build-rsync --dry-run: every end's plan, read concurrently."""
@@ -1147,16 +1163,7 @@ def _plan_everywhere(hosts: list[Any], *, version: str | None, local: bool, remo
                          lambda v=wanted, s=sha, p=prefix, f=flags: plan_build(
                              v, s, f, p, *read_install(invoke.Context(), p))))
 
-    def run(job: tuple[str, Any]) -> EndResult:
-        name, work = job
-        try:
-            return EndResult(name, plan=work())
-        except Exception as exc:  # noqa: BLE001 - one end failing never stops the others
-            return EndResult(name, error=f"{type(exc).__name__}: {exc}")
-
-    if jobs:
-        with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
-            results.extend(pool.map(run, jobs))
+    results.extend(_run_ends(jobs, "plan"))
     return results
 
 
@@ -1230,16 +1237,7 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
                 f"{host.name} wants rsync {wanted} but {local_prefix} is already getting "
                 f"{local_versions[local_prefix]} in this run; give the hosts one version")))
 
-    def run(job: tuple[str, Any]) -> EndResult:
-        name, work = job
-        try:
-            return EndResult(name, result=work())
-        except Exception as exc:  # noqa: BLE001 - one end failing never stops the others
-            return EndResult(name, error=f"{type(exc).__name__}: {exc}")
-
-    if jobs:
-        with ThreadPoolExecutor(max_workers=min(16, len(jobs))) as pool:
-            results.extend(pool.map(run, jobs))
+    results.extend(_run_ends(jobs, "result"))
     versions = {r.result.version for r in results if r.result}
     if len(versions) > 1:
         for r in results:
