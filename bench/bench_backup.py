@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     try:
-        path, hosts = provision(PREFIX, 1, source="/srv/bench")
+        # Mirror mode: the raw argv pulls into the same DEST/tree (a snapshot run would
+        # make a new hard-linked tree each time, which the raw command does not).
+        path, hosts = provision(PREFIX, 1, source="/srv/bench", snapshots=0)
         host = hosts[0]
         exec_root(host.name, SEED)
         dest = Path(host.destination)

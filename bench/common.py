@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 import subprocess
 import sys
@@ -9,13 +10,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from roles.core.outcome import Outcome
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lab import hosts as lab  # noqa: E402
 from roles.core import fleet  # noqa: E402
+from roles.core.outcome import Outcome  # noqa: E402
 from roles.features import setup_remote as setup  # noqa: E402
 from roles.inventory.schema import Host, load  # noqa: E402
 from roles.local import keys  # noqa: E402
@@ -30,6 +30,8 @@ def provision(prefix: str, count: int, **backup: object) -> tuple[Path, list[Hos
     path = lab.write_inventory(lab_hosts, None, prefix)
     if backup:
         text = path.read_text()
+        for key in backup:  # the lab's own value of a key goes
+            text = re.sub(rf"(?m)^    {key}: .*\n", "", text)
         extra = "".join(f"    {k}: {v}\n" for k, v in backup.items())
         path.write_text(text.replace("  backup:\n", "  backup:\n" + extra, 1))
     hosts = list(load(path).hosts.values())
