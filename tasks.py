@@ -13,7 +13,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from invoke import Collection, task
+from invoke import Collection
+from invoke import task as invoke_task
 from invoke.exceptions import Exit
 
 from roles.core.hardened import Mode
@@ -21,6 +22,13 @@ from roles.core.outcome import Outcome
 from roles.inventory.selection import Inventory, InventoryError
 
 DEFAULT_INVENTORY = "inventory.yaml"
+
+
+def task(*args, **kwargs):
+    """invoke's ``@task`` without automatic short flags: ``-h`` is help for every task (it
+    was ``--host`` with no value: every host), and no ``-n`` or ``-v`` means one thing in
+    one task and another in the next."""
+    return invoke_task(*args, auto_shortflags=False, **kwargs)
 HOST_HELP = {
     "inventory": "inventory file (default: inventory.yaml)",
     "host": "host name from the inventory; repeat for several (default: every host)",
@@ -44,7 +52,19 @@ def _inventory(path: str, loader=None) -> Inventory:
         raise Exit(code=2) from None
 
 
+def _bare_host_flag(argv: list[str]) -> bool:
+    """``--host`` given with no name after it. invoke reads it as an empty list, the same
+    as no ``--host`` at all: every host. A flag meant to narrow a run must not widen it."""
+    for i, word in enumerate(argv):
+        if word == "--host" and (i + 1 == len(argv) or argv[i + 1].startswith("-")):
+            return True
+    return False
+
+
 def _hosts(path: str, names: list[str] | None, shard: str | None = None, loader=None):
+    if _bare_host_flag(sys.argv):
+        raise Exit("--host needs a host name (repeat it for several; leave it out for every "
+                   "host)", code=2)
     try:
         return _inventory(path, loader).choose(names, shard)
     except InventoryError as exc:

@@ -152,3 +152,23 @@ def test_build_rsync_refuses_an_exposed_client_before_anything_with_exit_2(tmp_p
                            "is rsync 3.2.7, older than 3.4.1")
     assert "rsync.allow_vulnerable: true" in line
     assert not (tmp_path / "local").exists()
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if not t.startswith("lab.")])
+def test_dash_h_is_help_never_every_host(tmp_path, task):
+    """``-h`` after a task was ``--host`` with no value, i.e. a real run on every host."""
+    result = invoke(task, "--inventory", str(tmp_path / "missing.yaml"), "-h")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: inv[oke] [--core-opts] " + task)
+    assert "inventory file not found" not in result.stdout + result.stderr  # nothing ran
+
+
+@pytest.mark.parametrize("args", [["--host"], ["--host", "--dry-run"]])
+def test_a_host_flag_with_no_name_is_an_error(tmp_path, args):
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(INVENTORY.replace("/k", str(tmp_path / "key")).replace(
+        "defaults: {", f"defaults: {{backup: {{destination: '{tmp_path}/b/{{name}}'}}, "))
+    result = invoke("backup", "--inventory", str(inventory), *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == ("--host needs a host name (repeat it for several; leave it "
+                                     "out for every host)")
