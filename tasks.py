@@ -75,6 +75,9 @@ def _hosts(path: str, names: list[str] | None, shard: str | None = None, loader=
                                 "(ssh-keygen prompts; it is never stored)"})
 def keygen(c, inventory=DEFAULT_INVENTORY, host=None, passphrase=False):
     """Create the backup key (ed25519, 0600) and the local backup folders (0700)."""
+    if passphrase and not sys.stdin.isatty():
+        raise Exit("keygen: --passphrase needs a terminal: ssh-keygen asks for it there",
+                   code=2)
     from roles.local import folders, keys
 
     hosts = _hosts(inventory, host)

@@ -67,6 +67,13 @@ def ensure_backup_key(path: Path, *, passphrase: bool = False) -> str:
     result = subprocess.run(argv, check=False, stdin=None if passphrase else subprocess.DEVNULL)
     if result.returncode != 0:
         raise KeyFileError(f"ssh-keygen failed with exit {result.returncode}")
+    if passphrase and not key_has_passphrase(path):
+        # No terminal: ssh-keygen read an empty passphrase. A key said to be protected
+        # must be, so this one goes rather than stay unprotected under that name.
+        for made in (path, path.with_name(path.name + ".pub")):
+            made.unlink(missing_ok=True)
+        raise KeyFileError("no passphrase was set (ssh-keygen had no terminal to ask on); "
+                           "run `invoke keygen --passphrase` on a terminal")
     path.chmod(0o600)
     return f"{path}: created (ed25519{', with passphrase' if passphrase else ''})"
 

@@ -4,6 +4,7 @@ a passphrase is detected without ever asking for it."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,3 +69,22 @@ def test_ensure_destination_makes_every_new_level_0700_and_refuses_a_shared_pare
     with pytest.raises(folders.FolderError, match="writable by its group and others"):
         keys.ensure_destination(tmp_path / "open" / "b" / "web1")
     assert list((tmp_path / "open").iterdir()) == []
+
+
+def test_a_passphrase_key_without_a_terminal_is_refused_not_made_bare(tmp_path):
+    """ssh-keygen without a terminal reads an empty passphrase: the key must not stay."""
+    key = tmp_path / "k" / "backup"
+    with pytest.raises(keys.KeyFileError, match="no passphrase was set"):
+        keys.ensure_backup_key(key, passphrase=True)
+    assert not key.exists() and not key.with_name("backup.pub").exists()
+
+
+def test_keygen_passphrase_without_a_terminal_exits_2_before_anything(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([str(Path(sys.executable).parent / "invoke"), "keygen",
+                             "--passphrase", "--inventory", str(tmp_path / "none.yaml")],
+                            cwd=root, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("keygen: --passphrase needs a terminal: ssh-keygen asks "
+                                     "for it there")
