@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
-
-
+H = TypeVar("H")  # a host of the inventory (the fleet needs nothing of it)
 T = TypeVar("T")
 
 
-def for_each(hosts: list[Host], work: Callable[[Host], T], on_error: Callable[[Host, Exception], T],
+def for_each(hosts: list[H], work: Callable[[H], T], on_error: Callable[[H, Exception], T],
              parallel: int = 8) -> list[T]:
     """``work(host)`` for every host, concurrently; results in inventory order."""
 
-    def guarded(host: Host) -> T:
+    def guarded(host: H) -> T:
         try:
             return work(host)
         except Exception as exc:  # noqa: BLE001 - reported per host, the others go on

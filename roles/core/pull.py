@@ -6,16 +6,35 @@ from __future__ import annotations
 import collections
 import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from roles.core import rsync_errors
 from roles.core.hardened import Mode
 from roles.core.rsync_errors import explain_exit
 
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
+
+class BackupSpec(Protocol):
+    """The ``backup:`` settings a pull is built from."""
+
+    source: str
+    module: str
+    options: Sequence[str]
+    exclude: Sequence[str]
+    max_delete: int | None
+
+
+class Host(Protocol):
+    """What a pull needs to know of a host: the inventory's validated host (or its compiled
+    record) has these and more; ``core`` names only what it reads."""
+
+    address: str
+    port: int
+    backup_key: str
+    known_hosts: str
+    forced_command: str
+    backup: BackupSpec
 
 OK_CODES = (0, 24)
 TAIL_BYTES = 65536
