@@ -50,7 +50,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from roles.config.gate import capture_file, gate_file
-from roles.core import pull
+from roles.core import hardened, pull
 from roles.core.hardened import CAPTURE_SCRIPT, CAPTURED_FILE, GATE, LIBEXEC, REMOTE_STATE, Mode
 from roles.core.hardened import PERMIT_ROOT_LOGIN as WANT
 from roles.core.outcome import Outcome
@@ -94,14 +94,14 @@ if TYPE_CHECKING:
 def remote_rsync(facts: HostFacts, host: Host) -> tuple[str, str, list[str]]:
     """``(path, version line, warnings)``: the pinned build, else the one on PATH."""
     wanted = host.rsync.remote_binary
-    if wanted in facts.rsync:
-        return wanted, facts.rsync[wanted], []
-    others = [path for path in facts.rsync if path != wanted]
-    if not others:
+    path, _ = hardened.forced_rsync(wanted, facts.rsync)
+    if path is None:
         raise CaptureError(f"no rsync on {host.name}: neither {wanted} nor one on PATH; run "
                            "`invoke build-rsync`")
-    return others[0], facts.rsync[others[0]], [
-        f"{wanted} is not installed: the gate runs {others[0]} (from the host's `command -v "
+    if path == wanted:
+        return wanted, facts.rsync[wanted], []
+    return path, facts.rsync[path], [
+        f"{wanted} is not installed: the gate runs {path} (from the host's `command -v "
         "rsync`); run `invoke build-rsync`, then capture-command again, so both ends run the "
         "same build"]
 

@@ -1037,14 +1037,10 @@ def version_end(path: str, text: str, note: str = "") -> RsyncEnd:
 # --- talking to the host -------------------------------------------------------------------
 
 
-def known_host_label(host: Host) -> str:
-    return known_hosts_name(host.address, host.port)
-
-
 def check_unreachable(host: Host, message: str) -> Finding:
     """Classify a failed admin login: unknown or changed host key, or another reason."""
     check = "host key"
-    label = known_host_label(host)
+    label = known_hosts_name(host.address, host.port)
     try:
         offered = fetch_host_key(host.address, host.port)
         key_type, blob = offered.type, base64.b64decode(offered.blob)

@@ -43,6 +43,7 @@ from typing import Any
 import invoke
 
 from roles.core import platforms
+from roles.core.hardened import Mode
 from roles.core.rsync import (
     CLIENT_CVES,
     MIN_SAFE_CLIENT,
@@ -1049,6 +1050,8 @@ def finish_key_line(conn: Any, host: Any, log: Log) -> None:
     backup key or a key line (setup-remote writes it later, with the build), or in captured
     mode (the gate runs the rsync it was captured with: ``invoke capture-command`` again).
     """
+    if host.forced_command != Mode.DAEMON:
+        return  # no round trip: the gate keeps the rsync it was captured with
     try:
         public_key = read_public_key(host)
     except KeyFileError:

@@ -695,8 +695,10 @@ def test_simulate_sent_command_is_what_rsync_sends():
 
 
 def test_known_host_label():
-    assert doctor.known_host_label(make_host()) == "[192.0.2.10]:2222"
-    assert doctor.known_host_label(make_host(port=22)) == "192.0.2.10"
+    from roles.remote.hostkeys import known_hosts_name
+
+    for host, label in ((make_host(), "[192.0.2.10]:2222"), (make_host(port=22), "192.0.2.10")):
+        assert known_hosts_name(host.address, host.port) == label
 
 
 # --- output ---------------------------------------------------------------------------------------
