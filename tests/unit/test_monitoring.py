@@ -139,3 +139,77 @@ def test_parse_itemized_sorts_lines():
     assert diff.added == ["added file", "new-dir/", "new-link", "new-dir/hard"]
     assert diff.removed == ["gone.txt", "old-dir/"]
     assert diff.changed == ["changed.txt", "mode-only", "dir-mode/", "old-rsync-changed"]
+
+
+# --- the inventory's new fields -----------------------------------------------------------------
+
+BASE = """\
+defaults:
+  admin_user: admin
+  backup_key: /root/.ssh/backup
+  backup: {destination: "/var/backups/pullback/{name}"}
+hosts:
+  web1:
+    address: 10.0.0.1
+"""
+
+
+def load_with(extra: str):
+    from roles.inventory.schema import load_text
+
+    return load_text(BASE + extra, "inv.yaml").hosts["web1"]
+
+
+def test_new_fields_load_with_their_defaults():
+    host = load_with("")
+    assert host.monitor.ping_url is None and host.monitor.metrics_file is None
+    assert host.backup.pre == () and host.backup.post == ()
+    assert (host.backup.retain.daily, host.backup.retain.weekly,
+            host.backup.retain.monthly) == (0, 0, 0)
+    host = load_with("    monitor: {ping_url: 'https://hc.example/p/1/', "
+                     "metrics_file: /var/lib/node/pullback.prom}\n"
+                     "    backup: {retain: {daily: 7, monthly: 12}, pre: [pg_dumpall, -f, "
+                     "/var/backups/all.sql]}\n")
+    assert host.monitor.ping_url == "https://hc.example/p/1"
+    assert host.backup.pre == ("pg_dumpall", "-f", "/var/backups/all.sql")
+    assert host.backup.retain.daily == 7
+
+
+@pytest.mark.parametrize(("extra", "problem"), [
+    ("    monitor: {ping_url: 'file:///etc/passwd'}\n",
+     "inv.yaml:8: hosts.web1.monitor.ping_url: 'file:///etc/passwd' must be an http:// or "
+     "https:// URL"),
+    ("    monitor: {metrics_file: /var/lib/node/pullback.txt}\n",
+     "inv.yaml:8: hosts.web1.monitor.metrics_file: '/var/lib/node/pullback.txt' must end in "
+     ".prom (the textfile collector reads only those)"),
+    ("    backup: {snapshots: 0, retain: {daily: 3}}\n",
+     "inv.yaml:6: hosts.web1: backup.retain: needs snapshots (backup.snapshots is 0: one "
+     "mirror, nothing to retain)"),
+    ("    backup: {retain: {daily: -1}}\n",
+     "inv.yaml:8: hosts.web1.backup.retain.daily: Input should be greater than or equal to 0 "
+     "(got -1)"),
+    ("    backup: {pre: 'pg_dumpall -f x'}\n",
+     "inv.yaml:8: hosts.web1.backup.pre: Input should be a valid tuple (got str "
+     "'pg_dumpall -f x')"),
+    ("    backup: {post: [\"rm\\nx\"]}\n",
+     "inv.yaml:8: hosts.web1.backup.post: must not contain control characters or newlines"),
+])
+def test_bad_values_are_one_line(extra, problem):
+    from roles.inventory.selection import InventoryError
+
+    with pytest.raises(InventoryError) as caught:
+        load_with(extra)
+    assert caught.value.problems == [problem]
+
+
+def test_the_lean_path_loads_neither_urllib_request_nor_the_hooks():
+    """Pings and hooks cost only the runs that use them (bench/bench_imports.py)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = ("import sys, roles.cli.unattended; print(sorted(m for m in sys.modules if m in "
+             "('urllib.request', 'roles.remote.hooks', 'http.client')))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[2])
+    assert result.stdout.strip() == "[]"
