@@ -21,8 +21,8 @@ def ping_url(base: str, event: str) -> str:
 
 def send_ping(base: str, event: str, body: str = "", timeout: float = TIMEOUT) -> str | None:
     """POST ``body`` to the event's URL; None when the monitor answered 2xx, else why not."""
-    # Deferred: urllib.request (http.client, email, ssl) costs ~30 ms at start-up, paid
-    # only by runs whose hosts have a monitor.ping_url (the lean backup path).
+    # Deferred: urllib.request (http.client, email, ssl) is the start-up's largest standard
+    # import (docs/performance.md); only runs whose hosts have a monitor.ping_url pay it.
     import urllib.error
     import urllib.request
 
