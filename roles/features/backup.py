@@ -83,6 +83,7 @@ dropped and the output goes only to the log. Nothing here imports Fabric or para
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -165,8 +166,10 @@ class BackupResult:
 
 
 def run_backup(host: Host, *, dry_run: bool, tty: bool,
-               echo: BinaryIO | None = None) -> BackupResult:
+               echo: BinaryIO | None = None, lock: Lock | None = None) -> BackupResult:
     """Pull ``host`` once (mirror or snapshot mode); raise BackupError if it cannot start.
+
+    ``lock``: the host's lock, already held by the caller (around backup.pre and post).
 
     ``tty``: keep the progress options and show rsync's output live (on ``echo``, default
     this process's stdout).
@@ -192,7 +195,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     state = prepare_state(host)
     logs = state / "logs"
     snapshots = host.backup.snapshots
-    with Lock(state / "lock", host.name) as lock:
+    with contextlib.nullcontext(lock) if lock else Lock(state / "lock", host.name) as lock:
         started = datetime.now(UTC)
         t0 = time.monotonic()
         if not dry_run:
@@ -414,7 +417,9 @@ def run_hooks(host: Host, which: str) -> str | None:
 def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool) -> BackupResult:
     """One host's run: ping ``start``, ``backup.pre``, the pull, ``backup.post``, ping the
     result. A failing pre command stops the pull; post runs whenever the pull was tried
-    (after pre succeeded), good or not. A dry run runs no hook and sends no ping."""
+    (after pre succeeded), good or not. A dry run runs no hook and sends no ping. With
+    hooks the host's lock is held from before pre to after post: a second run refused by
+    the lock runs no hook (its pre would rewrite a dump the first run is pulling)."""
     monitor = getattr(host, "monitor", None)
     url = getattr(monitor, "ping_url", None) if not dry_run else None
     notes: list[str] = []
@@ -428,23 +433,14 @@ def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool) -> BackupResult:
         if hooks:
             notes.append(f"a real run also runs {' and '.join(hooks)} (not in a dry run)")
     t0 = time.monotonic()
-    problem = None if dry_run else run_hooks(host, "pre")
-    if problem:
+    hooked = not dry_run and bool(getattr(host.backup, "pre", ())
+                                  or getattr(host.backup, "post", ()))
+    try:
+        with _hook_lock(host) if hooked else contextlib.nullcontext() as lock:
+            result = _pull_between_hooks(host, dry_run=dry_run, tty=tty, lock=lock, t0=t0)
+    except BackupError as exc:  # the lock is held, or the state folder is unusable
         result = BackupResult(host.name, ok=False, exit_code=None,
-                              seconds=round(time.monotonic() - t0, 3),
-                              error=f"{problem}; the pull did not run")
-    else:
-        try:
-            result = run_backup(host, dry_run=dry_run, tty=tty)
-        except Exception as exc:  # noqa: BLE001 - one line per host; post and ping still run
-            reason = str(exc) if isinstance(exc, BackupError) \
-                else f"{type(exc).__name__}: {exc}"
-            result = BackupResult(host.name, ok=False, exit_code=None,
-                                  seconds=round(time.monotonic() - t0, 3), error=reason)
-        after = None if dry_run else run_hooks(host, "post")
-        if after:
-            result.ok = False
-            result.error = f"{result.error}; {after}" if result.error else after
+                              seconds=round(time.monotonic() - t0, 3), error=str(exc))
     if url:
         note = send_ping(url, "success" if result.ok else "fail",
                          "" if result.ok else f"{host.name}: {result.error}")
@@ -452,6 +448,30 @@ def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool) -> BackupResult:
             notes.append(note)
     if notes:
         result.warning = "; ".join([*([result.warning] if result.warning else []), *notes])
+    return result
+
+
+def _hook_lock(host: Host) -> Lock:
+    return Lock(prepare_state(host) / "lock", host.name)
+
+
+def _pull_between_hooks(host: Host, *, dry_run: bool, tty: bool, lock: Lock | None,
+                        t0: float) -> BackupResult:
+    problem = None if dry_run else run_hooks(host, "pre")
+    if problem:
+        return BackupResult(host.name, ok=False, exit_code=None,
+                            seconds=round(time.monotonic() - t0, 3),
+                            error=f"{problem}; the pull did not run")
+    try:
+        result = run_backup(host, dry_run=dry_run, tty=tty, lock=lock)
+    except Exception as exc:  # noqa: BLE001 - one line per host; post and ping still run
+        reason = str(exc) if isinstance(exc, BackupError) else f"{type(exc).__name__}: {exc}"
+        result = BackupResult(host.name, ok=False, exit_code=None,
+                              seconds=round(time.monotonic() - t0, 3), error=reason)
+    after = None if dry_run else run_hooks(host, "post")
+    if after:
+        result.ok = False
+        result.error = f"{result.error}; {after}" if result.error else after
     return result
 
 

@@ -353,3 +353,21 @@ def test_a_failing_pre_command_stops_the_pull(lab_env, ready, work):
     assert sh(ready, "cat /tmp/hooks-failed.log 2>/dev/null || true") == ""  # no pull: no post
     assert m.paths() == ["/ping/abc/start", "/ping/abc/fail"]
     assert "exited 3: dump: disk full" in m.requests[1][2]
+
+
+def test_hooks_run_under_the_lock_so_a_second_run_runs_none(lab_env, ready, work):
+    """A run that finds the host's lock held (another backup pulling) must not run its pre
+    command: that would rewrite the dump the running backup is copying."""
+    pre = ["sh", "-c", "printf 'pre ran\\n' >> /tmp/hooks-locked.log"]
+    post = ["sh", "-c", "printf 'post ran\\n' >> /tmp/hooks-locked.log"]
+    inventory, host = write_inventory(lab_env, ready, work, "locked", pre=pre, post=post)
+    sh(ready, "rm -f /tmp/hooks-locked.log")
+    with held_lock(host):
+        result = invoke("backup", "--inventory", str(inventory))
+    assert result.returncode == 1
+    assert f"another backup of {host.name} is running (pid 4711)" in result.stderr
+    assert sh(ready, "cat /tmp/hooks-locked.log 2>/dev/null || true") == ""
+    # Control: with the lock free, both run.
+    again = invoke("backup", "--inventory", str(inventory))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert sh(ready, "cat /tmp/hooks-locked.log") == "pre ran\npost ran\n"
