@@ -371,3 +371,34 @@ def test_hooks_run_under_the_lock_so_a_second_run_runs_none(lab_env, ready, work
     again = invoke("backup", "--inventory", str(inventory))
     assert again.returncode == 0, again.stdout + again.stderr
     assert sh(ready, "cat /tmp/hooks-locked.log") == "pre ran\npost ran\n"
+
+
+PROGRAM = str(Path(sys.executable).parent / "pullback-backup")
+
+
+def unattended(inventory: Path) -> subprocess.CompletedProcess:
+    """pullback-backup as a timer starts it: no terminal, a bare environment."""
+    return subprocess.run([PROGRAM, "--inventory", str(inventory)], cwd="/",
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                          capture_output=True, text=True, timeout=180, check=False,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_pullback_backup_runs_hooks_and_refuses_a_sudo_password_host(lab_env, ready, work):
+    pre = ["sh", "-c", "printf 'pre ran\\n' >> /tmp/hooks-timer.log"]
+    inventory, host = write_inventory(lab_env, ready, work, "timer", pre=pre)
+    sh(ready, "rm -f /tmp/hooks-timer.log")
+    result = unattended(inventory)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sh(ready, "cat /tmp/hooks-timer.log") == "pre ran\n"
+
+    path = lab_env.inventory([ready], path=work / "timer-sudo.yaml", defaults={
+        "rsync": {"local_prefix": str(work / "no-local-build")}, "sudo_password": True,
+        "backup": {"destination": str(work / "timer" / "{name}"), "source": DATA,
+                   "snapshots": 3, "pre": pre}})
+    refused = unattended(path)
+    assert refused.returncode == 1
+    assert ("did not run: sudo_password is true and there is no terminal to ask on; allow "
+            "NOPASSWD sudo for the admin user to run hooks unattended; the pull did not run"
+            in refused.stderr)
+    assert sh(ready, "cat /tmp/hooks-timer.log") == "pre ran\n"
