@@ -211,7 +211,7 @@ def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False)
     "path": "absolute path on the server to restore, e.g. /etc/ssh",
     "to": "local folder to restore into, made 0700: the copy lands in TO/tree (a folder's "
           "contents, or the file)",
-    "snapshot": "snapshot name (default: the newest); snapshot mode only",
+    "snapshot": "snapshot name as `invoke snapshots` lists it (default: the newest)",
     "force": "copy into a non-empty folder (nothing there is deleted)",
 })
 def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snapshot=None,
@@ -345,12 +345,24 @@ def schedule(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, at="02:30", 
     print("\n".join(lines))
 
 
-@task(iterable=["host"], help=FLEET_HELP)
-def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
+@task(iterable=["host"], help={**FLEET_HELP, "json": "print JSON (keys in docs/tasks.md) "
+                                "instead of the table; the exit code is the same"})
+def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, json=False):
     """Last run, result and age of the newest good backup per host; exit 1 if stale."""
+    from datetime import UTC, datetime
+
     from roles.features import status as report
 
-    statuses = [report.gather_status(h) for h in _hosts(inventory, host, shard)]
+    now = datetime.now(UTC)
+    statuses = [report.gather_status(h, now) for h in _hosts(inventory, host, shard)]
+    if json:
+        import json as json_text
+
+        print(json_text.dumps(report.status_json(statuses, now), indent=2))
+        stale = [s.host for s in statuses if s.stale]
+        if stale:
+            raise Exit(code=1)
+        return
     for s in statuses:
         for problem in s.problems:
             print(f"{s.host}: warning: {problem}", file=sys.stderr)
@@ -368,6 +380,82 @@ def status(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     stale = [s.host for s in statuses if s.stale]
     if stale:
         raise Exit(f"status: no good backup within backup.max_age: {', '.join(stale)}", code=1)
+
+
+def _one_host(task_name: str, inventory: str, host: list[str] | None):
+    if len(host or []) != 1:
+        raise Exit(f"{task_name}: name exactly one --host", code=2)
+    (h,) = _hosts(inventory, host)
+    return h
+
+
+@task(iterable=["host"], help={**HOST_HELP, "host": "the host (exactly one)",
+                                "json": "print JSON instead of the table"})
+def snapshots(c, inventory=DEFAULT_INVENTORY, host=None, json=False):
+    """List a host's snapshots: time, files, size, complete or partial."""
+    from roles.core.table import format_rows
+    from roles.features import snapshots as snaps
+
+    h = _one_host("snapshots", inventory, host)
+    found = snaps.list_snapshots(h)
+    if json:
+        import dataclasses
+        import json as json_text
+
+        print(json_text.dumps({"host": h.name, "snapshots": [dataclasses.asdict(s)
+                                                             for s in found]}, indent=2))
+        return
+    if not found:
+        print(f"{h.name}: no backup yet in {h.destination}")
+        return
+    print(format_rows(snaps.snapshot_rows(found)), end="")
+
+
+@task(iterable=["host"], help={
+    **HOST_HELP, "host": "the host (exactly one)",
+    "old": "snapshot to compare from (default: the newest)",
+    "new": "snapshot to compare to (default: the live server, a dry-run pull)",
+})
+def diff(c, inventory=DEFAULT_INVENTORY, host=None, old=None, new=None):
+    """Files added, removed and changed between two snapshots, or a snapshot and the server."""
+    from roles.core.errors import PullbackError
+    from roles.features import snapshots as snaps
+
+    h = _one_host("diff", inventory, host)
+    if new and not old:
+        raise Exit("diff: --new needs --old (without --new: --old against the server)",
+                   code=2)
+    try:
+        result = snaps.diff_snapshots(h, old, new) if old and new else snaps.diff_live(h, old)
+    except PullbackError as exc:
+        raise Exit(f"diff: {exc}", code=exc.exit_code) from None
+    print(snaps.format_diff(result), end="")
+
+
+@task(iterable=["host"], help={**FLEET_HELP, "dry_run": "name what would go, remove nothing"})
+def prune(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False):
+    """Remove the snapshots backup.snapshots and backup.retain no longer keep (under the lock)."""
+    from roles.core.errors import PullbackError
+    from roles.features import snapshots as snaps
+
+    failed = []
+    for h in _hosts(inventory, host, shard):
+        if not h.backup.snapshots:
+            print(f"{h.name}: one mirror (backup.snapshots: 0): nothing to prune")
+            continue
+        try:
+            kept, removed, warnings = snaps.prune(h, dry_run=dry_run)
+        except PullbackError as exc:
+            print(f"{h.name}: failed: {exc}", file=sys.stderr)
+            failed.append(h.name)
+            continue
+        for warning in warnings:
+            print(f"{h.name}: warning: {warning}", file=sys.stderr)
+        verb = "would remove" if dry_run else "removed"
+        print(f"{h.name}: kept {len(kept)}, {verb} {len(removed)}"
+              + (f": {', '.join(removed)}" if removed else ""))
+    if failed:
+        raise Exit(f"prune: failed: {', '.join(failed)}", code=1)
 
 
 @task(iterable=["host"], help={
@@ -467,7 +555,7 @@ def lab_status(c, prefix="pullback-lab"):
 ns = Collection(
     keygen, setup_remote, build_rsync, capture_command, backup, restore, restore_drill,
     doctor, verify,
-    schedule, status, trust_host,
+    schedule, status, trust_host, snapshots, diff, prune,
 )
 lab_collection = Collection("lab")
 lab_collection.add_task(lab_up, "up")

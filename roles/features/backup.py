@@ -83,6 +83,7 @@ dropped and the output goes only to the log. Nothing here imports Fabric or para
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -110,8 +111,9 @@ from roles.core.pull import (
 from roles.core.rsync import CaptureError
 from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
 from roles.core.table import format_rows
-from roles.local import capture_record, folders, keys
+from roles.local import capture_record, folders, keys, metrics
 from roles.local.files import write_atomic
+from roles.local.ping import send_ping
 from roles.local.runner import (
     both_ends_have_progress2,
     find_local_rsync,
@@ -140,6 +142,7 @@ from roles.local.store import (
     prepare_state,
     prune_logs,
     read_mirror_layout,
+    retention_of,
     rmtree,
     snapshot_file_count,
 )
@@ -163,8 +166,10 @@ class BackupResult:
 
 
 def run_backup(host: Host, *, dry_run: bool, tty: bool,
-               echo: BinaryIO | None = None) -> BackupResult:
+               echo: BinaryIO | None = None, lock: Lock | None = None) -> BackupResult:
     """Pull ``host`` once (mirror or snapshot mode); raise BackupError if it cannot start.
+
+    ``lock``: the host's lock, already held by the caller (around backup.pre and post).
 
     ``tty``: keep the progress options and show rsync's output live (on ``echo``, default
     this process's stdout).
@@ -190,7 +195,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
     state = prepare_state(host)
     logs = state / "logs"
     snapshots = host.backup.snapshots
-    with Lock(state / "lock", host.name) as lock:
+    with contextlib.nullcontext(lock) if lock else Lock(state / "lock", host.name) as lock:
         started = datetime.now(UTC)
         t0 = time.monotonic()
         if not dry_run:
@@ -305,7 +310,8 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
             except OSError as exc:  # never promoted; the next run resumes or removes it
                 warnings.append(f"could not remove the refused {target.name}: {exc}")
         elif ok and snapshots and not dry_run:
-            snapshot, pruned = finish_snapshot(dest, target, run, snapshots, warnings)
+            snapshot, pruned = finish_snapshot(dest, target, run, retention_of(host),
+                                               warnings)
         elif not ok and snapshots and not dry_run and target.exists():
             warnings.append(f"{target.name} kept for the next run; earlier snapshots are "
                             "intact")
@@ -395,6 +401,107 @@ def _finish_refused(host: Host, run: str, started: datetime, t0: float, dest: Pa
     return result
 
 
+def run_hooks(host: Host, which: str) -> str | None:
+    """``backup.pre`` / ``backup.post`` over the admin connection, or None when there is
+    none; one line when it failed."""
+    argv = getattr(host.backup, which, ())
+    if not argv:
+        return None
+    # Deferred, and the one edge the lean-path contract ignores for it: only a host with
+    # hooks loads Fabric and paramiko (pyproject.toml, docs/architecture.md).
+    from roles.remote.hooks import run_hook
+
+    return run_hook(host, which, argv)
+
+
+def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool) -> BackupResult:
+    """One host's run: ping ``start``, ``backup.pre``, the pull, ``backup.post``, ping the
+    result. A failing pre command stops the pull; post runs whenever the pull was tried
+    (after pre succeeded), good or not. A dry run runs no hook and sends no ping. With
+    hooks the host's lock is held from before pre to after post: a second run refused by
+    the lock runs no hook (its pre would rewrite a dump the first run is pulling)."""
+    monitor = getattr(host, "monitor", None)
+    url = getattr(monitor, "ping_url", None) if not dry_run else None
+    notes: list[str] = []
+    if url:
+        note = send_ping(url, "start")
+        if note:
+            notes.append(note)
+    if dry_run:
+        hooks = [f"backup.{w} `{shlex.join(getattr(host.backup, w))}`"
+                 for w in ("pre", "post") if getattr(host.backup, w, ())]
+        if hooks:
+            notes.append(f"a real run also runs {' and '.join(hooks)} (not in a dry run)")
+    t0 = time.monotonic()
+    hooked = not dry_run and bool(getattr(host.backup, "pre", ())
+                                  or getattr(host.backup, "post", ()))
+    try:
+        with _hook_lock(host) if hooked else contextlib.nullcontext() as lock:
+            result = _pull_between_hooks(host, dry_run=dry_run, tty=tty, lock=lock, t0=t0)
+    except BackupError as exc:  # the lock is held, or the state folder is unusable
+        result = BackupResult(host.name, ok=False, exit_code=None,
+                              seconds=round(time.monotonic() - t0, 3), error=str(exc))
+    if url:
+        note = send_ping(url, "success" if result.ok else "fail",
+                         "" if result.ok else f"{host.name}: {result.error}")
+        if note:
+            notes.append(note)
+    if notes:
+        result.warning = "; ".join([*([result.warning] if result.warning else []), *notes])
+    return result
+
+
+def _hook_lock(host: Host) -> Lock:
+    return Lock(prepare_state(host) / "lock", host.name)
+
+
+def _pull_between_hooks(host: Host, *, dry_run: bool, tty: bool, lock: Lock | None,
+                        t0: float) -> BackupResult:
+    problem = None if dry_run else run_hooks(host, "pre")
+    if problem:
+        return BackupResult(host.name, ok=False, exit_code=None,
+                            seconds=round(time.monotonic() - t0, 3),
+                            error=f"{problem}; the pull did not run")
+    try:
+        result = run_backup(host, dry_run=dry_run, tty=tty, lock=lock)
+    except Exception as exc:  # noqa: BLE001 - one line per host; post and ping still run
+        reason = str(exc) if isinstance(exc, BackupError) else f"{type(exc).__name__}: {exc}"
+        result = BackupResult(host.name, ok=False, exit_code=None,
+                              seconds=round(time.monotonic() - t0, 3), error=reason)
+    after = None if dry_run else run_hooks(host, "post")
+    if after:
+        result.ok = False
+        result.error = f"{result.error}; {after}" if result.error else after
+    return result
+
+
+def report_metrics(hosts: list[Host], results: list[BackupResult],
+                   started: dict[str, float]) -> list[str]:
+    """Write each ``monitor.metrics_file`` with its hosts' results (``started``: each
+    host's start, Unix time); one line per file that could not be written (a backup's
+    result never depends on it)."""
+    by_name = {h.name: h for h in hosts}
+    files: dict[str, list[metrics.RunMetrics]] = {}
+    now = time.time()
+    for r in results:
+        path = getattr(getattr(by_name.get(r.host), "monitor", None), "metrics_file", None)
+        if not path:
+            continue
+        files.setdefault(path, []).append(metrics.RunMetrics(
+            host=r.host, started=round(started.get(r.host, now - r.seconds), 3),
+            seconds=r.seconds, ok=r.ok,
+            exit_code=r.exit_code, files=r.stats.get("files"),
+            transferred=r.stats.get("transferred_size"),
+            received=r.stats.get("bytes_received")))
+    problems = []
+    for path, runs in files.items():
+        try:
+            metrics.update_metrics(Path(path), runs)
+        except OSError as exc:
+            problems.append(f"could not write the metrics file {path}: {exc}")
+    return problems
+
+
 def result_label(result: BackupResult) -> str:
     if not result.ok:
         return "failed"
@@ -431,10 +538,17 @@ def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = No
         reason = str(exc) if isinstance(exc, BackupError) else f"{type(exc).__name__}: {exc}"
         return BackupResult(h.name, ok=False, exit_code=None, seconds=0.0, error=reason)
 
-    results = fleet.for_each(
-        hosts, lambda h: run_backup(h, dry_run=dry_run, tty=tty), failed,
-        parallel=max(h.backup.parallel for h in hosts),
-    )
+    started: dict[str, float] = {}
+
+    def one(h: Host) -> BackupResult:
+        started[h.name] = time.time()
+        return backup_with_hooks(h, dry_run=dry_run, tty=tty)
+
+    results = fleet.for_each(hosts, one, failed,
+                             parallel=max(h.backup.parallel for h in hosts))
+    if not dry_run:
+        for problem in report_metrics(hosts, results, started):
+            print(f"backup: warning: {problem}", file=err)
     for r in results:
         if r.warning:
             print(f"{r.host}: warning: {r.warning}", file=err)

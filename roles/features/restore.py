@@ -44,9 +44,9 @@ def backup_root(host: Host, snapshot: str | None) -> Path:
     """
     dest = Path(host.destination.rstrip("/"))
     if not host.backup.snapshots:
-        if snapshot:
+        if snapshot and snapshot != TREE:  # `invoke snapshots` lists the mirror as tree
             raise RestoreError(f"{host.name} keeps one mirror (backup.snapshots: 0); "
-                               "--snapshot does not apply")
+                               f"--snapshot does not apply (or is {TREE})")
         try:
             layout = read_mirror_layout(dest, state_dir(host))
         except BackupError as exc:

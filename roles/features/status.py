@@ -198,6 +198,37 @@ def format_table(statuses: Iterable[HostStatus]) -> str:
     return format_rows(rows)
 
 
+# --- status --json ---------------------------------------------------------------------------
+
+JSON_VERSION = 1  # raised only when a key changes meaning or goes away (docs/tasks.md)
+
+
+def run_json(run: Run | None) -> dict[str, Any] | None:
+    if run is None:
+        return None
+    return {"run": run.run, "started": run.started.astimezone(UTC).isoformat(),
+            "ok": run.ok, "exit_code": run.exit_code, "seconds": run.seconds,
+            "transferred_bytes": run.transferred, "received_bytes": run.received,
+            "error": run.error}
+
+
+def status_json(statuses: Iterable[HostStatus], now: datetime) -> dict[str, Any]:
+    """Pure: what ``status --json`` prints; the keys are documented and stable."""
+    hosts = [{
+        "host": s.host,
+        "state": "never" if s.newest_good is None else ("stale" if s.stale else "fresh"),
+        "stale": s.stale,
+        "max_age_hours": s.max_age,
+        "age_hours": None if s.age_hours is None else round(s.age_hours, 4),
+        "snapshots": s.snapshots,
+        "last_run": run_json(s.last),
+        "newest_good": run_json(s.newest_good),
+        "problems": list(s.problems),
+    } for s in statuses]
+    return {"version": JSON_VERSION, "generated": now.astimezone(UTC).isoformat(),
+            "hosts": hosts, "stale": [h["host"] for h in hosts if h["stale"]]}
+
+
 # --- log retention ------------------------------------------------------------------------
 
 

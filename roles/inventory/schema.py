@@ -200,6 +200,26 @@ class RsyncSettings(_Strict):
         return f"{self.local_prefix.rstrip('/')}/bin/rsync"
 
 
+class RetainSettings(_Strict):
+    """Beside ``snapshots: N`` (the newest N): the newest snapshot of each of the last
+    ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months (roles.core.retention)."""
+    daily: int = Field(default=0, ge=0, le=10000)
+    weekly: int = Field(default=0, ge=0, le=10000)
+    monthly: int = Field(default=0, ge=0, le=10000)
+
+
+def _command(value: tuple[str, ...]) -> tuple[str, ...]:
+    """backup.pre / backup.post: one argv list, run as root over the admin connection."""
+    for word in value:
+        _no_control(word)
+    if value and not value[0]:
+        raise ValueError("the command's first word (the program) must not be empty")
+    return value
+
+
+Command = Annotated[tuple[str, ...], AfterValidator(_command)]
+
+
 class BackupSettings(_Strict):
     source: AbsPath = "/"
     destination: str = "/var/backups/pullback/{name}"
@@ -215,6 +235,11 @@ class BackupSettings(_Strict):
     # One more root below which destinations may lie (roles.core.destinations); the lab
     # sets its state folder here.
     allow_destination: AbsPath | None = None
+    retain: RetainSettings = RetainSettings()
+    # Run on the server as root through the ADMIN connection, never the backup key:
+    # pre before the pull (a failure stops it), post after it (docs/tasks.md).
+    pre: Command = ()
+    post: Command = ()
 
     @field_validator("destination")
     @classmethod
@@ -263,6 +288,30 @@ class BackupSettings(_Strict):
         return value
 
 
+def _ping_url(value: str | None) -> str | None:
+    if value is None:
+        return value
+    _no_control(value)
+    if not re.match(r"^https?://[^/\s]+", value) or " " in value:
+        raise ValueError(f"{value!r} must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+class MonitorSettings(_Strict):
+    """Where a run reports: a healthchecks-style ping URL (``URL/start``, ``URL``,
+    ``URL/fail``) and a Prometheus textfile-collector file (roles.local.ping, metrics)."""
+    ping_url: Annotated[str | None, AfterValidator(_ping_url)] = None
+    metrics_file: AbsPath | None = None
+
+    @field_validator("metrics_file")
+    @classmethod
+    def _prom(cls, value: str | None) -> str | None:
+        if value is not None and not value.endswith(".prom"):
+            raise ValueError(f"{value!r} must end in .prom (the textfile collector reads "
+                             "only those)")
+        return value
+
+
 class Host(_Strict):
     name: str
     address: Annotated[str, AfterValidator(_address)]
@@ -278,6 +327,7 @@ class Host(_Strict):
     sudo_password: bool = False
     rsync: RsyncSettings = RsyncSettings()
     backup: BackupSettings = BackupSettings()
+    monitor: MonitorSettings = MonitorSettings()
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 
@@ -335,6 +385,10 @@ class Host(_Strict):
             raise ValueError(f"backup.destination: {problem}")
         if self.backup.snapshots and self.backup.destination.rstrip("/") == "":
             raise ValueError("backup.destination must not be empty")
+        retain = self.backup.retain
+        if not self.backup.snapshots and (retain.daily or retain.weekly or retain.monthly):
+            raise ValueError("backup.retain: needs snapshots (backup.snapshots is 0: one "
+                             "mirror, nothing to retain)")
         return self
 
     @property

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from roles.core.errors import PullbackError
+from roles.core.retention import Retention, plan_retention
 from roles.local import folders
 from roles.local.files import write_atomic
 
@@ -383,20 +384,40 @@ def plan_tree_snapshot(names: Iterable[str], *, tree_is_dir: bool, last_mirror: 
     return fallback
 
 
-def finish_snapshot(dest: Path, partial: Path, run: str, keep: int,
-                     warnings: list[str]) -> tuple[str, list[str]]:
+def retention_of(host: Host) -> Retention:
+    """``backup.snapshots`` and ``backup.retain`` as one rule (roles.core.retention)."""
+    retain = getattr(host.backup, "retain", None)
+    return Retention(last=host.backup.snapshots,
+                     daily=getattr(retain, "daily", 0), weekly=getattr(retain, "weekly", 0),
+                     monthly=getattr(retain, "monthly", 0))
+
+
+def finish_snapshot(dest: Path, partial: Path, run: str, keep: int | Retention,
+                    warnings: list[str]) -> tuple[str, list[str]]:
     """Rename the partial into place, point ``latest`` at it (atomically), prune."""
     final = dest / run
     os.rename(partial, final)
     point_latest(dest, run)
+    return str(final), prune_snapshots(dest, keep, warnings)
+
+
+def prune_snapshots(dest: Path, keep: int | Retention, warnings: list[str],
+                    dry_run: bool = False) -> list[str]:
+    """Remove the complete snapshots the rule does not keep; return their names. Call it
+    with the host's lock held: no backup is then linking against (or renaming) any of
+    them. Never touches ``latest``'s target: the rule always keeps the newest."""
+    rule = keep if isinstance(keep, Retention) else Retention(last=keep)
+    _, delete = plan_retention(complete_snapshots(os.listdir(dest)), rule)
+    if dry_run:
+        return delete
     pruned: list[str] = []
-    for name in plan_prune(os.listdir(dest), keep):
+    for name in delete:
         try:
             rmtree(dest / name)
             pruned.append(name)
         except OSError as exc:  # the new snapshot is complete; pruning is retried next run
             warnings.append(f"could not remove old snapshot {name}: {exc}")
-    return str(final), pruned
+    return pruned
 
 
 def human_bytes(value: int | None) -> str:

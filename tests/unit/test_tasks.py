@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 INVOKE = str(Path(sys.executable).parent / "invoke")
 TASKS = ["keygen", "setup-remote", "build-rsync", "capture-command", "backup", "restore", "restore-drill",
          "doctor", "verify", "schedule", "status", "trust-host", "lab.up", "lab.down",
-         "lab.status"]
+         "lab.status", "snapshots", "diff", "prune"]
 
 
 def invoke(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
