@@ -292,15 +292,16 @@ def test_builds_remote_and_local_concurrently(built: Built) -> None:
     stamp = rb.stamp_text(VERSION, SHA, rb.build_flags(VERSION))
     assert built.stamp == stamp
     assert (built.local_prefix / rb.STAMP_RELPATH).read_text() == stamp
-    # Concurrency: each end's configure finished before the OTHER end's make finished.
-    # Run one after the other, one end's "make: ok" would be printed before the other
-    # end's configure even started, so this pair of orderings only happens when the two
-    # builds overlap. (It does not depend on machine speed, unlike a wall-time ratio.)
-    remote_configure = run.index(f"{name}: configure: ok")
-    local_configure = run.index("local: configure: ok")
+    # Concurrency: each end started its build before the OTHER end's make finished. Run one
+    # after the other, one end's "make: ok" would be printed before the other end's build
+    # even started, so this pair of orderings only happens when the two builds overlap. It
+    # holds however slow one end is (a loaded container may configure for a minute while
+    # the local end finishes), unlike a wall-time ratio or a configure/make interleaving.
+    remote_start = run.index(f"{name}: building rsync")
+    local_start = run.index("local: building rsync")
     remote_make = run.index(f"{name}: make: ok")
     local_make = run.index("local: make: ok")
-    assert remote_configure < local_make and local_configure < remote_make, run.out
+    assert remote_start < local_make and local_start < remote_make, run.out
     # Progress without flooding: a line per phase per end, not the build's output.
     assert len(run.lines) < 40, run.out
 
