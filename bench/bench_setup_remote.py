@@ -40,7 +40,7 @@ from roles.core import fleet
 from roles.features import setup_remote as setup
 from roles.inventory.schema import load  # noqa: E402
 from roles.local import keys
-from roles.remote.connection import ROUND_TRIPS  # noqa: E402
+from roles.remote.session import Run as Sessions  # noqa: E402
 
 PREFIX = "pullback-bench-setup"
 RERUNS = 3
@@ -126,11 +126,11 @@ class Run:
 
 
 def run(hosts, counters: list[Path]) -> Run:
-    ROUND_TRIPS.reset()
+    sessions = Sessions()  # one run of the task: its own counters
     servers = sum(cpu_seconds(c) for c in counters)
     started, cpu, busy = time.perf_counter(), os.times(), machine_busy()
     outcomes = fleet.for_each(
-        hosts, lambda h: setup.setup_host(h),
+        hosts, lambda h: setup.setup_host(h, sessions=sessions),
         lambda h, exc: Outcome(h.name, {}, error=str(exc)), parallel=32,
     )
     elapsed = time.perf_counter() - started
@@ -142,8 +142,8 @@ def run(hosts, counters: list[Path]) -> Run:
     failed = [o for o in outcomes if o.error]
     if failed:
         raise SystemExit(f"setup-remote failed: {failed[0].host}: {failed[0].error}")
-    return Run(elapsed, client, machine, servers, outcomes, dict(ROUND_TRIPS.counts),
-               dict(ROUND_TRIPS.connections))
+    return Run(elapsed, client, machine, servers, outcomes,
+               dict(sessions.counters.round_trips), dict(sessions.counters.connections))
 
 
 def row(count: int, label: str, result: Run, names: list[str]) -> tuple:

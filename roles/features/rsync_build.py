@@ -11,7 +11,8 @@ Layers:
   before anything is kept; then, optionally, upstream's ``.asc`` signature checked with gpg
   against the pinned signers in ``SIGNERS``: ``check_signature``);
 - either end: ``installed_rsync``, ``ensure_toolchain`` and ``build_rsync`` take ``c``,
-  an ``invoke.Context`` (local) or a ``fabric.Connection`` (remote): same run/sudo API.
+  a ``LocalShell`` (this machine) or a ``Session`` (a host): the same ``run(command,
+  sudo=...)``, so the build is one function for both ends.
   The remote never needs internet: the caller uploads the verified tarball (SFTP, as the
   login user) and passes its path; it is verified again on that end before extraction.
 
@@ -58,8 +59,8 @@ from roles.core.rsync import (
 from roles.hostfiles.plan import plan_forced_rsync
 from roles.hostfiles.transaction import apply
 from roles.local.keys import KeyFileError, read_public_key
-from roles.remote.connection import connect, run
 from roles.remote.facts import gather
+from roles.remote.session import Run, Session, needs_password_error, sudo_command
 
 # SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
 # from at least one independent packaging recipe (OpenEmbedded, Spack, Homebrew, Nix); the
@@ -603,10 +604,31 @@ def _sh(script: str) -> str:
     return shlex.join(["sh", "-c", script])
 
 
-def _run(c: Any, script: str, *, sudo: bool = False) -> Any:
+class LocalShell:
+    """This machine's end of a build, with a ``Session``'s ``run``: root work is
+    ``sudo -n`` (never a prompt answered with nothing; a sudo that wants a password fails
+    with the same advice as on a host)."""
+
+    def __init__(self, context: invoke.Context | None = None) -> None:
+        self.context = context or invoke.Context()
+
+    def run(self, command: str | list[str], *, sudo: bool = False, warn: bool = True) -> Any:
+        if isinstance(command, list):
+            command = shlex.join(command)
+        if sudo:
+            command = sudo_command(command, None)
+        result = self.context.run(command, hide=True, warn=True, in_stream=False)
+        if sudo and result.exited != 0 and "a password is required" in result.stderr:
+            raise needs_password_error("local: sudo")
+        if result.exited != 0 and not warn:
+            raise invoke.UnexpectedExit(result)
+        return result
+
+
+def _run(c: Session | LocalShell, script: str, *, sudo: bool = False) -> Any:
     """Run ``script`` through ``sh -c`` (so sudo covers pipes and redirections); root work
-    goes through the one runner, which knows the host's stored sudo password."""
-    return run(c, _sh(script), sudo=sudo)
+    on a host goes through its session, which knows the host's stored sudo password."""
+    return c.run(_sh(script), sudo=sudo)
 
 
 @dataclass(frozen=True)
@@ -638,7 +660,7 @@ def plan_build(version: str, sha256: str, flags: BuildFlags, prefix: str, stamp:
     return BuildPlan(version=version, prefix=prefix, up_to_date=same, installed=first)
 
 
-def read_install(c: Any, prefix: str) -> tuple[str, str]:
+def read_install(c: Session | LocalShell, prefix: str) -> tuple[str, str]:
     """One command: ``(stamp text, --version line 1)`` of the build under ``prefix``."""
     binary = f"{prefix.rstrip('/')}/bin/rsync"
     script = (
@@ -652,7 +674,7 @@ def read_install(c: Any, prefix: str) -> tuple[str, str]:
 
 
 def installed_rsync(
-    c: Any, prefix: str, version: str, sha256: str, flags: BuildFlags
+    c: Session | LocalShell, prefix: str, version: str, sha256: str, flags: BuildFlags
 ) -> BuildResult | None:
     """One command: is ``prefix`` already holding exactly this build? (stamp + --version)
 
@@ -713,7 +735,7 @@ def validate_build_path(path: str, what: str) -> str:
 
 
 def build_rsync(
-    c: Any,
+    c: Session | LocalShell,
     tarball_remote_path: str,
     version: str,
     sha256: str,
@@ -964,7 +986,7 @@ _TOOLCHAIN_PROBE = "\n".join(
 )
 
 
-def gather_toolchain(c: Any) -> ToolchainFacts:
+def gather_toolchain(c: Session | LocalShell) -> ToolchainFacts:
     """One command: compiler, make, whether a hello-world links, package manager, OS."""
     r = _run(c, _TOOLCHAIN_PROBE)
     kv = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
@@ -985,7 +1007,8 @@ def install_commands(pm_name: str, *, sudo: bool) -> list[str]:
     return [("sudo " if sudo else "") + shlex.join(cmd) for cmd in pm.commands]
 
 
-def ensure_toolchain(c: Any, *, install: bool, sudo: bool, log: Log = print) -> Toolchain:
+def ensure_toolchain(c: Session | LocalShell, *, install: bool, sudo: bool,
+                     log: Log = print) -> Toolchain:
     """Make sure ``c``'s end can compile C and run make; install packages if allowed."""
     facts = gather_toolchain(c)
     if facts.ok:
@@ -1042,7 +1065,7 @@ class EndResult:
     plan: BuildPlan | None = None  # --dry-run: what a real run would do on this end
 
 
-def finish_key_line(conn: Any, host: Any, log: Log) -> None:
+def finish_key_line(conn: Session, host: Any, log: Log) -> None:
     """Point the backup key's daemon forced command at the build now in ``rsync.prefix``.
 
     Whichever order setup-remote and build-rsync run in, the end state is the same: run
@@ -1056,11 +1079,11 @@ def finish_key_line(conn: Any, host: Any, log: Log) -> None:
         public_key = read_public_key(host)
     except KeyFileError:
         return
-    facts = gather(conn, host.name, [host.rsync.remote_binary])
+    facts = gather(conn, [host.rsync.remote_binary])
     plan = plan_forced_rsync(facts, host, public_key)
     if plan is None:
         return
-    outcome = apply(conn, host, plan)
+    outcome = apply(conn, plan)
     if outcome.error:
         raise BuildError(f"rsync is installed in {host.rsync.prefix}, but pointing the "
                          f"forced command at it failed: {outcome.error}",
@@ -1069,18 +1092,15 @@ def finish_key_line(conn: Any, host: Any, log: Log) -> None:
 
 
 def _remote_end(host: Any, tarball: Path, version: str, sha256: str, *, check: bool,
-                install_packages: bool, log: Log) -> BuildResult:
-    conn = connect(host)
-    try:
+                install_packages: bool, log: Log, sessions: Run) -> BuildResult:
+    with sessions.open(host) as conn:
         result = _build_remote(conn, host, tarball, version, sha256, check=check,
                                install_packages=install_packages, log=log)
         finish_key_line(conn, host, log)
         return result
-    finally:
-        conn.close()
 
 
-def _build_remote(conn: Any, host: Any, tarball: Path, version: str, sha256: str, *,
+def _build_remote(conn: Session, host: Any, tarball: Path, version: str, sha256: str, *,
                   check: bool, install_packages: bool, log: Log) -> BuildResult:
     flags = build_flags(version)
     done = installed_rsync(conn, host.rsync.prefix, version, sha256, flags)
@@ -1095,7 +1115,7 @@ def _build_remote(conn: Any, host: Any, tarball: Path, version: str, sha256: str
         raise BuildError(f"mktemp failed on the host: {res.stderr.strip()}", phase="upload")
     try:
         started = time.monotonic()
-        conn.put(str(tarball), remote_tar)
+        conn.upload(tarball, remote_tar)
         log(f"upload: {tarball.stat().st_size // 1024} KiB in "
             f"{time.monotonic() - started:.1f} s")
         return build_rsync(conn, remote_tar, version, sha256, host.rsync.prefix,
@@ -1106,7 +1126,7 @@ def _build_remote(conn: Any, host: Any, tarball: Path, version: str, sha256: str
 
 def _local_end(prefix: str, tarball: Path, version: str, sha256: str, *, check: bool,
                install_packages: bool, log: Log) -> BuildResult:
-    c = invoke.Context()
+    c = LocalShell()
     sudo = local_install_needs_sudo(Path(prefix))
     flags = build_flags(version)
     done = installed_rsync(c, prefix, version, sha256, flags)
@@ -1135,7 +1155,7 @@ def _run_ends(jobs: list[tuple[str, Any]], field: str) -> list[EndResult]:
 
 
 def _plan_everywhere(hosts: list[Any], *, version: str | None, local: bool, remote: bool,
-                     pins: Mapping[str, str]) -> list[EndResult]:
+                     pins: Mapping[str, str], sessions: Run) -> list[EndResult]:
     """build-rsync --dry-run: every end's plan, read concurrently."""
     jobs: list[tuple[str, Any]] = []
     seen_local: set[str] = set()
@@ -1152,19 +1172,16 @@ def _plan_everywhere(hosts: list[Any], *, version: str | None, local: bool, remo
         if remote:
             def remote_plan(h: Any = host, v: str = wanted, s: str = sha,
                             f: BuildFlags = flags) -> BuildPlan:
-                conn = connect(h)
-                try:
+                with sessions.open(h) as conn:
                     return plan_build(v, s, f, h.rsync.prefix,
                                       *read_install(conn, h.rsync.prefix))
-                finally:
-                    conn.close()
             jobs.append((host.name, remote_plan))
         prefix = host.rsync.local_prefix
         if local and prefix not in seen_local:
             seen_local.add(prefix)
             jobs.append((f"local:{prefix}:{wanted}",
                          lambda v=wanted, s=sha, p=prefix, f=flags: plan_build(
-                             v, s, f, p, *read_install(invoke.Context(), p))))
+                             v, s, f, p, *read_install(LocalShell(), p))))
 
     results.extend(_run_ends(jobs, "plan"))
     return results
@@ -1174,7 +1191,8 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
                      remote: bool = True, check: bool = False, install_packages: bool = True,
                      cache_dir: Path, require_signature: bool = False,
                      log: Log = print, dry_run: bool = False,
-                     pins: Mapping[str, str] = KNOWN_SHA256) -> list[EndResult]:
+                     pins: Mapping[str, str] = KNOWN_SHA256,
+                     sessions: Run | None = None) -> list[EndResult]:
     """Fetch + verify once, then build on the local end and every host at the same time.
 
     Every end must end up reporting the same version; a mismatch is an error on that end.
@@ -1187,8 +1205,10 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
     ``dry_run``: fetch nothing, build nothing; read each end's stamp and ``--version`` (one
     command per end) and say what a real run would do (``EndResult.plan``).
     """
+    sessions = sessions or Run()
     if dry_run:
-        return _plan_everywhere(hosts, version=version, local=local, remote=remote, pins=pins)
+        return _plan_everywhere(hosts, version=version, local=local, remote=remote, pins=pins,
+                                sessions=sessions)
     jobs: list[tuple[str, Any]] = []
     tarballs: dict[str, tuple[Path, str]] = {}
     results: list[EndResult] = []
@@ -1226,7 +1246,7 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
         if remote:
             jobs.append((host.name, lambda h=host, p=path, s=sha, v=wanted: _remote_end(
                 h, p, v, s, check=check, install_packages=install_packages,
-                log=lambda m, n=h.name: log(f"{n}: {m}"))))
+                log=lambda m, n=h.name: log(f"{n}: {m}"), sessions=sessions)))
         local_prefix = host.rsync.local_prefix
         local_key = f"local:{local_prefix}:{wanted}"
         if local and local_prefix not in local_versions:

@@ -36,8 +36,8 @@ from roles.hostfiles.transaction import (
 from roles.inventory.schema import Host
 from roles.local import capture_record
 from roles.local.keys import KeyFileError, read_public_key
-from roles.remote.connection import ConnectError, connect
 from roles.remote.facts import gather
+from roles.remote.session import ConnectError, Run, Session
 
 # --- planning (pure) --------------------------------------------------------------------
 
@@ -50,7 +50,8 @@ from roles.remote.facts import gather
 
 def setup_host(host: Host, *, dry_run: bool = False,
                captured_command: str | None = None,
-               check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
+               check_login: Callable[[Session, SetupPlan], None] = check_new_login,
+               sessions: Run | None = None) -> Outcome:
     """Gather, plan and (unless ``dry_run``) apply setup-remote on one host.
 
     Captured mode: with a local capture record (``invoke capture-command``) the forced
@@ -62,14 +63,14 @@ def setup_host(host: Host, *, dry_run: bool = False,
         public_key = read_public_key(host)
         if host.forced_command == Mode.CAPTURED and captured_command is None:
             record = capture_record.load_record(host)
-        conn = connect(host)
+        conn = (sessions or Run()).open(host)
     except (SetupError, KeyFileError, ConnectError, CaptureError) as exc:
         return Outcome(host.name, {}, error=str(exc))
     try:
         binaries = [host.rsync.remote_binary]
         if record is not None and record.remote_rsync not in binaries:
             binaries.append(record.remote_rsync)
-        facts = gather(conn, host.name, binaries)
+        facts = gather(conn, binaries)
         warnings: list[str] = []
         helpers: tuple[HelperFile, ...] = ()
         if host.forced_command == Mode.DAEMON:
@@ -77,7 +78,7 @@ def setup_host(host: Host, *, dry_run: bool = False,
         elif record is not None:
             forced, helpers = hardened.GATE, (gate_scripts.gate_file(record),)
             warnings = gate_scripts.check_remote(record, facts)
-            facts = merge_facts(facts, gather_files(conn, host.name, [hardened.GATE],
+            facts = merge_facts(facts, gather_files(conn, [hardened.GATE],
                                                     [hardened.LIBEXEC]))
         else:
             forced = captured_command
@@ -89,7 +90,7 @@ def setup_host(host: Host, *, dry_run: bool = False,
             steps = {k: would.get(v, v) for k, v in plan.steps.items()}
             return Outcome(host.name, steps, warnings=plan.warnings,
                            diffs=tuple(c.diff() for c in plan.changes), actions=actions)
-        return apply(conn, host, plan, check_login)
+        return apply(conn, plan, check_login)
     except (SetupError, ValueError, RuntimeError) as exc:
         return Outcome(host.name, {}, error=str(exc))
     finally:

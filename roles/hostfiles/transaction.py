@@ -32,11 +32,10 @@ from roles.core.diffs import unified
 from roles.core.hardened import PERMIT_ROOT_LOGIN, PRIVATE, ROOT_SSH, SSHD_CONFIG
 from roles.core.outcome import Outcome
 from roles.core.sshd_output import parse_sshd_T
-from roles.remote.connection import ConnectError, connect, run, sudo_script
 from roles.remote.facts import FileFact, parse_report
+from roles.remote.session import ConnectError, Session
 
 if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
     from roles.remote.facts import HostFacts
 
 
@@ -279,21 +278,20 @@ def _script_error(result: Any) -> str | None:
     return f"the root script failed (exit {result.exited}): {detail[-1] if detail else ''}"
 
 
-def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
-    """Open a NEW admin connection, use sudo, and confirm the effective setting."""
+def check_new_login(s: Session, plan: SetupPlan, attempts: int = 10) -> None:
+    """Open a NEW admin login to the session's host (same run), use sudo, and confirm the
+    effective setting."""
     spec = platforms.connection_spec(plan.client_addr)
     last = ""
     for _ in range(attempts):
         try:
-            conn = connect(host)
+            fresh = s.reopen()
         except ConnectError as exc:
             last = str(exc)
             time.sleep(0.3)
             continue
-        try:
-            result = run(conn, [plan.sshd, "-T", "-C", spec], sudo=True, host=host.name)
-        finally:
-            conn.close()
+        with fresh:
+            result = fresh.run([plan.sshd, "-T", "-C", spec], sudo=True)
         if result.exited != 0:
             raise SetupError(f"new admin login works but sudo sshd -T failed: {result.stderr}")
         value = parse_sshd_T(result.stdout).get("permitrootlogin")
@@ -304,12 +302,13 @@ def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
     raise SetupError(f"a new admin login fails after the reload: {last}")
 
 
-def apply(c: Any, host: Host, plan: SetupPlan,
-          check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
+def apply(s: Session, plan: SetupPlan,
+          check_login: Callable[[Session, SetupPlan], None] = check_new_login) -> Outcome:
+    host = s.host
     steps = dict(plan.steps)
     if not plan.changed:
         return Outcome(host.name, steps, warnings=plan.warnings)
-    result = sudo_script(c, apply_script(plan), host=host.name)
+    result = s.sudo_script(apply_script(plan))
     error = _script_error(result)
     if error:
         return Outcome(host.name, steps, error=f"{error}; nothing changed",
@@ -317,9 +316,9 @@ def apply(c: Any, host: Host, plan: SetupPlan,
     actions = ("reloaded sshd",) if plan.reload_sshd else ()
     if plan.reload_sshd:
         try:
-            check_login(host, plan)
+            check_login(s, plan)
         except Exception as exc:  # noqa: BLE001 - any failure here means: roll back
-            undo = sudo_script(c, rollback_script(plan), host=host.name)
+            undo = s.sudo_script(rollback_script(plan))
             state = "restored and reloaded" if undo.exited == 0 else \
                 f"RESTORE FAILED (exit {undo.exited}): {undo.stderr.strip()}"
             return Outcome(host.name, steps, error=f"{exc}; {state}", warnings=plan.warnings)
@@ -347,7 +346,7 @@ def read_files_script(paths: list[str], dirs: list[str], clear: list[str]) -> st
     return "\n".join(out) + "\n"
 
 
-def gather_files(c: Any, host_name: str, paths: Iterable[str], dirs: Iterable[str] = (),
+def gather_files(s: Session, paths: Iterable[str], dirs: Iterable[str] = (),
                  clear: Iterable[str] = ()) -> HostFacts:
     """Read a few root-only files and folders in one round trip (then remove ``clear``).
 
@@ -356,7 +355,7 @@ def gather_files(c: Any, host_name: str, paths: Iterable[str], dirs: Iterable[st
     every mode.
     """
     paths = list(paths)
-    result = sudo_script(c, read_files_script(paths, list(dirs), list(clear)), host=host_name)
+    result = s.sudo_script(read_files_script(paths, list(dirs), list(clear)))
     if result.exited != 0 or not result.stdout.rstrip().endswith("END"):
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise RuntimeError(f"reading {', '.join(paths) or 'files'} as root failed "

@@ -29,7 +29,7 @@ from roles.core.hardened import (  # noqa: F401 - the paths a gather reads, name
     RSYNCD_CONF,
     SSHD_CONFIG,
 )
-from roles.remote.connection import run
+from roles.remote.session import Session
 
 
 @dataclass(frozen=True)
@@ -261,7 +261,7 @@ def parse_report(text: str) -> HostFacts:
 _BANNER = re.compile(r"SSH-2\.0-OpenSSH_\d+\.\d+[ -~]*")
 
 
-def openssh_banner(c: Any) -> str:
+def openssh_banner(s: Session) -> str:
     """This connection's server banner when it names an OpenSSH release, else "".
 
     It is the release of the sshd that answers on this host and port, the one that will
@@ -269,18 +269,18 @@ def openssh_banner(c: Any) -> str:
     same package), and it costs the host nothing: sshd sent it before the key exchange.
     Only printable ASCII passes, so that the report stays one fact a line.
     """
-    banner = getattr(getattr(c, "transport", None), "remote_version", None)
+    banner = s.banner
     return banner if isinstance(banner, str) and _BANNER.fullmatch(banner) else ""
 
 
-def gather(c: Any, host_name: str, rsync_binaries: list[str]) -> HostFacts:
+def gather(s: Session, rsync_binaries: list[str]) -> HostFacts:
     """Run the gather script as root in one round trip and parse its report."""
     script = gather_script(rsync_binaries)
     # "$SSH_CONNECTION" is expanded by the admin's login shell, before sudo resets the
     # environment: it tells us the backup host's address as this server sees it.
     command = (f'sh -c {shlex.quote(script)} sh "$SSH_CONNECTION" '
-               f"{shlex.quote(openssh_banner(c))}")
-    result = run(c, command, sudo=True, host=host_name)
+               f"{shlex.quote(openssh_banner(s))}")
+    result = s.run(command, sudo=True)
     if result.exited != 0 or not result.stdout.rstrip().endswith("END"):
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise RuntimeError(

@@ -1,5 +1,7 @@
-"""sudo_script's choice between one command and an upload (a fake connection records what
-would run; the real path is tested against a lab host in test_setup_remote)."""
+"""The Session's own logic: sudo -n or sudo -S, the SudoError texts, sudo_script's choice
+between one command and an upload, the run's passwords and counters (a stand-in for Fabric's
+connection records what would run; the real path is tested against lab hosts in
+test_setup_remote and test_sudo_password)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,10 @@ from types import SimpleNamespace
 
 import paramiko
 import pytest
+from invoke.exceptions import AuthFailure, UnexpectedExit
 
-from roles.remote import connection
-from roles.remote.connection import SCRIPT_ARG_MAX, UploadError, sudo_script
+from roles.remote import session as connection
+from roles.remote.session import SCRIPT_ARG_MAX, Run, Session, SudoError, UploadError
 
 
 class FakeFile:
@@ -51,24 +54,123 @@ class FakeSftp:
 
 
 class FakeConnection:
-    host = "web1"
+    """Fabric's Connection as the Session uses it: run, sudo, sftp, close."""
 
-    def __init__(self, sftp: FakeSftp) -> None:
-        self._sftp = sftp
+    def __init__(self, sftp: FakeSftp | None = None, *, exited: int = 0, stderr: str = "",
+                 sudo_fails: bool = False) -> None:
+        self._sftp = sftp or FakeSftp()
         self.commands: list[str] = []
+        self.sudo_calls: list[tuple[str, str]] = []
+        self.exited, self.stderr, self.sudo_fails = exited, stderr, sudo_fails
+        self.closed = False
 
     def sftp(self) -> FakeSftp:
         return self._sftp
 
     def run(self, command: str, **kwargs):
+        assert kwargs["hide"] is True and kwargs["in_stream"] is False  # never a terminal
         self.commands.append(command)
+        return SimpleNamespace(exited=self.exited, stdout="", stderr=self.stderr,
+                               command=command, encoding="utf-8", hide=(), pty=False)
+
+    def sudo(self, command: str, *, password: str, **kwargs):
+        self.sudo_calls.append((command, password))
+        if self.sudo_fails:
+            raise AuthFailure(result=None, prompt="[sudo] password: ")
         return SimpleNamespace(exited=0, stdout="", stderr="")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+HOST = SimpleNamespace(name="web1", admin_user="admin")
+
+
+def session(conn: FakeConnection, password: str | None = None,
+            run: Run | None = None) -> Session:
+    return Session(HOST, conn, run or Run(ask=lambda prompt: pytest.fail("asked")), password)
+
+
+def sudo_script(c: FakeConnection, script: str, **_: object):
+    return session(c).sudo_script(script)
 
 
 def test_a_short_script_is_one_command():
     c = FakeConnection(FakeSftp())
     sudo_script(c, "echo hi", host="web1")
     assert c.commands == [f"sudo -n sh -c {shlex.quote('echo hi')}"]
+
+
+def test_without_a_password_root_commands_never_wait_for_one():
+    c = FakeConnection()
+    s = session(c)
+    s.run(["id", "-u"], sudo=True)
+    s.run("id -un")
+    assert c.commands == ["sudo -n id -u", "id -un"] and c.sudo_calls == []
+
+
+def test_a_sudo_that_wants_a_password_is_one_clear_error():
+    c = FakeConnection(exited=1, stderr="sudo: a password is required\n")
+    with pytest.raises(SudoError) as err:
+        session(c).run("true", sudo=True)
+    assert str(err.value) == ("web1: sudo as admin needs a password on this host: set "
+                              "`sudo_password: true` for it in the inventory (asked once per "
+                              "run), or allow NOPASSWD sudo for that user")
+
+
+def test_a_failing_root_command_raises_only_when_asked():
+    c = FakeConnection(exited=3)
+    assert session(c).run("false", sudo=True).exited == 3
+    with pytest.raises(UnexpectedExit):
+        session(c).run("false", sudo=True, warn=False)
+
+
+def test_a_stored_password_goes_to_sudo_on_stdin():
+    c = FakeConnection()
+    session(c, password="typed once").run(["id", "-u"], sudo=True)
+    assert c.commands == [] and c.sudo_calls == [("id -u", "typed once")]
+
+
+def test_a_rejected_password_is_forgotten_and_never_shown():
+    typed: list[str] = []
+    run = Run(ask=lambda prompt: typed.append(prompt) or "hunter2-typo")
+    password = run.passwords.get("admin")
+    c = FakeConnection(sudo_fails=True)
+    with pytest.raises(SudoError) as err:
+        session(c, password, run).run("true", sudo=True)
+    assert str(err.value) == ("web1: sudo as admin rejected the password (wrong sudo "
+                              "password); nothing ran as root")
+    assert "hunter2" not in str(err.value)
+    assert not run.passwords.remembers("admin")
+    run.passwords.get("admin")
+    assert typed == ["[sudo] password for admin: "] * 2  # asked again after the rejection
+
+
+def test_passwords_are_asked_once_per_user_and_run():
+    asked: list[str] = []
+    first = Run(ask=lambda prompt: asked.append(prompt) or "pw")
+    assert first.passwords.get("admin") == first.passwords.get("admin") == "pw"
+    first.passwords.get("operator")
+    second = Run(ask=lambda prompt: asked.append(prompt) or "other")
+    assert second.passwords.get("admin") == "other"  # runs share nothing
+    assert asked == ["[sudo] password for admin: ", "[sudo] password for operator: ",
+                     "[sudo] password for admin: "]
+
+
+def test_each_run_counts_its_own_round_trips():
+    one, two = Run(), Run()
+    s = session(FakeConnection(), run=one)
+    s.run("true")
+    s.sudo_script("echo hi")
+    session(FakeConnection(), run=two).run("true")
+    assert one.counters.round_trips == {"web1": 2} and two.counters.round_trips == {"web1": 1}
+
+
+def test_a_session_closes_its_connection_as_a_context_manager():
+    c = FakeConnection()
+    with session(c) as s:
+        s.run("true")
+    assert c.closed
 
 
 def test_a_long_script_is_uploaded_private_run_from_the_file_and_removed():
@@ -104,7 +206,7 @@ def test_a_failed_handshake_is_one_error_line_and_no_traceback(tmp_path):
 
     probe = f"""
 import socket, threading
-from roles.remote import connection
+from roles.remote import session as connection
 from roles.inventory.compiled import Record
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(5)
 def serve():
