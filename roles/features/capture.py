@@ -5,7 +5,7 @@ sends, and nobody can guess it (``--sender`` was undocumented, the path is ``. /
 ``.``, and ``-n`` joins the flag cluster). So it is captured, never guessed:
 
 1. Over the admin connection (sudo), the backup key's line in root's ``authorized_keys``
-   gets ``command=CAPTURE_SCRIPT``: a root-only script (``templates/capture.sh.j2``) that
+   gets ``command=CAPTURE_SCRIPT``: a root-only script (``templates/scripts/capture.sh.j2``) that
    writes ``$SSH_ORIGINAL_COMMAND`` to a root-only file and exits 1. Both go through
    setup-remote's planning and atomic apply (``roles.features.setup_remote``), not a
    writer of their own.
@@ -21,7 +21,7 @@ sends, and nobody can guess it (``--sender`` was undocumented, the path is ``. /
    with ``. SOURCE/``, only characters that need no quoting), argv[0] becomes the remote
    rsync's full path (``rsync.prefix``'s build, else the host's ``command -v rsync``, with a
    warning), and the key line gets ``command=GATE``: a root-only allow-list
-   (``templates/gate.sh.j2``) that compares ``$SSH_ORIGINAL_COMMAND`` byte for byte with the
+   (``templates/scripts/gate.sh.j2``) that compares ``$SSH_ORIGINAL_COMMAND`` byte for byte with the
    two recorded commands and ``exec``s the matching one by full path; anything else is
    refused on stderr with exit 1. A single forced command could serve either real runs or
    dry runs, never both: a forced command holding a dry-run flag is how the notes got

@@ -65,6 +65,7 @@ from roles.config import rootkey, rsyncd
 from roles.core import fleet, hardened, pull
 from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
+from roles.core.render import render
 from roles.core.rsync import (
     DEFAULT_VERSION,
     MIN_SAFE_CLIENT,
@@ -325,92 +326,18 @@ def same_command(forced: tuple[str, ...], sent: tuple[str, ...]) -> bool:
 
 # --- the host's read-only root script (pure text + parser) -------------------------------
 
-_PROBE_FUNCTION = r"""
-probe() {  # $1 shell, $2 home: "PROBE BYTES FILE" for each startup file that prints
-  sh_=$1; home=$2
-  case "${sh_##*/}" in
-    bash) opts="--norc --noprofile"; files="/etc/bash.bashrc $home/.bashrc" ;;
-    zsh) opts="-f"; files="/etc/zsh/zshenv /etc/zshenv $home/.zshenv" ;;
-    *) opts=""; files="" ;;
-  esac
-  for f in $files; do
-    [ -f "$f" ] || continue
-    n=$(cd "$home" 2>/dev/null; env -i HOME="$home" PATH="$P" "$sh_" $opts -c '. "$1"' sh "$f" \
-        </dev/null 2>/dev/null | wc -c)
-    printf 'PROBE %s %s\n' "$n" "$f"
-  done
-  for f in /etc/ssh/sshrc "$home/.ssh/rc"; do
-    [ -f "$f" ] || continue
-    n=$(cd "$home" 2>/dev/null; env -i HOME="$home" PATH="$P" /bin/sh "$f" </dev/null \
-        2>/dev/null | wc -c)
-    printf 'PROBE %s %s\n' "$n" "$f"
-  done
-}
-"""
-
-
 def root_script(program: str, rsync: str, files: Iterable[str], client_addr: str) -> str:
     """One read-only root script: does the forced command's ``program`` exist (found as
     sshd would: root's shell, sshd's default PATH), the ``rsync`` it runs and its version,
     the contents of ``files`` (a daemon's non-default config, the gate), and root's shell
     started as sshd starts a forced command."""
-    q = shlex.quote
-    addr = client_addr or "127.0.0.1"
-    listed = " ".join(q(f) for f in files)
-    return rf"""
-set -u
-P={q(SSHD_PATH)}
-{_PROBE_FUNCTION}
-resolve() {{
-  case "$1" in
-    /*) if [ -f "$1" ] && [ -x "$1" ]; then printf '%s' "$1"; fi ;;
-    *) PATH=$P command -v "$1" 2>/dev/null || true ;;
-  esac
-}}
-echo PULLBACK_DOCTOR
-if [ -n {q(program)} ]; then
-  found=$(resolve {q(program)})
-  if [ -n "$found" ]; then printf 'PROGRAM %s\n' "$found"; else echo NOPROGRAM; fi
-fi
-found=$(resolve {q(rsync)})
-if [ -n "$found" ]; then
-  printf 'BIN %s\n' "$found"
-  printf 'BINVERSION %s\n' "$("$found" --version 2>&1 | head -n1)"
-fi
-for f in {listed}; do
-  if [ -f "$f" ]; then printf 'FILE %s\n' "$f"; base64 -w0 < "$f"; echo
-  else printf 'MISSING %s\n' "$f"; fi
-done
-shell=$(getent passwd root | cut -d: -f7)
-[ -n "$shell" ] || shell=/bin/sh
-printf 'SHELL %s\n' "$shell"
-if [ -x "$shell" ]; then
-  out=$(mktemp); err=$(mktemp)
-  (cd /root 2>/dev/null; env -i HOME=/root USER=root LOGNAME=root SHELL="$shell" PATH="$P" \
-    SSH_CLIENT={q(addr + " 0 22")} SSH_CONNECTION={q(addr + " 0 0.0.0.0 22")} \
-    timeout 10 "$shell" -c true) </dev/null >"$out" 2>"$err"
-  printf 'ROOTOUT '; base64 -w0 < "$out"; echo
-  printf 'ROOTERR '; base64 -w0 < "$err"; echo
-  if [ -s "$out" ]; then probe "$shell" /root; fi
-  rm -f "$out" "$err"
-fi
-echo END
-"""
+    return render("scripts/doctor_root.sh.j2", sshd_path=SSHD_PATH, program=program,
+                  rsync=rsync, files=list(files), addr=client_addr or "127.0.0.1")
 
 
 def admin_probe_script() -> str:
     """Run as the admin (no sudo): which of its startup files prints."""
-    return rf"""
-P={shlex.quote(SSHD_PATH)}
-{_PROBE_FUNCTION}
-printf '\nPULLBACK_DOCTOR\n'
-entry=$(getent passwd "$(id -un)")
-home=$(printf '%s' "$entry" | cut -d: -f6)
-shell=$(printf '%s' "$entry" | cut -d: -f7)
-printf 'SHELL %s\n' "$shell"
-probe "$shell" "$home"
-echo END
-"""
+    return render("scripts/doctor_admin.sh.j2", sshd_path=SSHD_PATH)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import invoke
 
 from roles.core import platforms
 from roles.core.hardened import Mode
+from roles.core.render import render
 from roles.core.rsync import (
     CLIENT_CVES,
     MIN_SAFE_CLIENT,
@@ -662,12 +663,8 @@ def plan_build(version: str, sha256: str, flags: BuildFlags, prefix: str, stamp:
 
 def read_install(c: Session | LocalShell, prefix: str) -> tuple[str, str]:
     """One command: ``(stamp text, --version line 1)`` of the build under ``prefix``."""
-    binary = f"{prefix.rstrip('/')}/bin/rsync"
-    script = (
-        f"cat {shlex.quote(stamp_path(prefix))} 2>/dev/null; "
-        f"printf '\\n%s\\n' {shlex.quote(_MARK)}; "
-        f"{shlex.quote(binary)} --version 2>/dev/null | head -n 1"
-    )
+    script = render("scripts/rsync_read_install.sh.j2", stamp=stamp_path(prefix), mark=_MARK,
+                    binary=f"{prefix.rstrip('/')}/bin/rsync")
     r = _run(c, script)
     stamp, _, version_out = r.stdout.partition(f"\n{_MARK}\n")
     return stamp, version_out
@@ -694,30 +691,11 @@ def installed_rsync(
 
 
 def _install_script(stage_prefix: str, prefix: str, stamp_file: str) -> str:
-    """Copy the staged tree over ``prefix`` file by file (temp + rename), stamp last.
-
-    The old stamp goes first so an install interrupted half way is rebuilt next time; each
-    file is renamed into place so a running rsync keeps its old inode. Plain ``cp`` (not
-    ``cp -p``): as root the files become root's, not the build user's.
-    """
+    """Copy the staged tree over ``prefix`` file by file (temp + rename), stamp last."""
     stamp = stamp_path(prefix)
-    q_prefix = shlex.quote(prefix.rstrip("/") or "/")
-    return "\n".join(
-        [
-            "set -e",
-            "umask 022",
-            f"rm -f {shlex.quote(stamp)}",
-            f"cd {shlex.quote(stage_prefix)}",
-            f'find . -type d | while IFS= read -r d; do mkdir -p {q_prefix}/"$d"; done',
-            "find . ! -type d | while IFS= read -r f; do",
-            f'  cp "$f" {q_prefix}/"$f.pullback-new"',
-            f'  mv -f {q_prefix}/"$f.pullback-new" {q_prefix}/"$f"',
-            "done",
-            f"mkdir -p {shlex.quote(os.path.dirname(stamp))}",
-            f"cp {shlex.quote(stamp_file)} {shlex.quote(stamp + '.pullback-new')}",
-            f"mv -f {shlex.quote(stamp + '.pullback-new')} {shlex.quote(stamp)}",
-        ]
-    )
+    return render("scripts/rsync_install.sh.j2", stamp=stamp, stamp_dir=os.path.dirname(stamp),
+                  stage_prefix=stage_prefix, prefix=prefix.rstrip("/") or "/",
+                  stamp_file=stamp_file)
 
 
 def validate_build_path(path: str, what: str) -> str:
@@ -773,13 +751,7 @@ def build_rsync(
         log(f"rsync {version} already installed in {prefix} (stamp matches): {done.version_line}")
         return done
 
-    q_tar = shlex.quote(tarball_remote_path)
-    r = _run(
-        c,
-        f"printf 'sum=%s\\n' \"$( (sha256sum {q_tar} || shasum -a 256 {q_tar}) 2>/dev/null "
-        "| cut -d ' ' -f 1)\"; "
-        "printf 'ncpu=%s\\n' \"$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null)\"",
-    )
+    r = _run(c, render("scripts/rsync_verify.sh.j2", tarball=tarball_remote_path))
     kv = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     found = kv.get("sum", "")
     if found != sha256:
@@ -790,8 +762,8 @@ def build_rsync(
         )
     ncpu = int(kv["ncpu"]) if kv.get("ncpu", "").isdigit() else 2
     # build_root: for hosts whose /tmp is noexec (configure runs the programs it compiles).
-    parent = shlex.quote(build_root.rstrip("/")) if build_root else '"${TMPDIR:-/tmp}"'
-    r = _run(c, f"mktemp -d {parent}/pullback-rsync.XXXXXXXX")
+    r = _run(c, render("scripts/rsync_builddir.sh.j2",
+                       build_root=build_root.rstrip("/") if build_root else ""))
     builddir = r.stdout.strip()
     if r.exited != 0 or not builddir.startswith("/"):
         raise BuildError(f"mktemp -d failed: {r.stderr.strip()}", phase="prepare")
@@ -808,7 +780,6 @@ def build_rsync(
     log_path = (
         f"{log_dir.rstrip('/')}/rsync-{version}-build.log" if log_dir else f"{builddir}/build.log"
     )
-    q_log = shlex.quote(log_path)
     n_jobs = jobs if jobs and jobs > 0 else ncpu
     log(f"building rsync {version} in {builddir} (log: {log_path})")
 
@@ -818,7 +789,8 @@ def build_rsync(
         _run(c, shlex.join(["rm", "-rf", *doomed]))
 
     def fail(phase_name: str, message: str) -> BuildError:
-        tail = _run(c, f"tail -n {LOG_TAIL_LINES} {q_log} 2>/dev/null").stdout.rstrip()
+        tail = _run(c, render("scripts/rsync_log_tail.sh.j2", lines=LOG_TAIL_LINES,
+                              log=log_path)).stdout.rstrip()
         cleanup()
         return BuildError(
             f"rsync {version}: {message}; the install in {prefix} was not touched. "
@@ -829,28 +801,17 @@ def build_rsync(
         )
 
     def phase(name: str, argv: list[str], *, env: dict[str, str] | None = None) -> None:
-        cmd = shlex.join((["env", *(f"{k}={v}" for k, v in env.items())] if env else []) + argv)
+        words = (["env", *(f"{k}={v}" for k, v in env.items())] if env else []) + argv
         started = time.monotonic()
-        res = _run(
-            c,
-            f"cd {shlex.quote(src)} && {{ printf '\\n=== %s\\n' {shlex.quote(cmd)}; "
-            f"{cmd}; }} >> {q_log} 2>&1",
-        )
+        res = _run(c, render("scripts/rsync_phase.sh.j2", src=src, argv=words, log=log_path))
         elapsed = time.monotonic() - started
         if res.exited != 0:
             raise fail(name, f"{name} failed (exit {res.exited}) after {elapsed:.1f} s")
         log(f"{name}: ok in {elapsed:.1f} s")
 
-    prep = [
-        f"mkdir -p {shlex.quote(os.path.dirname(log_path))}",
-        f": > {q_log}",
-        shlex.join(["mkdir", src]),
-        # Verified above; --no-same-owner so a root build does not keep the tarball's uids.
-        f"tar -xzf {q_tar} -C {shlex.quote(src)} --strip-components=1 --no-same-owner "
-        f">> {q_log} 2>&1",
-        f"printf '%s' {shlex.quote(stamp)} > {shlex.quote(builddir + '/rsync.stamp')}",
-    ]
-    res = _run(c, " && ".join(prep))
+    res = _run(c, render("scripts/rsync_extract.sh.j2", log_dir=os.path.dirname(log_path),
+                         log=log_path, src=src, tarball=tarball_remote_path, stamp=stamp,
+                         stamp_file=builddir + "/rsync.stamp"))
     if res.exited != 0:
         raise fail("extract", f"extracting {tarball_remote_path} failed ({res.stderr.strip()})")
 
@@ -862,7 +823,7 @@ def build_rsync(
 
     # Never replace a working install with a binary that does not even start.
     staged_bin = f"{stage_prefix}/bin/rsync"
-    res = _run(c, f"{shlex.quote(staged_bin)} --version 2>&1")
+    res = _run(c, render("scripts/rsync_version.sh.j2", binary=staged_bin, first_line=False))
     try:
         staged_version, _ = parse_version_output(res.stdout)
     except ValueError:
@@ -897,7 +858,8 @@ def build_rsync(
     log(f"install: ok in {time.monotonic() - started:.1f} s ({prefix}/bin/rsync)")
     cleanup()
 
-    res = _run(c, f"{shlex.quote(prefix + '/bin/rsync')} --version 2>&1 | head -n 1")
+    res = _run(c, render("scripts/rsync_version.sh.j2", binary=prefix + "/bin/rsync",
+                         first_line=True))
     installed_version, protocol = parse_version_output(res.stdout)
     if installed_version != version:
         raise BuildError(
@@ -960,35 +922,14 @@ class ToolchainFacts:
         return bool(self.cc and self.make and self.compiles and self.acl)
 
 
-_TOOLCHAIN_PROBE = "\n".join(
-    [
-        "cc=$(command -v cc || command -v gcc || command -v clang || true)",
-        "mk=$(command -v make || command -v gmake || true)",
-        "ok=no",
-        'if [ -n "$cc" ]; then',
-        '  t=$(mktemp -d "${TMPDIR:-/tmp}/pullback-cc.XXXXXX") && {',
-        '    printf \'#include <stdio.h>\\nint main(void){puts("");return 0;}\\n\' > "$t/t.c"',
-        '    "$cc" -o "$t/t" "$t/t.c" >/dev/null 2>&1 && "$t/t" >/dev/null && ok=yes',
-        # Linux keeps ACLs in libacl; its headers decide whether rsync can do -A at all.
-        '    acl=yes; if [ "$(uname -s)" = Linux ]; then acl=no;',
-        '      printf \'#include <sys/acl.h>\\nint main(void){return 0;}\\n\' > "$t/a.c"',
-        '      "$cc" -c -o "$t/a.o" "$t/a.c" >/dev/null 2>&1 && acl=yes; fi',
-        '    rm -rf "$t"; }',
-        "fi",
-        "pm=",
-        f"for p in {' '.join(pm.name for pm in PACKAGE_MANAGERS)}; do",
-        '  if command -v "$p" >/dev/null 2>&1; then pm=$p; break; fi',
-        "done",
-        'id=$( (. /etc/os-release && printf %s "${ID:-}") 2>/dev/null || true)',
-        'printf "cc=%s\\nmake=%s\\ncompiles=%s\\npm=%s\\nos=%s\\nid=%s\\nacl=%s\\n" '
-        '"$cc" "$mk" "$ok" "$pm" "$(uname -s)" "$id" "${acl:-no}"',
-    ]
-)
+def toolchain_probe() -> str:
+    return render("scripts/toolchain_probe.sh.j2",
+                  package_managers=[pm.name for pm in PACKAGE_MANAGERS])
 
 
 def gather_toolchain(c: Session | LocalShell) -> ToolchainFacts:
     """One command: compiler, make, whether a hello-world links, package manager, OS."""
-    r = _run(c, _TOOLCHAIN_PROBE)
+    r = _run(c, toolchain_probe())
     kv = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     return ToolchainFacts(
         cc=kv.get("cc", ""),

@@ -29,6 +29,7 @@ from roles.core.hardened import (  # noqa: F401 - the paths a gather reads, name
     RSYNCD_CONF,
     SSHD_CONFIG,
 )
+from roles.core.render import render
 from roles.remote.session import Session
 
 
@@ -77,88 +78,12 @@ class HostFacts:
 def gather_script(rsync_binaries: list[str]) -> str:
     """The POSIX sh script; ``$1`` is the login shell's ``$SSH_CONNECTION``, ``$2`` the SSH
     banner of this connection's sshd when it names an OpenSSH release (else empty)."""
-    binaries = " ".join(shlex.quote(b) for b in rsync_binaries)
-    known_sshd = platforms.candidates("sshd_binaries")
-    sshd_paths = " ".join(shlex.quote(b) for b in known_sshd)
-    units = " ".join(shlex.quote(u) for u in platforms.candidates("service"))
-    spec = platforms.connection_spec("$addr")
-    return rf"""
-set -u
-nl='
-'
-addr=${{1%% *}}
-banner=${{2:-}}
-printf 'CLIENT %s\n' "$addr"
-if [ -r /etc/os-release ]; then
-  . /etc/os-release; printf 'OS %s %s\n' "${{ID:-}}" "${{VERSION_CODENAME:-}}"
-  printf 'OSLIKE %s\n' "${{ID_LIKE:-}}"
-fi
-if [ -n "$banner" ]; then
-  printf 'OPENSSH %s\n' "$banner"
-else
-  v=$(ssh -V 2>&1); printf 'OPENSSH %s\n' "${{v%%"$nl"*}}"
-fi
-sshd=
-for s in $(command -v sshd) {sshd_paths}; do
-  if [ -x "$s" ]; then sshd=$s; break; fi
-done
-sshd=${{sshd:-{shlex.quote(known_sshd[0])}}}
-printf 'SSHD %s\n' "$sshd"
-# Collect every path first (one a line), then ONE stat for all of them.
-files=
-dirs=
-want() {{
-  if [ -f "$1" ]; then files=$files$1$nl; else printf 'MISSING %s\n' "$1"; fi
-}}
-want {SSHD_CONFIG}
-# sshd reads a CR as whitespace: a CRLF file's Include must not yield "*.conf\r".
-patterns=$(awk '{{gsub(/\r/, " ")}} tolower($1)=="include"{{for(i=2;i<=NF;i++)print $i}}' \
-  {SSHD_CONFIG} 2>/dev/null)
-set -f
-for pattern in $patterns; do
-  set +f
-  case "$pattern" in /*) glob=$pattern ;; *) glob=/etc/ssh/$pattern ;; esac
-  for f in $glob; do
-    [ -f "$f" ] || continue
-    printf 'INCLUDE %s %s\n' "$pattern" "$f"
-    files=$files$f$nl
-  done
-done
-set +f
-for d in /root/.ssh {PULLBACK_DIR}; do
-  if [ -d "$d" ]; then dirs=$dirs$d$nl; fi
-done
-want {AUTHORIZED_KEYS}
-want {RSYNCD_CONF}
-want {PULLBACK_RSYNCD_CONF}
-IFS=$nl; set -f
-if [ -n "$files$dirs" ]; then stat -c 'STAT %a %u %g %n' -- $files $dirs; fi
-for f in $files; do
-  printf 'DATA %s\n' "$f"; base64 -w0 < "$f"; echo
-done
-unset IFS; set +f
-if out=$("$sshd" -T -C "{spec}" 2>&1); then
-  printf 'TBEGIN\n%s\nTEND\n' "$out"
-else
-  printf 'TERR %s\n' "$(printf '%s' "$out" | tr '\n' ' ')"
-fi
-if [ -d /run/systemd/system ]; then
-  for unit in {units}; do
-    if systemctl is-active --quiet "$unit" 2>/dev/null; then
-      printf 'SERVICE %s\n' "$unit"; break
-    fi
-  done
-fi
-seen=$nl
-for r in {binaries} $(command -v rsync 2>/dev/null); do
-  case $seen in *"$nl$r$nl"*) continue ;; esac
-  seen=$seen$r$nl
-  if [ -x "$r" ]; then
-    v=$("$r" --version 2>/dev/null); printf 'RSYNC %s %s\n' "$r" "${{v%%"$nl"*}}"
-  fi
-done
-echo END
-"""
+    return render(
+        "scripts/gather.sh.j2", rsync_binaries=rsync_binaries,
+        sshd_paths=platforms.candidates("sshd_binaries"),
+        units=platforms.candidates("service"), spec=platforms.connection_spec("$addr"),
+        sshd_config=SSHD_CONFIG, pullback_dir=PULLBACK_DIR, authorized_keys=AUTHORIZED_KEYS,
+        rsyncd_conf=RSYNCD_CONF, pullback_rsyncd_conf=PULLBACK_RSYNCD_CONF)
 
 
 _OPENSSH = re.compile(r"OpenSSH_(\d+)\.(\d+)")
