@@ -33,7 +33,7 @@ from roles.core.outcome import Outcome
 from roles.core.render import render
 from roles.core.sshd_output import parse_sshd_T
 from roles.remote.facts import FileFact, parse_report
-from roles.remote.session import ConnectError, Session
+from roles.remote.session import ConnectError, Exchange, Session
 
 if TYPE_CHECKING:
     from roles.remote.facts import HostFacts
@@ -206,12 +206,17 @@ def check_new_login(s: Session, plan: SetupPlan, attempts: int = 10) -> None:
 
 
 def apply(s: Session, plan: SetupPlan,
-          check_login: Callable[[Session, SetupPlan], None] = check_new_login) -> Outcome:
+          check_login: Callable[[Session, SetupPlan], None] = check_new_login,
+          via: Exchange | None = None) -> Outcome:
+    """Apply ``plan``: as its own root command, or (``via``) as the answer to the command
+    that gathered the facts, on the same SSH session."""
     host = s.host
     steps = dict(plan.steps)
     if not plan.changed:
+        if via is not None:
+            via.finish(None)
         return Outcome(host.name, steps, warnings=plan.warnings)
-    result = s.sudo_script(apply_script(plan))
+    result = via.finish(apply_script(plan)) if via else s.sudo_script(apply_script(plan))
     error = _script_error(result)
     if error:
         return Outcome(host.name, steps, error=f"{error}; nothing changed",

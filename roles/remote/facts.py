@@ -30,7 +30,7 @@ from roles.core.hardened import (  # noqa: F401 - the paths a gather reads, name
     SSHD_CONFIG,
 )
 from roles.core.render import render
-from roles.remote.session import Session
+from roles.remote.session import Exchange, Session
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,13 @@ class HostFacts:
         return self.effective.get("pidfile") or self.platform.pidfile or "/run/sshd.pid"
 
 
-def gather_script(rsync_binaries: list[str]) -> str:
+def gather_script(rsync_binaries: list[str], *, then_stdin: bool = False) -> str:
     """The POSIX sh script; ``$1`` is the login shell's ``$SSH_CONNECTION``, ``$2`` the SSH
-    banner of this connection's sshd when it names an OpenSSH release (else empty)."""
+    banner of this connection's sshd when it names an OpenSSH release (else empty).
+    ``then_stdin``: afterwards it runs the script sent on its standard input (``gather_then``)."""
     return render(
-        "scripts/gather.sh.j2", rsync_binaries=rsync_binaries,
-        sshd_paths=platforms.candidates("sshd_binaries"),
+        "scripts/gather_then_stdin.sh.j2" if then_stdin else "scripts/gather.sh.j2",
+        rsync_binaries=rsync_binaries, sshd_paths=platforms.candidates("sshd_binaries"),
         units=platforms.candidates("service"), spec=platforms.connection_spec("$addr"),
         sshd_config=SSHD_CONFIG, pullback_dir=PULLBACK_DIR, authorized_keys=AUTHORIZED_KEYS,
         rsyncd_conf=RSYNCD_CONF, pullback_rsyncd_conf=PULLBACK_RSYNCD_CONF)
@@ -198,14 +199,13 @@ def openssh_banner(s: Session) -> str:
     return banner if isinstance(banner, str) and _BANNER.fullmatch(banner) else ""
 
 
-def gather(s: Session, rsync_binaries: list[str]) -> HostFacts:
-    """Run the gather script as root in one round trip and parse its report."""
-    script = gather_script(rsync_binaries)
+def _gather_command(s: Session, script: str) -> str:
     # "$SSH_CONNECTION" is expanded by the admin's login shell, before sudo resets the
     # environment: it tells us the backup host's address as this server sees it.
-    command = (f'sh -c {shlex.quote(script)} sh "$SSH_CONNECTION" '
-               f"{shlex.quote(openssh_banner(s))}")
-    result = s.run(command, sudo=True)
+    return f'sh -c {shlex.quote(script)} sh "$SSH_CONNECTION" {shlex.quote(openssh_banner(s))}'
+
+
+def _facts(result: Any) -> HostFacts:
     if result.exited != 0 or not result.stdout.rstrip().endswith("END"):
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise RuntimeError(
@@ -213,3 +213,25 @@ def gather(s: Session, rsync_binaries: list[str]) -> HostFacts:
             f"{detail[-1] if detail else 'no output'}"
         )
     return parse_report(result.stdout.rstrip("\n"))
+
+
+def gather(s: Session, rsync_binaries: list[str]) -> HostFacts:
+    """Run the gather script as root in one round trip and parse its report."""
+    return _facts(s.run(_gather_command(s, gather_script(rsync_binaries)), sudo=True))
+
+
+def gather_then(s: Session, rsync_binaries: list[str]) -> tuple[HostFacts, Exchange] | None:
+    """The facts, from a root command that then waits for the script to run on them
+    (``Exchange.finish``): gather, plan and apply in one SSH session. None when the host's
+    sudo takes a password (use ``gather``, then a command of its own)."""
+    command = _gather_command(s, gather_script(rsync_binaries, then_stdin=True))
+    exchange = s.sudo_exchange(command)
+    if exchange is None:
+        return None
+    try:
+        if exchange.ended is not None:
+            return _facts(exchange.ended), exchange  # raises: the report did not finish
+        return parse_report(exchange.report.rstrip("\n")), exchange
+    except Exception:
+        exchange.close()
+        raise

@@ -41,6 +41,8 @@ import paramiko
 from fabric import Connection
 from invoke.exceptions import AuthFailure, UnexpectedExit
 
+from roles.core.render import render
+
 if TYPE_CHECKING:
     from roles.inventory.schema import Host
 
@@ -170,6 +172,50 @@ def needs_password_error(where: str) -> SudoError:
 def rejected_password_error(where: str) -> SudoError:
     return SudoError(f"{where} rejected the password (wrong sudo password); nothing ran as "
                      "root")
+
+
+class Reply:
+    """What a finished remote command left: its output and exit code (Fabric's names)."""
+
+    def __init__(self, stdout: str, stderr: str, exited: int) -> None:
+        self.stdout, self.stderr, self.exited = stdout, stderr, exited
+
+
+def _rest(read: Callable[[int], bytes]) -> bytes:
+    """Everything a channel stream still holds, until its end."""
+    return b"".join(iter(lambda: read(65536), b""))
+
+
+class Exchange:
+    """One root command in two turns on one SSH session: it prints a report that ends in a
+    marker line, then reads the script the client plans from that report on its standard
+    input, runs it and ends (``templates/scripts/gather_then_stdin.sh.j2``). ``ended`` is
+    set when the command ended before its report did (a failure: nothing to send)."""
+
+    def __init__(self, channel: Any, report: str, ended: Reply | None = None) -> None:
+        self._channel, self.report, self.ended = channel, report, ended
+        self._open = ended is None
+
+    def finish(self, script: str | None) -> Reply:
+        """Send ``script`` (None: nothing), close the command's input, wait for its end."""
+        if self.ended is not None:
+            return self.ended
+        chan = self._channel
+        if script:
+            chan.sendall(render("scripts/block.sh.j2", script=script).encode())
+        chan.shutdown_write()
+        out, err = _rest(chan.recv), _rest(chan.recv_stderr)
+        self._open = False
+        self.ended = Reply(out.decode(errors="replace"), err.decode(errors="replace"),
+                           chan.recv_exit_status())
+        return self.ended
+
+    def close(self) -> None:
+        """Without ``finish``: the command's input closes unsent, so it runs nothing more."""
+        if self._open:
+            with contextlib.suppress(OSError, EOFError, paramiko.SSHException):
+                self._channel.shutdown_write()
+        self._channel.close()
 
 
 class Session:
@@ -311,6 +357,29 @@ class Session:
         """Copy a local file to ``remote`` over SFTP as the login user (then sudo installs)."""
         self.counters.add(self.name)
         self.conn.put(str(local), remote)
+
+    def sudo_exchange(self, command: str, marker: str = "END") -> Exchange | None:
+        """Start ``command`` as root on a session of its own and read its report up to the
+        line ``marker``; the caller answers with ``Exchange.finish``. One round trip fewer
+        than two commands. None when this host's sudo takes a password: it would travel on
+        the same standard input, so the caller runs its two commands instead."""
+        if self.password is not None:
+            return None
+        self.counters.add(self.name)
+        chan = self.conn.client.get_transport().open_session()
+        chan.exec_command(sudo_command(command, None))
+        report, end = bytearray(), f"\n{marker}\n".encode()
+        while not report.endswith(end):
+            data = chan.recv(65536)
+            if not data:  # the command ended before its report did
+                err = _rest(chan.recv_stderr).decode(errors="replace")
+                if "a password is required" in err:
+                    chan.close()
+                    raise needs_password_error(f"{self.name}: sudo as {self.host.admin_user}")
+                ended = Reply(report.decode(errors="replace"), err, chan.recv_exit_status())
+                return Exchange(chan, ended.stdout, ended)
+            report += data
+        return Exchange(chan, report.decode(errors="replace"))
 
     def exec_raw(self, command: str, timeout: float = 20) -> tuple[int, bytes, bytes]:
         """Exit code and the exact bytes of stdout and stderr (Fabric would decode them)."""

@@ -1031,10 +1031,12 @@ def test_fault_puts_back_the_mode_of_an_existing_root_ssh(lab_env: Lab, fresh_ho
         assert_unchanged(target, before, hups=2)
 
 
-def test_an_authorized_keys_larger_than_one_command_line_goes_by_sftp(lab_env: Lab,
-                                                                      fresh_host: lab.LabHost):
+def test_an_authorized_keys_larger_than_one_command_line(lab_env: Lab,
+                                                        fresh_host: lab.LabHost):
     # 160 KB of other people's lines: the apply script carries the new file (base64), far
-    # more than the 128 KiB Linux allows one argument, so it is uploaded, run, removed.
+    # more than the 128 KiB Linux allows one argument. setup-remote sends it on the gather's
+    # own session (standard input has no such limit); a root script of its own that long is
+    # uploaded over SFTP, run and removed.
     from roles.remote.session import SCRIPT_ARG_MAX, Run
 
     target = make_target(lab_env, fresh_host)
@@ -1049,9 +1051,48 @@ def test_an_authorized_keys_larger_than_one_command_line_goes_by_sftp(lab_env: L
     assert outcome.steps["authorized_keys"] == "changed"
     content = read(fresh_host, AUTHORIZED_KEYS)
     assert content.startswith(others) and content.count(b"\n") == 1701
-    assert sessions.counters.round_trips == {target.name: 4}  # gather, upload, apply, check
-    home = sh(fresh_host, "ls -A ~admin").split()
-    assert not [n for n in home if n.startswith(".pullback-")], home  # the upload is gone
+    assert sessions.counters.round_trips == {target.name: 2}  # gather + apply, the check
     again = setup.setup_host(target.host)
     assert again.error is None and set(again.steps.values()) == {"ok"}
     assert read(fresh_host, AUTHORIZED_KEYS) == content
+
+    script = "# " + "x" * SCRIPT_ARG_MAX + "\nid -u\n"
+    with sessions.open(target.host) as session:
+        result = session.sudo_script(script)
+    assert result.exited == 0 and result.stdout.strip() == "0"
+    assert sessions.counters.round_trips == {target.name: 4}  # + the upload and its run
+    home = sh(fresh_host, "ls -A ~admin").split()
+    assert not [n for n in home if n.startswith(".pullback-")], home  # the upload is gone
+
+
+def test_a_script_cut_off_on_the_gathers_session_runs_nothing(lab_env: Lab,
+                                                              fresh_host: lab.LabHost):
+    """The one-session apply on a real host: the gather's root command runs the script it
+    reads on standard input only once the whole brace group arrived. Cut off (a dropped
+    connection), nothing of it runs; whole, it runs as root; none, nothing more runs."""
+    from roles.core.render import render
+    from roles.remote.facts import gather_then
+    from roles.remote.session import Run
+
+    target = make_target(lab_env, fresh_host)
+    marker = "/root/pullback-cut-off-test"
+    whole = render("scripts/block.sh.j2", script=f"touch {marker}\nid -u\n")
+    with Run().open(target.host) as session:
+        facts, exchange = gather_then(session, [target.host.rsync.remote_binary])
+        assert facts.client_addr
+        channel = exchange._channel
+        channel.sendall(whole[: whole.index("id -u")].encode())  # the connection drops here
+        channel.shutdown_write()
+        assert channel.recv_exit_status() != 0
+        exchange.close()
+        assert read(fresh_host, marker) is None
+
+        facts, exchange = gather_then(session, [target.host.rsync.remote_binary])
+        reply = exchange.finish(f"touch {marker}\nid -u\n")
+        assert (reply.exited, reply.stdout.strip()) == (0, "0")
+        assert read(fresh_host, marker) == b""
+
+        sh(fresh_host, f"rm {marker}")
+        facts, exchange = gather_then(session, [target.host.rsync.remote_binary])
+        assert exchange.finish(None).exited == 0
+        assert read(fresh_host, marker) is None

@@ -91,6 +91,9 @@ def build_scripts() -> list[str]:
 # template -> the scripts that use it, rendered by the code that sends them
 CASES: dict[str, Callable[[], list[str]]] = {
     "gather.sh.j2": lambda: [gather_script(["/usr/local/bin/rsync", AWKWARD])],
+    "gather_then_stdin.sh.j2": lambda: [gather_script(["/usr/local/bin/rsync"],
+                                                      then_stdin=True)],
+    "block.sh.j2": lambda: [render("scripts/block.sh.j2", script=apply_script(full_plan()))],
     "apply.sh.j2": lambda: [apply_script(full_plan()),
                             apply_script(full_plan(service="ssh", reload_sshd=False,
                                                    root_ssh_was=None, changes=(),

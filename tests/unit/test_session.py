@@ -247,3 +247,64 @@ def test_the_admin_socket_sends_small_packets_at_once():
     finally:
         client.close()
         server.close()
+
+
+class FakeChannel:
+    """paramiko's Channel as an Exchange uses it, after the report was read."""
+
+    def __init__(self, out: bytes = b"PULLBACK_OK\n", err: bytes = b"", status: int = 0):
+        self.sent = b""
+        self.out, self.err, self.status = [out], [err], status
+        self.write_closed = self.closed = False
+
+    def sendall(self, data: bytes) -> None:
+        assert not self.write_closed
+        self.sent += data
+
+    def shutdown_write(self) -> None:
+        self.write_closed = True
+
+    def recv(self, n: int) -> bytes:
+        return self.out.pop() if self.out else b""
+
+    def recv_stderr(self, n: int) -> bytes:
+        return self.err.pop() if self.err else b""
+
+    def recv_exit_status(self) -> int:
+        return self.status
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_exchange_sends_the_script_as_one_group_then_ends_the_input():
+    from roles.remote.session import Exchange
+
+    chan = FakeChannel(err=b"warning\n", status=3)
+    reply = Exchange(chan, "FACTS\nEND\n").finish("set -u\necho hi\n")
+    assert chan.sent == b"{\nset -u\necho hi\n}\n" and chan.write_closed
+    assert (reply.stdout, reply.stderr, reply.exited) == ("PULLBACK_OK\n", "warning\n", 3)
+
+
+def test_an_exchange_closed_unanswered_sends_nothing():
+    from roles.remote.session import Exchange
+
+    chan = FakeChannel()
+    Exchange(chan, "FACTS\nEND\n").close()
+    assert chan.sent == b"" and chan.write_closed and chan.closed
+
+
+def test_a_script_cut_off_on_the_way_runs_nothing(tmp_path):
+    """The defence of the one-session apply, on a real sh: a brace group that does not
+    arrive whole is a syntax error before its first command runs."""
+    import subprocess
+
+    from roles.core.render import render
+
+    marker = tmp_path / "ran"
+    whole = render("scripts/block.sh.j2", script=f"touch {marker}\necho more\n")
+    cut = whole[: whole.index("echo more")]
+    result = subprocess.run(["sh"], input=cut, capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and not marker.exists()
+    assert subprocess.run(["sh"], input=whole, capture_output=True, text=True,
+                          check=False).returncode == 0 and marker.exists()
