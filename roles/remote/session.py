@@ -6,6 +6,10 @@ is what the sessions of one task invocation share: the counters, and the ``Passw
 ask each admin user's sudo password once. Nothing lives in module globals, so two runs in
 one process (tests, benchmarks) never see each other's passwords or counts.
 
+An ``Exchange`` is one root command in two turns on one SSH session: it prints a report,
+then runs the script the client planned from it, read on its standard input (setup-remote's
+gather and apply; ``Session.sudo_exchange``).
+
 Host keys: Fabric's ``Connection`` silently trusts unknown host keys (its constructor sets
 paramiko's ``AutoAddPolicy``). Every session loads the inventory's ``known_hosts`` and sets
 ``RejectPolicy``: an unknown or changed host key is an error, never a silent accept.
