@@ -117,11 +117,13 @@ def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=
     """Harden each remote: PermitRootLogin, restricted root key, rsyncd.conf."""
     from roles.core import fleet
     from roles.features import setup_remote as setup
+    from roles.remote.session import Run
 
     hosts = _hosts(inventory, host, shard)
+    sessions = Run()  # one sudo question per admin user for the whole fleet
     outcomes = fleet.for_each(
         hosts,
-        lambda h: setup.setup_host(h, dry_run=dry_run),
+        lambda h: setup.setup_host(h, dry_run=dry_run, sessions=sessions),
         lambda h, exc: Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
         parallel=32,
     )
@@ -181,12 +183,14 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Capture the exact command the client's rsync sends and force exactly that."""
     from roles.core import fleet
     from roles.features import capture
+    from roles.remote.session import Run
 
     hosts = _hosts(inventory, host, shard)
     if not any(h.forced_command == Mode.CAPTURED for h in hosts):
         raise Exit("capture-command: no selected host has forced_command: captured", code=2)
+    sessions = Run()  # one sudo question per admin user for the whole fleet
     outcomes = fleet.for_each(
-        hosts, capture.capture_host,
+        hosts, lambda h: capture.capture_host(h, sessions),
         lambda h, exc: Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
         parallel=16,
     )
@@ -248,7 +252,7 @@ def restore_drill(c, inventory=DEFAULT_INVENTORY, host=None, to=None, path=None,
     from roles.cli import drill
     from roles.core.drill import format_table
     from roles.core.errors import PullbackError
-    from roles.remote.connection import ConnectError
+    from roles.remote.session import ConnectError
 
     if len(host or []) != 1 or not to:
         raise Exit("restore-drill: name exactly one --host and --to", code=2)

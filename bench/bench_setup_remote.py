@@ -1,4 +1,6 @@
-"""Benchmark: setup-remote over N lab hosts, first run and no-change re-run.
+"""Benchmark: setup-remote over N lab hosts, first run and no-change re-run, against its
+floor (floor_setup_remote.py: one OpenSSH login and one ``sudo sh -s`` per host) measured in
+the same run on N lab hosts of its own.
 
 Prints a table: hosts, run, wall seconds, remote commands per host (each is one SSH
 round trip: an exec channel and its answer), SSH connections per host (each costs a
@@ -17,7 +19,9 @@ machines.
   were spread perfectly over every core of this machine. On a shared machine the busy
   CPU also holds other people's work; this bound counts only the run's.
 
-For the re-run the row is the median run of three (its wall time and its CPU columns).
+For the re-run the row is the median run of three (its wall time and its CPU columns);
+the floor's re-runs alternate with setup-remote's. The floor's client CPU is its ssh
+processes' (children) CPU. "x floor" is the wall time over the floor's in the same run.
 Uses its own containers (prefix pullback-bench) and removes them at the end.
 
     .venv/bin/python bench/bench_setup_remote.py [N ...]     # default: 1 5 20
@@ -35,14 +39,16 @@ from roles.core.outcome import Outcome
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import floor_setup_remote as floor  # noqa: E402
+
 from lab import hosts as lab  # noqa: E402
 from roles.core import fleet
 from roles.features import setup_remote as setup
 from roles.inventory.schema import load  # noqa: E402
 from roles.local import keys
-from roles.remote.connection import ROUND_TRIPS  # noqa: E402
+from roles.remote.session import Run as Sessions  # noqa: E402
 
-PREFIX = "pullback-bench-setup"
+PREFIX = f"pullback-bench-setup-{os.getpid()}"  # its own: never another run's containers
 RERUNS = 3
 SETTLE = 0.2  # seconds for the sshds to finish closing before their counters are read
 
@@ -125,53 +131,78 @@ class Run:
         return (self.client + self.servers) / cores()
 
 
-def run(hosts, counters: list[Path]) -> Run:
-    ROUND_TRIPS.reset()
+def measure(work, counters: list[Path]) -> tuple[float, float, float, float, object]:
+    """Wall, client CPU (this process and its children), machine busy and servers' CPU."""
     servers = sum(cpu_seconds(c) for c in counters)
     started, cpu, busy = time.perf_counter(), os.times(), machine_busy()
-    outcomes = fleet.for_each(
-        hosts, lambda h: setup.setup_host(h),
-        lambda h, exc: Outcome(h.name, {}, error=str(exc)), parallel=32,
-    )
+    result = work()
     elapsed = time.perf_counter() - started
     after = os.times()
-    client = (after.user - cpu.user) + (after.system - cpu.system)
+    client = sum(getattr(after, f) - getattr(cpu, f)
+                 for f in ("user", "system", "children_user", "children_system"))
     machine = machine_busy() - busy
     time.sleep(SETTLE)
     servers = sum(cpu_seconds(c) for c in counters) - servers
+    return elapsed, client, machine, servers, result
+
+
+def run(hosts, counters: list[Path]) -> Run:
+    sessions = Sessions()  # one run of the task: its own counters
+    elapsed, client, machine, servers, outcomes = measure(lambda: fleet.for_each(
+        hosts, lambda h: setup.setup_host(h, sessions=sessions),
+        lambda h, exc: Outcome(h.name, {}, error=str(exc)), parallel=32,
+    ), counters)
     failed = [o for o in outcomes if o.error]
     if failed:
         raise SystemExit(f"setup-remote failed: {failed[0].host}: {failed[0].error}")
-    return Run(elapsed, client, machine, servers, outcomes, dict(ROUND_TRIPS.counts),
-               dict(ROUND_TRIPS.connections))
+    return Run(elapsed, client, machine, servers, outcomes,
+               dict(sessions.counters.round_trips), dict(sessions.counters.connections))
 
 
-def row(count: int, label: str, result: Run, names: list[str]) -> tuple:
-    return (count, label, f"{result.wall:.2f}", per_host(result.commands, names),
-            per_host(result.connections, names), f"{result.client:.2f}",
-            f"{result.machine:.2f}", f"{result.servers:.2f}", f"{result.bound:.2f}")
+def run_floor(jobs: list[floor.Job], counters: list[Path]) -> Run:
+    elapsed, client, machine, servers, _ = measure(lambda: floor.run(jobs), counters)
+    names = {j.host.name: 1 for j in jobs}
+    return Run(elapsed, client, machine, servers, [], names, names)
+
+
+def median(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.wall)[len(runs) // 2]  # with its own counts and CPU
+
+
+def row(count: int, label: str, result: Run, names: list[str], base: Run) -> tuple:
+    return (count, label, f"{result.wall:.2f}", f"{result.wall / base.wall:.2f}",
+            per_host(result.commands, names), per_host(result.connections, names),
+            f"{result.client:.2f}", f"{result.machine:.2f}", f"{result.servers:.2f}",
+            f"{result.bound:.2f}")
 
 
 def bench(count: int) -> list[tuple]:
     lab.down(PREFIX)
-    lab_hosts = lab.up(count=count, prefix=PREFIX, log=lambda m: None)
+    lab_hosts = lab.up(count=2 * count, prefix=PREFIX, log=lambda m: None)
     path = lab.write_inventory(lab_hosts, None, PREFIX)
-    hosts = list(load(path).hosts.values())
-    keys.ensure_backup_key(Path(hosts[0].backup_key))
-    names = [h.name for h in hosts]
-    counters = [cpu_counter(h.name) for h in lab_hosts]
-    rows = []
+    every = list(load(path).hosts.values())
+    keys.ensure_backup_key(Path(every[0].backup_key))
+    hosts, floor_hosts = every[:count], every[count:]  # fresh hosts for each side
+    names, floor_names = [h.name for h in hosts], [h.name for h in floor_hosts]
+    counters = [cpu_counter(name) for name in names]
+    floor_counters = [cpu_counter(name) for name in floor_names]
+
+    floor_first = run_floor(floor.first_run_jobs(floor_hosts), floor_counters)
     first = run(hosts, counters)
     assert all("changed" in o.steps.values() for o in first.outcomes)
-    rows.append(row(count, "first run", first, names))
-    reruns = []
-    for _ in range(RERUNS):
+    rerun_jobs = floor.rerun_jobs(floor_hosts)
+    reruns, floor_reruns = [], []
+    for _ in range(RERUNS):  # alternating, so that both see the same machine
+        floor_reruns.append(run_floor(rerun_jobs, floor_counters))
         result = run(hosts, counters)
         assert all(set(o.steps.values()) == {"ok"} for o in result.outcomes), result.outcomes
         reruns.append(result)
-    median = sorted(reruns, key=lambda r: r.wall)[RERUNS // 2]  # with its own counts and CPU
-    rows.append(row(count, f"re-run (median of {RERUNS})", median, names))
-    return rows
+    floor_rerun, rerun = median(floor_reruns), median(reruns)
+    label = f"re-run (median of {RERUNS})"
+    return [row(count, "first run", first, names, floor_first),
+            row(count, "first run: floor", floor_first, floor_names, floor_first),
+            row(count, label, rerun, names, floor_rerun),
+            row(count, f"{label}: floor", floor_rerun, floor_names, floor_rerun)]
 
 
 def main(argv: list[str]) -> None:
@@ -183,9 +214,9 @@ def main(argv: list[str]) -> None:
     finally:
         lab.down(PREFIX)
     print(f"({cores()} cores; lower bound = (client + servers CPU) / {cores()})")
-    print("| hosts | run | wall s | commands/host | connections/host | client CPU s "
+    print("| hosts | run | wall s | x floor | commands/host | connections/host | client CPU s "
           "| machine busy CPU s | servers CPU s | lower bound s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for line in rows:
         print("| " + " | ".join(str(v) for v in line) + " |")
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from roles.core.drill import Comparison
 from roles.features import backup, drill, restore
-from roles.remote.connection import connect
+from roles.remote.session import Run
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host
@@ -43,7 +43,7 @@ class DrillResult:
 
 
 def run_drill(host: Host, *, to: str, path: str | None = None,
-              force: bool = False) -> DrillResult:
+              force: bool = False, sessions: Run | None = None) -> DrillResult:
     """Raise DrillError (or the backup's, restore's errors) when a step cannot run."""
     path = path or host.backup.source
     pulled = backup.run_backup(host, dry_run=False, tty=False)
@@ -55,11 +55,8 @@ def run_drill(host: Host, *, to: str, path: str | None = None,
         raise drill.DrillError(f"the restore failed: {restored.error}")
     if restored.warning:
         warnings.append(restored.warning)
-    conn = connect(host)
-    try:
-        server = drill.gather_remote_manifest(conn, host.name, path)
-    finally:
-        conn.close()
+    with (sessions or Run()).open(host) as session:
+        server = drill.gather_remote_manifest(session, path)
     copy = drill.gather_local_manifest(Path(restored.target))
     return DrillResult(host.name, path, restored.target,
                        drill.compare_trees(host, server, copy, path),

@@ -4,7 +4,6 @@ the two recorded commands and execs the matching one by full path."""
 
 from __future__ import annotations
 
-import shlex
 from typing import TYPE_CHECKING
 
 from roles.core.hardened import CAPTURE_SCRIPT, CAPTURED_FILE, GATE, HelperFile
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def render_capture_script() -> bytes:
-    return render("capture.sh.j2", output=CAPTURED_FILE,
+    return render("scripts/capture.sh.j2", output=CAPTURED_FILE,
                   output_tmp=CAPTURED_FILE + ".tmp").encode()
 
 
@@ -31,9 +30,9 @@ def render_gate(real_sent: str, dry_sent: str, real_exec: tuple[str, ...],
             raise CaptureError(f"unsafe word {word!r} for the gate")
     if not (fingerprint == "" or SAFE_WORD.fullmatch(fingerprint)):
         raise CaptureError(f"unsafe fingerprint {fingerprint!r} for the gate")
-    return render("gate.sh.j2", real_sent=shlex.quote(real_sent),
-                  dry_sent=shlex.quote(dry_sent), real_exec=shlex.join(real_exec),
-                  dry_exec=shlex.join(dry_exec), fingerprint=fingerprint or "-").encode()
+    return render("scripts/gate.sh.j2", real_sent=real_sent, dry_sent=dry_sent,
+                  real_exec=real_exec, dry_exec=dry_exec,
+                  fingerprint=fingerprint or "-").encode()
 
 
 def gate_file(record: CaptureRecord) -> HelperFile:

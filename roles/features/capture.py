@@ -5,7 +5,7 @@ sends, and nobody can guess it (``--sender`` was undocumented, the path is ``. /
 ``.``, and ``-n`` joins the flag cluster). So it is captured, never guessed:
 
 1. Over the admin connection (sudo), the backup key's line in root's ``authorized_keys``
-   gets ``command=CAPTURE_SCRIPT``: a root-only script (``templates/capture.sh.j2``) that
+   gets ``command=CAPTURE_SCRIPT``: a root-only script (``templates/scripts/capture.sh.j2``) that
    writes ``$SSH_ORIGINAL_COMMAND`` to a root-only file and exits 1. Both go through
    setup-remote's planning and atomic apply (``roles.features.setup_remote``), not a
    writer of their own.
@@ -21,7 +21,7 @@ sends, and nobody can guess it (``--sender`` was undocumented, the path is ``. /
    with ``. SOURCE/``, only characters that need no quoting), argv[0] becomes the remote
    rsync's full path (``rsync.prefix``'s build, else the host's ``command -v rsync``, with a
    warning), and the key line gets ``command=GATE``: a root-only allow-list
-   (``templates/gate.sh.j2``) that compares ``$SSH_ORIGINAL_COMMAND`` byte for byte with the
+   (``templates/scripts/gate.sh.j2``) that compares ``$SSH_ORIGINAL_COMMAND`` byte for byte with the
    two recorded commands and ``exec``s the matching one by full path; anything else is
    refused on stderr with exit 1. A single forced command could serve either real runs or
    dry runs, never both: a forced command holding a dry-run flag is how the notes got
@@ -47,7 +47,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from roles.config.gate import capture_file, gate_file
 from roles.core import hardened, pull
@@ -73,8 +73,8 @@ from roles.hostfiles.transaction import (
 from roles.local import runner, store
 from roles.local.capture_record import CaptureRecord, local_version_line, save_record
 from roles.local.keys import KeyFileError, read_public_key
-from roles.remote.connection import ConnectError, connect
 from roles.remote.facts import AUTHORIZED_KEYS, gather
+from roles.remote.session import ConnectError, Run, Session
 
 if TYPE_CHECKING:
     from roles.core.outcome import Outcome
@@ -122,7 +122,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def capture_once(conn: Any, host: Host, rsync: str, *, dry_run: bool) -> str:
+def capture_once(conn: Session, host: Host, rsync: str, *, dry_run: bool) -> str:
     """Run the pull as ``backup`` would (it must fail), then read and remove the capture."""
     with tempfile.TemporaryDirectory(prefix="pullback-capture-") as tmp:
         argv = pull.build_argv(host, dry_run=dry_run, tty=False, local_rsync=rsync,
@@ -133,7 +133,7 @@ def capture_once(conn: Any, host: Host, rsync: str, *, dry_run: bool) -> str:
                                     check=False, timeout=120)
         except subprocess.TimeoutExpired:
             raise CaptureError("the capture pull did not end within 120 s") from None
-    read = gather_files(conn, host.name, [CAPTURED_FILE], clear=[CAPTURED_FILE])
+    read = gather_files(conn, [CAPTURED_FILE], clear=[CAPTURED_FILE])
     fact = read.files.get(CAPTURED_FILE)
     if fact is None:
         raise CaptureError(f"nothing was captured{' (with -n)' if dry_run else ''}: rsync exit "
@@ -160,7 +160,7 @@ def prove(host: Host, rsync: str) -> None:
                            f"{_last_line(result.stderr)}")
 
 
-def _restore_keys(conn: Any, host: Host, facts: HostFacts, old: bytes | None) -> str:
+def _restore_keys(conn: Session, host: Host, facts: HostFacts, old: bytes | None) -> str:
     """Put the key file back as it was before the capture line (the previous gate keeps
     serving backups when a re-capture fails); returns what happened, for the error."""
     current = facts.content(AUTHORIZED_KEYS)
@@ -170,13 +170,13 @@ def _restore_keys(conn: Any, host: Host, facts: HostFacts, old: bytes | None) ->
                                                          current, old, 0o600, 0, 0),),
                      fix_root_ssh=False, reload_sshd=False, client_addr=facts.client_addr,
                      sshd=facts.sshd, service=facts.service, pidfile="", forced_command=None)
-    outcome = apply(conn, host, plan)
+    outcome = apply(conn, plan)
     if outcome.error:
         return f"restoring the previous key line failed too: {outcome.error}"
     return "the previous key line is back"
 
 
-def capture_host(host: Host) -> Outcome:
+def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
     """capture-command on one host: capture, validate, install the gate, record, prove."""
     if host.forced_command != Mode.CAPTURED:
         return Outcome(host.name, {"capture": "skipped"},
@@ -193,19 +193,19 @@ def capture_host(host: Host) -> Outcome:
             raise CaptureError(refusal)
         local_version = local_version_line(rsync)
         state = store.prepare_state(host)
-        conn = connect(host)
+        conn = (sessions or Run()).open(host)
     except (SetupError, KeyFileError, store.BackupError, CaptureError, ConnectError,
             OSError) as exc:
         return Outcome(host.name, steps, error=str(exc), warnings=tuple(warnings))
     try:
         # A scheduled backup of this host must not run into the capture script.
         with store.Lock(state / "lock", host.name, "capture-command"):
-            facts = gather(conn, host.name, [host.rsync.remote_binary])
+            facts = gather(conn, [host.rsync.remote_binary])
             check_ready(facts)
             remote, remote_version, more = remote_rsync(facts, host)
             warnings += more
             facts = merge_facts(facts, gather_files(
-                conn, host.name, [CAPTURE_SCRIPT, GATE], [LIBEXEC, REMOTE_STATE],
+                conn, [CAPTURE_SCRIPT, GATE], [LIBEXEC, REMOTE_STATE],
                 clear=[CAPTURED_FILE]))
             old_keys, old_gate = facts.content(AUTHORIZED_KEYS), facts.content(GATE)
 
@@ -216,7 +216,7 @@ def capture_host(host: Host) -> Outcome:
                                    "forced-commands-only where sshd reads it: run setup-remote "
                                    "first")
             warnings += plan.warnings
-            outcome = apply(conn, host, plan)
+            outcome = apply(conn, plan)
             if outcome.error:
                 raise CaptureError(f"installing the capture script failed: {outcome.error}")
             steps["capture-script"] = plan.steps["capture-script"]
@@ -244,7 +244,7 @@ def capture_host(host: Host) -> Outcome:
                                             local_version, remote_version))
                 record.check()
                 gate_plan = plan_setup(facts, host, public_key, GATE, (gate_file(record),))
-                outcome = apply(conn, host, gate_plan)
+                outcome = apply(conn, gate_plan)
                 if outcome.error:
                     raise CaptureError(f"installing the gate failed: {outcome.error}")
             except (CaptureError, RuntimeError, ValueError, OSError) as exc:

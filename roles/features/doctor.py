@@ -65,6 +65,7 @@ from roles.config import rootkey, rsyncd
 from roles.core import fleet, hardened, pull
 from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
+from roles.core.render import render
 from roles.core.rsync import (
     DEFAULT_VERSION,
     MIN_SAFE_CLIENT,
@@ -76,7 +77,6 @@ from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature
 from roles.core.sshkeys import fingerprint_of
 from roles.inventory.schema import Host
 from roles.local import capture_record, folders, runner, store
-from roles.remote.connection import ROUND_TRIPS, ConnectError, connect, run, sudo_script
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
     PULLBACK_DIR,
@@ -86,6 +86,7 @@ from roles.remote.facts import (
     gather,
 )
 from roles.remote.hostkeys import fetch_host_key, known_hosts_name
+from roles.remote.session import ConnectError, Run, Session
 
 LEVELS = ("ok", "warn", "error")
 PROBE_PATH = "/etc/hostname"
@@ -325,92 +326,18 @@ def same_command(forced: tuple[str, ...], sent: tuple[str, ...]) -> bool:
 
 # --- the host's read-only root script (pure text + parser) -------------------------------
 
-_PROBE_FUNCTION = r"""
-probe() {  # $1 shell, $2 home: "PROBE BYTES FILE" for each startup file that prints
-  sh_=$1; home=$2
-  case "${sh_##*/}" in
-    bash) opts="--norc --noprofile"; files="/etc/bash.bashrc $home/.bashrc" ;;
-    zsh) opts="-f"; files="/etc/zsh/zshenv /etc/zshenv $home/.zshenv" ;;
-    *) opts=""; files="" ;;
-  esac
-  for f in $files; do
-    [ -f "$f" ] || continue
-    n=$(cd "$home" 2>/dev/null; env -i HOME="$home" PATH="$P" "$sh_" $opts -c '. "$1"' sh "$f" \
-        </dev/null 2>/dev/null | wc -c)
-    printf 'PROBE %s %s\n' "$n" "$f"
-  done
-  for f in /etc/ssh/sshrc "$home/.ssh/rc"; do
-    [ -f "$f" ] || continue
-    n=$(cd "$home" 2>/dev/null; env -i HOME="$home" PATH="$P" /bin/sh "$f" </dev/null \
-        2>/dev/null | wc -c)
-    printf 'PROBE %s %s\n' "$n" "$f"
-  done
-}
-"""
-
-
 def root_script(program: str, rsync: str, files: Iterable[str], client_addr: str) -> str:
     """One read-only root script: does the forced command's ``program`` exist (found as
     sshd would: root's shell, sshd's default PATH), the ``rsync`` it runs and its version,
     the contents of ``files`` (a daemon's non-default config, the gate), and root's shell
     started as sshd starts a forced command."""
-    q = shlex.quote
-    addr = client_addr or "127.0.0.1"
-    listed = " ".join(q(f) for f in files)
-    return rf"""
-set -u
-P={q(SSHD_PATH)}
-{_PROBE_FUNCTION}
-resolve() {{
-  case "$1" in
-    /*) if [ -f "$1" ] && [ -x "$1" ]; then printf '%s' "$1"; fi ;;
-    *) PATH=$P command -v "$1" 2>/dev/null || true ;;
-  esac
-}}
-echo PULLBACK_DOCTOR
-if [ -n {q(program)} ]; then
-  found=$(resolve {q(program)})
-  if [ -n "$found" ]; then printf 'PROGRAM %s\n' "$found"; else echo NOPROGRAM; fi
-fi
-found=$(resolve {q(rsync)})
-if [ -n "$found" ]; then
-  printf 'BIN %s\n' "$found"
-  printf 'BINVERSION %s\n' "$("$found" --version 2>&1 | head -n1)"
-fi
-for f in {listed}; do
-  if [ -f "$f" ]; then printf 'FILE %s\n' "$f"; base64 -w0 < "$f"; echo
-  else printf 'MISSING %s\n' "$f"; fi
-done
-shell=$(getent passwd root | cut -d: -f7)
-[ -n "$shell" ] || shell=/bin/sh
-printf 'SHELL %s\n' "$shell"
-if [ -x "$shell" ]; then
-  out=$(mktemp); err=$(mktemp)
-  (cd /root 2>/dev/null; env -i HOME=/root USER=root LOGNAME=root SHELL="$shell" PATH="$P" \
-    SSH_CLIENT={q(addr + " 0 22")} SSH_CONNECTION={q(addr + " 0 0.0.0.0 22")} \
-    timeout 10 "$shell" -c true) </dev/null >"$out" 2>"$err"
-  printf 'ROOTOUT '; base64 -w0 < "$out"; echo
-  printf 'ROOTERR '; base64 -w0 < "$err"; echo
-  if [ -s "$out" ]; then probe "$shell" /root; fi
-  rm -f "$out" "$err"
-fi
-echo END
-"""
+    return render("scripts/doctor_root.sh.j2", sshd_path=SSHD_PATH, program=program,
+                  rsync=rsync, files=list(files), addr=client_addr or "127.0.0.1")
 
 
 def admin_probe_script() -> str:
     """Run as the admin (no sudo): which of its startup files prints."""
-    return rf"""
-P={shlex.quote(SSHD_PATH)}
-{_PROBE_FUNCTION}
-printf '\nPULLBACK_DOCTOR\n'
-entry=$(getent passwd "$(id -un)")
-home=$(printf '%s' "$entry" | cut -d: -f6)
-shell=$(printf '%s' "$entry" | cut -d: -f7)
-printf 'SHELL %s\n' "$shell"
-probe "$shell" "$home"
-echo END
-"""
+    return render("scripts/doctor_admin.sh.j2", sshd_path=SSHD_PATH)
 
 
 @dataclass(frozen=True)
@@ -1075,15 +1002,6 @@ def check_unreachable(host: Host, message: str) -> Finding:
                  "check admin_user, admin_key and that the admin's key is authorized")
 
 
-def run_raw(conn: Any, command: str, host_name: str, timeout: float = 20) -> tuple[int, bytes,
-                                                                                    bytes]:
-    """Exit code and the exact bytes of stdout and stderr (Fabric would decode them)."""
-    ROUND_TRIPS.add(host_name)
-    _, stdout, stderr = conn.client.exec_command(command, timeout=timeout)
-    out, err = stdout.read(), stderr.read()
-    return stdout.channel.recv_exit_status(), out, err
-
-
 def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
     try:
         path, note = runner.find_local_rsync(host)
@@ -1152,13 +1070,13 @@ def _remote_binary(key: KeyLine | None, host: Host) -> str:
     return host.rsync.remote_binary
 
 
-def _admin_shell(conn: Any, host: Host, findings: list[Finding]) -> None:
+def _admin_shell(conn: Session, host: Host, findings: list[Finding]) -> None:
     """The clean-shell test for the admin login; a second trip only when it is not clean."""
-    _, out, err = run_raw(conn, "true", host.name)
+    _, out, err = conn.exec_raw("true")
     probes: tuple[tuple[int, str], ...] = ()
     shell = ""
     if out or err:
-        probe = run(conn, admin_probe_script(), host=host.name)
+        probe = conn.run(admin_probe_script())
         with contextlib.suppress(ValueError):
             lines = _after_marker(probe.stdout)
             probes = parse_probes(lines)
@@ -1271,7 +1189,7 @@ def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationF
     return DestinationFacts(dest, problem, mode, layout, mount)
 
 
-def diagnose(host: Host) -> Report:
+def diagnose(host: Host, sessions: Run | None = None) -> Report:
     """Every check for one host; never raises for a host problem (it becomes a finding)."""
     started = time.monotonic()
     report = Report(host.name, f"{host.address}:{host.port}")
@@ -1286,18 +1204,18 @@ def diagnose(host: Host) -> Report:
                               "run `invoke keygen`"))
     forced: ForcedCommand | None = None
     try:
-        conn = connect(host)
+        conn = (sessions or Run()).open(host)
     except ConnectError as exc:
         findings.append(check_unreachable(host, str(exc)))
         conn = None
     if conn is not None:
         try:
-            key = conn.client.get_transport().get_remote_server_key()
+            key = conn.server_key()
             findings.append(ok("host key", f"{key.get_name()} "
                                            f"{fingerprint_of(key.asbytes())} matches "
                                            f"{host.known_hosts}"))
             _admin_shell(conn, host, findings)
-            facts = gather(conn, host.name, [host.rsync.remote_binary])
+            facts = gather(conn, [host.rsync.remote_binary])
             key_line = find_key_line(facts.content(AUTHORIZED_KEYS), blob) if blob else None
             forced = key_line.forced if key_line else None
             capture = _capture_info(host, forced, local, local_path, findings)
@@ -1309,7 +1227,7 @@ def diagnose(host: Host) -> Report:
                 files.append(forced.config)
             script = root_script(forced.binary if forced else "", rsync, files,
                                  facts.client_addr)
-            root = parse_root_report(sudo_script(conn, script, host=host.name).stdout)
+            root = parse_root_report(conn.sudo_script(script).stdout)
             if root.shell:
                 findings.extend(check_clean_shell("root", root.shell, root.root_stdout,
                                                   root.root_stderr, root.probes, root=True))
@@ -1341,13 +1259,15 @@ def diagnose(host: Host) -> Report:
     return report
 
 
-def diagnose_all(hosts: list[Host]) -> list[Report]:
+def diagnose_all(hosts: list[Host], sessions: Run | None = None) -> list[Report]:
+    sessions = sessions or Run()
+
     def failed(host: Host, exc: Exception) -> Report:
         return Report(host.name, f"{host.address}:{host.port}", [error(
             "doctor", f"{type(exc).__name__}: {exc}", "doctor could not finish its checks",
             "run it again; report it if it stays")])
 
-    return fleet.for_each(hosts, diagnose, failed, parallel=8)
+    return fleet.for_each(hosts, lambda h: diagnose(h, sessions), failed, parallel=8)
 
 
 # --- output --------------------------------------------------------------------------------

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from roles.core import drill as comparison
 from roles.core.errors import PullbackError
 from roles.core.rsync import version_key
 from roles.local import manifest
-from roles.remote.connection import run
+from roles.remote.session import Session
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host  # pydantic: not imported at run time
@@ -30,9 +30,10 @@ def manifest_source() -> str:
     return inspect.getsource(manifest)
 
 
-def gather_remote_manifest(c: Any, host_name: str, root: str) -> list[dict]:
+def gather_remote_manifest(s: Session, root: str) -> list[dict]:
     """The manifest of ``root`` on the server, read as root."""
-    result = run(c, ["python3", "-c", manifest_source(), root], sudo=True, host=host_name)
+    host_name = s.name
+    result = s.run(["python3", "-c", manifest_source(), root], sudo=True)
     if result.exited != 0:
         tail = (result.stderr or "").strip().splitlines()[-1:] or [f"exit {result.exited}"]
         raise DrillError(f"{host_name}: reading {root} failed: {tail[0]} (the drill needs "

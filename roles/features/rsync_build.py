@@ -11,7 +11,8 @@ Layers:
   before anything is kept; then, optionally, upstream's ``.asc`` signature checked with gpg
   against the pinned signers in ``SIGNERS``: ``check_signature``);
 - either end: ``installed_rsync``, ``ensure_toolchain`` and ``build_rsync`` take ``c``,
-  an ``invoke.Context`` (local) or a ``fabric.Connection`` (remote): same run/sudo API.
+  a ``LocalShell`` (this machine) or a ``Session`` (a host): the same ``run(command,
+  sudo=...)``, so the build is one function for both ends.
   The remote never needs internet: the caller uploads the verified tarball (SFTP, as the
   login user) and passes its path; it is verified again on that end before extraction.
 
@@ -44,6 +45,7 @@ import invoke
 
 from roles.core import platforms
 from roles.core.hardened import Mode
+from roles.core.render import render
 from roles.core.rsync import (
     CLIENT_CVES,
     MIN_SAFE_CLIENT,
@@ -58,8 +60,8 @@ from roles.core.rsync import (
 from roles.hostfiles.plan import plan_forced_rsync
 from roles.hostfiles.transaction import apply
 from roles.local.keys import KeyFileError, read_public_key
-from roles.remote.connection import connect, run
 from roles.remote.facts import gather
+from roles.remote.session import Run, Session, needs_password_error, sudo_command
 
 # SHA-256 of upstream ``rsync-VERSION.tar.gz`` from download.samba.org. Each sum was taken
 # from at least one independent packaging recipe (OpenEmbedded, Spack, Homebrew, Nix); the
@@ -603,10 +605,31 @@ def _sh(script: str) -> str:
     return shlex.join(["sh", "-c", script])
 
 
-def _run(c: Any, script: str, *, sudo: bool = False) -> Any:
+class LocalShell:
+    """This machine's end of a build, with a ``Session``'s ``run``: root work is
+    ``sudo -n`` (never a prompt answered with nothing; a sudo that wants a password fails
+    with the same advice as on a host)."""
+
+    def __init__(self, context: invoke.Context | None = None) -> None:
+        self.context = context or invoke.Context()
+
+    def run(self, command: str | list[str], *, sudo: bool = False, warn: bool = True) -> Any:
+        if isinstance(command, list):
+            command = shlex.join(command)
+        if sudo:
+            command = sudo_command(command, None)
+        result = self.context.run(command, hide=True, warn=True, in_stream=False)
+        if sudo and result.exited != 0 and "a password is required" in result.stderr:
+            raise needs_password_error("local: sudo")
+        if result.exited != 0 and not warn:
+            raise invoke.UnexpectedExit(result)
+        return result
+
+
+def _run(c: Session | LocalShell, script: str, *, sudo: bool = False) -> Any:
     """Run ``script`` through ``sh -c`` (so sudo covers pipes and redirections); root work
-    goes through the one runner, which knows the host's stored sudo password."""
-    return run(c, _sh(script), sudo=sudo)
+    on a host goes through its session, which knows the host's stored sudo password."""
+    return c.run(_sh(script), sudo=sudo)
 
 
 @dataclass(frozen=True)
@@ -638,21 +661,17 @@ def plan_build(version: str, sha256: str, flags: BuildFlags, prefix: str, stamp:
     return BuildPlan(version=version, prefix=prefix, up_to_date=same, installed=first)
 
 
-def read_install(c: Any, prefix: str) -> tuple[str, str]:
+def read_install(c: Session | LocalShell, prefix: str) -> tuple[str, str]:
     """One command: ``(stamp text, --version line 1)`` of the build under ``prefix``."""
-    binary = f"{prefix.rstrip('/')}/bin/rsync"
-    script = (
-        f"cat {shlex.quote(stamp_path(prefix))} 2>/dev/null; "
-        f"printf '\\n%s\\n' {shlex.quote(_MARK)}; "
-        f"{shlex.quote(binary)} --version 2>/dev/null | head -n 1"
-    )
+    script = render("scripts/rsync_read_install.sh.j2", stamp=stamp_path(prefix), mark=_MARK,
+                    binary=f"{prefix.rstrip('/')}/bin/rsync")
     r = _run(c, script)
     stamp, _, version_out = r.stdout.partition(f"\n{_MARK}\n")
     return stamp, version_out
 
 
 def installed_rsync(
-    c: Any, prefix: str, version: str, sha256: str, flags: BuildFlags
+    c: Session | LocalShell, prefix: str, version: str, sha256: str, flags: BuildFlags
 ) -> BuildResult | None:
     """One command: is ``prefix`` already holding exactly this build? (stamp + --version)
 
@@ -672,30 +691,11 @@ def installed_rsync(
 
 
 def _install_script(stage_prefix: str, prefix: str, stamp_file: str) -> str:
-    """Copy the staged tree over ``prefix`` file by file (temp + rename), stamp last.
-
-    The old stamp goes first so an install interrupted half way is rebuilt next time; each
-    file is renamed into place so a running rsync keeps its old inode. Plain ``cp`` (not
-    ``cp -p``): as root the files become root's, not the build user's.
-    """
+    """Copy the staged tree over ``prefix`` file by file (temp + rename), stamp last."""
     stamp = stamp_path(prefix)
-    q_prefix = shlex.quote(prefix.rstrip("/") or "/")
-    return "\n".join(
-        [
-            "set -e",
-            "umask 022",
-            f"rm -f {shlex.quote(stamp)}",
-            f"cd {shlex.quote(stage_prefix)}",
-            f'find . -type d | while IFS= read -r d; do mkdir -p {q_prefix}/"$d"; done',
-            "find . ! -type d | while IFS= read -r f; do",
-            f'  cp "$f" {q_prefix}/"$f.pullback-new"',
-            f'  mv -f {q_prefix}/"$f.pullback-new" {q_prefix}/"$f"',
-            "done",
-            f"mkdir -p {shlex.quote(os.path.dirname(stamp))}",
-            f"cp {shlex.quote(stamp_file)} {shlex.quote(stamp + '.pullback-new')}",
-            f"mv -f {shlex.quote(stamp + '.pullback-new')} {shlex.quote(stamp)}",
-        ]
-    )
+    return render("scripts/rsync_install.sh.j2", stamp=stamp, stamp_dir=os.path.dirname(stamp),
+                  stage_prefix=stage_prefix, prefix=prefix.rstrip("/") or "/",
+                  stamp_file=stamp_file)
 
 
 def validate_build_path(path: str, what: str) -> str:
@@ -713,7 +713,7 @@ def validate_build_path(path: str, what: str) -> str:
 
 
 def build_rsync(
-    c: Any,
+    c: Session | LocalShell,
     tarball_remote_path: str,
     version: str,
     sha256: str,
@@ -751,13 +751,7 @@ def build_rsync(
         log(f"rsync {version} already installed in {prefix} (stamp matches): {done.version_line}")
         return done
 
-    q_tar = shlex.quote(tarball_remote_path)
-    r = _run(
-        c,
-        f"printf 'sum=%s\\n' \"$( (sha256sum {q_tar} || shasum -a 256 {q_tar}) 2>/dev/null "
-        "| cut -d ' ' -f 1)\"; "
-        "printf 'ncpu=%s\\n' \"$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null)\"",
-    )
+    r = _run(c, render("scripts/rsync_verify.sh.j2", tarball=tarball_remote_path))
     kv = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     found = kv.get("sum", "")
     if found != sha256:
@@ -768,8 +762,8 @@ def build_rsync(
         )
     ncpu = int(kv["ncpu"]) if kv.get("ncpu", "").isdigit() else 2
     # build_root: for hosts whose /tmp is noexec (configure runs the programs it compiles).
-    parent = shlex.quote(build_root.rstrip("/")) if build_root else '"${TMPDIR:-/tmp}"'
-    r = _run(c, f"mktemp -d {parent}/pullback-rsync.XXXXXXXX")
+    r = _run(c, render("scripts/rsync_builddir.sh.j2",
+                       build_root=build_root.rstrip("/") if build_root else ""))
     builddir = r.stdout.strip()
     if r.exited != 0 or not builddir.startswith("/"):
         raise BuildError(f"mktemp -d failed: {r.stderr.strip()}", phase="prepare")
@@ -786,7 +780,6 @@ def build_rsync(
     log_path = (
         f"{log_dir.rstrip('/')}/rsync-{version}-build.log" if log_dir else f"{builddir}/build.log"
     )
-    q_log = shlex.quote(log_path)
     n_jobs = jobs if jobs and jobs > 0 else ncpu
     log(f"building rsync {version} in {builddir} (log: {log_path})")
 
@@ -796,7 +789,8 @@ def build_rsync(
         _run(c, shlex.join(["rm", "-rf", *doomed]))
 
     def fail(phase_name: str, message: str) -> BuildError:
-        tail = _run(c, f"tail -n {LOG_TAIL_LINES} {q_log} 2>/dev/null").stdout.rstrip()
+        tail = _run(c, render("scripts/rsync_log_tail.sh.j2", lines=LOG_TAIL_LINES,
+                              log=log_path)).stdout.rstrip()
         cleanup()
         return BuildError(
             f"rsync {version}: {message}; the install in {prefix} was not touched. "
@@ -807,28 +801,17 @@ def build_rsync(
         )
 
     def phase(name: str, argv: list[str], *, env: dict[str, str] | None = None) -> None:
-        cmd = shlex.join((["env", *(f"{k}={v}" for k, v in env.items())] if env else []) + argv)
+        words = (["env", *(f"{k}={v}" for k, v in env.items())] if env else []) + argv
         started = time.monotonic()
-        res = _run(
-            c,
-            f"cd {shlex.quote(src)} && {{ printf '\\n=== %s\\n' {shlex.quote(cmd)}; "
-            f"{cmd}; }} >> {q_log} 2>&1",
-        )
+        res = _run(c, render("scripts/rsync_phase.sh.j2", src=src, argv=words, log=log_path))
         elapsed = time.monotonic() - started
         if res.exited != 0:
             raise fail(name, f"{name} failed (exit {res.exited}) after {elapsed:.1f} s")
         log(f"{name}: ok in {elapsed:.1f} s")
 
-    prep = [
-        f"mkdir -p {shlex.quote(os.path.dirname(log_path))}",
-        f": > {q_log}",
-        shlex.join(["mkdir", src]),
-        # Verified above; --no-same-owner so a root build does not keep the tarball's uids.
-        f"tar -xzf {q_tar} -C {shlex.quote(src)} --strip-components=1 --no-same-owner "
-        f">> {q_log} 2>&1",
-        f"printf '%s' {shlex.quote(stamp)} > {shlex.quote(builddir + '/rsync.stamp')}",
-    ]
-    res = _run(c, " && ".join(prep))
+    res = _run(c, render("scripts/rsync_extract.sh.j2", log_dir=os.path.dirname(log_path),
+                         log=log_path, src=src, tarball=tarball_remote_path, stamp=stamp,
+                         stamp_file=builddir + "/rsync.stamp"))
     if res.exited != 0:
         raise fail("extract", f"extracting {tarball_remote_path} failed ({res.stderr.strip()})")
 
@@ -840,7 +823,7 @@ def build_rsync(
 
     # Never replace a working install with a binary that does not even start.
     staged_bin = f"{stage_prefix}/bin/rsync"
-    res = _run(c, f"{shlex.quote(staged_bin)} --version 2>&1")
+    res = _run(c, render("scripts/rsync_version.sh.j2", binary=staged_bin, first_line=False))
     try:
         staged_version, _ = parse_version_output(res.stdout)
     except ValueError:
@@ -875,7 +858,8 @@ def build_rsync(
     log(f"install: ok in {time.monotonic() - started:.1f} s ({prefix}/bin/rsync)")
     cleanup()
 
-    res = _run(c, f"{shlex.quote(prefix + '/bin/rsync')} --version 2>&1 | head -n 1")
+    res = _run(c, render("scripts/rsync_version.sh.j2", binary=prefix + "/bin/rsync",
+                         first_line=True))
     installed_version, protocol = parse_version_output(res.stdout)
     if installed_version != version:
         raise BuildError(
@@ -938,35 +922,14 @@ class ToolchainFacts:
         return bool(self.cc and self.make and self.compiles and self.acl)
 
 
-_TOOLCHAIN_PROBE = "\n".join(
-    [
-        "cc=$(command -v cc || command -v gcc || command -v clang || true)",
-        "mk=$(command -v make || command -v gmake || true)",
-        "ok=no",
-        'if [ -n "$cc" ]; then',
-        '  t=$(mktemp -d "${TMPDIR:-/tmp}/pullback-cc.XXXXXX") && {',
-        '    printf \'#include <stdio.h>\\nint main(void){puts("");return 0;}\\n\' > "$t/t.c"',
-        '    "$cc" -o "$t/t" "$t/t.c" >/dev/null 2>&1 && "$t/t" >/dev/null && ok=yes',
-        # Linux keeps ACLs in libacl; its headers decide whether rsync can do -A at all.
-        '    acl=yes; if [ "$(uname -s)" = Linux ]; then acl=no;',
-        '      printf \'#include <sys/acl.h>\\nint main(void){return 0;}\\n\' > "$t/a.c"',
-        '      "$cc" -c -o "$t/a.o" "$t/a.c" >/dev/null 2>&1 && acl=yes; fi',
-        '    rm -rf "$t"; }',
-        "fi",
-        "pm=",
-        f"for p in {' '.join(pm.name for pm in PACKAGE_MANAGERS)}; do",
-        '  if command -v "$p" >/dev/null 2>&1; then pm=$p; break; fi',
-        "done",
-        'id=$( (. /etc/os-release && printf %s "${ID:-}") 2>/dev/null || true)',
-        'printf "cc=%s\\nmake=%s\\ncompiles=%s\\npm=%s\\nos=%s\\nid=%s\\nacl=%s\\n" '
-        '"$cc" "$mk" "$ok" "$pm" "$(uname -s)" "$id" "${acl:-no}"',
-    ]
-)
+def toolchain_probe() -> str:
+    return render("scripts/toolchain_probe.sh.j2",
+                  package_managers=[pm.name for pm in PACKAGE_MANAGERS])
 
 
-def gather_toolchain(c: Any) -> ToolchainFacts:
+def gather_toolchain(c: Session | LocalShell) -> ToolchainFacts:
     """One command: compiler, make, whether a hello-world links, package manager, OS."""
-    r = _run(c, _TOOLCHAIN_PROBE)
+    r = _run(c, toolchain_probe())
     kv = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
     return ToolchainFacts(
         cc=kv.get("cc", ""),
@@ -985,7 +948,8 @@ def install_commands(pm_name: str, *, sudo: bool) -> list[str]:
     return [("sudo " if sudo else "") + shlex.join(cmd) for cmd in pm.commands]
 
 
-def ensure_toolchain(c: Any, *, install: bool, sudo: bool, log: Log = print) -> Toolchain:
+def ensure_toolchain(c: Session | LocalShell, *, install: bool, sudo: bool,
+                     log: Log = print) -> Toolchain:
     """Make sure ``c``'s end can compile C and run make; install packages if allowed."""
     facts = gather_toolchain(c)
     if facts.ok:
@@ -1042,7 +1006,7 @@ class EndResult:
     plan: BuildPlan | None = None  # --dry-run: what a real run would do on this end
 
 
-def finish_key_line(conn: Any, host: Any, log: Log) -> None:
+def finish_key_line(conn: Session, host: Any, log: Log) -> None:
     """Point the backup key's daemon forced command at the build now in ``rsync.prefix``.
 
     Whichever order setup-remote and build-rsync run in, the end state is the same: run
@@ -1056,11 +1020,11 @@ def finish_key_line(conn: Any, host: Any, log: Log) -> None:
         public_key = read_public_key(host)
     except KeyFileError:
         return
-    facts = gather(conn, host.name, [host.rsync.remote_binary])
+    facts = gather(conn, [host.rsync.remote_binary])
     plan = plan_forced_rsync(facts, host, public_key)
     if plan is None:
         return
-    outcome = apply(conn, host, plan)
+    outcome = apply(conn, plan)
     if outcome.error:
         raise BuildError(f"rsync is installed in {host.rsync.prefix}, but pointing the "
                          f"forced command at it failed: {outcome.error}",
@@ -1069,18 +1033,15 @@ def finish_key_line(conn: Any, host: Any, log: Log) -> None:
 
 
 def _remote_end(host: Any, tarball: Path, version: str, sha256: str, *, check: bool,
-                install_packages: bool, log: Log) -> BuildResult:
-    conn = connect(host)
-    try:
+                install_packages: bool, log: Log, sessions: Run) -> BuildResult:
+    with sessions.open(host) as conn:
         result = _build_remote(conn, host, tarball, version, sha256, check=check,
                                install_packages=install_packages, log=log)
         finish_key_line(conn, host, log)
         return result
-    finally:
-        conn.close()
 
 
-def _build_remote(conn: Any, host: Any, tarball: Path, version: str, sha256: str, *,
+def _build_remote(conn: Session, host: Any, tarball: Path, version: str, sha256: str, *,
                   check: bool, install_packages: bool, log: Log) -> BuildResult:
     flags = build_flags(version)
     done = installed_rsync(conn, host.rsync.prefix, version, sha256, flags)
@@ -1095,7 +1056,7 @@ def _build_remote(conn: Any, host: Any, tarball: Path, version: str, sha256: str
         raise BuildError(f"mktemp failed on the host: {res.stderr.strip()}", phase="upload")
     try:
         started = time.monotonic()
-        conn.put(str(tarball), remote_tar)
+        conn.upload(tarball, remote_tar)
         log(f"upload: {tarball.stat().st_size // 1024} KiB in "
             f"{time.monotonic() - started:.1f} s")
         return build_rsync(conn, remote_tar, version, sha256, host.rsync.prefix,
@@ -1106,7 +1067,7 @@ def _build_remote(conn: Any, host: Any, tarball: Path, version: str, sha256: str
 
 def _local_end(prefix: str, tarball: Path, version: str, sha256: str, *, check: bool,
                install_packages: bool, log: Log) -> BuildResult:
-    c = invoke.Context()
+    c = LocalShell()
     sudo = local_install_needs_sudo(Path(prefix))
     flags = build_flags(version)
     done = installed_rsync(c, prefix, version, sha256, flags)
@@ -1135,7 +1096,7 @@ def _run_ends(jobs: list[tuple[str, Any]], field: str) -> list[EndResult]:
 
 
 def _plan_everywhere(hosts: list[Any], *, version: str | None, local: bool, remote: bool,
-                     pins: Mapping[str, str]) -> list[EndResult]:
+                     pins: Mapping[str, str], sessions: Run) -> list[EndResult]:
     """build-rsync --dry-run: every end's plan, read concurrently."""
     jobs: list[tuple[str, Any]] = []
     seen_local: set[str] = set()
@@ -1152,19 +1113,16 @@ def _plan_everywhere(hosts: list[Any], *, version: str | None, local: bool, remo
         if remote:
             def remote_plan(h: Any = host, v: str = wanted, s: str = sha,
                             f: BuildFlags = flags) -> BuildPlan:
-                conn = connect(h)
-                try:
+                with sessions.open(h) as conn:
                     return plan_build(v, s, f, h.rsync.prefix,
                                       *read_install(conn, h.rsync.prefix))
-                finally:
-                    conn.close()
             jobs.append((host.name, remote_plan))
         prefix = host.rsync.local_prefix
         if local and prefix not in seen_local:
             seen_local.add(prefix)
             jobs.append((f"local:{prefix}:{wanted}",
                          lambda v=wanted, s=sha, p=prefix, f=flags: plan_build(
-                             v, s, f, p, *read_install(invoke.Context(), p))))
+                             v, s, f, p, *read_install(LocalShell(), p))))
 
     results.extend(_run_ends(jobs, "plan"))
     return results
@@ -1174,7 +1132,8 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
                      remote: bool = True, check: bool = False, install_packages: bool = True,
                      cache_dir: Path, require_signature: bool = False,
                      log: Log = print, dry_run: bool = False,
-                     pins: Mapping[str, str] = KNOWN_SHA256) -> list[EndResult]:
+                     pins: Mapping[str, str] = KNOWN_SHA256,
+                     sessions: Run | None = None) -> list[EndResult]:
     """Fetch + verify once, then build on the local end and every host at the same time.
 
     Every end must end up reporting the same version; a mismatch is an error on that end.
@@ -1187,8 +1146,10 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
     ``dry_run``: fetch nothing, build nothing; read each end's stamp and ``--version`` (one
     command per end) and say what a real run would do (``EndResult.plan``).
     """
+    sessions = sessions or Run()
     if dry_run:
-        return _plan_everywhere(hosts, version=version, local=local, remote=remote, pins=pins)
+        return _plan_everywhere(hosts, version=version, local=local, remote=remote, pins=pins,
+                                sessions=sessions)
     jobs: list[tuple[str, Any]] = []
     tarballs: dict[str, tuple[Path, str]] = {}
     results: list[EndResult] = []
@@ -1226,7 +1187,7 @@ def build_everywhere(hosts: list[Any], *, version: str | None = None, local: boo
         if remote:
             jobs.append((host.name, lambda h=host, p=path, s=sha, v=wanted: _remote_end(
                 h, p, v, s, check=check, install_packages=install_packages,
-                log=lambda m, n=h.name: log(f"{n}: {m}"))))
+                log=lambda m, n=h.name: log(f"{n}: {m}"), sessions=sessions)))
         local_prefix = host.rsync.local_prefix
         local_key = f"local:{local_prefix}:{wanted}"
         if local and local_prefix not in local_versions:

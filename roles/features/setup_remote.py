@@ -1,6 +1,8 @@
 """setup-remote: plan (pure) and apply (one root script, then a lockout check).
 
-Order on the host, all in ONE ``sudo sh -c`` round trip:
+The gather and the apply share ONE SSH session (without a sudo password): the root
+command that reports the facts then reads the script planned from them on its standard
+input (``gather_then``; a no-change run sends nothing). Order on the host, in that script:
   for each file that differs: check it is unchanged since it was read -> write a candidate
   next to it (same owner and mode) -> validate the candidate (``sshd -t -f``; the key line
   with ``ssh-keygen -l``) -> keep a ``.pullback-bak`` copy -> atomic ``mv -T`` into place;
@@ -36,8 +38,8 @@ from roles.hostfiles.transaction import (
 from roles.inventory.schema import Host
 from roles.local import capture_record
 from roles.local.keys import KeyFileError, read_public_key
-from roles.remote.connection import ConnectError, connect
-from roles.remote.facts import gather
+from roles.remote.facts import gather, gather_then
+from roles.remote.session import ConnectError, Run, Session
 
 # --- planning (pure) --------------------------------------------------------------------
 
@@ -50,7 +52,8 @@ from roles.remote.facts import gather
 
 def setup_host(host: Host, *, dry_run: bool = False,
                captured_command: str | None = None,
-               check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
+               check_login: Callable[[Session, SetupPlan], None] = check_new_login,
+               sessions: Run | None = None) -> Outcome:
     """Gather, plan and (unless ``dry_run``) apply setup-remote on one host.
 
     Captured mode: with a local capture record (``invoke capture-command``) the forced
@@ -62,14 +65,23 @@ def setup_host(host: Host, *, dry_run: bool = False,
         public_key = read_public_key(host)
         if host.forced_command == Mode.CAPTURED and captured_command is None:
             record = capture_record.load_record(host)
-        conn = connect(host)
+        conn = (sessions or Run()).open(host)
     except (SetupError, KeyFileError, ConnectError, CaptureError) as exc:
         return Outcome(host.name, {}, error=str(exc))
+    exchange = None
     try:
         binaries = [host.rsync.remote_binary]
         if record is not None and record.remote_rsync not in binaries:
             binaries.append(record.remote_rsync)
-        facts = gather(conn, host.name, binaries)
+        # One SSH session for the gather, the plan and the apply: the root command that
+        # reports the facts waits for the script planned from them. Not with a sudo
+        # password (it shares that input), a dry run, or a capture record (the gate needs a
+        # second read first).
+        started = None if dry_run or record is not None else gather_then(conn, binaries)
+        if started is not None:
+            facts, exchange = started
+        else:
+            facts = gather(conn, binaries)
         warnings: list[str] = []
         helpers: tuple[HelperFile, ...] = ()
         if host.forced_command == Mode.DAEMON:
@@ -77,7 +89,7 @@ def setup_host(host: Host, *, dry_run: bool = False,
         elif record is not None:
             forced, helpers = hardened.GATE, (gate_scripts.gate_file(record),)
             warnings = gate_scripts.check_remote(record, facts)
-            facts = merge_facts(facts, gather_files(conn, host.name, [hardened.GATE],
+            facts = merge_facts(facts, gather_files(conn, [hardened.GATE],
                                                     [hardened.LIBEXEC]))
         else:
             forced = captured_command
@@ -89,8 +101,10 @@ def setup_host(host: Host, *, dry_run: bool = False,
             steps = {k: would.get(v, v) for k, v in plan.steps.items()}
             return Outcome(host.name, steps, warnings=plan.warnings,
                            diffs=tuple(c.diff() for c in plan.changes), actions=actions)
-        return apply(conn, host, plan, check_login)
+        return apply(conn, plan, check_login, via=exchange)
     except (SetupError, ValueError, RuntimeError) as exc:
         return Outcome(host.name, {}, error=str(exc))
     finally:
+        if exchange is not None:
+            exchange.close()
         conn.close()

@@ -21,7 +21,6 @@ import base64
 import dataclasses
 import hashlib
 import posixpath
-import shlex
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,12 +30,12 @@ from roles.core import platforms
 from roles.core.diffs import unified
 from roles.core.hardened import PERMIT_ROOT_LOGIN, PRIVATE, ROOT_SSH, SSHD_CONFIG
 from roles.core.outcome import Outcome
+from roles.core.render import render
 from roles.core.sshd_output import parse_sshd_T
-from roles.remote.connection import ConnectError, connect, run, sudo_script
 from roles.remote.facts import FileFact, parse_report
+from roles.remote.session import ConnectError, Exchange, Session
 
 if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
     from roles.remote.facts import HostFacts
 
 
@@ -121,152 +120,55 @@ def merge_facts(facts: HostFacts, more: HostFacts) -> HostFacts:
     )
 
 
-def _q(value: str) -> str:
-    return shlex.quote(value)
-
-
 def reload_command(plan: SetupPlan) -> str:
-    if plan.service:
-        return f"systemctl reload {_q(plan.service)}"
-    return f'kill -HUP "$(cat {_q(plan.pidfile)})"'
+    return render("scripts/reload_sshd.sh.j2", service=plan.service,
+                  pidfile=plan.pidfile).rstrip("\n")
+
+
+def _root_ssh_was(plan: SetupPlan) -> dict[str, object] | None:
+    if plan.root_ssh_was is None:
+        return None
+    mode, uid, gid = plan.root_ssh_was
+    return {"mode": f"{mode:04o}", "uid": uid, "gid": gid}
+
+
+def _changes(plan: SetupPlan) -> list[dict[str, object]]:
+    """Each change as the scripts use it; the values are quoted in the templates."""
+    return [{
+        "i": i, "path": c.path, "bak": c.path + BACKUP_SUFFIX, "cand": c.path + ".pullback-new",
+        "line_file": c.path + ".pullback-line", "had": c.old is not None,
+        "writes": c.new is not None, "uid": c.uid, "gid": c.gid, "mode": f"{c.mode:04o}",
+        "digest": hashlib.sha256(c.old).hexdigest() if c.old is not None else "",
+        "payload": base64.b64encode(c.new).decode() if c.new is not None else "",
+        "check_sshd": c.step == "sshd_config" and c.path == SSHD_CONFIG,
+        "check_sh": c.check_sh, "check_line": c.check_line,
+    } for i, c in enumerate(plan.changes)]
 
 
 def apply_script(plan: SetupPlan) -> str:
     """The root script that applies ``plan`` atomically, or restores and fails."""
-    out = [
-        "set -u",
-        "umask 077",
-        f"sshd={_q(plan.sshd)}",
-        "rd=0",
-        "rs=0",
-        *(f"d{i}=0" for i in range(len(plan.make_dirs))),
-    ]
-    restore = ["restore() {"]
-    for i, change in enumerate(plan.changes):
-        out.append(f"r{i}=0")
-        target, bak = _q(change.path), _q(change.path + BACKUP_SUFFIX)
-        undo = f"mv -fT {bak} {target}" if change.old is not None else f"rm -f {target}"
-        restore.append(f'  if [ "$r{i}" = 1 ]; then {undo}; fi')
-    restore.append("  :")
-    restore.append("}")
-    cands = " ".join(_q(c.path + ".pullback-new") for c in plan.changes if c.new is not None)
-    remove_cands = f"rm -f {cands} 2>/dev/null; " if cands else ""
-    out += restore
-    # A /root/.ssh (or folder of ours) this script created goes too: "nothing changed" must
-    # hold for folders.
-    remove_dirs = "".join(
-        f'if [ "$d{i}" = 1 ]; then rmdir {_q(folder)} 2>/dev/null; fi; '
-        for i, folder in reversed(list(enumerate(plan.make_dirs))))
-    put_back = ""
-    if plan.root_ssh_was is not None:
-        put_back = f'if [ "$rs" = 1 ]; then {_put_back_root_ssh(plan.root_ssh_was)}; fi; '
-    out.append(
-        "fail() { printf 'PULLBACK_FAIL %s\\n' \"$*\"; restore; "
-        f"{remove_cands}"
-        f'if [ "$rd" = 1 ]; then rmdir {ROOT_SSH} 2>/dev/null; fi; {put_back}{remove_dirs}'
-        "exit 1; }"
-    )
-    if plan.fix_root_ssh:
-        out.append(f"[ -d {ROOT_SSH} ] || {{ mkdir {ROOT_SSH} && rd=1; }} || "
-                   f"fail 'cannot create {ROOT_SSH}'")
-        out.append('[ "$rd" = 1 ] || rs=1')  # an existing folder: a failure puts it back
-        out.append(f"chown 0:0 {ROOT_SSH} && chmod 0700 {ROOT_SSH} || fail 'cannot set "
-                   f"{ROOT_SSH} to 0700 root:root'")
-    for i, folder in enumerate(plan.make_dirs):
-        # Missing parents (/usr/local/libexec) get the usual 0755, only our folder is 0700.
-        parent, target = _q(posixpath.dirname(folder)), _q(folder)
-        out.append(f"[ -d {target} ] || {{ (umask 022 && mkdir -p {parent}) && mkdir {target} "
-                   f"&& d{i}=1; }} || fail {_q('cannot create ' + folder)}")
-        out.append(f"chown 0:0 {target} && chmod 0700 {target} || "
-                   f"fail {_q('cannot set ' + folder + ' to 0700 root:root')}")
-    # Stage and validate every candidate before anything is replaced.
-    for change in plan.changes:
-        target, cand = _q(change.path), _q(change.path + ".pullback-new")
-        if change.old is None:
-            appeared = _q(change.path + " appeared since it was read; run again")
-            out.append(f"[ ! -e {target} ] || fail {appeared}")
-        else:
-            digest = hashlib.sha256(change.old).hexdigest()
-            out.append(
-                f"printf '%s  %s\\n' {digest} {target} | sha256sum -c --status || "
-                f"fail {_q(change.path + ' changed since it was read; run again')}"
-            )
-        if change.new is None:
-            continue  # a removal: nothing to stage
-        payload = base64.b64encode(change.new).decode()
-        cannot = _q("cannot write " + change.path)
-        out.append(f"printf '%s' {payload} | base64 -d > {cand} || fail {cannot}")
-        out.append(
-            f"chown {change.uid}:{change.gid} {cand} && chmod {change.mode:04o} {cand} || "
-            f"fail {_q('cannot set owner and mode of ' + change.path)}"
-        )
-        if change.step == "sshd_config" and change.path == SSHD_CONFIG:
-            out.append(
-                f'out=$("$sshd" -t -f {cand} 2>&1) || '
-                f'fail "sshd -t rejects the new {change.path}: $out"'
-            )
-        if change.check_sh:
-            out.append(f'out=$(sh -n {cand} 2>&1) || fail "sh -n rejects the new {change.path}: '
-                       '$out"')
-        if change.check_line is not None:
-            line_file = _q(change.path + ".pullback-line")
-            out.append(
-                f"printf '%s\\n' {_q(change.check_line)} > {line_file} && "
-                f'out=$(ssh-keygen -l -f {line_file} 2>&1); rc=$?; rm -f {line_file}; '
-                f'[ "$rc" = 0 ] || fail "ssh-keygen rejects the key line: $out"'
-            )
-    # Replace, keeping one backup of what was there.
-    for i, change in enumerate(plan.changes):
-        target, cand = _q(change.path), _q(change.path + ".pullback-new")
-        bak = _q(change.path + BACKUP_SUFFIX)
-        if change.old is not None:
-            out.append(f"cp -p {target} {bak} || fail {_q('cannot back up ' + change.path)}")
-        if change.new is None:
-            out.append(f"rm -f {target} && r{i}=1 || fail {_q('cannot remove ' + change.path)}")
-            continue
-        cannot = _q("cannot replace " + change.path)
-        out.append(f"mv -fT {cand} {target} && r{i}=1 || fail {cannot}")
-    if plan.reload_sshd:
-        addr = plan.client_addr
-        spec = _q(platforms.connection_spec(addr))
-        out.append('out=$("$sshd" -t 2>&1) || fail "sshd -t rejects the configuration: $out"')
-        out.append(
-            f'eff=$("$sshd" -T -C {spec} 2>/dev/null | '
-            "awk '$1==\"permitrootlogin\"{print $2; exit}')"
-        )
-        out.append(
-            f'[ "$eff" = {PERMIT_ROOT_LOGIN} ] || fail "after the edit sshd would still apply '
-            f'PermitRootLogin $eff to root from {addr} (another file or a Match block decides)"'
-        )
-        out.append(f"{reload_command(plan)} || fail 'reloading sshd failed'")
-    out.append("printf 'PULLBACK_OK\\n'")
-    return "\n".join(out) + "\n"
-
-
-def _put_back_root_ssh(was: tuple[int, int, int]) -> str:
-    mode, uid, gid = was
-    return f"chown {uid}:{gid} {ROOT_SSH} && chmod {mode:04o} {ROOT_SSH}"
+    changes = _changes(plan)
+    return render(
+        "scripts/apply.sh.j2", sshd=plan.sshd, changes=changes,
+        # A /root/.ssh (or folder of ours) this script created goes too on failure: "nothing
+        # changed" must hold for folders. Missing parents (/usr/local/libexec) get the usual
+        # 0755, only our folder is 0700.
+        dirs=[{"i": i, "path": d, "parent": posixpath.dirname(d)}
+              for i, d in enumerate(plan.make_dirs)],
+        candidates=[c["cand"] for c in changes if c["writes"]], root_ssh=ROOT_SSH,
+        root_ssh_was=_root_ssh_was(plan), fix_root_ssh=plan.fix_root_ssh,
+        reload=reload_command(plan) if plan.reload_sshd else "",
+        spec=platforms.connection_spec(plan.client_addr), client_addr=plan.client_addr,
+        permit_root_login=PERMIT_ROOT_LOGIN)
 
 
 def rollback_script(plan: SetupPlan) -> str:
     """Put back every file ``plan`` replaced, and reload sshd."""
-    out = ["set -u", "rc=0"]
-    for change in plan.changes:
-        target, bak = _q(change.path), _q(change.path + BACKUP_SUFFIX)
-        if change.old is None:
-            out.append(f"rm -f {target} || rc=1")
-        else:
-            out.append(f"mv -fT {bak} {target} || rc=1")
-    for folder in reversed(plan.new_dirs):
-        out.append(f"rmdir {_q(folder)} 2>/dev/null || :")  # only when empty: ours alone
-    if plan.create_root_ssh:
-        out.append(f"rmdir {ROOT_SSH} 2>/dev/null || :")  # only when empty: ours alone
-    elif plan.root_ssh_was is not None:
-        out.append(f"{_put_back_root_ssh(plan.root_ssh_was)} || rc=1")
-    if plan.reload_sshd:
-        out.append(f"{reload_command(plan)} || rc=1")
-    out.append('exit "$rc"')
-    return "\n".join(out) + "\n"
+    return render(
+        "scripts/rollback.sh.j2", changes=_changes(plan), new_dirs=list(plan.new_dirs),
+        create_root_ssh=plan.create_root_ssh, root_ssh=ROOT_SSH,
+        root_ssh_was=_root_ssh_was(plan),
+        reload=reload_command(plan) if plan.reload_sshd else "")
 
 
 def _script_error(result: Any) -> str | None:
@@ -279,21 +181,20 @@ def _script_error(result: Any) -> str | None:
     return f"the root script failed (exit {result.exited}): {detail[-1] if detail else ''}"
 
 
-def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
-    """Open a NEW admin connection, use sudo, and confirm the effective setting."""
+def check_new_login(s: Session, plan: SetupPlan, attempts: int = 10) -> None:
+    """Open a NEW admin login to the session's host (same run), use sudo, and confirm the
+    effective setting."""
     spec = platforms.connection_spec(plan.client_addr)
     last = ""
     for _ in range(attempts):
         try:
-            conn = connect(host)
+            fresh = s.reopen()
         except ConnectError as exc:
             last = str(exc)
             time.sleep(0.3)
             continue
-        try:
-            result = run(conn, [plan.sshd, "-T", "-C", spec], sudo=True, host=host.name)
-        finally:
-            conn.close()
+        with fresh:
+            result = fresh.run([plan.sshd, "-T", "-C", spec], sudo=True)
         if result.exited != 0:
             raise SetupError(f"new admin login works but sudo sshd -T failed: {result.stderr}")
         value = parse_sshd_T(result.stdout).get("permitrootlogin")
@@ -304,12 +205,18 @@ def check_new_login(host: Host, plan: SetupPlan, attempts: int = 10) -> None:
     raise SetupError(f"a new admin login fails after the reload: {last}")
 
 
-def apply(c: Any, host: Host, plan: SetupPlan,
-          check_login: Callable[[Host, SetupPlan], None] = check_new_login) -> Outcome:
+def apply(s: Session, plan: SetupPlan,
+          check_login: Callable[[Session, SetupPlan], None] = check_new_login,
+          via: Exchange | None = None) -> Outcome:
+    """Apply ``plan``: as its own root command, or (``via``) as the answer to the command
+    that gathered the facts, on the same SSH session."""
+    host = s.host
     steps = dict(plan.steps)
     if not plan.changed:
+        if via is not None:
+            via.finish(None)
         return Outcome(host.name, steps, warnings=plan.warnings)
-    result = sudo_script(c, apply_script(plan), host=host.name)
+    result = via.finish(apply_script(plan)) if via else s.sudo_script(apply_script(plan))
     error = _script_error(result)
     if error:
         return Outcome(host.name, steps, error=f"{error}; nothing changed",
@@ -317,9 +224,9 @@ def apply(c: Any, host: Host, plan: SetupPlan,
     actions = ("reloaded sshd",) if plan.reload_sshd else ()
     if plan.reload_sshd:
         try:
-            check_login(host, plan)
+            check_login(s, plan)
         except Exception as exc:  # noqa: BLE001 - any failure here means: roll back
-            undo = sudo_script(c, rollback_script(plan), host=host.name)
+            undo = s.sudo_script(rollback_script(plan))
             state = "restored and reloaded" if undo.exited == 0 else \
                 f"RESTORE FAILED (exit {undo.exited}): {undo.stderr.strip()}"
             return Outcome(host.name, steps, error=f"{exc}; {state}", warnings=plan.warnings)
@@ -328,26 +235,10 @@ def apply(c: Any, host: Host, plan: SetupPlan,
 
 def read_files_script(paths: list[str], dirs: list[str], clear: list[str]) -> str:
     """Report ``paths`` and ``dirs`` in the fact report's format, then remove ``clear``."""
-    out = [
-        "set -u",
-        "emit() {",
-        "  if [ -f \"$1\" ]; then",
-        "    printf 'FILE %s %s\\n' \"$(stat -c '%a %u %g' \"$1\")\" \"$1\"",
-        "    base64 -w0 < \"$1\"; echo",
-        "  else",
-        "    printf 'MISSING %s\\n' \"$1\"",
-        "  fi",
-        "}",
-    ]
-    out += [f"emit {_q(path)}" for path in paths]
-    out += [f"if [ -d {_q(d)} ]; then printf 'DIR %s %s\\n' \"$(stat -c '%a %u %g' {_q(d)})\" "
-            f"{_q(d)}; fi" for d in dirs]
-    out += [f"rm -f {_q(path)} || exit 1" for path in clear]
-    out.append("echo END")
-    return "\n".join(out) + "\n"
+    return render("scripts/read_files.sh.j2", paths=paths, dirs=dirs, clear=clear)
 
 
-def gather_files(c: Any, host_name: str, paths: Iterable[str], dirs: Iterable[str] = (),
+def gather_files(s: Session, paths: Iterable[str], dirs: Iterable[str] = (),
                  clear: Iterable[str] = ()) -> HostFacts:
     """Read a few root-only files and folders in one round trip (then remove ``clear``).
 
@@ -356,7 +247,7 @@ def gather_files(c: Any, host_name: str, paths: Iterable[str], dirs: Iterable[st
     every mode.
     """
     paths = list(paths)
-    result = sudo_script(c, read_files_script(paths, list(dirs), list(clear)), host=host_name)
+    result = s.sudo_script(read_files_script(paths, list(dirs), list(clear)))
     if result.exited != 0 or not result.stdout.rstrip().endswith("END"):
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise RuntimeError(f"reading {', '.join(paths) or 'files'} as root failed "

@@ -29,7 +29,8 @@ from roles.core.hardened import (  # noqa: F401 - the paths a gather reads, name
     RSYNCD_CONF,
     SSHD_CONFIG,
 )
-from roles.remote.connection import run
+from roles.core.render import render
+from roles.remote.session import Exchange, Session
 
 
 @dataclass(frozen=True)
@@ -74,91 +75,16 @@ class HostFacts:
         return self.effective.get("pidfile") or self.platform.pidfile or "/run/sshd.pid"
 
 
-def gather_script(rsync_binaries: list[str]) -> str:
+def gather_script(rsync_binaries: list[str], *, then_stdin: bool = False) -> str:
     """The POSIX sh script; ``$1`` is the login shell's ``$SSH_CONNECTION``, ``$2`` the SSH
-    banner of this connection's sshd when it names an OpenSSH release (else empty)."""
-    binaries = " ".join(shlex.quote(b) for b in rsync_binaries)
-    known_sshd = platforms.candidates("sshd_binaries")
-    sshd_paths = " ".join(shlex.quote(b) for b in known_sshd)
-    units = " ".join(shlex.quote(u) for u in platforms.candidates("service"))
-    spec = platforms.connection_spec("$addr")
-    return rf"""
-set -u
-nl='
-'
-addr=${{1%% *}}
-banner=${{2:-}}
-printf 'CLIENT %s\n' "$addr"
-if [ -r /etc/os-release ]; then
-  . /etc/os-release; printf 'OS %s %s\n' "${{ID:-}}" "${{VERSION_CODENAME:-}}"
-  printf 'OSLIKE %s\n' "${{ID_LIKE:-}}"
-fi
-if [ -n "$banner" ]; then
-  printf 'OPENSSH %s\n' "$banner"
-else
-  v=$(ssh -V 2>&1); printf 'OPENSSH %s\n' "${{v%%"$nl"*}}"
-fi
-sshd=
-for s in $(command -v sshd) {sshd_paths}; do
-  if [ -x "$s" ]; then sshd=$s; break; fi
-done
-sshd=${{sshd:-{shlex.quote(known_sshd[0])}}}
-printf 'SSHD %s\n' "$sshd"
-# Collect every path first (one a line), then ONE stat for all of them.
-files=
-dirs=
-want() {{
-  if [ -f "$1" ]; then files=$files$1$nl; else printf 'MISSING %s\n' "$1"; fi
-}}
-want {SSHD_CONFIG}
-# sshd reads a CR as whitespace: a CRLF file's Include must not yield "*.conf\r".
-patterns=$(awk '{{gsub(/\r/, " ")}} tolower($1)=="include"{{for(i=2;i<=NF;i++)print $i}}' \
-  {SSHD_CONFIG} 2>/dev/null)
-set -f
-for pattern in $patterns; do
-  set +f
-  case "$pattern" in /*) glob=$pattern ;; *) glob=/etc/ssh/$pattern ;; esac
-  for f in $glob; do
-    [ -f "$f" ] || continue
-    printf 'INCLUDE %s %s\n' "$pattern" "$f"
-    files=$files$f$nl
-  done
-done
-set +f
-for d in /root/.ssh {PULLBACK_DIR}; do
-  if [ -d "$d" ]; then dirs=$dirs$d$nl; fi
-done
-want {AUTHORIZED_KEYS}
-want {RSYNCD_CONF}
-want {PULLBACK_RSYNCD_CONF}
-IFS=$nl; set -f
-if [ -n "$files$dirs" ]; then stat -c 'STAT %a %u %g %n' -- $files $dirs; fi
-for f in $files; do
-  printf 'DATA %s\n' "$f"; base64 -w0 < "$f"; echo
-done
-unset IFS; set +f
-if out=$("$sshd" -T -C "{spec}" 2>&1); then
-  printf 'TBEGIN\n%s\nTEND\n' "$out"
-else
-  printf 'TERR %s\n' "$(printf '%s' "$out" | tr '\n' ' ')"
-fi
-if [ -d /run/systemd/system ]; then
-  for unit in {units}; do
-    if systemctl is-active --quiet "$unit" 2>/dev/null; then
-      printf 'SERVICE %s\n' "$unit"; break
-    fi
-  done
-fi
-seen=$nl
-for r in {binaries} $(command -v rsync 2>/dev/null); do
-  case $seen in *"$nl$r$nl"*) continue ;; esac
-  seen=$seen$r$nl
-  if [ -x "$r" ]; then
-    v=$("$r" --version 2>/dev/null); printf 'RSYNC %s %s\n' "$r" "${{v%%"$nl"*}}"
-  fi
-done
-echo END
-"""
+    banner of this connection's sshd when it names an OpenSSH release (else empty).
+    ``then_stdin``: afterwards it runs the script sent on its standard input (``gather_then``)."""
+    return render(
+        "scripts/gather_then_stdin.sh.j2" if then_stdin else "scripts/gather.sh.j2",
+        rsync_binaries=rsync_binaries, sshd_paths=platforms.candidates("sshd_binaries"),
+        units=platforms.candidates("service"), spec=platforms.connection_spec("$addr"),
+        sshd_config=SSHD_CONFIG, pullback_dir=PULLBACK_DIR, authorized_keys=AUTHORIZED_KEYS,
+        rsyncd_conf=RSYNCD_CONF, pullback_rsyncd_conf=PULLBACK_RSYNCD_CONF)
 
 
 _OPENSSH = re.compile(r"OpenSSH_(\d+)\.(\d+)")
@@ -261,7 +187,7 @@ def parse_report(text: str) -> HostFacts:
 _BANNER = re.compile(r"SSH-2\.0-OpenSSH_\d+\.\d+[ -~]*")
 
 
-def openssh_banner(c: Any) -> str:
+def openssh_banner(s: Session) -> str:
     """This connection's server banner when it names an OpenSSH release, else "".
 
     It is the release of the sshd that answers on this host and port, the one that will
@@ -269,18 +195,17 @@ def openssh_banner(c: Any) -> str:
     same package), and it costs the host nothing: sshd sent it before the key exchange.
     Only printable ASCII passes, so that the report stays one fact a line.
     """
-    banner = getattr(getattr(c, "transport", None), "remote_version", None)
+    banner = s.banner
     return banner if isinstance(banner, str) and _BANNER.fullmatch(banner) else ""
 
 
-def gather(c: Any, host_name: str, rsync_binaries: list[str]) -> HostFacts:
-    """Run the gather script as root in one round trip and parse its report."""
-    script = gather_script(rsync_binaries)
+def _gather_command(s: Session, script: str) -> str:
     # "$SSH_CONNECTION" is expanded by the admin's login shell, before sudo resets the
     # environment: it tells us the backup host's address as this server sees it.
-    command = (f'sh -c {shlex.quote(script)} sh "$SSH_CONNECTION" '
-               f"{shlex.quote(openssh_banner(c))}")
-    result = run(c, command, sudo=True, host=host_name)
+    return f'sh -c {shlex.quote(script)} sh "$SSH_CONNECTION" {shlex.quote(openssh_banner(s))}'
+
+
+def _facts(result: Any) -> HostFacts:
     if result.exited != 0 or not result.stdout.rstrip().endswith("END"):
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise RuntimeError(
@@ -288,3 +213,25 @@ def gather(c: Any, host_name: str, rsync_binaries: list[str]) -> HostFacts:
             f"{detail[-1] if detail else 'no output'}"
         )
     return parse_report(result.stdout.rstrip("\n"))
+
+
+def gather(s: Session, rsync_binaries: list[str]) -> HostFacts:
+    """Run the gather script as root in one round trip and parse its report."""
+    return _facts(s.run(_gather_command(s, gather_script(rsync_binaries)), sudo=True))
+
+
+def gather_then(s: Session, rsync_binaries: list[str]) -> tuple[HostFacts, Exchange] | None:
+    """The facts, from a root command that then waits for the script to run on them
+    (``Exchange.finish``): gather, plan and apply in one SSH session. None when the host's
+    sudo takes a password (use ``gather``, then a command of its own)."""
+    command = _gather_command(s, gather_script(rsync_binaries, then_stdin=True))
+    exchange = s.sudo_exchange(command)
+    if exchange is None:
+        return None
+    try:
+        if exchange.ended is not None:
+            return _facts(exchange.ended), exchange  # raises: the report did not finish
+        return parse_report(exchange.report.rstrip("\n")), exchange
+    except Exception:
+        exchange.close()
+        raise

@@ -31,7 +31,7 @@ from lab import hosts as lab
 from lab.mirror import fetch_debian_orig
 from roles.features import rsync_build as rb
 from roles.inventory.schema import Host, load
-from roles.remote.connection import connect
+from roles.remote.session import connect
 from tests.integration.conftest import Lab, closed_port, serve_directory
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -384,12 +384,12 @@ def test_tampered_tarball_is_refused_before_extraction(
     # The same tarball reaching a host anyway is re-verified there before extraction.
     conn = connect(host)
     try:
-        res = conn.run("mktemp /tmp/pullback-tamper.XXXXXXXX", hide=True, in_stream=False)
+        res = conn.run("mktemp /tmp/pullback-tamper.XXXXXXXX")
         path = res.stdout.strip()
-        conn.put(str(mirror.root / "bad" / UPSTREAM_PATH.format(version=VERSION)), path)
+        conn.upload(mirror.root / "bad" / UPSTREAM_PATH.format(version=VERSION), path)
         with pytest.raises(rb.BuildError) as err:
             rb.build_rsync(conn, path, VERSION, SHA, prefix, sudo=True, log=lines.append)
-        conn.run(shlex.join(["rm", "-f", path]), hide=True, in_stream=False)
+        conn.run(shlex.join(["rm", "-f", path]))
     finally:
         conn.close()
     assert err.value.phase == "verify"
@@ -425,10 +425,8 @@ def test_remote_build_failure_shows_log_tail_and_keeps_install(
     tarball = rb.fetch_tarball(VERSION, [mirror.url()], SHA, tmp_path / "cache", log=lambda _: None)
     conn = connect(host)
     try:
-        path = conn.run(
-            "mktemp /tmp/pullback-src.XXXXXXXX", hide=True, in_stream=False
-        ).stdout.strip()
-        conn.put(str(tarball), path)
+        path = conn.run("mktemp /tmp/pullback-src.XXXXXXXX").stdout.strip()
+        conn.upload(tarball, path)
         with pytest.raises(rb.BuildError) as err:
             rb.build_rsync(
                 conn,
@@ -440,7 +438,7 @@ def test_remote_build_failure_shows_log_tail_and_keeps_install(
                 extra_configure_args=["CC=/nonexistent/cc"],
                 log=lambda _: None,
             )
-        conn.run(shlex.join(["rm", "-f", path]), hide=True, in_stream=False)
+        conn.run(shlex.join(["rm", "-f", path]))
     finally:
         conn.close()
     assert err.value.phase == "configure", err.value

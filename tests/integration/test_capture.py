@@ -29,7 +29,7 @@ from roles.core import hardened, pull
 from roles.core import rsync as rsync_model
 from roles.inventory.schema import Host, load
 from roles.local import capture_record, keys, runner
-from roles.remote.connection import connect, run
+from roles.remote.session import connect
 from tests.integration.conftest import Lab
 from tests.integration.test_backup import CHANGE, DATA, OPTIONS, SEED, assert_same, local_tree, sh
 from tests.integration.test_backup import summary_of as last_summary
@@ -156,7 +156,7 @@ def test_capture_installs_the_gate_and_records_both_commands(story: Story):
     assert read(remote, hardened.GATE) == gate_scripts.gate_file(record).content
     conn = connect(host)
     try:  # the backup host's address as the server sees it: the key's default from=
-        addr = run(conn, 'printf %s "$SSH_CONNECTION"').stdout.split()[0]
+        addr = conn.run('printf %s "$SSH_CONNECTION"').stdout.split()[0]
     finally:
         conn.close()
     options = rootkey.build_options(hardened.GATE, restrict=True,

@@ -28,7 +28,7 @@ from roles.features import drill
 from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
 from roles.local import keys
-from roles.remote.connection import connect
+from roles.remote.session import connect
 from tests.integration.conftest import Lab
 
 pytestmark = pytest.mark.integration
@@ -167,8 +167,8 @@ def test_restore_drill_restores_the_machine_exactly(lab_env: Lab, seeded, capsys
         fresh_host = load(lab_env.inventory([fresh], path=work / "fresh.yaml")).hosts[fresh.name]
         server_conn, fresh_conn = connect(host), connect(fresh_host)
         try:
-            server = drill.gather_remote_manifest(server_conn, host.name, DATA)
-            restored = drill.gather_remote_manifest(fresh_conn, fresh.name, DATA)
+            server = drill.gather_remote_manifest(server_conn, DATA)
+            restored = drill.gather_remote_manifest(fresh_conn, DATA)
         finally:
             server_conn.close()
             fresh_conn.close()

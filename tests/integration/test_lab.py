@@ -11,7 +11,7 @@ import pytest
 
 from lab import hosts as lab
 from roles.inventory.schema import load
-from roles.remote.connection import ConnectError, connect, run
+from roles.remote.session import ConnectError, connect
 from tests.integration.conftest import PREFIX, Lab, infra_host
 
 pytestmark = pytest.mark.integration
@@ -21,8 +21,8 @@ def test_admin_logs_in_with_key_and_pinned_host_key(lab_env: Lab, shared_host: l
     host = load(lab_env.inventory([shared_host])).hosts[shared_host.name]
     conn = connect(host)
     try:
-        assert run(conn, "id -un").stdout.strip() == "admin"
-        assert run(conn, "id -u", sudo=True).stdout.strip() == "0"
+        assert conn.run("id -un").stdout.strip() == "admin"
+        assert conn.run("id -u", sudo=True).stdout.strip() == "0"
     finally:
         conn.close()
 
@@ -82,7 +82,7 @@ def test_invoke_lab_up_status_down(tmp_path):
         inventory = load(lab.state_dir(prefix) / "inventory.yaml")
         assert sorted(inventory.hosts) == [f"{prefix}-1", f"{prefix}-2"]
         conn = connect(inventory.hosts[f"{prefix}-2"])
-        assert run(conn, "hostname").stdout.strip() == f"{prefix}-2"
+        assert conn.run("hostname").stdout.strip() == f"{prefix}-2"
         conn.close()
         status = subprocess.run([*invoke, "lab.status", "--prefix", prefix],
                                 capture_output=True, text=True, timeout=60, check=True)
@@ -116,7 +116,7 @@ def test_cpuset_gives_a_container_cpus_of_its_own(lab_env: Lab):
         assert inspected.stdout.decode().strip() == cpu
         conn = connect(load(lab_env.inventory([host])).hosts[name])
         try:
-            out = run(conn, "nproc; grep Cpus_allowed_list /proc/self/status").stdout.split()
+            out = conn.run("nproc; grep Cpus_allowed_list /proc/self/status").stdout.split()
             assert out == ["1", "Cpus_allowed_list:", cpu]
         finally:
             conn.close()

@@ -37,7 +37,6 @@ from roles.features import rsync_build as rb
 from roles.features import setup_remote as setup
 from roles.inventory.schema import Host, load
 from roles.local import capture_record, keys
-from roles.remote.connection import connect, run
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
     PULLBACK_RSYNCD_CONF,
@@ -45,6 +44,7 @@ from roles.remote.facts import (
     SSHD_CONFIG,
     gather,
 )
+from roles.remote.session import connect
 from tests.integration.conftest import Lab, infra_host, serve_directory
 from tests.integration.test_backup import local_tree, remote_tree
 from tests.integration.test_setup_remote import snapshot
@@ -115,7 +115,7 @@ def watched(host: lab.LabHost) -> str:
 def client_addr(host: Host) -> str:
     conn = connect(host)
     try:
-        return run(conn, 'printf %s "$SSH_CONNECTION"').stdout.split()[0]
+        return conn.run('printf %s "$SSH_CONNECTION"').stdout.split()[0]
     finally:
         conn.close()
 
@@ -319,7 +319,7 @@ def test_facts_pick_the_tested_platform_row(matrix: Matrix, converged: Converged
     host = matrix.hosts[release]
     conn = connect(host)
     try:
-        facts = gather(conn, host.name, [host.rsync.remote_binary])
+        facts = gather(conn, [host.rsync.remote_binary])
     finally:
         conn.close()
     row = facts.platform

@@ -1,4 +1,4 @@
-"""build_rsync on this machine through invoke.Context: the same code path as a remote host.
+"""build_rsync on this machine through LocalShell: the same code path as a remote host.
 
 Two groups:
 - a tiny fake "rsync" project (shell configure + Makefile): the build pipeline, the stamp,
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import invoke
 import pytest
 
 from lab.hosts import STATE
@@ -41,7 +40,7 @@ UPSTREAM_PATH = "pub/rsync/src/rsync-{version}.tar.gz"
 
 def quiet_build(tarball: Path, version: str, sha: str, prefix: Path) -> rb.BuildResult:
     """build_rsync on this machine, no sudo, phase lines discarded."""
-    return rb.build_rsync(invoke.Context(), str(tarball), version, sha, str(prefix),
+    return rb.build_rsync(rb.LocalShell(), str(tarball), version, sha, str(prefix),
                           sudo=False, log=lambda _: None)
 
 def require_tools(*names: str) -> None:
@@ -125,7 +124,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
 def test_fake_build_install_stamp_and_skip(fake: dict[str, Path]) -> None:
     tarball = fake["tmp"] / "rsync-9.9.9.tar.gz"
     sha = make_fake_tarball(tarball, "9.9.9")
-    c = invoke.Context()
+    c = rb.LocalShell()
     out = Lines()
     res = rb.build_rsync(c, str(tarball), "9.9.9", sha, str(fake["prefix"]), sudo=False, log=out)
     assert (res.version, res.protocol, res.skipped) == ("9.9.9", 99, False)
@@ -149,7 +148,7 @@ def test_fake_build_install_stamp_and_skip(fake: dict[str, Path]) -> None:
 def test_fake_changed_flags_rebuild_and_log_dir(fake: dict[str, Path]) -> None:
     tarball = fake["tmp"] / "rsync-9.9.9.tar.gz"
     sha = make_fake_tarball(tarball, "9.9.9")
-    c, prefix = invoke.Context(), str(fake["prefix"])
+    c, prefix = rb.LocalShell(), str(fake["prefix"])
     rb.build_rsync(c, str(tarball), "9.9.9", sha, prefix, sudo=False, log=lambda _: None)
     logs = fake["tmp"] / "logs"
     res = rb.build_rsync(
@@ -186,11 +185,11 @@ def test_fake_legacy_cflags_reach_configure_only(fake: dict[str, Path]) -> None:
     assert text.count(f"CFLAGS={rb.LEGACY_CFLAGS}") == 2  # that, and configure's command
 
 
-def install_once(fake: dict[str, Path]) -> tuple[invoke.Context, str, str]:
+def install_once(fake: dict[str, Path]) -> tuple[rb.LocalShell, str, str]:
     tarball = fake["tmp"] / "good" / "rsync-9.9.9.tar.gz"
     tarball.parent.mkdir()
     sha = make_fake_tarball(tarball, "9.9.9")
-    c = invoke.Context()
+    c = rb.LocalShell()
     rb.build_rsync(
         c, str(tarball), "9.9.9", sha, str(fake["prefix"]), sudo=False, log=lambda _: None
     )
@@ -280,7 +279,7 @@ def test_fake_tarball_changed_on_that_end_is_not_extracted(fake: dict[str, Path]
     tarball.write_bytes(bytes(data))
     with pytest.raises(rb.BuildError) as err:
         rb.build_rsync(
-            invoke.Context(),
+            rb.LocalShell(),
             str(tarball),
             "9.9.9",
             sha,
@@ -326,9 +325,9 @@ def test_paths_make_would_split_are_refused_before_running(
 
 
 def test_toolchain_probe_runs_here() -> None:
-    facts = rb.gather_toolchain(invoke.Context())
+    facts = rb.gather_toolchain(rb.LocalShell())
     assert facts.ok, f"this machine needs gcc, make and libc headers: {facts}"
-    assert rb.ensure_toolchain(invoke.Context(), install=False, sudo=False).cc
+    assert rb.ensure_toolchain(rb.LocalShell(), install=False, sudo=False).cc
 
 
 # ============================================================== real rsync 3.2.7 (slow)
@@ -402,7 +401,7 @@ def built(http_mirror: HttpMirror, tmp_path_factory: pytest.TempPathFactory) -> 
 def build_real(tarball: Path, prefix: Path, **kwargs: Any) -> rb.BuildResult:
     """build_rsync of the real pinned source into ``prefix`` here, without sudo."""
     kwargs.setdefault("log", lambda _: None)
-    return rb.build_rsync(invoke.Context(), str(tarball), VERSION, rb.KNOWN_SHA256[VERSION],
+    return rb.build_rsync(rb.LocalShell(), str(tarball), VERSION, rb.KNOWN_SHA256[VERSION],
                           str(prefix), sudo=False, **kwargs)
 
 

@@ -25,7 +25,7 @@ from roles.features import schedule as sched
 from roles.features.setup_remote import setup_host
 from roles.inventory.schema import Host, load
 from roles.local import keys
-from roles.remote import connection
+from roles.remote import session as connection
 from roles.remote.hostkeys import HostKey, known_hosts_name
 from tests.integration.conftest import Lab
 
@@ -243,7 +243,7 @@ def test_an_unknown_host_key_is_refused_until_trusted(lab_env, remote, work):
     assert known_hosts.read_text() == f"{name} ssh-ed25519 {key.blob}\n"
     conn = connection.connect(host)
     try:
-        assert conn.run("true", hide=True, in_stream=False).ok
+        assert conn.run("true").ok
     finally:
         conn.close()
     found = subprocess.run(["ssh-keygen", "-F", name, "-f", str(known_hosts)],

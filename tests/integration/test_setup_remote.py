@@ -30,7 +30,6 @@ from roles.features import setup_remote as setup
 from roles.hostfiles import transaction
 from roles.inventory.schema import Host, load
 from roles.local import keys
-from roles.remote.connection import connect, run
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
     PULLBACK_DIR,
@@ -39,6 +38,7 @@ from roles.remote.facts import (
     SSHD_CONFIG,
     gather,
 )
+from roles.remote.session import Session, connect
 from tests.integration.conftest import Lab, infra_host
 from tests.unit.test_rsyncd import LEGACY
 
@@ -170,7 +170,7 @@ def client_addr(target: Target) -> str:
     """The backup host's address as the server sees it ($SSH_CONNECTION, first field)."""
     conn = connect(target.host)
     try:
-        return run(conn, 'printf %s "$SSH_CONNECTION"').stdout.split()[0]
+        return conn.run('printf %s "$SSH_CONNECTION"').stdout.split()[0]
     finally:
         conn.close()
 
@@ -184,7 +184,7 @@ def assert_admin_login_works(target: Target) -> None:
     """A NEW admin connection logs in and uses sudo."""
     conn = connect(target.host)
     try:
-        result = run(conn, ["sudo", "-n", "id", "-u"])
+        result = conn.run(["sudo", "-n", "id", "-u"])
         assert result.exited == 0 and result.stdout.strip() == "0", result.stderr
     finally:
         conn.close()
@@ -750,7 +750,7 @@ def test_fault_invalid_sshd_config_fails_cleanly_through_cli(lab_env: Lab,
 
 def _gather_and_plan(target: Target):
     conn = connect(target.host)
-    facts = gather(conn, target.name, [target.host.rsync.remote_binary])
+    facts = gather(conn, [target.host.rsync.remote_binary])
     forced, _ = setup.daemon_command(facts, target.host)
     public_key = setup.read_public_key(target.host)
     return conn, setup.plan_setup(facts, target.host, public_key, forced)
@@ -765,7 +765,7 @@ def test_fault_candidate_rejected_by_sshd_t(lab_env: Lab, fresh_host: lab.LabHos
             dataclasses.replace(c, new=c.new + b"NoSuchDirective yes\n")
             if c.step == "sshd_config" else c
             for c in plan.changes)
-        outcome = transaction.apply(conn, target.host, dataclasses.replace(plan, changes=broken))
+        outcome = transaction.apply(conn, dataclasses.replace(plan, changes=broken))
     finally:
         conn.close()
     assert outcome.error is not None
@@ -782,7 +782,7 @@ def test_fault_new_login_fails_after_reload_rolls_back(lab_env: Lab, fresh_host:
     before = snapshot(fresh_host)
     seen: list[str] = []
 
-    def login_fails(host: Host, plan: transaction.SetupPlan) -> None:
+    def login_fails(session: Session, plan: transaction.SetupPlan) -> None:
         seen.append(effective(fresh_host, addr))  # the edit was live when the check ran
         raise transaction.SetupError("simulated: a new admin login fails")
 
@@ -834,7 +834,7 @@ def test_fault_file_changed_between_read_and_write(lab_env: Lab, fresh_host: lab
         assert [c.step for c in plan.changes] == ["rsyncd.conf", "authorized_keys", "sshd_config"]
         sh(fresh_host, "printf '# edited by someone else\\n' >> /etc/ssh/sshd_config")
         before = snapshot(fresh_host)
-        outcome = transaction.apply(conn, target.host, plan)
+        outcome = transaction.apply(conn, plan)
     finally:
         conn.close()
     assert outcome.error == (f"{SSHD_CONFIG} changed since it was read; run again; "
@@ -1022,7 +1022,7 @@ def test_fault_puts_back_the_mode_of_an_existing_root_ssh(lab_env: Lab, fresh_ho
         fail_while_staging(target)
         assert_unchanged(target, before)
     else:
-        def login_fails(host: Host, plan: transaction.SetupPlan) -> None:
+        def login_fails(session: Session, plan: transaction.SetupPlan) -> None:
             assert snapshot(fresh_host)["/root/.ssh"] == "dir 700 0 0"  # fixed meanwhile
             raise transaction.SetupError("simulated: a new admin login fails")
 
@@ -1031,11 +1031,13 @@ def test_fault_puts_back_the_mode_of_an_existing_root_ssh(lab_env: Lab, fresh_ho
         assert_unchanged(target, before, hups=2)
 
 
-def test_an_authorized_keys_larger_than_one_command_line_goes_by_sftp(lab_env: Lab,
-                                                                      fresh_host: lab.LabHost):
+def test_an_authorized_keys_larger_than_one_command_line(lab_env: Lab,
+                                                        fresh_host: lab.LabHost):
     # 160 KB of other people's lines: the apply script carries the new file (base64), far
-    # more than the 128 KiB Linux allows one argument, so it is uploaded, run, removed.
-    from roles.remote.connection import ROUND_TRIPS, SCRIPT_ARG_MAX
+    # more than the 128 KiB Linux allows one argument. setup-remote sends it on the gather's
+    # own session (standard input has no such limit); a root script of its own that long is
+    # uploaded over SFTP, run and removed.
+    from roles.remote.session import SCRIPT_ARG_MAX, Run
 
     target = make_target(lab_env, fresh_host)
     others = b"".join(b"# line %05d kept by setup-remote " % i + b"x" * 60 + b"\n"
@@ -1043,15 +1045,54 @@ def test_an_authorized_keys_larger_than_one_command_line_goes_by_sftp(lab_env: L
     assert len(others) > 1.5 * SCRIPT_ARG_MAX
     sh(fresh_host, "mkdir -p -m 700 /root/.ssh && cat > /root/.ssh/authorized_keys && "
                    "chmod 600 /root/.ssh/authorized_keys", input=others)
-    ROUND_TRIPS.reset()
-    outcome = setup.setup_host(target.host)
+    sessions = Run()
+    outcome = setup.setup_host(target.host, sessions=sessions)
     assert outcome.error is None, outcome
     assert outcome.steps["authorized_keys"] == "changed"
     content = read(fresh_host, AUTHORIZED_KEYS)
     assert content.startswith(others) and content.count(b"\n") == 1701
-    assert ROUND_TRIPS.counts[target.name] == 4  # gather, upload, apply, the login check
-    home = sh(fresh_host, "ls -A ~admin").split()
-    assert not [n for n in home if n.startswith(".pullback-")], home  # the upload is gone
+    assert sessions.counters.round_trips == {target.name: 2}  # gather + apply, the check
     again = setup.setup_host(target.host)
     assert again.error is None and set(again.steps.values()) == {"ok"}
     assert read(fresh_host, AUTHORIZED_KEYS) == content
+
+    script = "# " + "x" * SCRIPT_ARG_MAX + "\nid -u\n"
+    with sessions.open(target.host) as session:
+        result = session.sudo_script(script)
+    assert result.exited == 0 and result.stdout.strip() == "0"
+    assert sessions.counters.round_trips == {target.name: 4}  # + the upload and its run
+    home = sh(fresh_host, "ls -A ~admin").split()
+    assert not [n for n in home if n.startswith(".pullback-")], home  # the upload is gone
+
+
+def test_a_script_cut_off_on_the_gathers_session_runs_nothing(lab_env: Lab,
+                                                              fresh_host: lab.LabHost):
+    """The one-session apply on a real host: the gather's root command runs the script it
+    reads on standard input only once the whole brace group arrived. Cut off (a dropped
+    connection), nothing of it runs; whole, it runs as root; none, nothing more runs."""
+    from roles.core.render import render
+    from roles.remote.facts import gather_then
+    from roles.remote.session import Run
+
+    target = make_target(lab_env, fresh_host)
+    marker = "/root/pullback-cut-off-test"
+    whole = render("scripts/block.sh.j2", script=f"touch {marker}\nid -u\n")
+    with Run().open(target.host) as session:
+        facts, exchange = gather_then(session, [target.host.rsync.remote_binary])
+        assert facts.client_addr
+        channel = exchange._channel
+        channel.sendall(whole[: whole.index("id -u")].encode())  # the connection drops here
+        channel.shutdown_write()
+        assert channel.recv_exit_status() != 0
+        exchange.close()
+        assert read(fresh_host, marker) is None
+
+        facts, exchange = gather_then(session, [target.host.rsync.remote_binary])
+        reply = exchange.finish(f"touch {marker}\nid -u\n")
+        assert (reply.exited, reply.stdout.strip()) == (0, "0")
+        assert read(fresh_host, marker) == b""
+
+        sh(fresh_host, f"rm {marker}")
+        facts, exchange = gather_then(session, [target.host.rsync.remote_binary])
+        assert exchange.finish(None).exited == 0
+        assert read(fresh_host, marker) is None

@@ -27,7 +27,6 @@ from roles.core.sshd_output import parse_sshd_T
 from roles.features import setup_remote as setup
 from roles.inventory.schema import Host, load
 from roles.local import keys
-from roles.remote import connection
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
     PULLBACK_DIR,
@@ -35,6 +34,7 @@ from roles.remote.facts import (
     RSYNCD_CONF,
     SSHD_CONFIG,
 )
+from roles.remote.session import Run, Session
 from tests.integration.conftest import Lab, infra_host
 
 pytestmark = pytest.mark.integration
@@ -66,12 +66,6 @@ def operator_target(lab_env: Lab, lab_host: lab.LabHost, sudo_password: bool) ->
     return Operator(lab_host, inventory, host)
 
 
-@pytest.fixture(autouse=True)
-def no_remembered_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts as a new run: nothing typed yet."""
-    monkeypatch.setattr(connection, "_sudo_passwords", {})
-
-
 def keyboard(monkeypatch: pytest.MonkeyPatch, typed: str | None) -> list[str]:
     """The person at the keyboard: answers each getpass prompt with ``typed``."""
     prompts: list[str] = []
@@ -87,20 +81,17 @@ def keyboard(monkeypatch: pytest.MonkeyPatch, typed: str | None) -> list[str]:
 
 
 def sudo_commands(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
-    """Record the exit code of every root command (the real run() does the work)."""
+    """Record the exit code of every root command (the real Session.run does the work)."""
     exits: list[int | None] = []
-    real = connection.run
+    real = Session.run
 
-    def recording(c: Any, command: Any, *, sudo: bool = False, **kwargs: Any) -> Any:
-        result = real(c, command, sudo=sudo, **kwargs)
+    def recording(self: Session, command: Any, *, sudo: bool = False, **kwargs: Any) -> Any:
+        result = real(self, command, sudo=sudo, **kwargs)
         if sudo:
             exits.append(result.exited)
         return result
 
-    # Modules take ``run`` by name at import: patch it wherever it was taken.
-    for module in list(sys.modules.values()):
-        if module.__name__.startswith("roles.") and getattr(module, "run", None) is real:
-            monkeypatch.setattr(module, "run", recording)
+    monkeypatch.setattr(Session, "run", recording)  # the one way to run a command on a host
     return exits
 
 
@@ -178,15 +169,16 @@ def test_wrong_password_fails_clearly_and_changes_nothing(lab_env: Lab, fresh_ho
     before = snapshot(fresh_host)
     assert before["/root/.ssh"] == "missing"
     prompts = keyboard(monkeypatch, WRONG)
+    sessions = Run()
 
-    outcome = within(60, lambda: setup.setup_host(target.host))
+    outcome = within(60, lambda: setup.setup_host(target.host, sessions=sessions))
 
     assert outcome.failed and outcome.steps == {}
     error = outcome.error
     assert "\n" not in error and "sudo" in error and "rejected the password" in error, error
     assert error.startswith(f"{fresh_host.name}: sudo as {OPERATOR}")
     assert len(prompts) == 1
-    assert connection._sudo_passwords == {}  # forgotten: the next connection asks again
+    assert not sessions.passwords.remembers(OPERATOR)  # forgotten: the next login asks again
     assert_secret_absent(outcome, caplog.text)
     assert snapshot(fresh_host) == before
 

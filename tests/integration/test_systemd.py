@@ -14,9 +14,8 @@ import pytest
 
 from roles.features import setup_remote as setup
 from roles.hostfiles import transaction
-from roles.inventory.schema import Host
-from roles.remote.connection import connect
 from roles.remote.facts import SSHD_CONFIG, gather
+from roles.remote.session import Session, connect
 from tests.integration.conftest import Lab
 from tests.integration.test_setup_remote import (
     FCO_LINE,
@@ -65,7 +64,7 @@ def test_the_lab_host_really_runs_sshd_under_systemd(sd_target: Target):
     assert sh(sd_target.lab, "systemctl is-active ssh.service").strip() == "active"
     conn = connect(sd_target.host)
     try:
-        facts = gather(conn, sd_target.name, [sd_target.host.rsync.remote_binary])
+        facts = gather(conn, [sd_target.host.rsync.remote_binary])
     finally:
         conn.close()
     assert facts.service == "ssh"
@@ -77,9 +76,9 @@ def test_setup_remote_reloads_with_systemctl_and_a_second_run_does_not(sd_target
     assert (state, reloads(sd_target)) == ("active", 0)
     plans: list[str] = []
 
-    def check(host: Host, plan: transaction.SetupPlan) -> None:
+    def check(session: Session, plan: transaction.SetupPlan) -> None:
         plans.append(transaction.reload_command(plan))
-        transaction.check_new_login(host, plan)
+        transaction.check_new_login(session, plan)
 
     outcome = setup.setup_host(sd_target.host, check_login=check)
     assert outcome.error is None, outcome
@@ -110,7 +109,7 @@ def test_a_failed_lockout_check_restores_and_reloads_through_systemctl(sd_target
     _, pid = ssh_unit(sd_target)
     seen: list[str] = []
 
-    def login_fails(host: Host, plan: transaction.SetupPlan) -> None:
+    def login_fails(session: Session, plan: transaction.SetupPlan) -> None:
         seen.append(effective(sd_target.lab, addr))
         raise transaction.SetupError("simulated: a new admin login fails")
 

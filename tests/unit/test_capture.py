@@ -352,7 +352,7 @@ def run_sh(script: Path, command: str | None) -> subprocess.CompletedProcess:
 def test_capture_script_writes_the_command_root_only_and_fails(tmp_path):
     out = tmp_path / "captured-command"
     script = tmp_path / "capture"
-    script.write_text(render("capture.sh.j2", output=str(out), output_tmp=f"{out}.tmp"))
+    script.write_text(render("scripts/capture.sh.j2", output=str(out), output_tmp=f"{out}.tmp"))
     result = run_sh(script, REAL)
     assert result.returncode == 1 and result.stdout == ""
     assert "command captured" in result.stderr

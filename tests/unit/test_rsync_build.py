@@ -9,10 +9,12 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from roles.features import rsync_build as rb
+from roles.remote.session import Run, Session
 
 # ----------------------------------------------------------------------------- sums
 
@@ -410,12 +412,17 @@ class FakeContext:
         return FakeResult("")
 
 
+def as_host(c: FakeContext, password: str | None = None) -> Session:
+    """A host's session over the stand-in connection (a password typed once, or none)."""
+    return Session(SimpleNamespace(name="web1", admin_user="admin"), c, Run(), password)
+
+
 NO_CC_DEBIAN = "cc=\nmake=/usr/bin/make\ncompiles=no\npm=apt-get\nos=Linux\n"
 
 
 def test_toolchain_ok_needs_one_command() -> None:
     c = FakeContext("cc=/usr/bin/cc\nmake=/usr/bin/make\ncompiles=yes\npm=apt-get\nos=Linux\nacl=yes\n")
-    tc = rb.ensure_toolchain(c, install=False, sudo=True)
+    tc = rb.ensure_toolchain(as_host(c), install=False, sudo=True)
     assert tc == rb.Toolchain("/usr/bin/cc", "/usr/bin/make")
     assert len(c.commands) == 1
 
@@ -423,7 +430,7 @@ def test_toolchain_ok_needs_one_command() -> None:
 def test_toolchain_missing_without_install_names_exact_command() -> None:
     c = FakeContext(NO_CC_DEBIAN)
     with pytest.raises(rb.ToolchainError) as err:
-        rb.ensure_toolchain(c, install=False, sudo=True)
+        rb.ensure_toolchain(as_host(c), install=False, sudo=True)
     assert (
         "sudo apt-get update && sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y "
         "gcc make libc6-dev libacl1-dev"
@@ -440,7 +447,7 @@ INSTALL = [
 def test_toolchain_install_runs_table_commands_with_sudo() -> None:
     c = FakeContext(NO_CC_DEBIAN)
     with pytest.raises(rb.ToolchainError, match="still no working"):
-        rb.ensure_toolchain(c, install=True, sudo=True, log=lambda _: None)  # probe stays bad
+        rb.ensure_toolchain(as_host(c), install=True, sudo=True, log=lambda _: None)  # probe stays bad
     # No stored password: sudo -n, never a prompt answered with nothing.
     sudo = [cmd.removeprefix("sudo -n ") for kind, cmd in c.commands
             if kind == "run" and cmd.startswith("sudo -n ")]
@@ -451,9 +458,8 @@ def test_toolchain_install_uses_the_stored_sudo_password() -> None:
     """build-rsync's root work goes through the one runner: a host with
     ``sudo_password: true`` gets the password typed once for the run."""
     c = FakeContext(NO_CC_DEBIAN)
-    c._pullback_sudo_password = "typed once"
     with pytest.raises(rb.ToolchainError, match="still no working"):
-        rb.ensure_toolchain(c, install=True, sudo=True, log=lambda _: None)
+        rb.ensure_toolchain(as_host(c, "typed once"), install=True, sudo=True, log=lambda _: None)
     assert [cmd for kind, cmd in c.commands if kind == "sudo"] == INSTALL
     assert c.passwords == ["typed once", "typed once"]
 
@@ -464,7 +470,7 @@ def test_toolchain_without_acl_headers_installs_them() -> None:
     c = FakeContext("cc=/usr/bin/cc\nmake=/usr/bin/make\ncompiles=yes\npm=apt-get\nos=Linux\n"
                     "acl=no\n")
     with pytest.raises(rb.ToolchainError) as err:
-        rb.ensure_toolchain(c, install=False, sudo=True)
+        rb.ensure_toolchain(as_host(c), install=False, sudo=True)
     assert "missing the ACL headers (libacl, for rsync -A)" in str(err.value)
     assert "libacl1-dev" in str(err.value)
 
@@ -494,7 +500,7 @@ def test_install_commands_table(pm: str, expected: list[str]) -> None:
 def test_toolchain_macos_hint() -> None:
     c = FakeContext("cc=\nmake=\ncompiles=no\npm=\nos=Darwin\n")
     with pytest.raises(rb.ToolchainError, match="xcode-select --install"):
-        rb.ensure_toolchain(c, install=True, sudo=False)
+        rb.ensure_toolchain(as_host(c), install=True, sudo=False)
 
 
 # ----------------------------------------------------------------------------- signature

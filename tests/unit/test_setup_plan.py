@@ -16,6 +16,7 @@ import shlex
 import struct
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,6 +42,7 @@ from roles.remote.facts import (
     HostFacts,
     parse_report,
 )
+from roles.remote.session import Run, Session
 
 WANT = "forced-commands-only"
 DROPINS = "/etc/ssh/sshd_config.d/*.conf"
@@ -249,7 +251,8 @@ def test_gather_passes_the_banner_only_when_it_names_an_openssh_release(banner, 
     from roles.remote.facts import gather
 
     conn = _Connection(banner)
-    facts = gather(conn, "web1", ["/usr/local/bin/rsync"])
+    facts = gather(Session(SimpleNamespace(name="web1", admin_user="admin"), conn, Run()),
+                   ["/usr/local/bin/rsync"])
     argv = shlex.split(conn.commands[0])
     assert argv[:3] == ["sudo", "-n", "sh"] and argv[-2] == "$SSH_CONNECTION"
     assert argv[-1] == (banner if passed else "")
