@@ -401,17 +401,16 @@ def _finish_refused(host: Host, run: str, started: datetime, t0: float, dest: Pa
     return result
 
 
-def run_hooks(host: Host, which: str) -> str | None:
-    """``backup.pre`` / ``backup.post`` over the admin connection, or None when there is
-    none; one line when it failed."""
-    argv = getattr(host.backup, which, ())
-    if not argv:
+def hooks_for(host: Host) -> Any:
+    """The host's ``backup.pre`` / ``backup.post`` runner (``roles.remote.hooks.Hooks``:
+    ``.run(which)`` gives None or one line), or None when it has neither."""
+    if not (getattr(host.backup, "pre", ()) or getattr(host.backup, "post", ())):
         return None
     # Deferred, and the one edge the lean-path contract ignores for it: only a host with
     # hooks loads Fabric and paramiko (pyproject.toml, docs/architecture.md).
-    from roles.remote.hooks import run_hook
+    from roles.remote.hooks import Hooks
 
-    return run_hook(host, which, argv)
+    return Hooks(host)
 
 
 def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool) -> BackupResult:
@@ -457,7 +456,8 @@ def _hook_lock(host: Host) -> Lock:
 
 def _pull_between_hooks(host: Host, *, dry_run: bool, tty: bool, lock: Lock | None,
                         t0: float) -> BackupResult:
-    problem = None if dry_run else run_hooks(host, "pre")
+    hooks = None if dry_run else hooks_for(host)
+    problem = hooks.run("pre") if hooks else None
     if problem:
         return BackupResult(host.name, ok=False, exit_code=None,
                             seconds=round(time.monotonic() - t0, 3),
@@ -468,7 +468,7 @@ def _pull_between_hooks(host: Host, *, dry_run: bool, tty: bool, lock: Lock | No
         reason = str(exc) if isinstance(exc, BackupError) else f"{type(exc).__name__}: {exc}"
         result = BackupResult(host.name, ok=False, exit_code=None,
                               seconds=round(time.monotonic() - t0, 3), error=reason)
-    after = None if dry_run else run_hooks(host, "post")
+    after = hooks.run("post") if hooks else None
     if after:
         result.ok = False
         result.error = f"{result.error}; {after}" if result.error else after

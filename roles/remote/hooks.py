@@ -13,7 +13,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING
 
-from roles.remote.connection import ConnectError, SudoError, connect, run
+from roles.remote.session import ConnectError, Run, SudoError
 
 if TYPE_CHECKING:
     from roles.inventory.schema import Host
@@ -21,7 +21,22 @@ if TYPE_CHECKING:
 TIMEOUT = 10  # seconds to connect
 
 
-def run_hook(host: Host, which: str, argv: tuple[str, ...] | list[str]) -> str | None:
+class Hooks:
+    """One host's hooks in one backup run: a new admin login for each (a pull may take
+    hours, longer than an idle connection lives), one sudo password asked at most once."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.shared = Run()
+
+    def run(self, which: str) -> str | None:
+        """Run ``backup.<which>``; None when there is none or it exited 0, else one line."""
+        argv = getattr(self.host.backup, which, ())
+        return run_hook(self.host, which, argv, self.shared) if argv else None
+
+
+def run_hook(host: Host, which: str, argv: tuple[str, ...] | list[str],
+             shared: Run | None = None) -> str | None:
     """Run ``backup.<which>`` on ``host``; None when it exited 0, else one line saying why."""
     command = shlex.join(argv)
     label = f"backup.{which} `{command}`"
@@ -29,19 +44,18 @@ def run_hook(host: Host, which: str, argv: tuple[str, ...] | list[str]) -> str |
         return (f"{label} did not run: sudo_password is true and there is no terminal to "
                 "ask on; allow NOPASSWD sudo for the admin user to run hooks unattended")
     try:
-        c = connect(host, timeout=TIMEOUT)
+        session = (shared or Run()).open(host, timeout=TIMEOUT)
     except ConnectError as exc:
         return f"{label} did not run: {exc}"
     except Exception as exc:  # noqa: BLE001 - paramiko's many errors: one line, no traceback
         return f"{label} did not run: {type(exc).__name__}: {exc}"
     try:
-        result = run(c, command, sudo=True, host=host.name)
+        with session:
+            result = session.run(command, sudo=True)
     except SudoError as exc:
         return f"{label} did not run: {exc}"
     except Exception as exc:  # noqa: BLE001
         return f"{label} failed: {type(exc).__name__}: {exc}"
-    finally:
-        c.close()
     if result.exited != 0:
         lines = (result.stderr or result.stdout or "").strip().splitlines()
         tail = f": {lines[-1][:300]}" if lines else ""
