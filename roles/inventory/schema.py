@@ -363,21 +363,80 @@ def dump(host: Host) -> dict[str, Any]:
 TOP_LEVEL = {"defaults", "hosts"}
 
 
-def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> Any:
-    """Build plain data from a composed YAML node, recording each path's line number."""
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Problem(Exception):
+    """A problem at a YAML node while building plain data: its line and one message."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int],
+               constructor: Any = None, active: tuple[int, ...] = ()) -> Any:
+    """Build plain data from a composed YAML node, recording each path's line number.
+
+    Scalars are built by PyYAML's safe constructor (an empty value is None); merge keys
+    (``<<: *defaults``, or a list of aliases) are merged as YAML 1.1 says: the mapping's
+    own keys win, then the merged mappings in order; a merged key keeps the line of the
+    anchor it came from.
+    """
+    constructor = constructor or yaml.constructor.SafeConstructor()
     lines[path] = node.start_mark.line + 1
+    if id(node) in active:
+        raise _Problem(node.start_mark.line + 1, "an alias refers to itself (recursive anchor)")
+    active = (*active, id(node))
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
+        merged: dict[Any, tuple[Any, dict[tuple[Any, ...], int]]] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node))
+            if key_node.tag == _MERGE_TAG:
+                sources = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                           else [value_node])
+                for source in sources:
+                    if not isinstance(source, yaml.MappingNode):
+                        raise _Problem(source.start_mark.line + 1,
+                                       "a merge key '<<' takes a mapping (an alias such as "
+                                       "*defaults) or a list of them")
+                    sub: dict[tuple[Any, ...], int] = {}
+                    values = _to_python(source, path, sub, constructor, active)
+                    for key, value in values.items():
+                        if key not in merged:  # the first merged mapping wins
+                            merged[key] = (value, {p: n for p, n in sub.items()
+                                                   if p[:len(path) + 1] == (*path, key)})
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Problem(key_node.start_mark.line + 1, "a key must be a plain word")
+            key = _scalar(key_node, constructor)
             if key in out:
-                raise InventoryError([f"LINE{key_node.start_mark.line + 1}: duplicate key {key!r}"])
-            out[key] = _to_python(value_node, (*path, key), lines)
+                raise _Problem(key_node.start_mark.line + 1, f"duplicate key {key!r}")
+            out[key] = _to_python(value_node, (*path, key), lines, constructor, active)
             lines[(*path, key)] = key_node.start_mark.line + 1
+        for key, (value, sub) in merged.items():
+            if key not in out:  # the mapping's own keys win over merged ones
+                out[key] = value
+                lines.update(sub)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(n, (*path, i), lines) for i, n in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+        return [_to_python(n, (*path, i), lines, constructor, active)
+                for i, n in enumerate(node.value)]
+    return _scalar(node, constructor)
+
+
+def _scalar(node: yaml.Node, constructor: Any) -> Any:
+    try:
+        value = constructor.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise _Problem(node.start_mark.line + 1, f"not a value pullback reads: {problem}"
+                       ) from None
+    try:
+        hash(value)
+    except TypeError:
+        raise _Problem(node.start_mark.line + 1, "a key must be a plain word") from None
+    return value
 
 
 def _merge(base: Any, override: Any) -> Any:
@@ -399,7 +458,34 @@ def _tuples(value: Any) -> Any:
 
 
 def _dotted(path: Iterable[Any]) -> str:
-    return ".".join(str(p) for p in path)
+    """``hosts.web1.backup.options[2]``: list items by index."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) and not isinstance(part, bool) else (
+            f".{part}" if out else str(part))
+    return out
+
+
+EMPTY_VALUE = "has no value: write one, or delete the line for the default"
+
+
+def _drop_empty(value: Any, path: tuple[Any, ...], empty: set[tuple[Any, ...]]) -> Any:
+    """``value`` without its empty (None) entries, whose paths are added to ``empty``."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if item is None:
+                empty.add((*path, key))
+            else:
+                out[key] = _drop_empty(item, (*path, key), empty)
+        return out
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if item is None:
+                empty.add((*path, i))
+        return [_drop_empty(item, (*path, i), empty) for i, item in enumerate(value)
+                if item is not None]
+    return value
 
 
 def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
@@ -414,8 +500,10 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
     lines: dict[tuple[Any, ...], int] = {}
     try:
         data = _to_python(root, (), lines) if root is not None else None
-    except InventoryError as exc:
-        raise InventoryError([p.replace("LINE", f"{source}:", 1) for p in exc.problems]) from None
+    except _Problem as exc:
+        raise InventoryError([f"{source}:{exc.line}: {exc.message}"]) from None
+    except RecursionError:
+        raise InventoryError([f"{source}:1: the inventory nests too deeply"]) from None
     if not isinstance(data, dict):
         raise InventoryError([f"{source}:1: the inventory must be a mapping with 'hosts:'"])
 
@@ -441,13 +529,27 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         report(("hosts",), "must be a non-empty mapping of host name -> settings")
         raise InventoryError(problems)
 
+    # An empty value (`from:`, `backup:`, a bare `-` in a list) is a mistake, not a default:
+    # one line each, and the key is left out so pydantic does not report it again.
+    empty: set[tuple[Any, ...]] = set()
+    defaults = _drop_empty(defaults, ("defaults",), empty)
+    for path in sorted(empty, key=lambda p: lines.get(p, 0)):
+        report(path, EMPTY_VALUE)
+
     hosts: dict[str, Host] = {}
     for name, entry in hosts_data.items():
         if entry is None:
-            entry = {}
+            report(("hosts", name), "has no settings: give at least its address: (admin_user "
+                                    "and backup_key here or under defaults:)")
+            continue
         if not isinstance(entry, dict):
             report(("hosts", name), "must be a mapping of settings")
             continue
+        host_empty: set[tuple[Any, ...]] = set()
+        entry = _drop_empty(entry, ("hosts", name), host_empty)
+        for path in sorted(host_empty, key=lambda p: lines.get(p, 0)):
+            report(path, EMPTY_VALUE)
+        empty |= host_empty
         merged = _tuples(_merge(defaults, entry))
         merged["name"] = str(name)
         try:
@@ -462,6 +564,8 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
                 # Point at the line the bad value came from: the host entry or defaults.
                 host_path = ("hosts", name, *loc)
                 default_path = ("defaults", *loc)
+                if host_path in empty or default_path in empty:
+                    continue  # reported above as an empty value
                 if loc == ("name",):
                     path = ("hosts", name)
                 elif host_path in lines or default_path not in lines:
