@@ -73,7 +73,7 @@ RESERVED_PREFIXES = {
 
 
 def option_problem(option: str) -> str | None:
-    """Why ``option`` (one word of backup.options) is refused, or None. Pure."""
+    """Why ``option`` (one item of backup.options) is refused, or None. Pure."""
     if option in ("-", "--") or not option.startswith("-"):
         return f"{option!r} is not an option (options start with '-')"
     if option.startswith("--"):
@@ -81,7 +81,13 @@ def option_problem(option: str) -> str | None:
         why = RESERVED_OPTIONS.get(name) or next(
             (text for prefix, text in RESERVED_PREFIXES.items() if name.startswith(prefix)),
             None)
-        return f"{option!r} is not allowed here: {why}" if why else None
+        if why:
+            return f"{option!r} is not allowed here: {why}"
+    shape = rsync_model.option_shape_problem(option)
+    if shape:
+        return shape
+    if option.startswith("--"):
+        return None
     flags, letter, _ = rsync_model.split_short(option)
     if "n" in flags:
         return f"{option!r} contains -n: use `invoke backup --dry-run` instead"
@@ -153,6 +159,18 @@ def _version(value: str) -> str:
 AbsPath = Annotated[str, AfterValidator(_absolute_path)]
 
 
+def _option(value: str) -> str:
+    _no_control(value)
+    problem = option_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# One rsync option per list item, checked item by item (the error names the item's line).
+RsyncOption = Annotated[str, AfterValidator(_option)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
@@ -203,7 +221,13 @@ class RsyncSettings(_Strict):
 class BackupSettings(_Strict):
     source: AbsPath = "/"
     destination: str = "/var/backups/pullback/{name}"
-    options: tuple[str, ...] = DEFAULT_OPTIONS
+    # The whole option list, replacing the release's defaults; it must still hold what
+    # makes the copy exact (roles.core.rsync.missing_exact) unless allow_inexact. After
+    # validation ``options`` is what the pull runs: the base, extra_options, --bwlimit.
+    options: tuple[RsyncOption, ...] = DEFAULT_OPTIONS
+    extra_options: tuple[RsyncOption, ...] = ()
+    bwlimit: int | None = Field(default=None, ge=1)  # KiB per second
+    allow_inexact: bool = False
     exclude: tuple[str, ...] = ()
     # History by default: a server wiped or encrypted by ransomware must not overwrite
     # its only copy. 0 is one mirror (DEST/tree); N keeps the newest N hard-linked runs.
@@ -234,16 +258,6 @@ class BackupSettings(_Strict):
         problem = destinations.allow_problem(value) if value is not None else None
         if problem:
             raise ValueError(problem)
-        return value
-
-    @field_validator("options")
-    @classmethod
-    def _options(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for option in value:
-            _no_control(option)
-            problem = option_problem(option)
-            if problem:
-                raise ValueError(problem)
         return value
 
     @field_validator("exclude")
@@ -309,18 +323,38 @@ class Host(_Strict):
 
     @model_validator(mode="after")
     def _options_for_version(self) -> Host:
-        """No ``backup.options``: the defaults of ``rsync.version``; given ones must run there."""
-        version = self.rsync.version
-        if "options" not in self.backup.model_fields_set:
-            wanted = rsync_model.default_options(version)
-            if self.backup.options != wanted:
-                # Frozen model: swap in a copy that differs only in its (valid) options.
-                object.__setattr__(self, "backup",
-                                   self.backup.model_copy(update={"options": wanted}))
-            return self
-        problem = rsync_model.check_options(self.backup.options, version)
+        """The options the pull runs: ``backup.options`` (else the defaults of
+        ``rsync.version``), then ``extra_options`` and ``--bwlimit``. They must keep what
+        makes a full-system copy exact unless ``allow_inexact``, and run on that release."""
+        version, backup = self.rsync.version, self.backup
+        given = "options" in backup.model_fields_set
+        base = backup.options if given else rsync_model.default_options(version)
+        effective = (*base, *backup.extra_options,
+                     *((f"--bwlimit={backup.bwlimit}",) if backup.bwlimit else ()))
+        problem = rsync_model.check_options(effective, version)
         if problem:
             raise ValueError(f"backup.options: {problem}")
+        if not backup.allow_inexact:
+            missing = rsync_model.missing_exact(effective, version)
+            if missing and given and rsync_model.missing_exact(base, version):
+                raise ValueError(
+                    f"backup.options: replaces the defaults and leaves out "
+                    f"{' '.join(missing)}, which a full-system copy needs: put additions in "
+                    "backup.extra_options (the defaults stay), or list those too, or set "
+                    "backup.allow_inexact: true knowingly")
+            if missing:
+                raise ValueError(
+                    f"backup.extra_options: turns off {' '.join(missing)}, which a "
+                    "full-system copy needs (or set backup.allow_inexact: true knowingly)")
+            inexact = rsync_model.inexact_option(effective)
+            if inexact:
+                field = ("backup.extra_options" if inexact.split()[0] in backup.extra_options
+                         else "backup.options")
+                raise ValueError(f"{field}: {inexact}: the copy would differ from the server "
+                                 "(or set backup.allow_inexact: true knowingly)")
+        if effective != backup.options:
+            # Frozen model: swap in a copy that differs only in its (valid) options.
+            object.__setattr__(self, "backup", backup.model_copy(update={"options": effective}))
         return self
 
     @model_validator(mode="after")
@@ -558,9 +592,11 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
             for error in exc.errors():
                 loc = tuple("from" if p == "from_" else p for p in error["loc"])
                 message = _message(error)
-                if not loc and message.startswith(_DEST_PREFIX):
-                    # Host's own check of its destination: point at backup.destination.
-                    loc, message = ("backup", "destination"), message[len(_DEST_PREFIX):]
+                field = next((f for f in _MODEL_FIELDS if message.startswith(f + ": ")),
+                             None)
+                if not loc and field:
+                    # Host's own checks across fields: point at the field they name.
+                    loc, message = tuple(field.split(".")), message[len(field) + 2:]
                 # Point at the line the bad value came from: the host entry or defaults.
                 host_path = ("hosts", name, *loc)
                 default_path = ("defaults", *loc)
@@ -588,7 +624,8 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
     return Inventory(path=Path(source), hosts=hosts)
 
 
-_DEST_PREFIX = "backup.destination: "
+# Host's model-level checks start their message with the field they are about.
+_MODEL_FIELDS = ("backup.destination", "backup.options", "backup.extra_options")
 
 
 def _message(error: Any) -> str:

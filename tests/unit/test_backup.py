@@ -41,6 +41,8 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
         "backup": {"destination": str(tmp / "{name}") if tmp else "/backups/{name}",
                    "snapshots": 0, **backup},  # mirror mode unless a test asks for snapshots
     }
+    if "options" in backup:  # options chosen to test the argv, not a full-system copy
+        data["backup"].setdefault("allow_inexact", True)
     if tmp is not None:
         data["rsync"] = {"local_prefix": str(tmp / "prefix")}
         key = tmp / "backup-key"  # run_backup refuses a missing or readable key
