@@ -262,7 +262,8 @@ def restore_drill(c, inventory=DEFAULT_INVENTORY, host=None, to=None, path=None,
     print(f"{h.name}: {result.path} on the server against its restore in {result.target}")
     print(format_table(result.comparison), end="")
     if result.comparison.excluded:
-        print(f"({result.comparison.excluded} server entries left out by backup.exclude)")
+        print(f"({result.comparison.excluded} server entries left out by backup.exclude "
+              "and backup.system_exclude)")
     if not result.ok:
         raise Exit(f"restore-drill: {result.comparison.differences} differences", code=1)
 

@@ -280,6 +280,35 @@ def option_shape_problem(item: str) -> str | None:
     return None
 
 
+# --- what a full-system pull leaves out by default ---------------------------------------
+
+# Pseudo and volatile paths of the server, as absolute paths there: kernel file systems
+# (/proc, /sys), devices (/dev: the kernel makes them at boot), runtime state (/run), scratch
+# space (/tmp, /var/tmp), downloaded packages (apt's archives) and swap files. ``-x`` already
+# skips a folder that is a mount of its own; these hold no data worth a copy either way.
+# ``DIR/*`` leaves out the contents but keeps DIR itself, its owner and mode (/tmp's 1777):
+# a restored system needs the mount points. backup.system_exclude overrides the list.
+SYSTEM_EXCLUDE = ("/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/var/tmp/*",
+                  "/var/cache/apt/archives/*", "/swapfile", "/swap.img")
+
+
+def anchored_excludes(patterns: tuple[str, ...] | list[str], source: str) -> list[str]:
+    """``patterns`` (absolute paths on the server) as rsync ``--exclude`` patterns of a pull
+    of ``source``: anchored at the transfer root, i.e. relative to ``source``. A pattern
+    outside ``source``, or naming ``source`` itself or a folder above it, is dropped: a
+    pull of /var/tmp means to copy /var/tmp."""
+    top = source.rstrip("/")
+    out = []
+    for pattern in patterns:
+        fixed = re.split(r"[*?\[]", pattern, maxsplit=1)[0]  # the literal part
+        path = fixed.rstrip("/") if fixed != pattern else pattern.rstrip("/")
+        if not top:
+            out.append(pattern)
+        elif path.startswith(top + "/") and pattern[len(top):].strip("/*"):
+            out.append(pattern[len(top):])
+    return out
+
+
 # Characters that need no quoting in sh (a subset of shlex's safe set): the gate compares
 # and execs these words literally, so nothing in them may be special to the shell.
 SAFE_WORD = re.compile(r"[A-Za-z0-9._,:=+@%/-]+")

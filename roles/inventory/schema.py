@@ -229,6 +229,9 @@ class BackupSettings(_Strict):
     bwlimit: int | None = Field(default=None, ge=1)  # KiB per second
     allow_inexact: bool = False
     exclude: tuple[str, ...] = ()
+    # Paths on the server a pull leaves out (absolute; roles.core.rsync.SYSTEM_EXCLUDE):
+    # a list here replaces the default, [] copies them all.
+    system_exclude: tuple[str, ...] = rsync_model.SYSTEM_EXCLUDE
     # History by default: a server wiped or encrypted by ransomware must not overwrite
     # its only copy. 0 is one mirror (DEST/tree); N keeps the newest N hard-linked runs.
     snapshots: int = Field(default=DEFAULT_SNAPSHOTS, ge=0, le=10000)
@@ -268,6 +271,25 @@ class BackupSettings(_Strict):
             if not pattern:
                 raise ValueError("an exclude pattern must not be empty")
         return value
+
+    @field_validator("system_exclude")
+    @classmethod
+    def _system_exclude(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            _no_control(pattern)
+            if not pattern.startswith("/") or pattern.strip("/*") == "":
+                raise ValueError(f"{pattern!r} must be an absolute path on the server below / "
+                                 "(e.g. /var/tmp/* or /swapfile)")
+            if any(part == ".." for part in pattern.split("/")):
+                raise ValueError(f"must not contain '..', got {pattern!r}")
+        return value
+
+    @property
+    def pull_exclude(self) -> tuple[str, ...]:
+        """Every ``--exclude`` of the pull: system_exclude below ``source`` (anchored at the
+        transfer root), then ``exclude`` as written."""
+        return (*rsync_model.anchored_excludes(self.system_exclude, self.source),
+                *self.exclude)
 
     @field_validator("module")
     @classmethod

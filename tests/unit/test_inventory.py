@@ -458,3 +458,37 @@ def test_a_backup_option_problem_is_one_line_in_the_tasks_and_pullback_backup(tm
                                 capture_output=True, text=True, check=False, timeout=60,
                                 env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
         assert (result.returncode, result.stderr) == (2, wanted), result
+
+
+# --- backup.system_exclude ---------------------------------------------------------------------
+
+
+def test_system_exclude_defaults_and_anchors_below_the_source():
+    from roles.core.rsync import SYSTEM_EXCLUDE
+
+    host = load_text(BASE).hosts["a"]
+    assert host.backup.system_exclude == SYSTEM_EXCLUDE
+    assert {"/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/var/tmp/*",
+            "/var/cache/apt/archives/*", "/swapfile"} <= set(SYSTEM_EXCLUDE)
+    assert host.backup.pull_exclude == SYSTEM_EXCLUDE
+    var = load_text(BASE + "    backup: {source: /var, exclude: ['*.log']}\n").hosts["a"]
+    assert var.backup.pull_exclude == ("/tmp/*", "/cache/apt/archives/*", "*.log")
+    # A pull of a left-out folder itself means to copy it; elsewhere none applies.
+    for source in ("/var/tmp", "/srv/data", "/tmp"):
+        text = BASE + f"    backup: {{source: {source}}}\n"
+        assert load_text(text).hosts["a"].backup.pull_exclude == ()
+    text = BASE + "    backup: {system_exclude: [], exclude: [/x]}\n"
+    assert load_text(text).hosts["a"].backup.pull_exclude == ("/x",)
+
+
+@pytest.mark.parametrize(("pattern", "message"), [
+    ("tmp/*", "'tmp/*' must be an absolute path on the server below /"),
+    ("/", "'/' must be an absolute path on the server below /"),
+    ("/*", "'/*' must be an absolute path on the server below /"),
+    ("/var/../etc", "must not contain '..'"),
+])
+def test_system_exclude_refuses_what_is_not_a_path_below_root(pattern, message):
+    with pytest.raises(InventoryError) as caught:
+        load_text(BASE + f"    backup: {{system_exclude: ['{pattern}']}}\n")
+    (line,) = caught.value.problems
+    assert line.startswith(f"inventory.yaml:6: hosts.a.backup.system_exclude: {message}"), line
