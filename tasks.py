@@ -286,6 +286,22 @@ def doctor(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, explain=None):
 
 
 @task(iterable=["host"], help=FLEET_HELP)
+def check_inventory(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
+    """Check the inventory, keys, known_hosts, folders and rsync here; contact no host."""
+    from roles.cli import check
+
+    results = [check.check_host(h) for h in _hosts(inventory, host, shard)]
+    for r in results:
+        for warning in r.warnings:
+            print(f"{r.host}: warning: {warning}", file=sys.stderr)
+        for problem in r.problems:
+            print(f"{r.host}: {problem}")
+    if any(r.problems for r in results):
+        raise Exit(code=2)
+    print("ok")
+
+
+@task(iterable=["host"], help=FLEET_HELP)
 def verify(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     """Check each remote's hardened state with the testinfra checks (tests/infra)."""
     from roles.features import verify as checks
@@ -468,7 +484,7 @@ def lab_status(c, prefix="pullback-lab"):
 ns = Collection(
     keygen, setup_remote, build_rsync, capture_command, backup, restore, restore_drill,
     doctor, verify,
-    schedule, status, trust_host,
+    schedule, status, trust_host, check_inventory,
 )
 lab_collection = Collection("lab")
 lab_collection.add_task(lab_up, "up")
