@@ -69,6 +69,28 @@ def test_the_shipped_example_mirrors_the_seed():
     assert host.from_ is None  # from= this backup host's address, as the server sees it
 
 
+def test_the_shipped_example_is_for_linux_with_macos_in_a_comment():
+    text = (ROOT / "inventory.yaml").read_text()
+    host = load_text(text).hosts["example.com"]
+    assert host.backup_key == "/root/.ssh/id_ed25519_pullback"
+    assert host.destination == "/var/backups/pullback/example.com"
+    assert host.backup.allow_destination is None  # a standard root: nothing to allow
+    assert host.backup.pull_exclude[:2] == ("/proc/*", "/sys/*")
+    live = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("/var/root" in line for line in live)
+    # The comment's macOS lines, put in place, load too.
+    mac = (text.replace("  backup_key: /root/.ssh/id_ed25519_pullback ",
+                        "  backup_key: /var/root/.ssh/id_ed25519_rsync ")
+           .replace("    destination: /var/backups/pullback/{name} ",
+                    "    destination: /var/root/backups/{name}\n"
+                    "    allow_destination: /var/root/backups "))
+    host = load_text(mac).hosts["example.com"]
+    assert (host.backup_key, host.destination) == ("/var/root/.ssh/id_ed25519_rsync",
+                                                   "/var/root/backups/example.com")
+    assert "#   backup_key: /var/root/.ssh/id_ed25519_rsync\n" in text
+    assert "#     allow_destination: /var/root/backups" in text
+
+
 def test_defaults_keep_history_and_from_any_is_accepted():
     inventory = load_text("hosts:\n  a:\n    address: 192.0.2.1\n    admin_user: u\n"
                           "    backup_key: /k\n  b:\n    address: 192.0.2.2\n"
