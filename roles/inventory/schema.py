@@ -550,8 +550,11 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}" if mark else "?"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        position = getattr(exc, "position", None)  # a ReaderError: a character offset
+        line = (f"{mark.line + 1}" if mark else
+                f"{text.count(chr(10), 0, position) + 1}" if isinstance(position, int) else "1")
+        problem = (getattr(exc, "problem", None) or getattr(exc, "reason", None)
+                   or str(exc).splitlines()[0])
         raise InventoryError([f"{source}:{line}: not valid YAML: {problem}"]) from None
     lines: dict[tuple[Any, ...], int] = {}
     try:

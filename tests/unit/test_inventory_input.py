@@ -47,6 +47,8 @@ BROKEN = [
      "1: an alias refers to itself (recursive anchor)"),
     ("list-key", "hosts:\n  ? [a, b]\n  : {address: 192.0.2.1}\n",
      "2: a key must be a plain word"),
+    ("control-character", "hosts:\n  web1:\x01 x\n",
+     "2: not valid YAML: special characters are not allowed"),
     ("unknown-tag", "hosts:\n  web1:\n" + HOST + "    port: !shell 22\n",
      "6: not a value pullback reads: could not determine a constructor for the tag '!shell'"),
 ]
