@@ -266,7 +266,8 @@ def restore_drill(c, inventory=DEFAULT_INVENTORY, host=None, to=None, path=None,
     print(f"{h.name}: {result.path} on the server against its restore in {result.target}")
     print(format_table(result.comparison), end="")
     if result.comparison.excluded:
-        print(f"({result.comparison.excluded} server entries left out by backup.exclude)")
+        print(f"({result.comparison.excluded} server entries left out by backup.exclude "
+              "and backup.system_exclude)")
     if not result.ok:
         raise Exit(f"restore-drill: {result.comparison.differences} differences", code=1)
 
@@ -286,6 +287,22 @@ def doctor(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, explain=None):
     bad = [r.host for r in reports if r.errors]
     if bad:
         raise Exit(f"doctor: errors on {', '.join(bad)}", code=1)
+
+
+@task(iterable=["host"], help=FLEET_HELP)
+def check_inventory(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
+    """Check the inventory, keys, known_hosts, folders and rsync here; contact no host."""
+    from roles.cli import check
+
+    results = [check.check_host(h) for h in _hosts(inventory, host, shard)]
+    for r in results:
+        for warning in r.warnings:
+            print(f"{r.host}: warning: {warning}", file=sys.stderr)
+        for problem in r.problems:
+            print(f"{r.host}: {problem}")
+    if any(r.problems for r in results):
+        raise Exit(code=2)
+    print("ok")
 
 
 @task(iterable=["host"], help=FLEET_HELP)
@@ -559,7 +576,7 @@ def lab_status(c, prefix="pullback-lab"):
 ns = Collection(
     keygen, setup_remote, build_rsync, capture_command, backup, restore, restore_drill,
     doctor, verify,
-    schedule, status, trust_host, snapshots, diff, prune,
+    schedule, status, trust_host, snapshots, diff, prune, check_inventory,
 )
 lab_collection = Collection("lab")
 lab_collection.add_task(lab_up, "up")

@@ -22,6 +22,7 @@ class BackupSpec(Protocol):
     module: str
     options: Sequence[str]
     exclude: Sequence[str]
+    pull_exclude: Sequence[str]  # backup.system_exclude below source, then exclude
     max_delete: int | None
 
 
@@ -141,7 +142,7 @@ def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: 
     else:
         options = list(host.backup.options)
     argv = [local_rsync, "-e", ssh_command(host, interactive=tty), *options, "--stats"]
-    argv += [f"--exclude={pattern}" for pattern in host.backup.exclude]
+    argv += [f"--exclude={pattern}" for pattern in host.backup.pull_exclude]
     if dry_run:
         # Daemon mode: the daemon takes the client's options. Captured mode: the gate runs
         # the recorded dry-run command, which is what a client with -n sends.

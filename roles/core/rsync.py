@@ -146,6 +146,169 @@ def check_options(options: tuple[str, ...] | list[str], version: str) -> str | N
     return None
 
 
+# --- what makes a full-system copy exact --------------------------------------------------
+
+# Each property of an exact copy: the short letter, the long names that turn it on, and the
+# names ``--no-NAME`` turns it off by (rsync reads options in order, so a later ``--no-p``
+# undoes ``-a``'s p). -a is -rlptgoD, -D is --devices --specials.
+_EXACT: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("recursive", "r", ("--recursive",)),
+    ("links", "l", ("--links",)),
+    ("perms", "p", ("--perms",)),
+    ("times", "t", ("--times",)),
+    ("group", "g", ("--group",)),
+    ("owner", "o", ("--owner",)),
+    ("devices", "D", ("--devices",)),
+    ("specials", "D", ("--specials",)),
+    ("one-file-system", "x", ("--one-file-system",)),
+    ("numeric-ids", "", ("--numeric-ids",)),
+    # --delete-excluded turns deleting on too (rsync's options.c: delete during).
+    ("delete", "", ("--delete", "--del", "--delete-before", "--delete-during",
+                    "--delete-delay", "--delete-after", "--delete-excluded")),
+    ("hard-links", "H", ("--hard-links",)),
+    ("sparse", "S", ("--sparse",)),
+    ("acls", "A", ("--acls",)),
+    ("xattrs", "X", ("--xattrs",)),
+)
+_SHOWN = {"recursive": "-r", "links": "-l", "perms": "-p", "times": "-t", "group": "-g",
+          "owner": "-o", "devices": "-D", "specials": "-D", "one-file-system": "-x",
+          "numeric-ids": "--numeric-ids", "delete": "--delete", "hard-links": "-H",
+          "sparse": "-S", "acls": "-A", "xattrs": "-X"}
+_ARCHIVE = ("recursive", "links", "perms", "times", "group", "owner", "devices", "specials")
+# Options that copy something else than the server holds: links followed or dropped,
+# modes, owners or names rewritten, files skipped by what the copy already has.
+INEXACT_OPTIONS = {
+    "--copy-links": "copies what symlinks point to instead of the links (-L)",
+    "--copy-dirlinks": "copies folders that symlinks point to instead of the links (-k)",
+    "--copy-unsafe-links": "copies what some symlinks point to instead of the links",
+    "--safe-links": "leaves out symlinks that point outside the tree",
+    "--munge-links": "rewrites every symlink",
+    "--chmod": "changes the copies' modes",
+    "--chown": "changes the copies' owners",
+    "--usermap": "changes the copies' owners",
+    "--groupmap": "changes the copies' groups",
+    "--existing": "copies no new files",
+    "--ignore-existing": "leaves changed files as they were",
+}
+INEXACT_SHORT = {"L": "--copy-links", "k": "--copy-dirlinks"}
+
+
+def exact_properties(version: str) -> tuple[str, ...]:
+    """What every pull with rsync ``version`` on both ends must keep (-A/-X from 3.0)."""
+    skip = () if has_metadata_options(version) else ("acls", "xattrs")
+    return tuple(name for name, _, _ in _EXACT if name not in skip)
+
+
+def _enabled(options: tuple[str, ...] | list[str]) -> set[str]:
+    """The exactness properties ``options`` leave on, read in order as rsync reads them."""
+    on: set[str] = set()
+    for option in options:
+        if option.startswith("--"):
+            name = option.split("=", 1)[0]
+            if name == "--archive":
+                on.update(_ARCHIVE)
+            if name.startswith("--no-"):
+                off = name[len("--no-"):]
+                if off in ("a", "archive"):  # not an rsync option; never turns anything on
+                    continue
+                on.difference_update(prop for prop, short, longs in _EXACT
+                                     if off in (short, prop) or f"--{off}" in longs)
+                continue
+            on.update(prop for prop, _, longs in _EXACT if name in longs)
+            continue
+        flags, _, _ = split_short(option)
+        for letter in flags:
+            if letter == "a":
+                on.update(_ARCHIVE)
+            on.update(prop for prop, short, _ in _EXACT if short and letter == short)
+    return on
+
+
+def missing_exact(options: tuple[str, ...] | list[str], version: str) -> list[str]:
+    """The options (as written: ``-x``, ``--numeric-ids``, ``-a`` for all of -rlptgoD) a
+    pull with ``options`` lacks to copy a whole system exactly, in a fixed order."""
+    missing = [name for name in exact_properties(version) if name not in _enabled(options)]
+    if all(name in missing for name in _ARCHIVE):
+        missing = ["archive", *(name for name in missing if name not in _ARCHIVE)]
+    shown = [_SHOWN.get(name, "-a") for name in missing]
+    return list(dict.fromkeys(shown))
+
+
+def inexact_option(options: tuple[str, ...] | list[str]) -> str | None:
+    """Why one of ``options`` makes the copy differ from the server, or None."""
+    for option in options:
+        if option.startswith("--"):
+            name = option.split("=", 1)[0]
+            if name in INEXACT_OPTIONS:
+                return f"{option} {INEXACT_OPTIONS[name]}"
+            continue
+        flags, _, _ = split_short(option)
+        for letter in flags:
+            if letter in INEXACT_SHORT:
+                long = INEXACT_SHORT[letter]
+                return f"{option} holds -{letter}, which {INEXACT_OPTIONS[long].split(' (')[0]}"
+    return None
+
+
+_ONE_LONG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9-]*")
+_SHORT_FLAGS = re.compile(r"[A-Za-z0-9]*")
+
+
+def option_shape_problem(item: str) -> str | None:
+    """Why ``item`` (one list item of backup.options) is not exactly one option, or None.
+
+    rsync gets each item as one argument: ``"-avzx --numeric-ids"`` would reach it as a
+    single word (and its letters after ``e`` as -e's argument), ``"--bwlimit 1000"`` as an
+    unknown option. A value may hold spaces only after ``=`` (``--filter=- *.tmp``).
+    """
+    words = item.split()
+    if len(words) > 1 and any(word.startswith("-") for word in words[1:]):
+        return (f"{item!r} is {len(words)} words in one item: write one option per item, "
+                f"e.g. [{', '.join(words)}]")
+    if item != item.strip():
+        return f"{item!r} has spaces around it: one option per item, no spaces"
+    if item.startswith("--"):
+        name, equals, _ = item.partition("=")
+        if not _ONE_LONG.fullmatch(name):
+            hint = f" (write {words[0]}={' '.join(words[1:])})" if len(words) > 1 else ""
+            return f"{item!r} is not one option: a long option is --name or --name=value{hint}"
+        return None
+    flags, letter, argument = split_short(item)
+    if not _SHORT_FLAGS.fullmatch(flags) or (letter and argument[:1].isspace()):
+        return (f"{item!r} is not one option: short options are letters after one '-' "
+                "(-avzx), a value follows its letter directly (-B1024)")
+    return None
+
+
+# --- what a full-system pull leaves out by default ---------------------------------------
+
+# Pseudo and volatile paths of the server, as absolute paths there: kernel file systems
+# (/proc, /sys), devices (/dev: the kernel makes them at boot), runtime state (/run), scratch
+# space (/tmp, /var/tmp), downloaded packages (apt's archives) and swap files. ``-x`` already
+# skips a folder that is a mount of its own; these hold no data worth a copy either way.
+# ``DIR/*`` leaves out the contents but keeps DIR itself, its owner and mode (/tmp's 1777):
+# a restored system needs the mount points. backup.system_exclude overrides the list.
+SYSTEM_EXCLUDE = ("/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/var/tmp/*",
+                  "/var/cache/apt/archives/*", "/swapfile", "/swap.img")
+
+
+def anchored_excludes(patterns: tuple[str, ...] | list[str], source: str) -> list[str]:
+    """``patterns`` (absolute paths on the server) as rsync ``--exclude`` patterns of a pull
+    of ``source``: anchored at the transfer root, i.e. relative to ``source``. A pattern
+    outside ``source``, or naming ``source`` itself or a folder above it, is dropped: a
+    pull of /var/tmp means to copy /var/tmp."""
+    top = source.rstrip("/")
+    out = []
+    for pattern in patterns:
+        fixed = re.split(r"[*?\[]", pattern, maxsplit=1)[0]  # the literal part
+        path = fixed.rstrip("/") if fixed != pattern else pattern.rstrip("/")
+        if not top:
+            out.append(pattern)
+        elif path.startswith(top + "/") and pattern[len(top):].strip("/*"):
+            out.append(pattern[len(top):])
+    return out
+
+
 # Characters that need no quoting in sh (a subset of shlex's safe set): the gate compares
 # and execs these words literally, so nothing in them may be special to the shell.
 SAFE_WORD = re.compile(r"[A-Za-z0-9._,:=+@%/-]+")

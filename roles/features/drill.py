@@ -53,9 +53,11 @@ def mtime_resolution_ns(host: Host) -> int:
 def compare_trees(host: Host, server: list[dict], copy: list[dict],
                   path: str) -> comparison.Comparison:
     """``server`` (the tree at ``path`` on the host) against ``copy`` (its restore); the
-    backup's excludes are applied to the server side, relative to ``backup.source``."""
+    backup's excludes (``system_exclude`` and ``exclude``, as the pull passes them) are
+    applied to the server side, relative to ``backup.source``: the drill compares what is
+    backed up."""
     source = host.backup.source.rstrip("/") or "/"
     prefix = path[len(source):] if path.startswith(source) else ""
-    exclude = comparison.build_exclude(host.backup.exclude, prefix=prefix)
+    exclude = comparison.build_exclude(host.backup.pull_exclude, prefix=prefix)
     return comparison.compare(server, copy, mtime_resolution_ns=mtime_resolution_ns(host),
                               exclude=exclude)

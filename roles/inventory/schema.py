@@ -73,7 +73,7 @@ RESERVED_PREFIXES = {
 
 
 def option_problem(option: str) -> str | None:
-    """Why ``option`` (one word of backup.options) is refused, or None. Pure."""
+    """Why ``option`` (one item of backup.options) is refused, or None. Pure."""
     if option in ("-", "--") or not option.startswith("-"):
         return f"{option!r} is not an option (options start with '-')"
     if option.startswith("--"):
@@ -81,7 +81,13 @@ def option_problem(option: str) -> str | None:
         why = RESERVED_OPTIONS.get(name) or next(
             (text for prefix, text in RESERVED_PREFIXES.items() if name.startswith(prefix)),
             None)
-        return f"{option!r} is not allowed here: {why}" if why else None
+        if why:
+            return f"{option!r} is not allowed here: {why}"
+    shape = rsync_model.option_shape_problem(option)
+    if shape:
+        return shape
+    if option.startswith("--"):
+        return None
     flags, letter, _ = rsync_model.split_short(option)
     if "n" in flags:
         return f"{option!r} contains -n: use `invoke backup --dry-run` instead"
@@ -151,6 +157,18 @@ def _version(value: str) -> str:
 
 
 AbsPath = Annotated[str, AfterValidator(_absolute_path)]
+
+
+def _option(value: str) -> str:
+    _no_control(value)
+    problem = option_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# One rsync option per list item, checked item by item (the error names the item's line).
+RsyncOption = Annotated[str, AfterValidator(_option)]
 
 
 class _Strict(BaseModel):
@@ -223,8 +241,17 @@ Command = Annotated[tuple[str, ...], AfterValidator(_command)]
 class BackupSettings(_Strict):
     source: AbsPath = "/"
     destination: str = "/var/backups/pullback/{name}"
-    options: tuple[str, ...] = DEFAULT_OPTIONS
+    # The whole option list, replacing the release's defaults; it must still hold what
+    # makes the copy exact (roles.core.rsync.missing_exact) unless allow_inexact. After
+    # validation ``options`` is what the pull runs: the base, extra_options, --bwlimit.
+    options: tuple[RsyncOption, ...] = DEFAULT_OPTIONS
+    extra_options: tuple[RsyncOption, ...] = ()
+    bwlimit: int | None = Field(default=None, ge=1)  # KiB per second
+    allow_inexact: bool = False
     exclude: tuple[str, ...] = ()
+    # Paths on the server a pull leaves out (absolute; roles.core.rsync.SYSTEM_EXCLUDE):
+    # a list here replaces the default, [] copies them all.
+    system_exclude: tuple[str, ...] = rsync_model.SYSTEM_EXCLUDE
     # History by default: a server wiped or encrypted by ransomware must not overwrite
     # its only copy. 0 is one mirror (DEST/tree); N keeps the newest N hard-linked runs.
     snapshots: int = Field(default=DEFAULT_SNAPSHOTS, ge=0, le=10000)
@@ -261,16 +288,6 @@ class BackupSettings(_Strict):
             raise ValueError(problem)
         return value
 
-    @field_validator("options")
-    @classmethod
-    def _options(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for option in value:
-            _no_control(option)
-            problem = option_problem(option)
-            if problem:
-                raise ValueError(problem)
-        return value
-
     @field_validator("exclude")
     @classmethod
     def _exclude(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -279,6 +296,25 @@ class BackupSettings(_Strict):
             if not pattern:
                 raise ValueError("an exclude pattern must not be empty")
         return value
+
+    @field_validator("system_exclude")
+    @classmethod
+    def _system_exclude(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            _no_control(pattern)
+            if not pattern.startswith("/") or pattern.strip("/*") == "":
+                raise ValueError(f"{pattern!r} must be an absolute path on the server below / "
+                                 "(e.g. /var/tmp/* or /swapfile)")
+            if any(part == ".." for part in pattern.split("/")):
+                raise ValueError(f"must not contain '..', got {pattern!r}")
+        return value
+
+    @property
+    def pull_exclude(self) -> tuple[str, ...]:
+        """Every ``--exclude`` of the pull: system_exclude below ``source`` (anchored at the
+        transfer root), then ``exclude`` as written."""
+        return (*rsync_model.anchored_excludes(self.system_exclude, self.source),
+                *self.exclude)
 
     @field_validator("module")
     @classmethod
@@ -359,18 +395,38 @@ class Host(_Strict):
 
     @model_validator(mode="after")
     def _options_for_version(self) -> Host:
-        """No ``backup.options``: the defaults of ``rsync.version``; given ones must run there."""
-        version = self.rsync.version
-        if "options" not in self.backup.model_fields_set:
-            wanted = rsync_model.default_options(version)
-            if self.backup.options != wanted:
-                # Frozen model: swap in a copy that differs only in its (valid) options.
-                object.__setattr__(self, "backup",
-                                   self.backup.model_copy(update={"options": wanted}))
-            return self
-        problem = rsync_model.check_options(self.backup.options, version)
+        """The options the pull runs: ``backup.options`` (else the defaults of
+        ``rsync.version``), then ``extra_options`` and ``--bwlimit``. They must keep what
+        makes a full-system copy exact unless ``allow_inexact``, and run on that release."""
+        version, backup = self.rsync.version, self.backup
+        given = "options" in backup.model_fields_set
+        base = backup.options if given else rsync_model.default_options(version)
+        effective = (*base, *backup.extra_options,
+                     *((f"--bwlimit={backup.bwlimit}",) if backup.bwlimit else ()))
+        problem = rsync_model.check_options(effective, version)
         if problem:
             raise ValueError(f"backup.options: {problem}")
+        if not backup.allow_inexact:
+            missing = rsync_model.missing_exact(effective, version)
+            if missing and given and rsync_model.missing_exact(base, version):
+                raise ValueError(
+                    f"backup.options: replaces the defaults and leaves out "
+                    f"{' '.join(missing)}, which a full-system copy needs: put additions in "
+                    "backup.extra_options (the defaults stay), or list those too, or set "
+                    "backup.allow_inexact: true knowingly")
+            if missing:
+                raise ValueError(
+                    f"backup.extra_options: turns off {' '.join(missing)}, which a "
+                    "full-system copy needs (or set backup.allow_inexact: true knowingly)")
+            inexact = rsync_model.inexact_option(effective)
+            if inexact:
+                field = ("backup.extra_options" if inexact.split()[0] in backup.extra_options
+                         else "backup.options")
+                raise ValueError(f"{field}: {inexact}: the copy would differ from the server "
+                                 "(or set backup.allow_inexact: true knowingly)")
+        if effective != backup.options:
+            # Frozen model: swap in a copy that differs only in its (valid) options.
+            object.__setattr__(self, "backup", backup.model_copy(update={"options": effective}))
         return self
 
     @model_validator(mode="after")
@@ -417,21 +473,80 @@ def dump(host: Host) -> dict[str, Any]:
 TOP_LEVEL = {"defaults", "hosts"}
 
 
-def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> Any:
-    """Build plain data from a composed YAML node, recording each path's line number."""
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Problem(Exception):
+    """A problem at a YAML node while building plain data: its line and one message."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line, self.message = line, message
+
+
+def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int],
+               constructor: Any = None, active: tuple[int, ...] = ()) -> Any:
+    """Build plain data from a composed YAML node, recording each path's line number.
+
+    Scalars are built by PyYAML's safe constructor (an empty value is None); merge keys
+    (``<<: *defaults``, or a list of aliases) are merged as YAML 1.1 says: the mapping's
+    own keys win, then the merged mappings in order; a merged key keeps the line of the
+    anchor it came from.
+    """
+    constructor = constructor or yaml.constructor.SafeConstructor()
     lines[path] = node.start_mark.line + 1
+    if id(node) in active:
+        raise _Problem(node.start_mark.line + 1, "an alias refers to itself (recursive anchor)")
+    active = (*active, id(node))
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
+        merged: dict[Any, tuple[Any, dict[tuple[Any, ...], int]]] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node))
+            if key_node.tag == _MERGE_TAG:
+                sources = (value_node.value if isinstance(value_node, yaml.SequenceNode)
+                           else [value_node])
+                for source in sources:
+                    if not isinstance(source, yaml.MappingNode):
+                        raise _Problem(source.start_mark.line + 1,
+                                       "a merge key '<<' takes a mapping (an alias such as "
+                                       "*defaults) or a list of them")
+                    sub: dict[tuple[Any, ...], int] = {}
+                    values = _to_python(source, path, sub, constructor, active)
+                    for key, value in values.items():
+                        if key not in merged:  # the first merged mapping wins
+                            merged[key] = (value, {p: n for p, n in sub.items()
+                                                   if p[:len(path) + 1] == (*path, key)})
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise _Problem(key_node.start_mark.line + 1, "a key must be a plain word")
+            key = _scalar(key_node, constructor)
             if key in out:
-                raise InventoryError([f"LINE{key_node.start_mark.line + 1}: duplicate key {key!r}"])
-            out[key] = _to_python(value_node, (*path, key), lines)
+                raise _Problem(key_node.start_mark.line + 1, f"duplicate key {key!r}")
+            out[key] = _to_python(value_node, (*path, key), lines, constructor, active)
             lines[(*path, key)] = key_node.start_mark.line + 1
+        for key, (value, sub) in merged.items():
+            if key not in out:  # the mapping's own keys win over merged ones
+                out[key] = value
+                lines.update(sub)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(n, (*path, i), lines) for i, n in enumerate(node.value)]
-    return yaml.safe_load(yaml.serialize(node))
+        return [_to_python(n, (*path, i), lines, constructor, active)
+                for i, n in enumerate(node.value)]
+    return _scalar(node, constructor)
+
+
+def _scalar(node: yaml.Node, constructor: Any) -> Any:
+    try:
+        value = constructor.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise _Problem(node.start_mark.line + 1, f"not a value pullback reads: {problem}"
+                       ) from None
+    try:
+        hash(value)
+    except TypeError:
+        raise _Problem(node.start_mark.line + 1, "a key must be a plain word") from None
+    return value
 
 
 def _merge(base: Any, override: Any) -> Any:
@@ -453,7 +568,34 @@ def _tuples(value: Any) -> Any:
 
 
 def _dotted(path: Iterable[Any]) -> str:
-    return ".".join(str(p) for p in path)
+    """``hosts.web1.backup.options[2]``: list items by index."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) and not isinstance(part, bool) else (
+            f".{part}" if out else str(part))
+    return out
+
+
+EMPTY_VALUE = "has no value: write one, or delete the line for the default"
+
+
+def _drop_empty(value: Any, path: tuple[Any, ...], empty: set[tuple[Any, ...]]) -> Any:
+    """``value`` without its empty (None) entries, whose paths are added to ``empty``."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if item is None:
+                empty.add((*path, key))
+            else:
+                out[key] = _drop_empty(item, (*path, key), empty)
+        return out
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if item is None:
+                empty.add((*path, i))
+        return [_drop_empty(item, (*path, i), empty) for i, item in enumerate(value)
+                if item is not None]
+    return value
 
 
 def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
@@ -462,14 +604,19 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}" if mark else "?"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        position = getattr(exc, "position", None)  # a ReaderError: a character offset
+        line = (f"{mark.line + 1}" if mark else
+                f"{text.count(chr(10), 0, position) + 1}" if isinstance(position, int) else "1")
+        problem = (getattr(exc, "problem", None) or getattr(exc, "reason", None)
+                   or str(exc).splitlines()[0])
         raise InventoryError([f"{source}:{line}: not valid YAML: {problem}"]) from None
     lines: dict[tuple[Any, ...], int] = {}
     try:
         data = _to_python(root, (), lines) if root is not None else None
-    except InventoryError as exc:
-        raise InventoryError([p.replace("LINE", f"{source}:", 1) for p in exc.problems]) from None
+    except _Problem as exc:
+        raise InventoryError([f"{source}:{exc.line}: {exc.message}"]) from None
+    except RecursionError:
+        raise InventoryError([f"{source}:1: the inventory nests too deeply"]) from None
     if not isinstance(data, dict):
         raise InventoryError([f"{source}:1: the inventory must be a mapping with 'hosts:'"])
 
@@ -495,13 +642,27 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         report(("hosts",), "must be a non-empty mapping of host name -> settings")
         raise InventoryError(problems)
 
+    # An empty value (`from:`, `backup:`, a bare `-` in a list) is a mistake, not a default:
+    # one line each, and the key is left out so pydantic does not report it again.
+    empty: set[tuple[Any, ...]] = set()
+    defaults = _drop_empty(defaults, ("defaults",), empty)
+    for path in sorted(empty, key=lambda p: lines.get(p, 0)):
+        report(path, EMPTY_VALUE)
+
     hosts: dict[str, Host] = {}
     for name, entry in hosts_data.items():
         if entry is None:
-            entry = {}
+            report(("hosts", name), "has no settings: give at least its address: (admin_user "
+                                    "and backup_key here or under defaults:)")
+            continue
         if not isinstance(entry, dict):
             report(("hosts", name), "must be a mapping of settings")
             continue
+        host_empty: set[tuple[Any, ...]] = set()
+        entry = _drop_empty(entry, ("hosts", name), host_empty)
+        for path in sorted(host_empty, key=lambda p: lines.get(p, 0)):
+            report(path, EMPTY_VALUE)
+        empty |= host_empty
         merged = _tuples(_merge(defaults, entry))
         merged["name"] = str(name)
         try:
@@ -510,12 +671,16 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
             for error in exc.errors():
                 loc = tuple("from" if p == "from_" else p for p in error["loc"])
                 message = _message(error)
-                if not loc and message.startswith(_DEST_PREFIX):
-                    # Host's own check of its destination: point at backup.destination.
-                    loc, message = ("backup", "destination"), message[len(_DEST_PREFIX):]
+                field = next((f for f in _MODEL_FIELDS if message.startswith(f + ": ")),
+                             None)
+                if not loc and field:
+                    # Host's own checks across fields: point at the field they name.
+                    loc, message = tuple(field.split(".")), message[len(field) + 2:]
                 # Point at the line the bad value came from: the host entry or defaults.
                 host_path = ("hosts", name, *loc)
                 default_path = ("defaults", *loc)
+                if host_path in empty or default_path in empty:
+                    continue  # reported above as an empty value
                 if loc == ("name",):
                     path = ("hosts", name)
                 elif host_path in lines or default_path not in lines:
@@ -538,7 +703,8 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
     return Inventory(path=Path(source), hosts=hosts)
 
 
-_DEST_PREFIX = "backup.destination: "
+# Host's model-level checks start their message with the field they are about.
+_MODEL_FIELDS = ("backup.destination", "backup.options", "backup.extra_options")
 
 
 def _message(error: Any) -> str:

@@ -108,11 +108,19 @@ class Inventory:
 
 
 def read_inventory(path: Path) -> bytes:
+    """The inventory's bytes, checked to be UTF-8 (a bad byte is reported by line)."""
     try:
         data = path.read_bytes()
-        data.decode("utf-8")
     except FileNotFoundError:
         raise InventoryError([f"{path}: inventory file not found"]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InventoryError([f"{path}: cannot read inventory: {exc}"]) from None
+    except OSError as exc:
+        raise InventoryError([f"{path}: cannot read inventory: {exc.strerror or exc}"]
+                             ) from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise InventoryError([f"{path}:{line}: not UTF-8: byte 0x{data[exc.start]:02x} at "
+                              f"column {column} (save the file as UTF-8)"]) from None
     return data

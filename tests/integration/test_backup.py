@@ -214,7 +214,7 @@ def write_inventory(lab_env: Lab, remote: lab.LabHost, work: Path, name: str,
     path = lab_env.inventory([remote], path=work / f"{file or name}.yaml", defaults={
         "rsync": {"local_prefix": str(work / "no-local-build")},
         "backup": {"destination": str(work / name / "{name}"), "source": DATA,
-                   "options": OPTIONS, **backup},
+                   "allow_inexact": True, "options": OPTIONS, **backup},
     })
     return path, load(path).hosts[remote.name]
 
@@ -589,7 +589,7 @@ def test_local_users_cannot_reach_the_servers_setuid_files_and_devices(lab_env, 
     path = lab_env.inventory([remote], path=open_parent / "inventory.yaml", defaults={
         "rsync": {"local_prefix": str(open_parent / "no-local-build")},
         "backup": {"destination": str(open_parent / "backups" / "{name}"), "source": DATA,
-                   "options": OPTIONS, "allow_destination": str(open_parent / "backups")},
+                   "allow_inexact": True, "options": OPTIONS, "allow_destination": str(open_parent / "backups")},
     })
     host = load(path).hosts[remote.name]
     result = invoke("backup", "--inventory", str(path))

@@ -61,7 +61,7 @@ def write_inventory(lab_env: Lab, remote: lab.LabHost, path: Path, work: Path,
         "forced_command": "captured",
         "rsync": {"local_prefix": str(work / "no-local-build")},
         "backup": {"destination": str(work / "mirror" / "{name}"), "source": DATA,
-                   "options": options},
+                   "allow_inexact": True, "options": options},
     })
 
 

@@ -93,7 +93,7 @@ def card(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Car
                 "rsync": {"version": VERSION, "url": f"{base}/{mirror.UPSTREAM_LAYOUT}",
                           "prefix": "/usr/local", "local_prefix": str(work / "local")},
                 "backup": {"destination": str(work / "backups" / "{name}"), "source": "/etc",
-                           "options": ["-aHx", "--numeric-ids", "--delete"]},
+                           "allow_inexact": True, "options": ["-aHx", "--numeric-ids", "--delete"]},
             })
             h = load(inventory).hosts[host.name]
             keys.ensure_backup_key(Path(h.backup_key))

@@ -306,7 +306,7 @@ def test_hand_captured_command_then_options_drift(target: Target, lab_env: Lab):
         drifted = lab_env.inventory([target.lab], path=target.work / "drifted.yaml", defaults={
             "rsync": PINNED, "forced_command": "captured",
             "backup": {"destination": str(target.work / "backups" / "{name}"),
-                       "options": ["-avzHx", "--numeric-ids", "--delete"]}})
+                       "allow_inexact": True, "options": ["-avzHx", "--numeric-ids", "--delete"]}})
         result, lines = run_doctor(drifted)
     assert result.returncode == 1
     bad = the(lines, "error", "forced command", "drifted since capture")
@@ -328,7 +328,7 @@ def test_capture_gate_then_options_drift(target: Target, lab_env: Lab):
         the(lines, "ok", "test pull", "skipped")
         drifted = lab_env.inventory([target.lab], path=target.work / "gate-drifted.yaml",
                                     defaults={**base, "backup": {**base["backup"],
-                                              "options": ["-avzHx", "--numeric-ids"]}})
+                                              "allow_inexact": True, "options": ["-avzHx", "--numeric-ids"]}})
         result, lines = run_doctor(drifted)
     assert result.returncode == 1
     bad = the(lines, "error", "forced command", "drifted since capture: backup.options")

@@ -206,7 +206,7 @@ def test_the_notes_options_lose_what_the_drill_reports(lab_env: Lab, seeded):
     host_lab, _, _, work = seeded
     inventory = lab_env.inventory([host_lab], path=work / "notes.yaml", defaults={
         "backup": {"destination": str(work / "notes" / "{name}"), "source": DATA,
-                   "options": list(NOTES_OPTIONS)}})
+                   "allow_inexact": True, "options": list(NOTES_OPTIONS)}})
     result = invoke("restore-drill", "--inventory", str(inventory), "--host", host_lab.name,
                     "--to", str(work / "notes-restored"))
     assert result.returncode == 1, result.stdout + result.stderr

@@ -149,7 +149,7 @@ def matrix(lab_env: Lab, source_url: str,
                 "rsync": {"version": VERSION, "url": source_url, "prefix": PREFIX,
                           "local_prefix": str(work / "local")},
                 "backup": {"destination": str(work / name / "{name}"), "source": SOURCE,
-                           "options": OPTIONS},
+                           "allow_inexact": True, "options": OPTIONS},
             })
             loaded = load(path)
             return {r: loaded.hosts[labs[r].name] for r in RELEASES}

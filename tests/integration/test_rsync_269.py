@@ -128,7 +128,7 @@ def card(lab_env: Lab, source_url: str,
             by_name = hosts_of(lab_env, started, work / f"{name}.yaml", **common,
                                forced_command=mode, backup={
                                    "destination": str(work / name / "{name}"),
-                                   "source": DATA, "options": OPTIONS})
+                                   "source": DATA, "allow_inexact": True, "options": OPTIONS})
             return {r: by_name[labs[r].name] for r in RELEASES}
 
         daemon, captured = inventory("daemon", "daemon"), inventory("captured", "captured")
@@ -237,7 +237,7 @@ def test_this_machines_rsync_pulls_from_a_269_host(lab_env: Lab, card: Card, dae
     assert local.parent == Path("/usr/bin"), local
     host = hosts_of(lab_env, [lab_host], tmp_path / "reverse.yaml", rsync={
         **card.inventory["rsync"], "local_prefix": "/usr"}, backup={
-        "destination": str(tmp_path / "{name}"), "source": DATA, "options": OPTIONS})[name]
+        "destination": str(tmp_path / "{name}"), "source": DATA, "allow_inexact": True, "options": OPTIONS})[name]
     result = backup.run_backup(host, dry_run=False, tty=False)
     assert result.ok and result.error is None, result
     assert_same(lab_host, DATA, Path(host.destination) / "tree")
@@ -302,7 +302,7 @@ def test_a_269_client_pulls_from_a_host_running_debians_327(lab_env: Lab, card: 
         (host,) = hosts_of(lab_env, [lab_host], tmp_path / "mixed.yaml", rsync={
             **card.inventory["rsync"], "prefix": "/usr"}, backup={
             "destination": str(tmp_path / "{name}"), "source": DATA,
-            "options": OPTIONS}).values()
+            "allow_inexact": True, "options": OPTIONS}).values()
         outcome = setup.setup_host(host)
         assert outcome.error is None, outcome
         result = backup.run_backup(host, dry_run=False, tty=False)

@@ -41,6 +41,8 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
         "backup": {"destination": str(tmp / "{name}") if tmp else "/backups/{name}",
                    "snapshots": 0, **backup},  # mirror mode unless a test asks for snapshots
     }
+    if "options" in backup:  # options chosen to test the argv, not a full-system copy
+        data["backup"].setdefault("allow_inexact", True)
     if tmp is not None:
         data["rsync"] = {"local_prefix": str(tmp / "prefix")}
         key = tmp / "backup-key"  # run_backup refuses a missing or readable key
@@ -53,27 +55,32 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
 
 DEFAULT = ["-avzx", "-HAXS", "--numeric-ids", "--delete"]  # rsync.version 3.2.7
 
+# The default system_exclude of a pull of / (roles.core.rsync.SYSTEM_EXCLUDE).
+SYS = ["--exclude=/proc/*", "--exclude=/sys/*", "--exclude=/dev/*", "--exclude=/run/*",
+       "--exclude=/tmp/*", "--exclude=/var/tmp/*", "--exclude=/var/cache/apt/archives/*",
+       "--exclude=/swapfile", "--exclude=/swap.img"]
+
 CASES = {
     "mirror, no tty: --progress dropped": (
         {}, {"dry_run": False, "tty": False},
-        [*DEFAULT, "--stats", "root@192.0.2.10::system/", "/backups/web1/"]),
+        [*DEFAULT, "--stats", *SYS, "root@192.0.2.10::system/", "/backups/web1/"]),
     "mirror on a tty keeps the user's --progress": (
         {}, {"dry_run": False, "tty": True},
-        [*DEFAULT, "--progress", "--stats", "root@192.0.2.10::system/", "/backups/web1/"]),
+        [*DEFAULT, "--progress", "--stats", *SYS, "root@192.0.2.10::system/", "/backups/web1/"]),
     "dry run adds -n": (
         {}, {"dry_run": True, "tty": False},
-        [*DEFAULT, "--stats", "-n", "root@192.0.2.10::system/", "/backups/web1/"]),
+        [*DEFAULT, "--stats", *SYS, "-n", "root@192.0.2.10::system/", "/backups/web1/"]),
     "excludes, each as --exclude=PAT": (
         {"exclude": ("/proc/*", "*.tmp", "/var/cache/a b")}, {"dry_run": False, "tty": False},
-        [*DEFAULT, "--stats", "--exclude=/proc/*", "--exclude=*.tmp",
+        [*DEFAULT, "--stats", *SYS, "--exclude=/proc/*", "--exclude=*.tmp",
          "--exclude=/var/cache/a b", "root@192.0.2.10::system/", "/backups/web1/"]),
     "max_delete": (
         {"max_delete": 50}, {"dry_run": False, "tty": False},
-        [*DEFAULT, "--stats", "--max-delete=50", "root@192.0.2.10::system/",
+        [*DEFAULT, "--stats", *SYS, "--max-delete=50", "root@192.0.2.10::system/",
          "/backups/web1/"]),
     "max_delete 0 is still passed": (
         {"max_delete": 0}, {"dry_run": False, "tty": False},
-        [*DEFAULT, "--stats", "--max-delete=0", "root@192.0.2.10::system/",
+        [*DEFAULT, "--stats", *SYS, "--max-delete=0", "root@192.0.2.10::system/",
          "/backups/web1/"]),
     "source other than / and another module": (
         {"source": "/srv/data", "module": "full"}, {"dry_run": False, "tty": False},
@@ -82,13 +89,24 @@ CASES = {
         {"snapshots": 3}, {"dry_run": False, "tty": False,
                            "dest": "/backups/web1/2026-11-26T101500Z.partial",
                            "link_dest": "/backups/web1/2026-11-25T101500Z"},
-        [*DEFAULT, "--stats", "--link-dest=/backups/web1/2026-11-25T101500Z",
+        [*DEFAULT, "--stats", *SYS, "--link-dest=/backups/web1/2026-11-25T101500Z",
          "root@192.0.2.10::system/", "/backups/web1/2026-11-26T101500Z.partial/"]),
     "-P keeps --partial off a tty; --info=progress2 dropped": (
         {"options": ("-aHx", "-P", "--info=progress2", "--numeric-ids")},
         {"dry_run": False, "tty": False},
-        ["-aHx", "--partial", "--numeric-ids", "--stats", "root@192.0.2.10::system/",
+        ["-aHx", "--partial", "--numeric-ids", "--stats", *SYS, "root@192.0.2.10::system/",
          "/backups/web1/"]),
+    "system_exclude below another source, anchored there": (
+        {"source": "/var", "exclude": ("*.log",)}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "--exclude=/tmp/*", "--exclude=/cache/apt/archives/*",
+         "--exclude=*.log", "root@192.0.2.10::system/var/", "/backups/web1/"]),
+    "system_exclude overridden": (
+        {"system_exclude": ("/var/tmp/*",)}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "--exclude=/var/tmp/*", "root@192.0.2.10::system/",
+         "/backups/web1/"]),
+    "system_exclude: [] leaves nothing out": (
+        {"system_exclude": ()}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "root@192.0.2.10::system/", "/backups/web1/"]),
     "everything at once": (
         {"source": "/home", "exclude": ("cache/",), "max_delete": 10, "snapshots": 1},
         {"dry_run": True, "tty": True, "dest": "/b/x.partial", "link_dest": "/b/y"},
@@ -158,7 +176,7 @@ def test_captured_mode_pulls_with_a_single_colon(source, dry_run, tail):
     argv = pull.build_argv(host, dry_run=dry_run, tty=False, local_rsync=RSYNC,
                         dest="/backups/web1")
     assert argv[:3] == [RSYNC, "-e", SSH_E]
-    assert argv[3:] == [*DEFAULT, "--stats", *tail]
+    assert argv[3:] == [*DEFAULT, "--stats", *(SYS if source == "/" else []), *tail]
     assert "::" not in argv[-2]
 
 
@@ -1203,7 +1221,7 @@ def test_run_backup_keeps_only_the_newest_runs_logs(tmp_path, fake):
     (("-a", "--info=progress2"), ["-a", "--info=progress2"]),
 ])
 def test_a_terminal_with_new_rsyncs_shows_whole_transfer_progress(options, expected):
-    host = make_host(options=options)
+    host = make_host(options=options, system_exclude=())
     argv = pull.build_argv(host, dry_run=False, tty=True, local_rsync=RSYNC, dest="/d",
                         progress2=True)
     assert argv[3:-3] == expected and argv[-3] == "--stats"

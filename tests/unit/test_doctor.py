@@ -562,7 +562,8 @@ def test_gate_options_drifted_since_capture():
     record = record_for(host)
     changed = make_host(forced_command="captured",
                         backup={"destination": "/backups/{name}",
-                                "options": ("-avzHx", "--numeric-ids")})
+                                "options": ("-avzHx", "--numeric-ids"),
+                                "allow_inexact": True})
     (bad,) = errors(gate_findings(changed, record,
                                   sent=SENT.replace("-vlogD", "-vlHogD")))
     assert "drifted since capture: backup.options" in bad.what

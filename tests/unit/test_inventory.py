@@ -69,6 +69,28 @@ def test_the_shipped_example_mirrors_the_seed():
     assert host.from_ is None  # from= this backup host's address, as the server sees it
 
 
+def test_the_shipped_example_is_for_linux_with_macos_in_a_comment():
+    text = (ROOT / "inventory.yaml").read_text()
+    host = load_text(text).hosts["example.com"]
+    assert host.backup_key == "/root/.ssh/id_ed25519_pullback"
+    assert host.destination == "/var/backups/pullback/example.com"
+    assert host.backup.allow_destination is None  # a standard root: nothing to allow
+    assert host.backup.pull_exclude[:2] == ("/proc/*", "/sys/*")
+    live = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    assert not any("/var/root" in line for line in live)
+    # The comment's macOS lines, put in place, load too.
+    mac = (text.replace("  backup_key: /root/.ssh/id_ed25519_pullback ",
+                        "  backup_key: /var/root/.ssh/id_ed25519_rsync ")
+           .replace("    destination: /var/backups/pullback/{name} ",
+                    "    destination: /var/root/backups/{name}\n"
+                    "    allow_destination: /var/root/backups "))
+    host = load_text(mac).hosts["example.com"]
+    assert (host.backup_key, host.destination) == ("/var/root/.ssh/id_ed25519_rsync",
+                                                   "/var/root/backups/example.com")
+    assert "#   backup_key: /var/root/.ssh/id_ed25519_rsync\n" in text
+    assert "#     allow_destination: /var/root/backups" in text
+
+
 def test_defaults_keep_history_and_from_any_is_accepted():
     inventory = load_text("hosts:\n  a:\n    address: 192.0.2.1\n    admin_user: u\n"
                           "    backup_key: /k\n  b:\n    address: 192.0.2.2\n"
@@ -181,10 +203,10 @@ BAD = [
      "inventory.yaml:6: hosts.a.forced_command: Input should be 'captured' or 'daemon' "
      "(got 'shell')"),
     (BASE + "    backup: {options: [-avzxn]}\n",
-     "inventory.yaml:6: hosts.a.backup.options: '-avzxn' contains -n: use `invoke backup "
+     "inventory.yaml:6: hosts.a.backup.options[0]: '-avzxn' contains -n: use `invoke backup "
      "--dry-run` instead"),
     (BASE + "    backup: {options: ['--rsh=ssh -p 2']}\n",
-     "inventory.yaml:6: hosts.a.backup.options: '--rsh=ssh -p 2' is not allowed here: the ssh "
+     "inventory.yaml:6: hosts.a.backup.options[0]: '--rsh=ssh -p 2' is not allowed here: the ssh "
      "command is built from the inventory"),
     (BASE + "    from: '1.2.3.4\" ,command=\"sh'\n",
      "inventory.yaml:6: hosts.a.from: '1.2.3.4\" ,command=\"sh' is not a from= pattern list "
@@ -234,11 +256,16 @@ def test_default_options_follow_the_pinned_rsync(version, expected):
     assert host.backup.options == expected
 
 
-def test_explicit_options_are_kept_as_given():
+def test_explicit_options_are_kept_as_given_when_they_keep_the_copy_exact():
     host = load_text(BASE + "    rsync: {version: 2.6.9}\n"
-                            "    backup: {options: [-avzx, --numeric-ids]}\n").hosts["a"]
-    assert host.backup.options == ("-avzx", "--numeric-ids")
-    host = load_text(BASE + "    backup: {options: [-a]}\n").hosts["a"]
+                            "    backup: {options: [-aHSx, --numeric-ids, --del]}\n").hosts["a"]
+    assert host.backup.options == ("-aHSx", "--numeric-ids", "--del")
+    spelled_out = ["-rlptgoD", "--one-file-system", "--numeric-ids", "--delete-after",
+                   "--hard-links", "--acls", "--xattrs", "--sparse"]
+    host = load_text(BASE + f"    backup: {{options: {spelled_out}}}\n").hosts["a"]
+    assert host.backup.options == tuple(spelled_out)
+    # allow_inexact: taken as given, as before extra_options existed.
+    host = load_text(BASE + "    backup: {options: [-a], allow_inexact: true}\n").hosts["a"]
     assert host.backup.options == ("-a",)
 
 
@@ -252,13 +279,16 @@ def test_options_the_pinned_269_cannot_run_are_one_line(options, message):
         load_text(BASE + "    rsync: {version: 2.6.9}\n"
                          f"    backup: {{options: {options}}}\n")
     (line,) = exc.value.problems
-    assert line.startswith("inventory.yaml:2: hosts.a: backup.options: " + message), line
+    assert line.startswith("inventory.yaml:7: hosts.a.backup.options: " + message), line
 
 
 def test_sparse_with_inplace_is_fine_from_313():
     host = load_text(BASE + "    rsync: {version: 3.1.3}\n"
-                            "    backup: {options: [-aSx, --inplace]}\n").hosts["a"]
-    assert host.backup.options == ("-aSx", "--inplace")
+                            "    backup: {extra_options: [--inplace]}\n").hosts["a"]
+    assert host.backup.options == (*DEFAULT_OPTIONS, "--inplace")
+    with pytest.raises(InventoryError, match="--sparse .-S. with --inplace is refused"):
+        load_text(BASE + "    rsync: {version: 3.1.2}\n"
+                         "    backup: {extra_options: [--inplace]}\n")
 
 
 # --- known_hosts ----------------------------------------------------------------------------
@@ -319,13 +349,13 @@ def test_backup_options_that_are_refused(option, why):
     with pytest.raises(InventoryError) as caught:
         load_text(text)
     (problem,) = caught.value.problems
-    assert problem.startswith("inventory.yaml:6: hosts.a.backup.options: ")
+    assert problem.startswith("inventory.yaml:6: hosts.a.backup.options[1]: ")
     assert why in problem and "\n" not in problem
 
 
 @pytest.mark.parametrize("options", [
-    list(DEFAULT_OPTIONS),
-    ["-aHAXx", "--numeric-ids", "--delete", "--stats", "--exclude=/proc/*"],
+    [],
+    ["--stats", "--exclude=/proc/*"],
     ["-avvzxub", "--numeric-ids", "--max-delete=5", "--info=progress2"],
     ["-avzx", "-B1024n"],  # after -B the word is its argument: no dry run
     ["-avzx", "-T/var/tmp/pullback"],  # --temp-dir: local
@@ -334,8 +364,10 @@ def test_backup_options_that_are_refused(option, why):
     ["-a", "--numeric-ids", "--checksum-choice=xxh128", "--compress-level=3", "--open-noatime"],
 ])
 def test_backup_options_that_pass(options):
-    text = BASE + f"    backup: {{options: {options!r}}}\n"
-    assert load_text(text).hosts["a"].backup.options == tuple(options)
+    text = BASE + f"    backup: {{extra_options: {options!r}}}\n"
+    assert load_text(text).hosts["a"].backup.options == (*DEFAULT_OPTIONS, *options)
+    text = BASE + f"    backup: {{options: {[*DEFAULT_OPTIONS, *options]!r}}}\n"
+    assert load_text(text).hosts["a"].backup.options == (*DEFAULT_OPTIONS, *options)
 
 
 def test_a_refused_option_exits_2_with_one_line(tmp_path):
@@ -348,4 +380,137 @@ def test_a_refused_option_exits_2_with_one_line(tmp_path):
                             text=True, check=False)
     assert result.returncode == 2, result
     assert result.stderr.strip().count("\n") == 0
-    assert "hosts.a.backup.options: '-M--log-file=/etc/x' contains -M" in result.stderr
+    assert "hosts.a.backup.options[1]: '-M--log-file=/etc/x' contains -M" in result.stderr
+
+
+# --- backup.options keep the copy exact; extra_options and bwlimit add -----------------------
+
+
+def test_options_that_drop_what_makes_the_copy_exact_are_refused_at_their_line():
+    """The issue's case: `options: [--bwlimit=1000]` ran with no -a, -x, --numeric-ids or
+    --delete. Now one line, at the options' line, naming what is missing and the way out."""
+    with pytest.raises(InventoryError) as caught:
+        load_text(BASE + "    backup:\n      options: [--bwlimit=1000]\n")
+    assert caught.value.problems == [
+        "inventory.yaml:7: hosts.a.backup.options: replaces the defaults and leaves out -a -x "
+        "--numeric-ids --delete -H -S -A -X, which a full-system copy needs: put additions in "
+        "backup.extra_options (the defaults stay), or list those too, or set "
+        "backup.allow_inexact: true knowingly"]
+
+
+@pytest.mark.parametrize(("version", "options", "missing"), [
+    ("3.5.1", ["-avzHx", "--numeric-ids", "--delete", "--progress"], "-S -A -X"),
+    ("2.6.9", ["-avzHx", "--numeric-ids", "--delete", "--progress"], "-S"),  # no -A/-X there
+    ("3.5.1", ["-rlptgo", "-xHAXS", "--numeric-ids", "--delete"], "-D"),
+    ("3.5.1", ["-avzxHAXS", "--delete"], "--numeric-ids"),
+    ("3.5.1", ["-avzxHAXS", "--numeric-ids", "--max-delete=5"], "--delete"),
+    ("3.5.1", ["-avzHAXS", "--numeric-ids", "--delete"], "-x"),
+])
+def test_what_each_release_needs_for_an_exact_copy(version, options, missing):
+    with pytest.raises(InventoryError) as caught:
+        load_text(BASE + f"    rsync: {{version: '{version}'}}\n"
+                         f"    backup: {{options: {options}}}\n")
+    (line,) = caught.value.problems
+    assert f"leaves out {missing}, which" in line, line
+
+
+def test_extra_options_and_bwlimit_add_to_the_defaults():
+    host = load_text(BASE + "    backup:\n      extra_options: [--checksum, '--filter=- *.tmp']\n"
+                            "      bwlimit: 1000\n").hosts["a"]
+    assert host.backup.options == (*DEFAULT_OPTIONS, "--checksum", "--filter=- *.tmp",
+                                   "--bwlimit=1000")
+    host = load_text(BASE + "    rsync: {version: 2.6.9}\n"
+                            "    backup: {bwlimit: 50}\n").hosts["a"]
+    assert host.backup.options == ("-avzx", "-HS", "--numeric-ids", "--delete", "--progress",
+                                   "--bwlimit=50")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("--no-perms", "backup.extra_options: turns off -p, which a full-system copy needs"),
+    ("--no-D", "backup.extra_options: turns off -D, which"),
+    ("--no-x", "backup.extra_options: turns off -x, which"),
+    ("--no-one-file-system", "backup.extra_options: turns off -x, which"),
+    ("--no-A", "backup.extra_options: turns off -A, which"),
+    ("--no-numeric-ids", "backup.extra_options: turns off --numeric-ids, which"),
+    ("-L", "backup.extra_options: -L holds -L, which copies what symlinks point to instead"),
+    ("--safe-links", "backup.extra_options: --safe-links leaves out symlinks that point "
+                     "outside the tree: the copy would differ from the server"),
+    ("--chown=0:0", "backup.extra_options: --chown=0:0 changes the copies' owners"),
+])
+def test_extra_options_that_undo_the_exact_copy_are_refused(extra, message):
+    with pytest.raises(InventoryError) as caught:
+        load_text(BASE + f"    backup: {{extra_options: ['{extra}']}}\n")
+    (line,) = caught.value.problems
+    assert line.startswith(f"inventory.yaml:6: hosts.a.{message}"), line
+    host = load_text(BASE + f"    backup: {{extra_options: ['{extra}'], allow_inexact: true}}\n"
+                     ).hosts["a"]
+    assert host.backup.options == (*DEFAULT_OPTIONS, extra)
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("-avzx --numeric-ids", "'-avzx --numeric-ids' is 2 words in one item: write one option "
+                            "per item, e.g. [-avzx, --numeric-ids]"),
+    ("--bwlimit 1000", "'--bwlimit 1000' is not one option: a long option is --name or "
+                       "--name=value (write --bwlimit=1000)"),
+    ("-B 1024", "'-B 1024' is not one option: short options are letters after one '-' "
+                "(-avzx), a value follows its letter directly (-B1024)"),
+    ("-a,x", "'-a,x' is not one option"),
+    ("--rsh=ssh -p 2", "'--rsh=ssh -p 2' is not allowed here: the ssh command is built"),
+])
+def test_each_list_item_is_exactly_one_option_at_its_own_line(item, message):
+    for field in ("options", "extra_options"):
+        text = BASE + f"    backup:\n      {field}:\n        - --checksum\n        - '{item}'\n"
+        with pytest.raises(InventoryError) as caught:
+            load_text(text)
+        (line,) = caught.value.problems
+        assert line.startswith(f"inventory.yaml:9: hosts.a.backup.{field}[1]: {message}"), line
+
+
+def test_a_backup_option_problem_is_one_line_in_the_tasks_and_pullback_backup(tmp_path):
+    import subprocess
+    import sys
+    bin_dir = Path(sys.executable).parent
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(BASE + "    backup:\n      options:\n        - -avzx --numeric-ids\n")
+    wanted = (f"{inventory}:8: hosts.a.backup.options[0]: '-avzx --numeric-ids' is 2 words in "
+              "one item: write one option per item, e.g. [-avzx, --numeric-ids]\n")
+    for argv in ([str(bin_dir / "invoke"), "backup", "--dry-run"],
+                 [str(bin_dir / "pullback-backup"), "--dry-run"]):
+        result = subprocess.run([*argv, "--inventory", str(inventory)], cwd=ROOT,
+                                capture_output=True, text=True, check=False, timeout=60,
+                                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        assert (result.returncode, result.stderr) == (2, wanted), result
+
+
+# --- backup.system_exclude ---------------------------------------------------------------------
+
+
+def test_system_exclude_defaults_and_anchors_below_the_source():
+    from roles.core.rsync import SYSTEM_EXCLUDE
+
+    host = load_text(BASE).hosts["a"]
+    assert host.backup.system_exclude == SYSTEM_EXCLUDE
+    assert {"/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/var/tmp/*",
+            "/var/cache/apt/archives/*", "/swapfile"} <= set(SYSTEM_EXCLUDE)
+    assert host.backup.pull_exclude == SYSTEM_EXCLUDE
+    var = load_text(BASE + "    backup: {source: /var, exclude: ['*.log']}\n").hosts["a"]
+    assert var.backup.pull_exclude == ("/tmp/*", "/cache/apt/archives/*", "*.log")
+    # A pull of a left-out folder itself means to copy it; elsewhere none applies.
+    for source in ("/var/tmp", "/srv/data", "/tmp"):
+        text = BASE + f"    backup: {{source: {source}}}\n"
+        assert load_text(text).hosts["a"].backup.pull_exclude == ()
+    text = BASE + "    backup: {system_exclude: [], exclude: [/x]}\n"
+    assert load_text(text).hosts["a"].backup.pull_exclude == ("/x",)
+
+
+@pytest.mark.parametrize(("pattern", "message"), [
+    ("tmp/*", "'tmp/*' must be an absolute path on the server below /"),
+    ("/", "'/' must be an absolute path on the server below /"),
+    ("/*", "'/*' must be an absolute path on the server below /"),
+    ("/var/../etc", "must not contain '..'"),
+])
+def test_system_exclude_refuses_what_is_not_a_path_below_root(pattern, message):
+    with pytest.raises(InventoryError) as caught:
+        load_text(BASE + f"    backup: {{system_exclude: ['{pattern}']}}\n")
+    (line,) = caught.value.problems
+    assert line.startswith(f"inventory.yaml:6: hosts.a.backup.system_exclude: {message}"), line

@@ -15,7 +15,7 @@ from roles.inventory.schema import load_text
 
 ROOT = Path(__file__).resolve().parents[2]
 INVOKE = str(Path(sys.executable).parent / "invoke")
-TASKS = ["keygen", "setup-remote", "build-rsync", "capture-command", "backup", "restore", "restore-drill",
+TASKS = ["keygen", "setup-remote", "build-rsync", "capture-command", "backup", "restore", "restore-drill", "check-inventory",
          "doctor", "verify", "schedule", "status", "trust-host", "lab.up", "lab.down",
          "lab.status", "snapshots", "diff", "prune"]
 
