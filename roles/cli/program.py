@@ -13,6 +13,7 @@ A flag it does not know, before or after the task name, exits 2 like any bad inp
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -56,8 +57,13 @@ class PullbackProgram(Program):
 
 
 def main() -> None:
-    PullbackProgram(name="pullback", binary="pullback", namespace=load_tasks(),
-                    version=metadata.version("pullback")).run()
+    program = PullbackProgram(name="pullback", binary="pullback", namespace=load_tasks(),
+                              version=metadata.version("pullback"))
+    try:
+        program.run()
+    except BrokenPipeError:  # `pullback doctor | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
