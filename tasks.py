@@ -13,12 +13,12 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
 
-from invoke import Collection, Program, Task
+from invoke import Collection, Program
 from invoke import task as invoke_task
-from invoke.exceptions import Exit, ParseError
+from invoke.exceptions import Exit
 
+from roles.cli.program import PullbackTask, exit_2_on_parse_errors
 from roles.core.hardened import Mode
 from roles.core.outcome import Outcome
 from roles.inventory.selection import Inventory, InventoryError
@@ -26,45 +26,12 @@ from roles.inventory.selection import Inventory, InventoryError
 DEFAULT_INVENTORY = "inventory.yaml"
 
 
-class PullbackTask(Task):
-    """A task whose short flags mean one thing everywhere: ``-h`` is help, ``-n`` is
-    ``--dry-run`` in every task that has one, and nothing else has a short flag (invoke's
-    automatic ones gave ``-h`` to ``--host`` and ``-n``, ``-v`` to whatever came first)."""
-
-    SHORT = {"dry_run": "n"}
-
-    def arg_opts(self, name: str, default: Any, taken_names: set[str]) -> dict[str, Any]:
-        opts = super().arg_opts(name, default, taken_names)
-        if name in self.SHORT:
-            opts["names"] = [*opts["names"], self.SHORT[name]]
-        return opts
-
-
 def task(*args, **kwargs):
-    """invoke's ``@task`` with pullback's short flags only (``PullbackTask``)."""
+    """invoke's ``@task`` with pullback's short flags only (``roles.cli.program``)."""
     return invoke_task(*args, auto_shortflags=False, klass=PullbackTask, **kwargs)
 
 
-def parse_error_exits_2(program: type[Program]) -> None:
-    """Bad input exits 2 (docs/tasks.md), and an unknown flag or a missing value is bad
-    input; invoke's ``Program`` exits 1 for them. The parse of the task's own flags runs
-    after this file is loaded, so ``invoke`` gets it too; ``pullback`` (roles/cli/program.py)
-    also covers the flags before the task name."""
-    if getattr(program.parse_tasks, "pullback", False):
-        return
-    parse_tasks = program.parse_tasks
-
-    def parse(self: Program) -> None:
-        try:
-            parse_tasks(self)
-        except ParseError as exc:
-            raise Exit(str(exc), code=2) from None
-
-    parse.pullback = True  # type: ignore[attr-defined]
-    program.parse_tasks = parse  # type: ignore[method-assign]
-
-
-parse_error_exits_2(Program)
+exit_2_on_parse_errors(Program)
 
 
 def _command(task_name: str, host: str, inventory: str) -> str:

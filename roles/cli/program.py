@@ -15,10 +15,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from invoke import Collection, Program
+from invoke import Collection, Program, Task
 from invoke.exceptions import Exit, ParseError
 
 from roles.core.errors import EXIT_BAD_INPUT
@@ -40,6 +40,40 @@ def load_tasks(path: Path = TASKS) -> Collection:
     return module.ns
 
 
+class PullbackTask(Task):
+    """A task whose short flags mean one thing everywhere: ``-h`` is help, ``-n`` is
+    ``--dry-run`` in every task that has one, and nothing else has a short flag (invoke's
+    automatic ones gave ``-h`` to ``--host`` and ``-n``, ``-v`` to whatever came first).
+    ``tasks.py`` makes every task with it."""
+
+    SHORT = {"dry_run": "n"}
+
+    def arg_opts(self, name: str, default: Any, taken_names: set[str]) -> dict[str, Any]:
+        opts = super().arg_opts(name, default, taken_names)
+        if name in self.SHORT:
+            opts["names"] = [*opts["names"], self.SHORT[name]]
+        return opts
+
+
+def exit_2_on_parse_errors(program: type[Program]) -> None:
+    """Bad input exits 2 (docs/tasks.md), and an unknown flag or a missing value is bad
+    input; invoke's ``Program`` exits 1 for them. ``tasks.py`` calls this on invoke's own
+    ``Program`` when it is loaded, which is before the task's flags are parsed: ``invoke``
+    exits 2 for them too. ``PullbackProgram`` also covers the flags before the task name."""
+    if getattr(program.parse_tasks, "pullback", False):
+        return
+    parse_tasks = program.parse_tasks
+
+    def parse(self: Program) -> None:
+        try:
+            parse_tasks(self)
+        except ParseError as exc:
+            raise Exit(str(exc), code=EXIT_BAD_INPUT) from None
+
+    parse.pullback = True  # type: ignore[attr-defined]
+    program.parse_tasks = parse  # type: ignore[method-assign]
+
+
 class PullbackProgram(Program):
     """invoke's Program, with a parse error (an unknown flag, a missing value) exiting 2."""
 
@@ -57,6 +91,8 @@ class PullbackProgram(Program):
 
 
 def main() -> None:
+    from importlib import metadata  # here: tasks.py imports this module for every task
+
     program = PullbackProgram(name="pullback", binary="pullback", namespace=load_tasks(),
                               version=metadata.version("pullback"))
     try:
