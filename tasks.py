@@ -10,13 +10,15 @@ paramiko, PyYAML or pydantic (about 60 ms) when it needs none of them.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
-from invoke import Collection
+from invoke import Collection, Program
 from invoke import task as invoke_task
 from invoke.exceptions import Exit
 
+from roles.cli.program import PullbackTask, exit_2_on_parse_errors
 from roles.core.hardened import Mode
 from roles.core.outcome import Outcome
 from roles.inventory.selection import Inventory, InventoryError
@@ -25,10 +27,52 @@ DEFAULT_INVENTORY = "inventory.yaml"
 
 
 def task(*args, **kwargs):
-    """invoke's ``@task`` without automatic short flags: ``-h`` is help for every task (it
-    was ``--host`` with no value: every host), and no ``-n`` or ``-v`` means one thing in
-    one task and another in the next."""
-    return invoke_task(*args, auto_shortflags=False, **kwargs)
+    """invoke's ``@task`` with pullback's short flags only (``roles.cli.program``)."""
+    return invoke_task(*args, auto_shortflags=False, klass=PullbackTask, **kwargs)
+
+
+exit_2_on_parse_errors(Program)
+
+
+def _command(task_name: str, host: str, inventory: str) -> str:
+    """The command line to run next for one host, as this program is called."""
+    program = "pullback" if Path(sys.argv[0]).name == "pullback" else "invoke"
+    return shlex.join([program, task_name, "--inventory", inventory, "--host", host])
+
+
+def _failure(host: str, message: str, inventory: str, task_name: str | None = None) -> str:
+    """One line for a failed host: the reason (classified when ssh failed, the host's name
+    and errno brackets dropped) and the command to run next."""
+    from roles.core.ssh_failures import classify_ssh_failure, clean_message
+
+    reason = clean_message(message, host)
+    failure = classify_ssh_failure(reason)
+    if failure is not None and failure.meaning not in reason:
+        reason = f"{reason} -- {failure.meaning}"
+    nxt = task_name or (failure.task if failure else "doctor")
+    return f"{reason}; next: {_command(nxt, host, inventory)}"
+
+
+def _error_of(exc: Exception) -> str:
+    """An exception as a reason: pullback's own errors are their message; anything else
+    keeps its type, which names the bug."""
+    if type(exc).__module__.startswith("roles."):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _no_prompt_for_sudo(task_name: str, hosts) -> None:
+    """``sudo_password: true`` asks on the terminal; without one getpass dies with EOFError
+    after the run started. Refuse before any connection instead."""
+    if sys.stdin.isatty():
+        return
+    asking = [h.name for h in hosts if h.sudo_password]
+    if asking:
+        raise Exit(f"{task_name}: sudo_password: true for {', '.join(asking)}, and there is "
+                   "no terminal to ask for it on: run it from a terminal, or allow NOPASSWD "
+                   "sudo for the admin user", code=2)
+
+
 HOST_HELP = {
     "inventory": "inventory file (default: inventory.yaml)",
     "host": "host name from the inventory; repeat for several (default: every host)",
@@ -94,8 +138,9 @@ def keygen(c, inventory=DEFAULT_INVENTORY, host=None, passphrase=False):
         raise Exit(f"keygen: {exc}", code=1) from None
 
 
-def _report(outcomes) -> None:
-    """Print per host and step: ok, changed or failed; exit 1 if any host failed."""
+def _report(outcomes, task_name: str, inventory: str) -> None:
+    """Print per host and step: ok, changed or failed (one line: why, and what to run
+    next); exit 1 if any host failed."""
     for outcome in outcomes:
         for diff in outcome.diffs:
             print(diff, end="")
@@ -106,10 +151,15 @@ def _report(outcomes) -> None:
         for action in outcome.actions:
             print(f"{outcome.host:24} {'action':18} {action}")
         if outcome.error:
-            print(f"{outcome.host:24} {'':18} failed: {outcome.error}")
+            print(f"{outcome.host:24} {'':18} failed: "
+                  f"{_failure(outcome.host, outcome.error, inventory)}")
     failed = [o.host for o in outcomes if o.error]
     if failed:
-        raise Exit(f"failed: {', '.join(failed)}", code=1)
+        raise Exit(f"{task_name}: {_of(failed, outcomes)} failed", code=1)
+
+
+def _of(failed: list, every: list) -> str:
+    return f"{len(failed)} of {len(every)} host{'s' * (len(every) != 1)}"
 
 
 @task(iterable=["host"], help={**FLEET_HELP, "dry_run": "print the diffs, change nothing"})
@@ -120,14 +170,15 @@ def setup_remote(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=
     from roles.remote.session import Run
 
     hosts = _hosts(inventory, host, shard)
+    _no_prompt_for_sudo("setup-remote", hosts)
     sessions = Run()  # one sudo question per admin user for the whole fleet
     outcomes = fleet.for_each(
         hosts,
         lambda h: setup.setup_host(h, dry_run=dry_run, sessions=sessions),
-        lambda h, exc: Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
+        lambda h, exc: Outcome(h.name, {}, error=_error_of(exc)),
         parallel=32,
     )
-    _report(outcomes)
+    _report(outcomes, "setup-remote", inventory)
 
 
 @task(iterable=["host"], help={
@@ -145,6 +196,7 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
                 local_only=False, remote_only=False, check=False, no_install_packages=False,
                 require_signature=False, dry_run=False):
     """Build the pinned rsync from verified source on both ends, in parallel."""
+    from roles.core.ssh_failures import classify_ssh_failure
     from roles.features import rsync_build
     from roles.local.state import DOWNLOADS
 
@@ -156,6 +208,8 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
         except ValueError as exc:
             raise Exit(f"build-rsync: {exc}", code=2) from None
     hosts = _hosts(inventory, host, shard)
+    if not local_only and not dry_run:
+        _no_prompt_for_sudo("build-rsync", hosts)
     # A client backup would refuse to run is not built at all: an inventory problem, exit 2.
     refusals = [] if remote_only else rsync_build.client_build_refusals(hosts, version)
     if refusals:
@@ -167,15 +221,18 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
     )
     for r in results:
         end = "local" if r.end.startswith("local:") else r.end
-        if r.error:
+        if r.error and end != "local" and classify_ssh_failure(r.error):
+            print(f"{end:24} failed: {_failure(end, r.error, inventory)}")
+        elif r.error:  # a build failure names its own fix
             print(f"{end:24} failed: {r.error}")
         elif r.plan:
             print(f"{end:24} {r.plan.describe()}")
         elif r.result:
             state = "ok" if r.result.skipped else "built"
             print(f"{end:24} {state:6} {r.result.version_line}")
-    if any(r.error for r in results):
-        raise Exit("build-rsync: failed", code=1)
+    failed = [r for r in results if r.error]
+    if failed:
+        raise Exit(f"build-rsync: {len(failed)} of {len(results)} ends failed", code=1)
 
 
 @task(iterable=["host"], help=FLEET_HELP)
@@ -188,13 +245,14 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
     hosts = _hosts(inventory, host, shard)
     if not any(h.forced_command == Mode.CAPTURED for h in hosts):
         raise Exit("capture-command: no selected host has forced_command: captured", code=2)
+    _no_prompt_for_sudo("capture-command", hosts)
     sessions = Run()  # one sudo question per admin user for the whole fleet
     outcomes = fleet.for_each(
         hosts, lambda h: capture.capture_host(h, sessions),
-        lambda h, exc: Outcome(h.name, {}, error=f"{type(exc).__name__}: {exc}"),
+        lambda h, exc: Outcome(h.name, {}, error=_error_of(exc)),
         parallel=16,
     )
-    _report(outcomes)
+    _report(outcomes, "capture-command", inventory)
 
 
 @task(iterable=["host"], help={**FLEET_HELP, "dry_run": "rsync -n: show what would change"})
@@ -204,14 +262,16 @@ def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False)
     from roles.inventory import compiled
 
     # The compiled inventory: validated once, then read from the cache (roles.inventory.compiled).
-    bad = pulls.pull_all(_hosts(inventory, host, shard, loader=compiled.load),
-                         dry_run=dry_run)
+    hosts = _hosts(inventory, host, shard, loader=compiled.load)
+    bad = pulls.pull_all(hosts, dry_run=dry_run,
+                         next_step=lambda name, task_name: _command(task_name, name, inventory))
     if bad:
-        raise Exit(f"backup: failed: {', '.join(bad)}", code=1)
+        raise Exit(f"backup: {_of(bad, hosts)} failed", code=1)
 
 
 @task(iterable=["host"], help={
     **HOST_HELP,
+    "host": "the host whose backup to restore from (exactly one)",
     "path": "absolute path on the server to restore, e.g. /etc/ssh",
     "to": "local folder to restore into, made 0700: the copy lands in TO/tree (a folder's "
           "contents, or the file)",
@@ -225,7 +285,8 @@ def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snaps
     from roles.features import restore as restores
 
     if len(host or []) != 1:
-        raise Exit("restore: name exactly one --host", code=2)
+        raise Exit("restore: name exactly one --host (a restore copies from one host's "
+                   "backup)", code=2)
     if not path or not to:
         raise Exit("restore: --path and --to are required", code=2)
     (h,) = _hosts(inventory, host)
@@ -243,6 +304,7 @@ def restore(c, inventory=DEFAULT_INVENTORY, host=None, path=None, to=None, snaps
 
 @task(iterable=["host"], help={
     **HOST_HELP,
+    "host": "the host to drill (exactly one)",
     "to": "new or empty local folder (made 0700) the restore goes into: TO/tree",
     "path": "server path to drill (default: backup.source); a quiet one such as /etc",
     "force": "restore into a non-empty TO/tree",
@@ -257,6 +319,7 @@ def restore_drill(c, inventory=DEFAULT_INVENTORY, host=None, to=None, path=None,
     if len(host or []) != 1 or not to:
         raise Exit("restore-drill: name exactly one --host and --to", code=2)
     (h,) = _hosts(inventory, host)
+    _no_prompt_for_sudo("restore-drill", [h])
     try:
         result = drill.run_drill(h, to=to, path=path, force=force)
     except (PullbackError, ConnectError) as exc:
@@ -281,12 +344,14 @@ def doctor(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, explain=None):
     if explain is not None:
         print(diagnosis.explain_rsync_error(explain))
         return
-    reports = diagnosis.diagnose_all(_hosts(inventory, host, shard))
+    hosts = _hosts(inventory, host, shard)
+    _no_prompt_for_sudo("doctor", hosts)
+    reports = diagnosis.diagnose_all(hosts)
     for report in reports:
         print(diagnosis.format_report(report))
     bad = [r.host for r in reports if r.errors]
     if bad:
-        raise Exit(f"doctor: errors on {', '.join(bad)}", code=1)
+        raise Exit(f"doctor: errors on {_of(bad, reports)}", code=1)
 
 
 @task(iterable=["host"], help=FLEET_HELP)
@@ -486,6 +551,7 @@ def prune(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False):
 })
 def trust_host(c, inventory=DEFAULT_INVENTORY, host=None, yes=False):
     """Show a host's SSH key fingerprint; pin it in known_hosts once confirmed."""
+    from roles.core.ssh_failures import classify_ssh_failure
     from roles.features import trust
 
     if not host:
@@ -505,7 +571,10 @@ def trust_host(c, inventory=DEFAULT_INVENTORY, host=None, yes=False):
         try:
             outcome = trust.trust_host(h, confirm)
         except trust.HostKeyError as exc:  # TrustError too: it is one
-            print(f"{h.name}: refused: {exc}", file=sys.stderr)
+            reason = str(exc)
+            if classify_ssh_failure(reason):  # no sshd there: doctor says more
+                reason = _failure(h.name, reason, inventory, "doctor")
+            print(f"{h.name}: refused: {reason}", file=sys.stderr)
             failed.append(h.name)
             continue
         print(f"{h.name}: {outcome.state}: {outcome.name} {outcome.key.type} "

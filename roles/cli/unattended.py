@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from roles.features import backup
@@ -35,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
                    help="host name from the inventory; repeat for several (default: every "
                         "host)")
     p.add_argument("--shard", help="K/N: only the hosts of shard K of N")
-    p.add_argument("--dry-run", action="store_true", help="rsync -n: show what would change")
+    p.add_argument("-n", "--dry-run", action="store_true",
+                   help="rsync -n: show what would change")
     return p
 
 
@@ -53,9 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     except selection.InventoryError as exc:
         print(exc, file=sys.stderr)
         return 2
-    bad = backup.pull_all(hosts, dry_run=args.dry_run)
+    bad = backup.pull_all(hosts, dry_run=args.dry_run, next_step=lambda host, task: shlex.join(
+        ["pullback", task, "--inventory", args.inventory, "--host", host]))
     if bad:
-        print(f"backup: failed: {', '.join(bad)}", file=sys.stderr)
+        print(f"backup: {len(bad)} of {len(hosts)} host{'s' * (len(hosts) != 1)} failed",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from roles.core import rsync_errors
 from roles.core.hardened import Mode
 from roles.core.rsync_errors import explain_exit
+from roles.core.ssh_failures import classify_ssh_failure
 
 
 class BackupSpec(Protocol):
@@ -253,7 +254,8 @@ def _types(text: str) -> dict[str, int]:
 _ERROR_LINE = re.compile(
     rb"(?:^|\r)((?:rsync(?: error| warning)?: |@ERROR|ERROR: |ssh: |Host key verification "
     rb"failed|Permission denied|Deletions stopped|protocol version mismatch|No \S+ host key "
-    rb"is known|Connection closed|Connection reset|kex_exchange_identification|IO error "
+    rb"is known|Connection closed|Connection reset|Connection timed out|banner exchange|"
+    rb"kex_exchange_identification|ssh_exchange_identification|IO error "
     rb"encountered|file has vanished|pullback gate: |@@@@)[^\r\n]*)",
     re.MULTILINE,
 )
@@ -315,6 +317,13 @@ def describe_failure(code: int, errors: Iterable[str]) -> str:
     """rsync's last error line and what it means: a known message's explanation when the
     output holds one (it names the cause better than the exit code), else the code's."""
     errors = list(errors)
+    # ssh's failure first: rsync's words after it ("did not see server greeting") blame
+    # the daemon for a connection that never reached sshd.
+    ssh = [e for e in errors if not e.startswith(("rsync", "@ERROR"))]
+    failure = classify_ssh_failure("\n".join(ssh))
+    if failure is not None:
+        line = next((e for e in ssh if classify_ssh_failure(e)), ssh[0])
+        return f"ssh failed (rsync exit {code}): {line} -- {failure.meaning}"
     line = last_error(errors)
     known = rsync_errors.explanation("\n".join(errors))
     return (f"rsync exit {code}{': ' + line if line else ''} -- "

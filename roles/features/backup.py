@@ -89,7 +89,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -110,6 +110,7 @@ from roles.core.pull import (
 )
 from roles.core.rsync import CaptureError
 from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
+from roles.core.ssh_failures import classify_ssh_failure
 from roles.core.table import format_rows
 from roles.local import capture_record, folders, keys, metrics
 from roles.local.files import write_atomic
@@ -525,11 +526,27 @@ def format_table(results: Iterable[BackupResult]) -> str:
     return format_rows(rows)
 
 
-def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = None) -> list[str]:
+def failure_line(result: BackupResult, next_step: Callable[[str, str], str] | None) -> str:
+    """One line: the host, why it failed, its log, the command to run next."""
+    error = result.error or f"rsync exit {result.exit_code}"
+    line = f"{result.host}: failed: {error}"
+    if result.log_path:
+        line += f" (log: {result.log_path})"
+    if next_step is not None:
+        failure = classify_ssh_failure(error)
+        line += f"; next: {next_step(result.host, failure.task if failure else 'doctor')}"
+    return line
+
+
+def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = None,
+             next_step: Callable[[str, str], str] | None = None) -> list[str]:
     """``backup`` for a fleet (``invoke backup`` and ``pullback-backup``): pull every host,
-    ``backup.parallel`` at a time; print warnings and failures (``err``) and the table
-    (``out``); return the hosts that failed. Live output only for one host on a terminal:
-    several interleaved streams are noise."""
+    ``backup.parallel`` at a time; print warnings and one line per failed host (``err``)
+    and the table (``out``); return the hosts that failed. Live output only for one host on
+    a terminal: several interleaved streams are noise.
+
+    ``next_step(host, task)``: the command line of ``task`` for ``host``, added to its
+    failure line (``trust-host`` for a host key that is not pinned, else ``doctor``)."""
     out = out or sys.stdout
     err = err or sys.stderr
     tty = len(hosts) == 1 and out.isatty()
@@ -552,12 +569,12 @@ def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = No
     for r in results:
         if r.warning:
             print(f"{r.host}: warning: {r.warning}", file=err)
-        if r.error:
-            print(f"{r.host}: failed: {r.error}", file=err)
-        if r.log_path and not r.ok:
-            print(f"{r.host}: log: {r.log_path}", file=err)
+    err.flush()
     out.write(format_table(results))
     out.flush()
+    for r in results:  # right below the table that says "failed"
+        if not r.ok:
+            print(failure_line(r, next_step), file=err)
     return [r.host for r in results if not r.ok]
 
 

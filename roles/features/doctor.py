@@ -74,6 +74,7 @@ from roles.core.rsync import (
     parse_version_output,
 )
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
+from roles.core.ssh_failures import classify_ssh_failure, clean_message
 from roles.core.sshkeys import fingerprint_of
 from roles.inventory.schema import Host
 from roles.local import capture_record, folders, runner, store
@@ -968,13 +969,20 @@ def check_unreachable(host: Host, message: str) -> Finding:
     """Classify a failed admin login: unknown or changed host key, or another reason."""
     check = "host key"
     label = known_hosts_name(host.address, host.port)
-    try:
-        offered = fetch_host_key(host.address, host.port)
-        key_type, blob = offered.type, base64.b64decode(offered.blob)
-    except Exception as exc:  # noqa: BLE001 - any failure: report the login's own message
-        return error("reach", f"cannot reach sshd at {host.address}:{host.port}: {exc}",
-                     "neither the admin tasks nor the backup can connect",
-                     "check address and port in the inventory, that sshd runs, and firewalls")
+    failure = classify_ssh_failure(message)
+    if failure is None or not failure.unreachable:
+        try:
+            offered = fetch_host_key(host.address, host.port)
+            key_type, blob = offered.type, base64.b64decode(offered.blob)
+        except Exception as exc:  # noqa: BLE001 - any failure: report it, classified
+            message = str(exc)
+            failure = classify_ssh_failure(message)
+    if failure is not None and failure.unreachable:
+        return error("reach", f"cannot reach sshd at {host.address}:{host.port}: "
+                              f"{clean_message(message, host.name)}",
+                     f"{failure.meaning}; neither the admin tasks nor the backup can connect",
+                     "check address and port in the inventory, that sshd runs there, and "
+                     "firewalls")
     fingerprint = fingerprint_of(blob)
     known = paramiko.HostKeys()
     with contextlib.suppress(OSError, paramiko.SSHException):
@@ -1203,10 +1211,15 @@ def diagnose(host: Host, sessions: Run | None = None) -> Report:
                               "without the backup key there is no backup",
                               "run `invoke keygen`"))
     forced: ForcedCommand | None = None
+    unreachable = False
     try:
         conn = (sessions or Run()).open(host)
     except ConnectError as exc:
         findings.append(check_unreachable(host, str(exc)))
+        # No sshd answered: the test pull would only wait for the same failure (up to
+        # ConnectTimeout) and then blame rsync's missing greeting.
+        unreachable = findings[-1].check == "reach" and findings[-1].what.startswith(
+            "cannot reach")
         conn = None
     if conn is not None:
         try:
@@ -1249,7 +1262,9 @@ def diagnose(host: Host, sessions: Run | None = None) -> Report:
                                   "run it again; report it if it stays"))
         finally:
             conn.close()
-    if blob and local_path and client_refused(host, local):
+    if unreachable:
+        findings.append(ok("test pull", "skipped: no sshd answered (see reach)"))
+    elif blob and local_path and client_refused(host, local):
         findings.append(ok("test pull", "skipped: backup refuses the local rsync (see "
                                         "client rsync)"))
     elif blob and local_path:

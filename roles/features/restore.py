@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from roles.core.destinations import system_problem
 from roles.core.errors import EXIT_BAD_INPUT, PullbackError
 from roles.core.pull import OutputScanner, build_restore_argv, describe_failure
 from roles.local import folders
@@ -148,6 +149,12 @@ def run_restore(host: Host, *, path: str, to: str, snapshot: str | None = None,
     capture while a restore runs. rsync inherits the lock: a killed restore's rsync
     still holds it.
     """
+    system = system_problem(os.path.normpath(Path(to).absolute()))
+    if system:  # TO is made 0700 and receives TO/tree: never chmod a system folder
+        raise RestoreError(
+            f"--to {to}: {system} of this backup host; a restore never goes onto the "
+            "backup host's own system. Give a new folder of its own (e.g. "
+            "/root/restore): the copy lands in it under tree/, made 0700")
     restore_relpath(host, path)
     backup_root(host, snapshot)  # no backup at all: say so before any folder is made
     try:
@@ -183,7 +190,10 @@ def _restore_locked(host: Host, *, path: str, to: str, snapshot: str | None, for
     if (target / TREE).is_symlink() or ((target / TREE).exists()
                                         and not (target / TREE).is_dir()):
         raise RestoreError(f"{target / TREE} exists and is not a folder")
-    rsync, warning = find_local_rsync(host)
+    # Both ends of a restore are this machine: any local rsync will do (no warning to
+    # build the pinned one, which matters only when it talks to a server's).
+    rsync, _ = find_local_rsync(host)
+    warning: str | None = None
     is_dir = stat.S_ISDIR(os.lstat(source).st_mode)
     try:
         note = folders.make_private(target)  # rsync creates the last level, TO/tree

@@ -44,7 +44,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from roles.core.render import render
@@ -385,6 +385,7 @@ class Plan:
     down: str | None = None  # why the manager commands are not run ("systemd is not running")
     notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()  # refuse to apply
+    missing: tuple[str, ...] = ()  # a tool this machine lacks: a dry run still shows the plan
 
     @property
     def changed(self) -> bool:
@@ -491,6 +492,11 @@ def plan_install(facts: Facts, job: Job, *, kind: str | None = None,
     files += removals
     notes += foreign
     crontab: tuple[str, str] | None = None
+    missing: list[str] = []
+    if user and kind == "cron" and not facts.tools.get("crontab"):
+        missing.append("crontab not found: install cron (e.g. apt-get install cron), or use "
+                       "--kind systemd")
+        facts = replace(facts, crontab="")  # the preview: a new, empty crontab
     if user and facts.crontab is not None and (kind == "cron" or BEGIN in facts.crontab):
         block = render_cron(job, system=False, hostname=facts.hostname) if kind == "cron" \
             else ""
@@ -502,9 +508,6 @@ def plan_install(facts: Facts, job: Job, *, kind: str | None = None,
         problems.append(f"the cron command is longer than {CRON_MAX_COMMAND} characters "
                         "(cron truncates it): schedule fewer --host names, or none (every "
                         "host of the inventory)")
-    if user and kind == "cron" and not facts.tools.get("crontab"):
-        problems.append("crontab not found: install cron (e.g. apt-get install cron), or "
-                        "use --kind systemd")
 
     before: list[tuple[str, ...]] = []
     after: list[tuple[str, ...]] = []
@@ -550,7 +553,7 @@ def plan_install(facts: Facts, job: Job, *, kind: str | None = None,
     return Plan(kind=kind, user=user, files=tuple(files), crontab=crontab,
                 crontab_bin=facts.tools.get("crontab"), before=tuple(before),
                 after=tuple(after), manual=tuple(manual), down=down, notes=tuple(notes),
-                problems=tuple(problems))
+                problems=tuple(problems), missing=tuple(missing))
 
 
 def plan_remove(facts: Facts, *, user: bool = False) -> Plan:
@@ -610,6 +613,7 @@ def describe(plan: Plan, *, dry_run: bool) -> list[str]:
         what = "the plist" if plan.kind == "launchd" else "units"
         lines.append(f"{plan.down}: {done} {what}; enable them with: {'; '.join(plan.manual)}")
     lines += [f"note: {note}" for note in plan.notes]
+    lines += [f"note: a real run stops here: {need}" for need in plan.missing]
     if not plan.changed and plan.kind != "remove" and not plan.problems:
         lines.append("schedule already as wanted")
     return lines
@@ -623,8 +627,8 @@ Runner = Callable[..., subprocess.CompletedProcess]
 
 def apply_schedule(plan: Plan, *, run: Runner = subprocess.run) -> list[str]:
     """Stop, write / remove, reload; return the outcome lines. Raise ApplyError on failure."""
-    if plan.problems:
-        raise ApplyError("; ".join(plan.problems))
+    if plan.problems or plan.missing:
+        raise ApplyError("; ".join((*plan.problems, *plan.missing)))
     for argv in plan.before:  # unloading something not loaded is fine
         run(list(argv), capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
     for step in plan.files:

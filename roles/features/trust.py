@@ -21,10 +21,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import paramiko
+
+from roles.core.ssh_failures import classify_ssh_failure, clean_message
 from roles.inventory.schema import Host
 from roles.local.files import write_atomic
 from roles.remote.hostkeys import HostKey, HostKeyError, fetch_host_key, known_hosts_name
@@ -121,6 +125,29 @@ def appended(old: bytes, line: str) -> bytes:
 # --- the network --------------------------------------------------------------------------
 
 
+def _fetch(host: Host, types: list[str], timeout: float) -> HostKey:
+    """The offered key, or a TrustError of one line: a port that is not sshd (silent, or
+    closing at once) ends paramiko's key exchange with a bare ``SSHException`` or
+    ``EOFError``, which named nothing and printed a traceback."""
+    logger = logging.getLogger("paramiko")
+    if not logger.handlers:  # its transport thread would print the failure a second time
+        logger.addHandler(logging.NullHandler())
+    target = f"{host.address}:{host.port}"
+    try:
+        return fetch_host_key(host.address, host.port, key_types=types or None,
+                              timeout=timeout)
+    except HostKeyError as exc:
+        failure = classify_ssh_failure(str(exc))
+        if failure is None or not failure.unreachable:
+            raise
+        raise TrustError(f"{clean_message(str(exc))} -- {failure.meaning}") from None
+    except (paramiko.SSHException, OSError, EOFError) as exc:
+        message = clean_message(str(exc)) or type(exc).__name__
+        failure = classify_ssh_failure(message)
+        meaning = failure.meaning if failure else "the SSH key exchange did not finish"
+        raise TrustError(f"no host key from {target}: {message} -- {meaning}") from None
+
+
 # --- one host -----------------------------------------------------------------------------
 
 
@@ -164,7 +191,7 @@ def trust_host(host: Host, confirm, *, show=print, timeout: float = 10) -> Outco
     old = read_known_hosts(path)
     pinned = pinned_keys(old.decode("utf-8", "replace"), name)
     types = list(dict.fromkeys(p.key.type for p in pinned if not p.revoked))
-    key = fetch_host_key(host.address, host.port, key_types=types or None, timeout=timeout)
+    key = _fetch(host, types, timeout)
     decision = plan_trust(pinned, key, name, str(path))
     if decision.action == "refuse":
         raise TrustError(f"{host.name}: {decision.reason}")

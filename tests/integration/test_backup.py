@@ -657,7 +657,8 @@ def test_backup_keygen_and_restore_refuse_a_group_writable_ancestor(lab_env, rem
     })
     backup = invoke("backup", "--inventory", str(path))
     assert backup.returncode == 1
-    assert f"{remote.name}: failed: {refusal}" in backup.stderr.splitlines()
+    assert (f"{remote.name}: failed: {refusal}; next: invoke doctor --inventory {path} "
+            f"--host {remote.name}") in backup.stderr.splitlines()
     assert os.listdir(shared_dir) == []
 
     mirror_inventory, host = mirror

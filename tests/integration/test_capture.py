@@ -103,7 +103,8 @@ def test_capture_is_refused_until_setup_remote_ran(story: Story):
     assert result.returncode == 1, result.stdout + result.stderr
     (failed,) = [line for line in result.stdout.splitlines() if "failed:" in line]
     assert failed.startswith(story.lab.name)
-    assert "PermitRootLogin" in failed and failed.endswith("run setup-remote first")
+    assert "PermitRootLogin" in failed and "run setup-remote first; next: invoke doctor " \
+        "--inventory " in failed and failed.endswith(f" --host {story.lab.name}")
 
 
 def test_setup_remote_installs_no_key_line_before_a_capture(story: Story):

@@ -123,7 +123,8 @@ def test_an_old_client_is_refused_before_anything_runs(lab_env, remote, work, ol
         "rsync 3.2.7, older than 3.4.1: it lacks the fixes for CVE-2024-12084..12088 (and the "
         "later fixes up to 3.4.x), so any server it pulls from could attack this backup host; "
         "fix: build 3.4.1 or newer (rsync.version, default 3.5.1, then `invoke build-rsync "
-        "--local-only`), or set rsync.allow_vulnerable: true knowingly"], result.stderr
+        "--local-only`), or set rsync.allow_vulnerable: true knowingly; next: pullback doctor "
+        f"--inventory {inventory} --host {lab_host.name}"], result.stderr
     # Nothing ran: no destination, no state folder (lock, logs).
     assert not Path(host.destination).exists()
     assert not store.state_dir(host).exists()

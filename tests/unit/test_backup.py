@@ -357,8 +357,9 @@ def test_scanner_finds_errors_across_chunks_and_keeps_only_the_tail():
 def test_describe_ssh_and_daemon_failures():
     # A known message explains more than its exit code does.
     host_key = pull.describe_failure(255, ["Host key verification failed."])
-    assert host_key.startswith("rsync exit 255: Host key verification failed. -- the server's "
-                               "host key is not the one in the inventory's known_hosts")
+    assert host_key.startswith("ssh failed (rsync exit 255): Host key verification failed. -- "
+                               "the server's host key is not pinned in the inventory's "
+                               "known_hosts")
     seed = pull.describe_failure(5, ["protocol version mismatch -- is your shell clean?",
                                   "rsync error: protocol incompatibility (code 2)"])
     assert "daemon forced command" in seed and "root@host::MODULE/" in seed

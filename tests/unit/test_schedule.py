@@ -456,7 +456,14 @@ def test_an_empty_user_crontab_and_a_crontab_changed_meanwhile(tmp_path):
 
 def test_a_user_cron_schedule_needs_crontab(tmp_path):
     plan = s.plan_install(facts(tmp_path), job(), user=True, kind="cron")
-    assert any(p.startswith("crontab not found") for p in plan.problems)
+    assert any(p.startswith("crontab not found") for p in plan.missing)
+    # A dry run still shows the entry (on a new crontab); applying refuses, nothing written.
+    assert plan.crontab == ("", s.render_cron(job(), system=False, hostname="backup1"))
+    shown = s.describe(plan, dry_run=True)
+    assert "# crontab of this user (would be updated)" in shown
+    assert shown[-1].startswith("note: a real run stops here: crontab not found")
+    with pytest.raises(s.ApplyError, match="crontab not found"):
+        s.apply_schedule(plan)
 
 
 def test_an_unterminated_block_is_left_to_a_person(tmp_path):
