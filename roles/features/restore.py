@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from roles.core.errors import EXIT_BAD_INPUT, PullbackError
 from roles.core.pull import OutputScanner, build_restore_argv, describe_failure
 from roles.local import folders
-from roles.local.runner import find_local_rsync, rsync_env
+from roles.local.runner import find_bwrap, find_local_rsync, rsync_env, sandboxed
 from roles.local.store import (
     LATEST,
     TREE,
@@ -184,6 +184,10 @@ def _restore_locked(host: Host, *, path: str, to: str, snapshot: str | None, for
                                         and not (target / TREE).is_dir()):
         raise RestoreError(f"{target / TREE} exists and is not a folder")
     rsync, warning = find_local_rsync(host)
+    try:
+        bwrap = find_bwrap(host)
+    except BackupError as exc:
+        raise RestoreError(str(exc)) from None
     is_dir = stat.S_ISDIR(os.lstat(source).st_mode)
     try:
         note = folders.make_private(target)  # rsync creates the last level, TO/tree
@@ -193,7 +197,9 @@ def _restore_locked(host: Host, *, path: str, to: str, snapshot: str | None, for
         warning = "; ".join(filter(None, [warning, note]))
     argv = build_restore_argv(rsync, host.backup.options, source, is_dir=is_dir,
                               to=str(target / TREE))
-    result = subprocess.run(argv, capture_output=True, env=rsync_env(), check=False,
+    # The copy (the backup's data, a server's files) may change nothing but TO.
+    run_argv = sandboxed(host, argv, bwrap, writable=[target], readable=[source])
+    result = subprocess.run(run_argv, capture_output=True, env=rsync_env(), check=False,
                             stdin=subprocess.DEVNULL, pass_fds=(lock.fd,))
     output = (result.stdout + result.stderr).decode(errors="replace")
     error = None

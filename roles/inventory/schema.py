@@ -215,6 +215,10 @@ class BackupSettings(_Strict):
     # One more root below which destinations may lie (roles.core.destinations); the lab
     # sets its state folder here.
     allow_destination: AbsPath | None = None
+    # The receiving rsync (and its ssh) runs in a bubblewrap sandbox that may write only
+    # DEST (roles.core.sandbox). false: no sandbox (no bwrap, e.g. not Linux; or trusted.*
+    # xattrs must be kept).
+    sandbox: bool = True
 
     @field_validator("destination")
     @classmethod
