@@ -219,6 +219,9 @@ class BackupSettings(_Strict):
     # DEST (roles.core.sandbox). false: no sandbox (no bwrap, e.g. not Linux; or trusted.*
     # xattrs must be kept).
     sandbox: bool = True
+    # `invoke schedule` (systemd) gives this host its own instance, pullback-backup@NAME,
+    # and timer; the shard's instance leaves it out.
+    own_unit: bool = False
 
     @field_validator("destination")
     @classmethod
