@@ -88,3 +88,17 @@ def test_the_sandbox_is_on_by_default_and_can_be_turned_off():
     host = Host.model_validate({**make_host().model_dump(by_alias=True),
                                 "backup": {"sandbox": False}})
     assert host.backup.sandbox is False
+
+
+def test_doctor_names_a_missing_bwrap_and_a_sandbox_turned_off(tmp_path, monkeypatch):
+    from roles.features import doctor
+
+    (found,) = doctor.check_sandbox(make_host())
+    assert found.level == "ok" and "bwrap" in found.what  # ./dev installs bubblewrap
+    monkeypatch.setenv("PATH", str(tmp_path))
+    (missing,) = doctor.check_sandbox(make_host())
+    assert missing.level == "error" and "bwrap is not installed" in missing.what
+    off = Host.model_validate({**make_host().model_dump(by_alias=True),
+                               "backup": {"sandbox": False}})
+    (warned,) = doctor.check_sandbox(off)
+    assert warned.level == "warn" and "without the sandbox" in warned.what
