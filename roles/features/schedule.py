@@ -269,12 +269,11 @@ def cron_command(job: Job) -> str:
 
 
 def unit_write_paths(job: Job) -> str:
-    """ReadWritePaths=: each "-"-prefixed (it may not exist yet), nested ones dropped, and
-    the compiled inventory's cache in the home folder (ProtectHome=read-only)."""
+    """ReadWritePaths=: each "-"-prefixed (it may not exist yet), nested ones dropped."""
     roots = sorted(dict.fromkeys([*WRITABLE_ROOTS, *job.write_paths]))
     kept = [r for r in roots if not any(r != o and r.startswith(o.rstrip("/") + "/")
                                         for o in roots)]
-    return " ".join([*(f"-{r}" for r in kept), "-%h/.cache/pullback"])
+    return " ".join(f"-{r}" for r in kept)
 
 
 def render_service(job: Job, *, system: bool) -> str:

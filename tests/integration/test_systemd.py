@@ -141,6 +141,8 @@ out=/var/backups/pullback/ran-$4
   grep -E '^(CapBnd|NoNewPrivs):' /proc/self/status
   if touch /etc/escaped 2>/dev/null; then echo "etc: writable"; else echo "etc: read-only"; fi
   if touch /var/backups/pullback/written 2>/dev/null; then echo "dest: writable"; fi
+  if touch "$XDG_CACHE_HOME/pullback/compiled" 2>/dev/null; then
+    echo "cache: $XDG_CACHE_HOME/pullback writable"; fi
   # The rsync sandbox (bubblewrap) inside the unit's: what a real run does.
   echo "bwrap: $(@BWRAP@ 2>&1) exit $?"
 } > "$out"
@@ -195,6 +197,7 @@ def test_the_template_units_run_under_systemd_and_failures_are_recorded(lab_env:
         ran = sh(box, "cat /var/backups/pullback/ran-1-2")
         assert "argv: --inventory /etc/pullback/inventory.yaml --unit 1-2" in ran
         assert "etc: read-only" in ran and "dest: writable" in ran
+        assert "cache: /var/cache/pullback writable" in ran
         assert "NoNewPrivs:\t1" in ran
         assert "bwrap: CapEff:\t000000008800001b exit 0" in ran, ran  # the six, no more
         assert sh(box, "ls /var/backups/pullback/web1").split() == ["pulled"]
