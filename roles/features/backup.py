@@ -8,6 +8,11 @@ The pull is::
           OPTIONS --stats [--exclude=P ...] [-n] [--max-delete=N]
           [--link-dest=DEST/<newest>] SRC DEST/
 
+The local rsync (and the ssh it spawns) runs inside the bubblewrap sandbox of
+``roles.core.sandbox`` (``backup.sandbox``, default on): it may write only DEST, sees
+neither the other hosts' copies nor ``/tmp`` and ``/run``, and keeps six capabilities; a
+sandboxed ``-X`` pull leaves out ``trusted.*`` xattrs, which it could not set.
+
 Before anything (key, lock, destination) the local rsync's version is checked: older than
 3.4.1 (no fixes for CVE-2024-12084..12088, through which a server attacks its client) is
 refused unless ``rsync.allow_vulnerable``. The pinned build's version is its build stamp
