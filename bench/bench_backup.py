@@ -99,6 +99,12 @@ def main() -> None:
                 m = median(times[name])
                 row += [f"{m:.3f}", f"{m / rawm:.3f}"]
             rows.append(row)
+        # The sandbox's own start-up, without rsync: bwrap around /bin/true, 50 runs each.
+        true_in_bwrap = runner.pull_sandboxed(host, ["/bin/true"], runner.find_bwrap(host))
+        bare = median([timed(["/bin/true"]) for _ in range(50)])
+        boxed = median([timed(true_in_bwrap) for _ in range(50)])
+        print(f"sandbox start-up: /bin/true {bare * 1000:.1f} ms, in bwrap "
+              f"{boxed * 1000:.1f} ms (median of 50)")
         print(f"argv: {' '.join(raw[:3])} ... {' '.join(raw[-2:])}")
         header = ["run", f"raw rsync s (median of {args.runs})"]
         for name in tools:

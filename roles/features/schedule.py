@@ -72,8 +72,8 @@ TEMPLATE = f"{UNIT}@.service"
 FAILURE = "pullback-failure@.service"
 FAILED_DIR = "%S/pullback/failed"  # %S: /var/lib (system), $XDG_STATE_HOME (user)
 _INSTANCE_TIMER = re.compile(r"^pullback-backup@[A-Za-z0-9._-]+\.timer$")
-# The system unit's ReadWritePaths: every root a destination may lie below (those that
-# exist; roles.core.destinations), plus each scheduled host's DEST parent and allowed root.
+# The system unit's ReadWritePaths: the standard roots a destination may lie below
+# (roles.core.destinations), plus each scheduled host's DEST parent and allowed root.
 WRITABLE_ROOTS = ("/var/backups", "/srv", "/mnt", "/media")
 # Syscall groups no backup needs; @mount too when no host uses bubblewrap (it mounts).
 DENIED_SYSCALLS = ("@clock", "@cpu-emulation", "@debug", "@module", "@obsolete", "@raw-io",
@@ -190,11 +190,12 @@ def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_
     parsed = parse_shard(shard) if shard is not None else None  # ValueError: one line
     if parsed is not None:
         argv += ["--shard", "{}/{}".format(*parsed)]
+    own_units = tuple(own_units)
     instances = plan_instances(names, shard=parsed, own_units=own_units, shared=shared)
     for name in instances:
-        if name not in names and name in own_units and re.fullmatch(r"\d+-\d+", name):
-            raise ScheduleError(f"host {name!r} has backup.own_unit, but its name reads as a "
-                                "shard instance (K-N): rename it or drop own_unit")
+        if (name in names or name in own_units) and re.fullmatch(r"\d+-\d+", name):
+            raise ScheduleError(f"host {name!r} would get its own unit, but its name reads "
+                                "as a shard's instance (K-N): rename the host")
     paths = [_checked_path(p, "a destination root") for p in write_paths]
     for path in paths:
         if not _SAFE.match(path):

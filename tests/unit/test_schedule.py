@@ -491,8 +491,9 @@ def test_instances_per_shard_and_per_host():
     assert s.plan_instances([], shard=(2, 3), own_units=["db1"]) == ("2-3", "db1")
     assert s.plan_instances([], shard=(2, 3), own_units=["db1"], shared=False) == ("db1",)
     assert s.plan_instances(["web1", "db1"], shard=(2, 3)) == ("web1", "db1")
-    with pytest.raises(s.ScheduleError, match="reads as a shard instance"):
-        job(hosts=(), own_units=("1-2",))
+    for named, own in (((), ("1-2",)), (("1-2",), ())):  # --unit 1-2 would be a shard
+        with pytest.raises(s.ScheduleError, match="reads as a shard's instance"):
+            job(hosts=named, own_units=own)
 
 
 def test_the_unit_writes_only_below_the_destination_roots():
