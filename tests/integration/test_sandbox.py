@@ -363,3 +363,30 @@ def test_trusted_xattrs_are_what_the_sandbox_loses_and_the_filter_keeps_the_run_
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_an_agent_socket_in_a_hidden_folder_is_bound_back(tmp_path, monkeypatch):
+    """A passphrase key is used through an agent whose socket lives in /tmp or /run, both
+    emptied in the sandbox: the socket is bound back, so ssh inside still reaches it."""
+    sock = tmp_path / "agent" / "agent.sock"
+    sock.parent.mkdir(mode=0o700)
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            subprocess.run(["sleep", "0.05"], check=False)
+        host = make_host(tmp_path)
+        Path(host.destination).mkdir(parents=True, mode=0o700)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        argv = runner.pull_sandboxed(host, ["ssh-add", "-l"], runner.find_bwrap(host))
+        listed = subprocess.run(argv, capture_output=True, text=True, check=False)
+        # 1: the agent answered and holds no key; 2 would be "could not connect".
+        assert listed.returncode == 1 and "no identities" in listed.stdout, listed
+        monkeypatch.delenv("SSH_AUTH_SOCK")
+        argv = runner.pull_sandboxed(host, ["sh", "-c", f"test -e {sock}"],
+                                     runner.find_bwrap(host))
+        assert subprocess.run(argv, check=False).returncode == 1  # hidden unless asked for
+    finally:
+        agent.terminate()
+        agent.wait()
