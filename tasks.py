@@ -409,8 +409,13 @@ def schedule(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, at="02:30", 
         else:
             sched.parse_at(at)
             hosts = _hosts(inventory, host, shard)
-            job = sched.build_job(inventory, [h.name for h in hosts] if host else [], at=at,
-                                  agent_socket=agent_socket, shard=shard)
+            job = sched.build_job(
+                inventory, [h.name for h in hosts] if host else [], at=at,
+                agent_socket=agent_socket, shard=shard,
+                own_units=[h.name for h in hosts if h.backup.own_unit],
+                shared=any(not h.backup.own_unit for h in hosts),
+                write_paths=sched.destination_roots(hosts),
+                bwrap=any(h.backup.sandbox for h in hosts))
             if not Path(job.argv[0]).is_file():
                 raise Exit(f"schedule: {job.argv[0]} not found: install the project into "
                            "its venv (`./dev setup`) and run from it", code=2)

@@ -3,10 +3,12 @@
 A lab host gets a tree of 10,000 files / about 1 GB (9,900 files of 4 KiB and 100 of
 10 MiB, random bytes); each pulls it in daemon mode: first pull (empty destination) and
 no-change re-pull, median of N runs each, interleaved. Toolkit: ``pullback-backup`` (what
-``invoke schedule`` runs) and ``invoke backup``. The ratio toolkit/raw is what pullback adds
-(interpreter and imports, the lock, the log, the summary). Bytecode caches are on, as in
-any install (``PYTHONDONTWRITEBYTECODE`` is cleared for the runs, and one warm-up run
-writes them). Own containers, removed at the end.
+``invoke schedule`` runs) and ``invoke backup``, both with the rsync sandbox (bubblewrap,
+``backup.sandbox``, the default), and ``pullback-backup`` with ``backup.sandbox: false``;
+and the raw argv inside the same sandbox (``raw in bwrap``). The ratio toolkit/raw is what
+pullback adds (interpreter and imports, the lock, the log, the summary, the sandbox).
+Bytecode caches are on, as in any install (``PYTHONDONTWRITEBYTECODE`` is cleared for the
+runs, and one warm-up run writes them). Own containers, removed at the end.
 
     .venv/bin/python bench/bench_backup.py [--runs 5]
 """
@@ -59,10 +61,20 @@ def main() -> None:
         # The same pull into the same place as the toolkit's: the mirror is DEST/tree.
         raw = pull.build_argv(host, dry_run=False, tty=False, local_rsync=local_rsync,
                                 dest=str(dest / store.TREE))
+        dest.mkdir(parents=True, mode=0o700, exist_ok=True)  # bound only when it exists
+        in_bwrap = runner.pull_sandboxed(
+            host, pull.build_argv(host, dry_run=False, tty=False, local_rsync=local_rsync,
+                                  dest=str(dest / store.TREE), sandboxed=True),
+            runner.find_bwrap(host))
+        unsandboxed = path.with_name("inventory-no-sandbox.yaml")
+        unsandboxed.write_text(path.read_text().replace("  backup:\n",
+                                                        "  backup:\n    sandbox: false\n", 1))
         os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        program = str(Path(sys.executable).parent / "pullback-backup")
         tools = {
-            "pullback-backup": [str(Path(sys.executable).parent / "pullback-backup"),
-                                "--inventory", str(path)],
+            "raw in bwrap": in_bwrap,
+            "pullback-backup": [program, "--inventory", str(path)],
+            "pullback-backup no sandbox": [program, "--inventory", str(unsandboxed)],
             "invoke backup": [INVOKE, "backup", "--inventory", str(path)],
         }
 
@@ -87,6 +99,12 @@ def main() -> None:
                 m = median(times[name])
                 row += [f"{m:.3f}", f"{m / rawm:.3f}"]
             rows.append(row)
+        # The sandbox's own start-up, without rsync: bwrap around /bin/true, 50 runs each.
+        true_in_bwrap = runner.pull_sandboxed(host, ["/bin/true"], runner.find_bwrap(host))
+        bare = median([timed(["/bin/true"]) for _ in range(50)])
+        boxed = median([timed(true_in_bwrap) for _ in range(50)])
+        print(f"sandbox start-up: /bin/true {bare * 1000:.1f} ms, in bwrap "
+              f"{boxed * 1000:.1f} ms (median of 50)")
         print(f"argv: {' '.join(raw[:3])} ... {' '.join(raw[-2:])}")
         header = ["run", f"raw rsync s (median of {args.runs})"]
         for name in tools:

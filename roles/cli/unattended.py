@@ -36,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
                    help="host name from the inventory; repeat for several (default: every "
                         "host)")
     p.add_argument("--shard", help="K/N: only the hosts of shard K of N")
+    p.add_argument("--unit", metavar="INSTANCE",
+                   help="a systemd instance (what pullback-backup@.service passes): K-N is "
+                        "shard K of N without the hosts with backup.own_unit, else one host")
     p.add_argument("-n", "--dry-run", action="store_true",
                    help="rsync -n: show what would change")
     return p
@@ -50,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         if problem is not None:
             print(f"pullback-backup: {problem}", file=sys.stderr)
             return 2
+    if args.unit is not None and (args.host or args.shard):
+        print("pullback-backup: --unit takes neither --host nor --shard", file=sys.stderr)
+        return 2
     try:
-        hosts = compiled.load(args.inventory).choose(args.host, args.shard)
+        inventory = compiled.load(args.inventory)
+        hosts = inventory.choose_unit(args.unit) if args.unit is not None \
+            else inventory.choose(args.host, args.shard)
     except selection.InventoryError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from roles.core import rsync_errors
 from roles.core.hardened import Mode
 from roles.core.rsync_errors import explain_exit
+from roles.core.sandbox import XATTR_FILTERS
 from roles.core.ssh_failures import classify_ssh_failure
 
 
@@ -128,13 +129,17 @@ def supports_progress2(version: str | None) -> bool:
 
 
 def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
-               link_dest: str | None = None, progress2: bool = False) -> list[str]:
+               link_dest: str | None = None, progress2: bool = False,
+               sandboxed: bool = False) -> list[str]:
     """The pull of ``host`` into ``dest``, as an argv list (no shell).
 
     capture-command builds its capture runs with this same function, so what it records is
     what a backup sends (progress options never reach the server's command line).
-    On a terminal the user's progress option is kept; with ``progress2`` (both ends are
-    rsync >= 3.1) ``--progress`` becomes the whole-transfer ``--info=progress2``.
+    ``sandboxed`` (the receiver runs in ``roles.core.sandbox``): with ``-X``, the xattrs it
+    cannot set are filtered out (rules travel in the protocol, never on the server's
+    command line, so a captured command still matches). On a terminal the user's progress
+    option is kept; with ``progress2`` (both ends are rsync >= 3.1) ``--progress`` becomes
+    the whole-transfer ``--info=progress2``.
     """
     if not tty:
         options = drop_progress(host.backup.options)
@@ -144,6 +149,8 @@ def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: 
         options = list(host.backup.options)
     argv = [local_rsync, "-e", ssh_command(host, interactive=tty), *options, "--stats"]
     argv += [f"--exclude={pattern}" for pattern in host.backup.pull_exclude]
+    if sandboxed and has_flag(host.backup.options, "X", "--xattrs"):
+        argv += XATTR_FILTERS
     if dry_run:
         # Daemon mode: the daemon takes the client's options. Captured mode: the gate runs
         # the recorded dry-run command, which is what a client with -n sends.

@@ -28,3 +28,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not match or not 1 <= int(match[1]) <= int(match[2]) <= 1000:
         raise ValueError(f"--shard {text!r}: expected K/N with 1 <= K <= N <= 1000, e.g. 2/3")
     return int(match[1]), int(match[2])
+
+
+def shard_instance(k: int, n: int) -> str:
+    """The systemd instance of shard K of N: ``K-N`` (``pullback-backup@K-N.service``)."""
+    return f"{k}-{n}"
+
+
+def parse_instance(text: str) -> tuple[int, int] | None:
+    """``"2-3"`` -> ``(2, 3)``: a shard's instance; None: a host's (its name). ValueError
+    for a shard out of range."""
+    match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if not match:
+        return None
+    return parse_shard(f"{match[1]}/{match[2]}")

@@ -8,6 +8,11 @@ The pull is::
           OPTIONS --stats [--exclude=P ...] [-n] [--max-delete=N]
           [--link-dest=DEST/<newest>] SRC DEST/
 
+The local rsync (and the ssh it spawns) runs inside the bubblewrap sandbox of
+``roles.core.sandbox`` (``backup.sandbox``, default on): it may write only DEST, sees
+neither the other hosts' copies nor ``/tmp`` and ``/run``, and keeps six capabilities; a
+sandboxed ``-X`` pull leaves out ``trusted.*`` xattrs, which it could not set.
+
 Before anything (key, lock, destination) the local rsync's version is checked: older than
 3.4.1 (no fixes for CVE-2024-12084..12088, through which a server attacks its client) is
 refused unless ``rsync.allow_vulnerable``. The pinned build's version is its build stamp
@@ -117,8 +122,10 @@ from roles.local.files import write_atomic
 from roles.local.ping import send_ping
 from roles.local.runner import (
     both_ends_have_progress2,
+    find_bwrap,
     find_local_rsync,
     local_rsync_version,
+    pull_sandboxed,
     refuse_exposed_client,
     stream,
 )
@@ -181,6 +188,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         or max_delete_problem(host.backup.max_delete, local_version)
     if refusal:  # before the key, the lock or the destination are touched
         raise BackupError(refusal)
+    bwrap = find_bwrap(host)
     warnings = [warning] if warning else []
     fingerprint: str | None = None
     if host.forced_command == Mode.CAPTURED:
@@ -262,7 +270,10 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
                     warnings.append(f"resumed the interrupted run {resume}")
         argv = build_argv(host, dry_run=dry_run, tty=tty, local_rsync=rsync,
                           dest=str(target), link_dest=link_dest,
-                          progress2=tty and both_ends_have_progress2(host, local_version))
+                          progress2=tty and both_ends_have_progress2(host, local_version),
+                          sandboxed=bwrap is not None)
+        # Only DEST is writable for the receiving rsync (and its ssh): roles.core.sandbox.
+        run_argv = pull_sandboxed(host, argv, bwrap, interactive=tty)
         max_delete = host.backup.max_delete
         check: dict[str, Any] | None = None
         log_path = logs / f"{run}.log"
@@ -271,14 +282,15 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
             out = echo if echo is not None else (sys.stdout.buffer if tty else None)
             if (not snapshots and not dry_run and max_delete is not None
                     and has_delete(host.backup.options)):
-                check, refused_early = _deletion_check(host, rsync, target, log, lock,
-                                                       max_delete)
+                check, refused_early = _deletion_check(host, rsync, bwrap, target, log,
+                                                       lock, max_delete)
                 if refused_early is not None:
                     return _finish_refused(host, run, started, t0, dest, logs, log_path,
                                            check, refused_early, warnings, fingerprint)
-            log.write(f"# {shlex.join(argv)}\n".encode())
+            log.write(f"# {shlex.join(run_argv)}\n".encode())
             log.flush()
-            code, scanner = _stream_retrying(argv, log, out, lock, retry=check is not None)
+            code, scanner = _stream_retrying(run_argv, log, out, lock,
+                                             retry=check is not None)
         seconds = round(time.monotonic() - t0, 3)
         stats = parse_stats(scanner.tail)
         ok = code in OK_CODES
@@ -324,6 +336,7 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         )
         summary = {**asdict(result), "run": run, "started": started.isoformat(),
                    "mode": "snapshot" if snapshots else "mirror", "argv": argv,
+                   "sandbox": run_argv[:run_argv.index("--") + 1] if bwrap else None,
                    "destination": str(dest), "pruned": pruned,
                    "forced_command": host.forced_command, "capture_fingerprint": fingerprint,
                    "deletion_check": check}
@@ -340,16 +353,19 @@ BUSY_RETRIES = 20
 BUSY_WAIT = 0.5
 
 
-def _deletion_check(host: Host, rsync: str, target: Path, log: BinaryIO, lock: Lock,
+def _deletion_check(host: Host, rsync: str, bwrap: str | None, target: Path,
+                    log: BinaryIO, lock: Lock,
                     max_delete: int) -> tuple[dict[str, Any], str | None]:
     """Mirror mode with ``backup.max_delete``: a dry run of the same pull first, counting
     what it would delete (``roles.core.pull.deletion_check``). ``(record, refusal)``: the
     refusal (one line) when the real pull must not run; nothing has been deleted then."""
-    argv = build_argv(host, dry_run=True, tty=False, local_rsync=rsync, dest=str(target))
-    log.write(f"# deletion check (dry run): {shlex.join(argv)}\n".encode())
+    argv = build_argv(host, dry_run=True, tty=False, local_rsync=rsync, dest=str(target),
+                      sandboxed=bwrap is not None)
+    run_argv = pull_sandboxed(host, argv, bwrap)
+    log.write(f"# deletion check (dry run): {shlex.join(run_argv)}\n".encode())
     log.flush()
     t0 = time.monotonic()
-    code, scanner = stream(argv, log, None, lock)
+    code, scanner = stream(run_argv, log, None, lock)
     stats = parse_stats(scanner.tail)
     over, would = deletion_check(code, scanner.errors, stats, max_delete)
     record = {"argv": argv, "exit_code": code, "seconds": round(time.monotonic() - t0, 3),

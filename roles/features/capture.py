@@ -47,6 +47,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from roles.config.gate import capture_file, gate_file
@@ -122,11 +123,13 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def capture_once(conn: Session, host: Host, rsync: str, *, dry_run: bool) -> str:
+def capture_once(conn: Session, host: Host, rsync: str, bwrap: str | None, *,
+                 dry_run: bool) -> str:
     """Run the pull as ``backup`` would (it must fail), then read and remove the capture."""
     with tempfile.TemporaryDirectory(prefix="pullback-capture-") as tmp:
-        argv = pull.build_argv(host, dry_run=dry_run, tty=False, local_rsync=rsync,
-                                 dest=tmp)
+        argv = runner.sandboxed(host, pull.build_argv(host, dry_run=dry_run, tty=False,
+                                                      local_rsync=rsync, dest=tmp),
+                                bwrap, writable=[Path(tmp)])
         try:
             result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                                     text=True, errors="replace", env=runner.rsync_env(),
@@ -147,10 +150,12 @@ def capture_once(conn: Session, host: Host, rsync: str, *, dry_run: bool) -> str
         raise CaptureError("the captured command is not ASCII") from None
 
 
-def prove(host: Host, rsync: str) -> None:
+def prove(host: Host, rsync: str, bwrap: str | None) -> None:
     """A dry-run pull with the backup key through the gate, into an empty folder."""
     with tempfile.TemporaryDirectory(prefix="pullback-proof-") as tmp:
-        argv = pull.build_argv(host, dry_run=True, tty=False, local_rsync=rsync, dest=tmp)
+        argv = runner.sandboxed(host, pull.build_argv(host, dry_run=True, tty=False,
+                                                      local_rsync=rsync, dest=tmp),
+                                bwrap, writable=[Path(tmp)])
         result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, errors="replace",
                                 env=runner.rsync_env(), check=False)
@@ -191,6 +196,7 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
                                                runner.local_rsync_version(host, rsync))
         if refusal:  # the capture runs are pulls from the server like any backup
             raise CaptureError(refusal)
+        bwrap = runner.find_bwrap(host)  # ...and run in the same sandbox (store.BackupError)
         local_version = local_version_line(rsync)
         state = store.prepare_state(host)
         conn = (sessions or Run()).open(host)
@@ -222,11 +228,11 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
             steps["capture-script"] = plan.steps["capture-script"]
             facts = facts_after(facts, plan)
             try:
-                words = validate_sent(capture_once(conn, host, rsync, dry_run=False),
+                words = validate_sent(capture_once(conn, host, rsync, bwrap, dry_run=False),
                                       host.backup.source)
                 steps["capture"] = "ok"
                 dry = dry_run_variant(words)
-                sent_dry = capture_once(conn, host, rsync, dry_run=True)
+                sent_dry = capture_once(conn, host, rsync, bwrap, dry_run=True)
                 validate_sent(sent_dry, host.backup.source, dry_run=True)
                 if sent_dry != " ".join(dry):
                     raise CaptureError(f"with -n the client sends {sent_dry!r}, not the "
@@ -256,7 +262,7 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
                 else "changed"
             path = save_record(host, record)
             steps["record"] = "written"
-        prove(host, rsync)
+        prove(host, rsync, bwrap)
         steps["proof-dry-run"] = "ok"
         actions = (f"forced command: {GATE}", f"runs: {record.command}",
                    f"   or: {record.dry_run_command}", f"record: {path}")

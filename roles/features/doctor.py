@@ -953,6 +953,22 @@ def check_client_exposure(host: Host, local: RsyncEnd) -> list[Finding]:
                   f"{fix}; or set rsync.allow_vulnerable: true knowingly")]
 
 
+def check_sandbox(host: Host) -> list[Finding]:
+    """backup.sandbox on without bwrap: every backup of the host fails at once."""
+    try:
+        bwrap = runner.find_bwrap(host)
+    except store.BackupError as exc:
+        return [error("sandbox", str(exc), "backup and restore refuse to run",
+                      "apt-get install bubblewrap, or set backup.sandbox: false")]
+    if bwrap is None:
+        return [warn("sandbox", "backup.sandbox is false: the local rsync runs as root "
+                                "without the sandbox", "a hostile server that exploits it "
+                                "could write anywhere on this machine",
+                     "set backup.sandbox: true where bwrap is available")]
+    return [ok("sandbox", f"the local rsync runs in {bwrap}, writing only "
+                          f"{host.destination}")]
+
+
 def version_end(path: str, text: str, note: str = "") -> RsyncEnd:
     first = text.strip().splitlines()[0].strip() if text.strip() else ""
     try:
@@ -1038,6 +1054,8 @@ def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
     with tempfile.TemporaryDirectory(prefix="pullback-doctor-") as tmp:
         argv = pull_argv(host, local_rsync, tmp, single_colon=single_colon)
         shown = argv[-2]
+        with contextlib.suppress(store.BackupError):  # no bwrap: check_sandbox says so
+            argv = runner.sandboxed(host, argv, runner.find_bwrap(host), writable=[Path(tmp)])
         try:
             result = subprocess.run(argv, capture_output=True, check=False,
                                     timeout=PULL_TIMEOUT, stdin=subprocess.DEVNULL,
@@ -1269,6 +1287,7 @@ def diagnose(host: Host, sessions: Run | None = None) -> Report:
                                         "client rsync)"))
     elif blob and local_path:
         findings.append(_pull_or_skip(host, forced, local_path))
+    findings.extend(check_sandbox(host))
     findings.extend(check_destination(gather_destination(host)))
     report.seconds = time.monotonic() - started
     return report

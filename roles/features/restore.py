@@ -14,7 +14,7 @@ from roles.core.destinations import system_problem
 from roles.core.errors import EXIT_BAD_INPUT, PullbackError
 from roles.core.pull import OutputScanner, build_restore_argv, describe_failure
 from roles.local import folders
-from roles.local.runner import find_local_rsync, rsync_env
+from roles.local.runner import find_bwrap, find_local_rsync, rsync_env, sandboxed
 from roles.local.store import (
     LATEST,
     TREE,
@@ -194,6 +194,10 @@ def _restore_locked(host: Host, *, path: str, to: str, snapshot: str | None, for
     # build the pinned one, which matters only when it talks to a server's).
     rsync, _ = find_local_rsync(host)
     warning: str | None = None
+    try:
+        bwrap = find_bwrap(host)
+    except BackupError as exc:
+        raise RestoreError(str(exc)) from None
     is_dir = stat.S_ISDIR(os.lstat(source).st_mode)
     try:
         note = folders.make_private(target)  # rsync creates the last level, TO/tree
@@ -203,7 +207,9 @@ def _restore_locked(host: Host, *, path: str, to: str, snapshot: str | None, for
         warning = "; ".join(filter(None, [warning, note]))
     argv = build_restore_argv(rsync, host.backup.options, source, is_dir=is_dir,
                               to=str(target / TREE))
-    result = subprocess.run(argv, capture_output=True, env=rsync_env(), check=False,
+    # The copy (the backup's data, a server's files) may change nothing but TO.
+    run_argv = sandboxed(host, argv, bwrap, writable=[target], readable=[source])
+    result = subprocess.run(run_argv, capture_output=True, env=rsync_env(), check=False,
                             stdin=subprocess.DEVNULL, pass_fds=(lock.fd,))
     output = (result.stdout + result.stderr).decode(errors="replace")
     error = None

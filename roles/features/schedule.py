@@ -5,8 +5,18 @@ Which scheduler (``--kind`` overrides the choice):
 - macOS: a launchd job, ``/Library/LaunchDaemons/io.pullback.backup.plist`` (root) or
   ``~/Library/LaunchAgents/io.pullback.backup.plist`` (a user);
 - Linux with systemd running (``/run/systemd/system`` exists, what ``sd_booted()`` checks):
-  ``pullback-backup.service`` + ``pullback-backup.timer`` in ``/etc/systemd/system`` (root)
-  or ``~/.config/systemd/user`` (``--user`` or not root);
+  in ``/etc/systemd/system`` (root) or ``~/.config/systemd/user`` (``--user`` or not root),
+  the template ``pullback-backup@.service`` and one timer per instance,
+  ``pullback-backup@INSTANCE.timer``. An instance is a shard, ``K-N`` (``--shard K/N``;
+  ``1-1`` without ``--shard``), or a host: each host given with ``--host``, and each host
+  whose inventory entry sets ``backup.own_unit`` (the shard's instance then leaves it
+  out). systemd then runs the instances in parallel, each with its own journal and
+  failure state. The template runs ``pullback-backup --unit %i`` with systemd's
+  sandboxing around it (system units: ``ProtectSystem=strict``, ``ReadWritePaths=`` the
+  destinations' roots and the state, a small ``CapabilityBoundingSet``...) and
+  ``OnFailure=pullback-failure@%n.service``, which logs an error line to the journal and
+  leaves a mark in ``/var/lib/pullback/failed/`` until the unit's next good run. Units of
+  the single-unit layout (``pullback-backup.service``/``.timer``) are removed;
 - otherwise cron: ``/etc/cron.d/pullback-backup`` (root) or a marked block in the user's
   crontab (``--user`` or not root).
 
@@ -46,16 +56,28 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from roles.core.render import render
-from roles.core.shards import parse_shard
+from roles.core.sandbox import CAPABILITIES
+from roles.core.shards import parse_shard, shard_instance
 from roles.local import keys
 from roles.local.files import write_atomic
 
 MARKER = "managed by pullback"
 UNIT = "pullback-backup"
-SERVICE = f"{UNIT}.service"
+SERVICE = f"{UNIT}.service"  # the single-unit layout: removed when found
 TIMER = f"{UNIT}.timer"
+TEMPLATE = f"{UNIT}@.service"
+FAILURE = "pullback-failure@.service"
+FAILED_DIR = "%S/pullback/failed"  # %S: /var/lib (system), $XDG_STATE_HOME (user)
+_INSTANCE_TIMER = re.compile(r"^pullback-backup@[A-Za-z0-9._-]+\.timer$")
+# The system unit's ReadWritePaths: the standard roots a destination may lie below
+# (roles.core.destinations), plus each scheduled host's DEST parent and allowed root.
+WRITABLE_ROOTS = ("/var/backups", "/srv", "/mnt", "/media")
+# Syscall groups no backup needs; @mount too when no host uses bubblewrap (it mounts).
+DENIED_SYSCALLS = ("@clock", "@cpu-emulation", "@debug", "@module", "@obsolete", "@raw-io",
+                   "@reboot", "@swap")
 CRON_FILE = "pullback-backup"  # cron.d file names must not contain dots
 LABEL = "io.pullback.backup"
 PLIST = f"{LABEL}.plist"
@@ -111,6 +133,12 @@ class Job:
     inventory: str
     at: tuple[int, int] = (2, 30)
     agent_socket: str | None = None
+    # systemd: the template's command (``--unit %i`` follows), its instances, the paths
+    # it may write, and whether any host runs its rsync in bubblewrap (backup.sandbox).
+    unit_argv: tuple[str, ...] = ()
+    instances: tuple[str, ...] = ()
+    write_paths: tuple[str, ...] = ()
+    bwrap: bool = True
 
     @property
     def what(self) -> str:
@@ -121,11 +149,26 @@ class Job:
         return f"{self.at[0]:02d}:{self.at[1]:02d}"
 
 
+def plan_instances(hosts: Iterable[str], *, shard: tuple[int, int] | None,
+                   own_units: Iterable[str] = (), shared: bool = True) -> tuple[str, ...]:
+    """The systemd instances: each host named with ``--host``; else the shard's (``K-N``,
+    ``1-1`` for the whole inventory) when ``shared`` (some selected host has no unit of
+    its own), then each selected host with ``backup.own_unit``."""
+    named = tuple(dict.fromkeys(hosts))
+    if named:
+        return named
+    k, n = shard or (1, 1)
+    return ((shard_instance(k, n),) if shared else ()) + tuple(dict.fromkeys(own_units))
+
+
 def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_AT,
               agent_socket: str | None = None, program: str | None = None,
-              shard: str | None = None) -> Job:
+              shard: str | None = None, own_units: Iterable[str] = (),
+              shared: bool = True, write_paths: Iterable[str] = (),
+              bwrap: bool = True) -> Job:
     """The scheduled command: ``PROGRAM --inventory ABS [--host H ...]`` (plus
-    ``--shard K/N`` when this backup host runs one shard of the inventory).
+    ``--shard K/N`` when this backup host runs one shard of the inventory); for systemd,
+    ``PROGRAM --inventory ABS --unit %i`` and its instances (``plan_instances``).
 
     ``program`` defaults to the ``pullback-backup`` beside this Python (the project's venv),
     never resolved through symlinks: the venv's own script must run.
@@ -144,11 +187,34 @@ def build_job(inventory: str | Path, hosts: Iterable[str], *, at: str = DEFAULT_
     argv = [program, "--inventory", inventory]
     for name in names:
         argv += ["--host", name]
-    if shard is not None:
-
-        argv += ["--shard", "{}/{}".format(*parse_shard(shard))]
+    parsed = parse_shard(shard) if shard is not None else None  # ValueError: one line
+    if parsed is not None:
+        argv += ["--shard", "{}/{}".format(*parsed)]
+    own_units = tuple(own_units)
+    instances = plan_instances(names, shard=parsed, own_units=own_units, shared=shared)
+    for name in instances:
+        if (name in names or name in own_units) and re.fullmatch(r"\d+-\d+", name):
+            raise ScheduleError(f"host {name!r} would get its own unit, but its name reads "
+                                "as a shard's instance (K-N): rename the host")
+    paths = [_checked_path(p, "a destination root") for p in write_paths]
+    for path in paths:
+        if not _SAFE.match(path):
+            raise ScheduleError(f"{path!r}: a destination root in a unit may only contain "
+                                "letters, digits and _@+=:,./-")
     return Job(argv=tuple(argv), hosts=names, inventory=inventory, at=hour_minute,
-               agent_socket=agent_socket)
+               agent_socket=agent_socket, unit_argv=(program, "--inventory", inventory),
+               instances=instances, write_paths=tuple(dict.fromkeys(paths)), bwrap=bwrap)
+
+
+def destination_roots(hosts: Iterable[Any]) -> list[str]:
+    """What the system unit must let a run write: each host's DEST parent (DEST and its
+    state folder DEST.pullback), and its ``backup.allow_destination``."""
+    roots: list[str] = []
+    for host in hosts:
+        roots.append(os.path.dirname(host.destination.rstrip("/")) or "/")
+        if host.backup.allow_destination:
+            roots.append(host.backup.allow_destination)
+    return list(dict.fromkeys(roots))
 
 
 def delay_offset(seed: str, minutes: int = DELAY_MINUTES) -> int:
@@ -203,16 +269,41 @@ def cron_command(job: Job) -> str:
 # --- rendering (pure) ---------------------------------------------------------------------
 
 
+def unit_write_paths(job: Job) -> str:
+    """ReadWritePaths=: each "-"-prefixed (it may not exist yet), nested ones dropped."""
+    roots = sorted(dict.fromkeys([*WRITABLE_ROOTS, *job.write_paths]))
+    kept = [r for r in roots if not any(r != o and r.startswith(o.rstrip("/") + "/")
+                                        for o in roots)]
+    return " ".join(f"-{r}" for r in kept)
+
+
 def render_service(job: Job, *, system: bool) -> str:
+    """The template ``pullback-backup@.service``."""
     agent_env = None
     if job.agent_socket:
         agent_env = systemd_word(f"SSH_AUTH_SOCK={job.agent_socket}").replace("$$", "$")
-    return render("pullback-backup.service.j2", marker=MARKER, what=systemd_escape(job.what),
-                  system=system, exec_start=systemd_exec(job.argv), agent_env=agent_env)
+    capabilities = [*CAPABILITIES, *(["CAP_SYS_ADMIN"] if job.bwrap else [])]
+    denied = [*DENIED_SYSCALLS, *([] if job.bwrap else ["@mount"])]
+    return render("pullback-backup@.service.j2", marker=MARKER,
+                  inventory=systemd_escape(job.inventory),
+                  system=system, exec_start=systemd_exec(job.unit_argv) + " --unit %i",
+                  agent_env=agent_env, failed_dir=FAILED_DIR, bwrap=job.bwrap,
+                  write_paths=unit_write_paths(job), capabilities=" ".join(capabilities),
+                  syscall_filter="~" + " ".join(denied))
 
 
-def render_timer(job: Job) -> str:
-    return render("pullback-backup.timer.j2", marker=MARKER, what=systemd_escape(job.what),
+def render_failure(*, system: bool) -> str:
+    """``pullback-failure@.service``: what OnFailure= starts."""
+    return render("pullback-failure@.service.j2", marker=MARKER, system=system,
+                  failed_dir=FAILED_DIR)
+
+
+def timer_name(instance: str) -> str:
+    return f"{UNIT}@{instance}.timer"
+
+
+def render_timer(job: Job, instance: str) -> str:
+    return render("pullback-backup@.timer.j2", marker=MARKER, instance=instance,
                   at=job.at_text, delay_minutes=DELAY_MINUTES)
 
 
@@ -255,8 +346,9 @@ class Facts:
     tools: dict[str, str | None]  # systemctl, crontab, launchctl -> path or None
     files: dict[Path, str | None]  # every path a schedule may live at -> its text
     crontab: str | None = None  # the user's crontab ("" when empty), None when not read
-    timer_enabled: bool = False
+    enabled_timers: tuple[str, ...] = ()  # our timers enabled in the scope asked for
     launchd_loaded: bool = False
+    timers: dict[bool, tuple[str, ...]] = field(default_factory=dict)  # user? -> found
 
 
 def is_managed(text: str) -> bool:
@@ -264,16 +356,29 @@ def is_managed(text: str) -> bool:
     return any(MARKER in line for line in text.splitlines()[:6])
 
 
-def locations(root: Path, home: Path, config_home: Path, *, user: bool) -> dict[str, list[Path]]:
-    """Where each kind of schedule lives for the system (root) or for one user."""
+def unit_dir(root: Path, config_home: Path, *, user: bool) -> Path:
+    return config_home / "systemd" / "user" if user else root / "etc" / "systemd" / "system"
+
+
+def locations(root: Path, home: Path, config_home: Path, *, user: bool,
+              timers: Iterable[str] = ()) -> dict[str, list[Path]]:
+    """Where each kind of schedule lives for the system (root) or for one user; ``timers``:
+    the instance timers found there (``gather``) or wanted."""
+    units = unit_dir(root, config_home, user=user)
+    systemd = [units / name for name in (TEMPLATE, FAILURE, *timers, SERVICE, TIMER)]
     if user:
-        units = config_home / "systemd" / "user"
-        return {"systemd": [units / SERVICE, units / TIMER], "cron": [],
+        return {"systemd": systemd, "cron": [],
                 "launchd": [home / "Library" / "LaunchAgents" / PLIST]}
-    units = root / "etc" / "systemd" / "system"
-    return {"systemd": [units / SERVICE, units / TIMER],
-            "cron": [root / "etc" / "cron.d" / CRON_FILE],
+    return {"systemd": systemd, "cron": [root / "etc" / "cron.d" / CRON_FILE],
             "launchd": [root / "Library" / "LaunchDaemons" / PLIST]}
+
+
+def instance_timers(folder: Path) -> list[str]:
+    """The ``pullback-backup@*.timer`` files in ``folder`` (ours or not: read decides)."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if _INSTANCE_TIMER.match(p.name))
+    except OSError:
+        return []
 
 
 def _read(path: Path) -> str | None:
@@ -324,22 +429,23 @@ def gather(*, user: bool = False, root: Path = Path("/"), home: Path | None = No
     if tools is None:
         tools = {name: shutil.which(name) for name in ("systemctl", "crontab", "launchctl")}
     scope_user = user_scope(euid, user)
+    timers = {scope: tuple(instance_timers(unit_dir(root, config_home, user=scope)))
+              for scope in (False, True)}
     paths = [p for scope in (False, True)
-             for group in locations(root, home, config_home, user=scope).values() for p in group]
+             for group in locations(root, home, config_home, user=scope,
+                                    timers=timers[scope]).values() for p in group]
     files = {p: _read(p) for p in paths}
     systemd_running = (root / "run" / "systemd" / "system").is_dir()
     system = system or platform.system()
     crontab = None
-    crontab_bin, systemctl, launchctl = (tools.get(name) for name in
-                                         ("crontab", "systemctl", "launchctl"))
+    crontab_bin, launchctl = (tools.get(name) for name in ("crontab", "launchctl"))
     if scope_user and crontab_bin:
         result = _quiet(crontab_bin, "-l")
         # "no crontab for USER" is exit 1 with nothing on stdout: an empty crontab.
         crontab = result.stdout if result.returncode == 0 else ""
-    timer_enabled = False
-    if systemd_running and systemctl:
-        flags = ["--user"] if scope_user else []
-        timer_enabled = _quiet(systemctl, *flags, "is-enabled", TIMER).stdout.strip() == "enabled"
+    # Enabled: a link in timers.target.wants (what `systemctl enable` makes); a file read.
+    wants = unit_dir(root, config_home, user=scope_user) / "timers.target.wants"
+    enabled = tuple(name for name in instance_timers(wants) if name in timers[scope_user])
     launchd_loaded = False
     if system == "Darwin" and launchctl:
         target = f"{launchd_domain(euid, scope_user)}/{LABEL}"
@@ -347,7 +453,8 @@ def gather(*, user: bool = False, root: Path = Path("/"), home: Path | None = No
     return Facts(root=root, home=home, config_home=config_home, system=system, euid=euid,
                  hostname=hostname or _hostname(), systemd_running=systemd_running,
                  cron_running=_cron_running(root), tools=dict(tools), files=files,
-                 crontab=crontab, timer_enabled=timer_enabled, launchd_loaded=launchd_loaded)
+                 crontab=crontab, enabled_timers=enabled, launchd_loaded=launchd_loaded,
+                 timers=timers)
 
 
 def launchd_domain(euid: int, user: bool) -> str:
@@ -433,6 +540,12 @@ def merge_crontab(old: str, block: str) -> str:
     return rest + block
 
 
+def _stopped_timers(files: Iterable[FileStep]) -> list[str]:
+    """Timers (instances, or the single-unit layout's) whose files go: stopped first."""
+    return [step.path.name for step in files if step.new is None
+            and (step.path.name == TIMER or _INSTANCE_TIMER.match(step.path.name))]
+
+
 def _systemctl(facts: Facts, user: bool, *args: str) -> tuple[str, ...]:
     return (facts.tools.get("systemctl") or "systemctl", *(["--user"] if user else []), *args)
 
@@ -445,7 +558,10 @@ def _error_log(facts: Facts, user: bool) -> str:
 def _desired(facts: Facts, job: Job, kind: str, user: bool) -> dict[Path, str]:
     where = locations(facts.root, facts.home, facts.config_home, user=user)[kind]
     if kind == "systemd":
-        return {where[0]: render_service(job, system=not user), where[1]: render_timer(job)}
+        units = unit_dir(facts.root, facts.config_home, user=user)
+        return {units / TEMPLATE: render_service(job, system=not user),
+                units / FAILURE: render_failure(system=not user),
+                **{units / timer_name(i): render_timer(job, i) for i in job.instances}}
     if kind == "launchd":
         return {where[0]: render_plist(job, hostname=facts.hostname,
                                        error_log=_error_log(facts, user))}
@@ -460,7 +576,8 @@ def _removals(facts: Facts, user: bool, keep: Iterable[Path] = ()) -> tuple[
     steps: list[FileStep] = []
     notes: list[str] = []
     kept = set(keep)
-    for paths in locations(facts.root, facts.home, facts.config_home, user=user).values():
+    for paths in locations(facts.root, facts.home, facts.config_home, user=user,
+                           timers=facts.timers.get(user, ())).values():
         for path in paths:
             text = facts.files.get(path)
             if path in kept or text is None:
@@ -514,21 +631,22 @@ def plan_install(facts: Facts, job: Job, *, kind: str | None = None,
     manual: list[str] = []
     down: str | None = None
     changed = any(step.state != "unchanged" for step in files)
-    stopping_systemd = any(step.new is None and step.path.name in (SERVICE, TIMER)
-                           for step in files)
-    if kind == "systemd" or stopping_systemd:
+    stopping = _stopped_timers(files)
+    wanted = [timer_name(i) for i in job.instances] if kind == "systemd" else []
+    if kind == "systemd" or stopping:
         if facts.systemd_running and facts.tools.get("systemctl"):
-            if stopping_systemd:
-                before.append(_systemctl(facts, user, "disable", "--now", TIMER))
+            if stopping:
+                before.append(_systemctl(facts, user, "disable", "--now", *stopping))
             if changed:
                 after.append(_systemctl(facts, user, "daemon-reload"))
-            if kind == "systemd" and (changed or not facts.timer_enabled):
-                after.append(_systemctl(facts, user, "enable", "--now", TIMER))
+            starting = [t for t in wanted if changed or t not in facts.enabled_timers]
+            if starting:
+                after.append(_systemctl(facts, user, "enable", "--now", *starting))
         elif kind == "systemd":
             down = "systemctl not found" if facts.systemd_running else "systemd is not running"
             flag = " --user" if user else ""
             manual.append(f"systemctl{flag} daemon-reload && systemctl{flag} enable --now "
-                          f"{TIMER}")
+                          f"{' '.join(wanted)}")
     if kind == "systemd" and user:
         notes.append("user units run only while you are logged in unless lingering is on: "
                      "loginctl enable-linger \"$USER\"")
@@ -569,9 +687,11 @@ def plan_remove(facts: Facts, *, user: bool = False) -> Plan:
             problems.append(str(exc))
     before: list[tuple[str, ...]] = []
     after: list[tuple[str, ...]] = []
-    if any(step.path.name in (SERVICE, TIMER) for step in files) and facts.systemd_running \
-            and facts.tools.get("systemctl"):
-        before.append(_systemctl(facts, user, "disable", "--now", TIMER))
+    stopping = _stopped_timers(files)
+    if any(step.path.parent == unit_dir(facts.root, facts.config_home, user=user)
+           for step in files) and facts.systemd_running and facts.tools.get("systemctl"):
+        if stopping:
+            before.append(_systemctl(facts, user, "disable", "--now", *stopping))
         after.append(_systemctl(facts, user, "daemon-reload"))
     if any(step.path.name == PLIST for step in files) and facts.launchd_loaded:
         before.append((facts.tools.get("launchctl") or "launchctl", "bootout",

@@ -267,6 +267,13 @@ class BackupSettings(_Strict):
     # pre before the pull (a failure stops it), post after it (docs/tasks.md).
     pre: Command = ()
     post: Command = ()
+    # The receiving rsync (and its ssh) runs in a bubblewrap sandbox that may write only
+    # DEST (roles.core.sandbox). false: no sandbox (no bwrap, e.g. not Linux; or trusted.*
+    # xattrs must be kept).
+    sandbox: bool = True
+    # `invoke schedule` (systemd) gives this host its own instance, pullback-backup@NAME,
+    # and timer; the shard's instance leaves it out.
+    own_unit: bool = False
 
     @field_validator("destination")
     @classmethod

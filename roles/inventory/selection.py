@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from roles.core.errors import EXIT_BAD_INPUT, PullbackError
-from roles.core.shards import parse_shard, shard_of
+from roles.core.shards import parse_instance, parse_shard, shard_of
 
 
 class InventoryError(PullbackError):
@@ -105,6 +105,23 @@ class Inventory:
         if not selected:
             raise InventoryError([f"no host of {self.path} is in shard {shard}"])
         return selected
+
+
+    def choose_unit(self, instance: str) -> list[Any]:
+        """The hosts of a systemd instance (``pullback-backup@INSTANCE``): ``K-N`` is shard K
+        of N without the hosts that have their own unit (``backup.own_unit``); anything
+        else names one host. InventoryError (one line) for an unknown host or empty shard."""
+        try:
+            shard = parse_instance(instance)
+        except ValueError as exc:
+            raise InventoryError([str(exc)]) from None
+        if shard is None:
+            return self.select([instance])
+        chosen = [h for h in self.select(None, shard) if not h.backup.own_unit]
+        if not chosen:
+            raise InventoryError([f"no host of {self.path} is in shard {shard[0]}/{shard[1]} "
+                                  "without a unit of its own (backup.own_unit)"])
+        return chosen
 
 
 def read_inventory(path: Path) -> bytes:

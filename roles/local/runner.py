@@ -1,5 +1,6 @@
 """Running this machine's rsync: which binary (the pinned build, else PATH), in which
-environment, with its output copied to the run's log as it comes."""
+environment, in which sandbox (``roles.core.sandbox``, unless ``backup.sandbox: false``),
+with its output copied to the run's log as it comes."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from roles.core.pull import OutputScanner, supports_progress2
 from roles.core.rsync import STAMP_RELPATH, client_refusal, parse_version_output
+from roles.core.sandbox import build_sandbox
+from roles.local.keys import key_has_passphrase
 from roles.local.store import BackupError, Lock
 
 if TYPE_CHECKING:
@@ -30,6 +34,56 @@ def find_local_rsync(host: Host) -> tuple[str, str | None]:
                           "run `invoke build-rsync --local-only`")
     return fallback, (f"{pinned} is not built: using {fallback} from PATH; run "
                       "`invoke build-rsync --local-only` so both ends run the same rsync")
+
+
+def find_bwrap(host: Host) -> str | None:
+    """bubblewrap's path when ``backup.sandbox`` is on (BackupError when it is missing),
+    None when the inventory turned the sandbox off."""
+    if not host.backup.sandbox:
+        return None
+    found = shutil.which("bwrap")
+    if found is None:
+        raise BackupError("backup.sandbox is on but bwrap is not installed: install the "
+                          "package bubblewrap (`./dev setup` does), or set "
+                          "backup.sandbox: false to run rsync without the sandbox")
+    return found
+
+
+def sandboxed(host: Host, argv: list[str], bwrap: str | None, *, writable: list[Path],
+              readable: Sequence[Path] = (), hide_beside: Path | None = None,
+              interactive: bool = False) -> list[str]:
+    """``argv`` (this machine's rsync) inside the sandbox, or as it is when ``bwrap`` is
+    None (``find_bwrap``: the sandbox is off).
+
+    ``writable``: the only folders the run may change (those that exist: a dry run's DEST
+    may not yet). ``hide_beside``: a DEST whose parent folder is emptied, so the other
+    hosts' copies and state are out of sight. Read back over what is hidden: the key,
+    known_hosts, the rsync binary, the agent's socket and ``/etc/resolv.conf``'s target.
+    On a terminal, a key with a passphrase and no agent keeps the terminal (ssh asks).
+    """
+    if bwrap is None:
+        return argv
+    hidden = []
+    if hide_beside is not None and hide_beside.parent != Path("/") \
+            and hide_beside.parent.is_dir():
+        hidden.append(str(hide_beside.parent))
+    agent = os.environ.get("SSH_AUTH_SOCK")
+    wanted = [host.backup_key, host.known_hosts, argv[0], agent or "",
+              os.path.realpath("/etc/resolv.conf"), *map(str, readable)]
+    keep_terminal = interactive and not agent and key_has_passphrase(Path(host.backup_key))
+    return build_sandbox(argv, bwrap=bwrap, hidden=hidden,
+                         readable=[p for p in wanted if p.startswith("/") and os.path.exists(p)],
+                         writable=[str(p) for p in writable if p.is_dir()],
+                         new_session=not keep_terminal)
+
+
+def pull_sandboxed(host: Host, argv: list[str], bwrap: str | None, *,
+                   interactive: bool = False) -> list[str]:
+    """A pull's ``argv`` in the sandbox a backup uses: only the host's DEST is writable
+    and the folder around it (the other hosts' copies, every state folder) is hidden."""
+    dest = Path(host.destination.rstrip("/"))
+    return sandboxed(host, argv, bwrap, writable=[dest], hide_beside=dest,
+                     interactive=interactive)
 
 
 def rsync_env() -> dict[str, str]:

@@ -378,9 +378,9 @@ def test_unknown_host_key_shows_its_fingerprint(target: Target, lab_env: Lab):
     assert expected in keygen
     bad = the(lines, "error", "host key", f"offers ssh-ed25519 {expected}")
     assert "has no key for it" in bad.what and "ssh-keyscan" in bad.fix
-    # Nothing else ran over the admin login (the destination check is local); the backup
-    # key's pull fails the same way.
-    assert {x.check for x in lines} == {"host key", "test pull", "destination"}
+    # Nothing else ran over the admin login (the destination and sandbox checks are
+    # local); the backup key's pull fails the same way.
+    assert {x.check for x in lines} == {"host key", "test pull", "destination", "sandbox"}
     assert "Host key verification failed" in the(lines, "error", "test pull", "fails").what
 
 

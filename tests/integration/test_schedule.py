@@ -115,7 +115,9 @@ def test_the_systemd_exec_start_line_run_by_hand_backs_up(ready, remote, work):
                      if line.startswith("ExecStart=")]
     assert "%%" not in exec_start and "$$" not in exec_start  # plain paths: sh words == argv
     argv = shlex.split(exec_start)
-    assert argv == [PROGRAM, "--inventory", str(inventory), "--host", host.name]
+    assert argv == [PROGRAM, "--inventory", str(inventory), "--unit", "%i"]
+    # The instance pullback-backup@HOST.service: systemd puts the host for %i.
+    argv[-1] = host.name
     result = subprocess.run(argv, cwd="/", env=BARE_ENV, capture_output=True, text=True,
                             timeout=120, check=False, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -146,12 +148,16 @@ def test_schedule_cli_dry_run_and_bad_time(ready):
     result = invoke("schedule", "--inventory", str(inventory), "--host", host.name,
                     "--kind", "systemd", "--dry-run")
     assert result.returncode == 0, result.stderr
-    assert "# /etc/systemd/system/pullback-backup.service (" in result.stdout
-    exec_line = shlex.join([PROGRAM, "--inventory", str(inventory), "--host", host.name])
+    assert "# /etc/systemd/system/pullback-backup@.service (" in result.stdout
+    assert f"# /etc/systemd/system/pullback-backup@{host.name}.timer (" in result.stdout
+    exec_line = shlex.join([PROGRAM, "--inventory", str(inventory)]) + " --unit %i"
     assert f"ExecStart={exec_line}\n" in result.stdout
+    # The destinations' root (the lab's allow_destination, which holds work/backups).
+    assert f" -{host.backup.allow_destination} " in result.stdout
     assert "systemd is not running: would write units; enable them with: systemctl " \
-           "daemon-reload && systemctl enable --now pullback-backup.timer" in result.stdout
-    assert not Path("/etc/systemd/system/pullback-backup.service").exists()
+           "daemon-reload && systemctl enable --now " \
+           f"pullback-backup@{host.name}.timer" in result.stdout
+    assert not Path("/etc/systemd/system/pullback-backup@.service").exists()
     bad = invoke("schedule", "--inventory", str(inventory), "--at", "24:00")
     assert bad.returncode == 2
     assert bad.stderr == "schedule: --at must be HH:MM on a 24-hour clock (e.g. 02:30), got " \

@@ -5,6 +5,9 @@ and the rollback reloads through it too."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from lab import hosts as lab
+from roles.core import sandbox
+from roles.features import schedule as sched
 from roles.features import setup_remote as setup
 from roles.hostfiles import transaction
 from roles.remote.facts import SSHD_CONFIG, gather
@@ -120,3 +126,95 @@ def test_a_failed_lockout_check_restores_and_reloads_through_systemctl(sd_target
     assert snapshot(sd_target.lab) == before
     assert ssh_unit(sd_target) == ("active", pid) and reloads(sd_target) == 2
     assert_admin_login_works(sd_target)
+
+
+# --- the scheduled units under a real systemd -------------------------------------------
+
+# Stands in for pullback-backup (the lab's servers have no pullback): records what it was
+# given and what the unit's sandbox lets it do, and fails for the instances named in
+# /var/backups/pullback/fail.
+STAND_IN = r"""#!/bin/sh
+out=/var/backups/pullback/ran-$4
+{
+  echo "argv: $*"
+  grep -E '^(CapBnd|NoNewPrivs):' /proc/self/status
+  if touch /etc/escaped 2>/dev/null; then echo "etc: writable"; else echo "etc: read-only"; fi
+  if touch /var/backups/pullback/written 2>/dev/null; then echo "dest: writable"; fi
+  if touch "$XDG_CACHE_HOME/pullback/compiled" 2>/dev/null; then
+    echo "cache: $XDG_CACHE_HOME/pullback writable"; fi
+  # The rsync sandbox (bubblewrap) inside the unit's: what a real run does.
+  echo "bwrap: $(@BWRAP@ 2>&1) exit $?"
+} > "$out"
+grep -qx "$4" /var/backups/pullback/fail 2>/dev/null && exit 1
+exit 0
+"""
+
+
+def test_the_template_units_run_under_systemd_and_failures_are_recorded(lab_env: Lab,
+                                                                        tmp_path: Path):
+    """The units `schedule` writes, installed in a container whose PID 1 is systemd: each
+    timer is enabled, each instance runs its shard or host inside the unit's sandbox, a
+    failed instance starts pullback-failure@ (an err line in the journal, a mark in
+    /var/lib/pullback/failed) and a good run removes the mark.
+
+    The container gets CAP_SYS_ADMIN, as systemd on a real machine has: without it systemd
+    cannot build a unit's mount namespace and quietly runs it without ProtectSystem=."""
+    name = f"pullback-test-{os.getpid()}-units"  # the lab's label: removed with the others
+    lab.engine("run", "-d", "--name", name, "--hostname", name, "--systemd=always",
+               "--label", f"{lab.LABEL}=1", "--cap-add", "SYS_ADMIN",
+               "-e", "PULLBACK_ADMIN_PUBKEY=none", lab_env.systemd_image(), "/sbin/init")
+    box = lab.LabHost(name=name, port=0, host_key="")  # sh() needs only its name
+    try:
+        sh(box, "for i in $(seq 100); do systemctl is-system-running -q && break; "
+                "[ \"$(systemctl is-system-running)\" = degraded ] && break; sleep 0.2; done")
+        # This machine's bwrap (same Debian release as the lab image) runs the sandbox a
+        # backup builds around a stand-in rsync that writes its DEST and reads its caps.
+        lab.engine("cp", shutil.which("bwrap"), f"{name}:/opt/bwrap")
+        inner = sandbox.build_sandbox(
+            ["/bin/sh", "-c", "touch /var/backups/pullback/web1/pulled && "
+                              "grep CapEff /proc/self/status"],
+            bwrap="/opt/bwrap", writable=["/var/backups/pullback/web1"])
+        sh(box, "mkdir -p /opt/pullback /var/backups/pullback/web1 && cat > "
+                "/opt/pullback/backup && chmod 755 /opt/pullback/backup",
+           input=STAND_IN.replace("@BWRAP@", shlex.join(inner)).encode())
+        job = sched.build_job("/etc/pullback/inventory.yaml", [], shard="1/2",
+                              own_units=["db1"], program="/opt/pullback/backup",
+                              write_paths=["/var/backups/pullback"])
+        facts = sched.gather(root=tmp_path, home=tmp_path / "root", tools={}, euid=0)
+        sched.apply_schedule(sched.plan_install(facts, job, kind="systemd"))
+        units = tmp_path / "etc/systemd/system"
+        for unit in sorted(os.listdir(units)):
+            lab.engine("cp", str(units / unit), f"{box.name}:/etc/systemd/system/{unit}")
+        sh(box, "systemctl daemon-reload && systemctl enable --now "
+                "pullback-backup@1-2.timer pullback-backup@db1.timer")
+        timers = sh(box, "systemctl list-timers --all --no-legend 'pullback-backup@*'")
+        assert "pullback-backup@1-2.timer" in timers and "pullback-backup@db1.timer" in timers
+
+        sh(box, "echo db1 > /var/backups/pullback/fail")
+        sh(box, "systemctl start pullback-backup@1-2.service; "
+                "systemctl start pullback-backup@db1.service || true")
+        ran = sh(box, "cat /var/backups/pullback/ran-1-2")
+        assert "argv: --inventory /etc/pullback/inventory.yaml --unit 1-2" in ran
+        assert "etc: read-only" in ran and "dest: writable" in ran
+        assert "cache: /var/cache/pullback writable" in ran
+        assert "NoNewPrivs:\t1" in ran
+        assert "bwrap: CapEff:\t000000008800001b exit 0" in ran, ran  # the six, no more
+        assert sh(box, "ls /var/backups/pullback/web1").split() == ["pulled"]
+        bounding = int(ran.split("CapBnd:")[1].split()[0], 16)
+        assert bounding == sum(1 << n for n in (0, 1, 3, 4, 21, 27, 31))  # the six + SYS_ADMIN
+        assert "ProtectSystem=strict" in (units / sched.TEMPLATE).read_text()
+        assert sh(box, "test -e /etc/escaped && echo yes || echo no").strip() == "no"
+
+        failed = "pullback-backup@db1.service"
+        sh(box, "for i in $(seq 50); do systemctl is-active -q pullback-failure@"
+                f"{failed}.service || break; sleep 0.2; done")
+        marks = sh(box, "ls /var/lib/pullback/failed").split()
+        assert marks == [failed]
+        journal = sh(box, "journalctl -p err -o cat --no-pager")
+        assert f"pullback: {failed} failed; see journalctl -u {failed}" in journal
+        assert sh(box, f"systemctl is-failed {failed} || true").strip() == "failed"
+
+        sh(box, "rm /var/backups/pullback/fail && systemctl start pullback-backup@db1.service")
+        assert sh(box, "ls /var/lib/pullback/failed").split() == []
+    finally:
+        lab.remove(name)

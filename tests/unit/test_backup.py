@@ -38,8 +38,10 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
     data = {
         "name": "web1", "address": "192.0.2.10", "port": 2222, "admin_user": "admin",
         "backup_key": "/keys/backup", "known_hosts": "/keys/known_hosts",
+        # Mirror mode unless a test asks for snapshots. No sandbox: the fake rsync reads its
+        # "server" beside DEST, which the sandbox hides (tests/integration/test_sandbox.py).
         "backup": {"destination": str(tmp / "{name}") if tmp else "/backups/{name}",
-                   "snapshots": 0, **backup},  # mirror mode unless a test asks for snapshots
+                   "snapshots": 0, "sandbox": False, **backup},
     }
     if "options" in backup:  # options chosen to test the argv, not a full-system copy
         data["backup"].setdefault("allow_inexact", True)

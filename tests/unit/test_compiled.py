@@ -240,3 +240,28 @@ def test_without_the_validators_source_there_is_no_cache(cache, inventory, monke
     monkeypatch.setattr(compiled, "_SOURCES", (tmp_path / "missing.py",))
     assert compiled.load(inventory).hosts["db1"].port == 2222
     assert not list(cache.glob("inventory-*.json"))
+
+
+def test_a_systemd_instance_names_a_shard_without_own_units_or_one_host(cache, tmp_path,
+                                                                        capsys):
+    """``pullback-backup --unit %i`` (pullback-backup@.service): ``K-N`` is the shard
+    without the hosts that have their own unit; a host name is that host alone."""
+    path = tmp_path / "inventory.yaml"
+    path.write_text(GOOD.replace("port: 2222", "port: 2222\n    backup: {own_unit: true}")
+                    .replace("    backup: {exclude: [/var/lib/mysql/*], destination: "
+                             "\"/srv/backups/{name}\"}\n", ""))
+    inv = compiled.load(path)
+    assert inv.hosts["db1"].backup.own_unit and not inv.hosts["web1"].backup.own_unit
+    assert [h.name for h in inv.choose_unit("1-1")] == ["web1"]
+    assert [h.name for h in inv.choose_unit("db1")] == ["db1"]
+    with pytest.raises(selection.InventoryError, match="expected K/N"):
+        inv.choose_unit("0-2")
+    lone = next(f"{k}-9" for k in range(1, 10) if not inv.select(None, (k, 9)))
+    with pytest.raises(selection.InventoryError, match="without a unit of its own"):
+        inv.choose_unit(lone)
+    from roles.cli import unattended
+
+    assert unattended.main(["--inventory", str(path), "--unit", "nope"]) == 2
+    assert capsys.readouterr().err == f"{path}: unknown host nope (known: web1, db1)\n"
+    assert unattended.main(["--inventory", str(path), "--unit", "1-1", "--shard", "1/1"]) == 2
+    assert "--unit takes neither" in capsys.readouterr().err

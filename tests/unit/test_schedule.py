@@ -80,6 +80,8 @@ def test_build_job_passes_a_shard_through(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     j = s.build_job("inv.yaml", [], shard=" 2/3")
     assert j.argv[-2:] == ("--shard", "2/3")
+    assert j.unit_argv == (j.argv[0], "--inventory", f"{tmp_path}/inv.yaml")
+    assert j.instances == ("2-3",)
     with pytest.raises(ValueError, match="expected K/N"):
         s.build_job("inv.yaml", [], shard="2/3; rm -rf /")
 
@@ -124,12 +126,19 @@ def test_cron_escapes_percent_and_quotes_for_sh():
 # --- golden files -----------------------------------------------------------------------------
 
 
+def fleet_job(**kwargs) -> s.Job:
+    """Shard 1 of 3 where db1 has its own unit; destinations below /backup/pullback."""
+    return job(hosts=(), shard="1/3", own_units=("db1",),
+               write_paths=("/backup/pullback", "/var/backups/pullback"), **kwargs)
+
+
 def renderings() -> dict[str, str]:
     system, user = job(), job(hosts=(), agent_socket="/run/user/1000/pullback-agent.sock")
     return {
-        "pullback-backup.service": s.render_service(system, system=True),
-        "pullback-backup.timer": s.render_timer(system),
-        "pullback-backup.user.service": s.render_service(user, system=False),
+        "pullback-backup@.service": s.render_service(fleet_job(), system=True),
+        "pullback-backup@1-3.timer": s.render_timer(fleet_job(), "1-3"),
+        "pullback-failure@.service": s.render_failure(system=True),
+        "pullback-backup@.user.service": s.render_service(user, system=False),
         "pullback-backup.cron": s.render_cron(system, system=True, hostname="backup1"),
         "pullback-backup.crontab": s.render_cron(user, system=False, hostname="backup1"),
         "io.pullback.backup.plist": s.render_plist(
@@ -198,11 +207,14 @@ def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
 
 
 def write_units(folder: Path, j: s.Job, *, system: bool) -> list[Path]:
+    """The template, the failure template and the first instance's timer."""
     folder.mkdir(parents=True, exist_ok=True)
-    service, timer = folder / s.SERVICE, folder / s.TIMER
+    service, timer = folder / s.TEMPLATE, folder / s.timer_name(j.instances[0])
+    failure = folder / s.FAILURE
     service.write_text(s.render_service(j, system=system))
-    timer.write_text(s.render_timer(j))
-    return [service, timer]
+    timer.write_text(s.render_timer(j, j.instances[0]))
+    failure.write_text(s.render_failure(system=system))
+    return [service, timer, failure]
 
 
 @pytest.mark.parametrize("system", [True, False], ids=["system", "user"])
@@ -210,17 +222,31 @@ def test_units_are_valid(tmp_path, system):
     """The units pass ``systemd-analyze verify`` WHERE IT IS INSTALLED (it needs no running
     systemd). Without the binary this test does not skip: it still checks the unit text with
     the small ini parser above (sections, keys, the values that matter)."""
-    j = job(program=str(REPO / ".venv" / "bin" / "pullback-backup"),
+    j = job(hosts=(), shard="1/3", own_units=("db1",),
+            program=str(REPO / ".venv" / "bin" / "pullback-backup"),
             agent_socket=None if system else "/run/user/1000/pullback-agent.sock")
-    service, timer = write_units(tmp_path / "units", j, system=system)
+    assert j.instances == ("1-3", "db1")
+    service, timer, failure = write_units(tmp_path / "units", j, system=system)
 
-    units = {p.name: parse_unit(p.read_text()) for p in (service, timer)}
-    svc, tmr = units[s.SERVICE], units[s.TIMER]
+    units = {p.name: parse_unit(p.read_text()) for p in (service, timer, failure)}
+    svc, tmr, fail = units[s.TEMPLATE], units["pullback-backup@1-3.timer"], units[s.FAILURE]
     assert set(svc) == {"Unit", "Service"} and set(tmr) == {"Unit", "Timer", "Install"}
     assert ("Type", "oneshot") in svc["Service"]
-    assert dict(svc["Service"])["ExecStart"] == s.systemd_exec(j.argv)
+    assert dict(svc["Service"])["ExecStart"] == s.systemd_exec(j.unit_argv) + " --unit %i"
+    assert dict(svc["Unit"])["OnFailure"] == "pullback-failure@%n.service"
+    assert ("Type", "oneshot") in fail["Service"]
     assert ("Wants", "network-online.target") in svc["Unit"] if system else \
         "Wants" not in dict(svc["Unit"])
+    hardening = dict(svc["Service"])
+    if system:
+        assert hardening["ProtectSystem"] == "strict" and hardening["PrivateTmp"] == "yes"
+        assert hardening["NoNewPrivileges"] == "yes"
+        assert hardening["CapabilityBoundingSet"].split() == [
+            "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_MKNOD",
+            "CAP_SETFCAP", "CAP_SYS_ADMIN"]  # bwrap's; without a sandboxed host: none
+        assert "RestrictSUIDSGID" not in hardening and "PrivateDevices" not in hardening
+    else:  # a user manager has no capabilities to bound, nor mounts without user namespaces
+        assert "ProtectSystem" not in hardening and hardening["NoNewPrivileges"] == "yes"
     assert dict(tmr["Timer"]) == {"OnCalendar": "*-*-* 02:30:00", "RandomizedDelaySec": "30min",
                                   "Persistent": "true"}
     assert tmr["Install"] == [("WantedBy", "timers.target")]
@@ -230,8 +256,14 @@ def test_units_are_valid(tmp_path, system):
         return  # the ini check above is the fallback; see the docstring
     runtime = tmp_path / "runtime"
     runtime.mkdir(mode=0o700)
+    # verify reads files, not the search path: the instances are copies of the templates
+    # (the failure handler's instance is the failed unit's name, as OnFailure=...@%n gives).
+    instance = service.with_name("pullback-backup@1-3.service")
+    handler = failure.with_name("pullback-failure@pullback-backup@1-3.service.service")
+    shutil.copy(service, instance)
+    shutil.copy(failure, handler)
     argv = [analyze, *([] if system else ["--user"]), "verify", "--man=no",
-            str(service), str(timer)]
+            str(instance), str(timer), str(handler)]
     result = subprocess.run(argv, capture_output=True, text=True, check=False,
                             env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
     # systemd-analyze exits 0 on an unknown key and only warns: any output is a failure.
@@ -241,8 +273,9 @@ def test_units_are_valid(tmp_path, system):
 def test_systemd_analyze_catches_a_broken_unit(tmp_path):
     """Guards the check above: a bad calendar spec must be reported."""
     analyze = shutil.which("systemd-analyze")
-    service, timer = write_units(tmp_path, job(program=str(REPO / ".venv/bin/pullback-backup")),
-                                 system=True)
+    service, timer, _ = write_units(tmp_path,
+                                    job(program=str(REPO / ".venv/bin/pullback-backup")),
+                                    system=True)
     timer.write_text(timer.read_text().replace("02:30:00", "25:30:00"))
     if analyze is None:
         with pytest.raises(AssertionError):
@@ -281,27 +314,35 @@ def test_systemd_not_running_writes_units_and_says_how_to_enable_them(tmp_path):
     assert plan.after == () and plan.down == "systemd is not running"
     lines = s.apply_schedule(plan)
     units = tmp_path / "etc/systemd/system"
-    assert (units / s.SERVICE).read_text() == s.render_service(job(), system=True)
-    assert (units / s.TIMER).read_text() == s.render_timer(job())
+    assert (units / s.TEMPLATE).read_text() == s.render_service(job(), system=True)
+    assert (units / s.FAILURE).read_text() == s.render_failure(system=True)
+    for host in ("web1", "db1"):  # one instance per --host
+        assert (units / f"pullback-backup@{host}.timer").read_text() \
+            == s.render_timer(job(), host)
+    assert sorted(os.listdir(units)) == [s.TEMPLATE, "pullback-backup@db1.timer",
+                                         "pullback-backup@web1.timer", s.FAILURE]
     assert lines[-1].endswith("wrote units; enable them with: systemctl daemon-reload && "
-                              "systemctl enable --now pullback-backup.timer")
+                              "systemctl enable --now pullback-backup@web1.timer "
+                              "pullback-backup@db1.timer")
 
 
 def test_a_second_install_changes_nothing(tmp_path):
     s.apply_schedule(s.plan_install(facts(tmp_path), job(), kind="systemd"))
-    mtime = (tmp_path / "etc/systemd/system" / s.SERVICE).stat().st_mtime_ns
+    mtime = (tmp_path / "etc/systemd/system" / s.TEMPLATE).stat().st_mtime_ns
     plan = s.plan_install(facts(tmp_path), job(), kind="systemd")
     assert not any(step.state != "unchanged" for step in plan.files)
     lines = s.apply_schedule(plan)
-    assert (tmp_path / "etc/systemd/system" / s.SERVICE).stat().st_mtime_ns == mtime
+    assert (tmp_path / "etc/systemd/system" / s.TEMPLATE).stat().st_mtime_ns == mtime
     assert any(line.endswith(": unchanged") for line in lines)
 
 
 def test_dry_run_prints_paths_and_text_and_writes_nothing(tmp_path):
     plan = s.plan_install(facts(tmp_path), job(), kind="systemd")
     text = "\n".join(s.describe(plan, dry_run=True))
-    assert f"# {tmp_path}/etc/systemd/system/pullback-backup.service (would be created)" in text
-    assert s.systemd_exec(job().argv) in text
+    assert f"# {tmp_path}/etc/systemd/system/pullback-backup@.service (would be created)" in text
+    assert f"# {tmp_path}/etc/systemd/system/pullback-backup@web1.timer (would be created)" \
+        in text
+    assert s.systemd_exec(job().unit_argv) + " --unit %i" in text
     assert "would write units" in text
     assert not (tmp_path / "etc").exists()
 
@@ -315,21 +356,34 @@ def write_fake(path: Path, body: str) -> str:
 def test_with_systemd_running_units_are_reloaded_and_enabled_once(tmp_path):
     (tmp_path / "run/systemd/system").mkdir(parents=True)
     log = tmp_path / "systemctl.log"
+    wants = tmp_path / "etc/systemd/system/timers.target.wants"
+    # Like systemctl: enable links each timer into timers.target.wants, disable unlinks it.
     fake = write_fake(tmp_path / "systemctl", f"""
 echo "$*" >> {log}
-case "$*" in *is-enabled*) [ -e {tmp_path}/enabled ] && echo enabled || echo disabled ;; esac
-case "$*" in *enable\\ --now*) touch {tmp_path}/enabled ;; esac
+verb=$1; shift; [ "$1" = --now ] && shift
+for unit in "$@"; do case "$verb" in
+  enable) mkdir -p {wants}; ln -sf ../$unit {wants}/$unit ;;
+  disable) rm -f {wants}/$unit ;;
+esac; done
 """)
-    plan = s.plan_install(facts(tmp_path, tools={"systemctl": fake}), job())
+    plan = s.plan_install(facts(tmp_path, tools={"systemctl": fake}), job(hosts=(), shard="1/3"))
     assert plan.kind == "systemd"
     s.apply_schedule(plan)
-    assert log.read_text().splitlines() == ["is-enabled pullback-backup.timer", "daemon-reload",
-                                            "enable --now pullback-backup.timer"]
+    assert log.read_text().splitlines() == ["daemon-reload",
+                                            "enable --now pullback-backup@1-3.timer"]
     log.unlink()
-    plan = s.plan_install(facts(tmp_path, tools={"systemctl": fake}), job())
+    plan = s.plan_install(facts(tmp_path, tools={"systemctl": fake}), job(hosts=(), shard="1/3"))
     assert plan.after == () and not plan.changed
     s.apply_schedule(plan)
-    assert log.read_text().splitlines() == ["is-enabled pullback-backup.timer"]
+    assert not log.exists()
+    # The shard changes (a fourth backup host): the old instance stops and goes.
+    plan = s.plan_install(facts(tmp_path, tools={"systemctl": fake}), job(hosts=(), shard="1/4"))
+    s.apply_schedule(plan)
+    assert log.read_text().splitlines() == ["disable --now pullback-backup@1-3.timer",
+                                            "daemon-reload",
+                                            "enable --now pullback-backup@1-4.timer"]
+    assert os.listdir(wants) == ["pullback-backup@1-4.timer"]
+    assert not (tmp_path / "etc/systemd/system/pullback-backup@1-3.timer").exists()
 
 
 def test_a_failing_systemctl_is_reported(tmp_path):
@@ -342,9 +396,10 @@ def test_a_failing_systemctl_is_reported(tmp_path):
 
 def test_user_units_go_to_the_users_config_and_mention_lingering(tmp_path):
     plan = s.plan_install(facts(tmp_path), job(), kind="systemd", user=True)
+    units = tmp_path / "home/me/.config/systemd/user"
     assert {step.path for step in plan.files} == {
-        tmp_path / "home/me/.config/systemd/user" / s.SERVICE,
-        tmp_path / "home/me/.config/systemd/user" / s.TIMER}
+        units / s.TEMPLATE, units / s.FAILURE, units / "pullback-backup@web1.timer",
+        units / "pullback-backup@db1.timer"}
     assert "systemctl --user daemon-reload" in plan.manual[0]
     assert any("loginctl enable-linger" in note for note in plan.notes)
 
@@ -390,9 +445,9 @@ def test_remove_deletes_only_our_files_in_scope(tmp_path):
     other.write_text("[Service]\nExecStart=/bin/true\n")
     lines = s.apply_schedule(s.plan_remove(facts(tmp_path)))
     assert sorted(os.listdir(tmp_path / "etc/systemd/system")) == ["other.service"]
-    assert f"{tmp_path}/etc/systemd/system/{s.TIMER}: removed" in lines
+    assert f"{tmp_path}/etc/systemd/system/pullback-backup@web1.timer: removed" in lines
     # The user's units are another scope: still there.
-    assert (tmp_path / "home/me/.config/systemd/user" / s.TIMER).exists()
+    assert (tmp_path / "home/me/.config/systemd/user/pullback-backup@web1.timer").exists()
     plan = s.plan_remove(facts(tmp_path))
     assert plan.files == () and plan.notes == ("no pullback schedule found",)
 
@@ -401,7 +456,8 @@ def test_switching_scheduler_removes_our_previous_one(tmp_path):
     s.apply_schedule(s.plan_install(facts(tmp_path), job(), kind="cron"))
     plan = s.plan_install(facts(tmp_path), job(), kind="systemd")
     assert [(step.path.name, step.state) for step in plan.files] == [
-        (s.SERVICE, "created"), (s.TIMER, "created"), ("pullback-backup", "removed")]
+        (s.TEMPLATE, "created"), (s.FAILURE, "created"), ("pullback-backup@web1.timer", "created"),
+        ("pullback-backup@db1.timer", "created"), ("pullback-backup", "removed")]
     s.apply_schedule(plan)
     assert not (tmp_path / "etc/cron.d/pullback-backup").exists()
 
@@ -410,8 +466,44 @@ def test_stopping_a_running_systemd_timer_before_removing_it(tmp_path):
     s.apply_schedule(s.plan_install(facts(tmp_path), job(), kind="systemd"))
     (tmp_path / "run/systemd/system").mkdir(parents=True)
     plan = s.plan_remove(facts(tmp_path, tools={"systemctl": "/bin/systemctl"}))
-    assert plan.before == (("/bin/systemctl", "disable", "--now", s.TIMER),)
+    assert plan.before == (("/bin/systemctl", "disable", "--now", "pullback-backup@db1.timer",
+                            "pullback-backup@web1.timer"),)
     assert plan.after == (("/bin/systemctl", "daemon-reload"),)
+
+
+def test_the_single_unit_layout_is_replaced_by_the_template(tmp_path):
+    units = tmp_path / "etc/systemd/system"
+    units.mkdir(parents=True)
+    old = f"# {s.MARKER}: written by `invoke schedule`\n[Service]\nExecStart=/bin/true\n"
+    (units / s.SERVICE).write_text(old)
+    (units / s.TIMER).write_text(old)
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    plan = s.plan_install(facts(tmp_path, tools={"systemctl": "/bin/systemctl"}),
+                          job(hosts=()))
+    assert plan.before == (("/bin/systemctl", "disable", "--now", s.TIMER),)
+    assert plan.after[-1] == ("/bin/systemctl", "enable", "--now", "pullback-backup@1-1.timer")
+    assert {(step.path.name, step.state) for step in plan.files} >= {
+        (s.SERVICE, "removed"), (s.TIMER, "removed"), ("pullback-backup@1-1.timer", "created")}
+
+
+def test_instances_per_shard_and_per_host():
+    assert s.plan_instances([], shard=None) == ("1-1",)
+    assert s.plan_instances([], shard=(2, 3), own_units=["db1"]) == ("2-3", "db1")
+    assert s.plan_instances([], shard=(2, 3), own_units=["db1"], shared=False) == ("db1",)
+    assert s.plan_instances(["web1", "db1"], shard=(2, 3)) == ("web1", "db1")
+    for named, own in (((), ("1-2",)), (("1-2",), ())):  # --unit 1-2 would be a shard
+        with pytest.raises(s.ScheduleError, match="reads as a shard's instance"):
+            job(hosts=named, own_units=own)
+
+
+def test_the_unit_writes_only_below_the_destination_roots():
+    j = job(hosts=(), write_paths=("/srv/backups", "/backup/x", "/backup"))
+    assert s.unit_write_paths(j) == "-/backup -/media -/mnt -/srv -/var/backups"
+    with pytest.raises(s.ScheduleError):
+        job(hosts=(), write_paths=("/srv/a b",))
+    without = s.render_service(job(hosts=(), bwrap=False), system=True)
+    assert "CAP_SYS_ADMIN" not in without and "@swap @mount" in without
+    assert "CAP_SYS_ADMIN" in s.render_service(job(hosts=()), system=True)
 
 
 def fake_crontab(tmp_path: Path, text: str | None) -> str:
