@@ -58,9 +58,9 @@ def test_a_relative_path_is_refused():
 
 
 def make_host(options: tuple[str, ...] | None = None, version: str = "3.2.7") -> Host:
-    backup = {"destination": "/srv/backups/{name}"}
-    if options is not None:
-        backup["options"] = options
+    backup: dict = {"destination": "/srv/backups/{name}"}
+    if options is not None:  # reduced on purpose: which options carry -X is the point
+        backup.update(options=options, allow_inexact=True)
     return Host.model_validate({"name": "web1", "address": "192.0.2.10",
                                 "admin_user": "admin", "backup_key": "/keys/backup",
                                 "known_hosts": "/keys/known_hosts",
