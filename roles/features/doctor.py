@@ -62,7 +62,7 @@ import paramiko
 
 from roles.config import gate as gate_scripts
 from roles.config import rootkey, rsyncd
-from roles.core import fleet, hardened, pull
+from roles.core import fleet, hardened, mounts, pull
 from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
 from roles.core.render import render
@@ -352,6 +352,8 @@ class RootFacts:
     root_stdout: bytes = b""
     root_stderr: bytes = b""
     probes: tuple[tuple[int, str], ...] = ()
+    mountinfo: str | None = None       # /proc/self/mountinfo; None: the host has none
+    not_directories: frozenset[str] = frozenset()  # mount points that are files
 
 
 def _after_marker(text: str) -> list[str]:
@@ -380,6 +382,7 @@ def parse_root_report(text: str) -> RootFacts:
     values: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     missing: set[str] = set()
+    not_dirs: set[str] = set()
     lines = _after_marker(text)
     index = 0
     while index < len(lines):
@@ -401,9 +404,13 @@ def parse_root_report(text: str) -> RootFacts:
             values["root_stdout"] = base64.b64decode(rest.strip())
         elif tag == "ROOTERR":
             values["root_stderr"] = base64.b64decode(rest.strip())
+        elif tag == "MOUNTINFO":
+            values["mountinfo"] = base64.b64decode(rest.strip()).decode("utf-8", "replace")
+        elif tag == "NOTDIR":
+            not_dirs.add(mounts.unescape(rest))
         index += 1
     return RootFacts(**values, files=files, missing=frozenset(missing),
-                     probes=parse_probes(lines))
+                     probes=parse_probes(lines), not_directories=frozenset(not_dirs))
 
 
 # --- the checks (pure) -------------------------------------------------------------------
@@ -815,6 +822,34 @@ def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
     if not findings:
         findings.append(ok(check, f"[{host.backup.module}] path = /, uid = 0, gid = 0, "
                                   "read only, list = false, refuses deletes"))
+    return findings
+
+
+def check_mounts(host: Host, root: RootFacts) -> list[Finding]:
+    """Pure: the server's file systems below ``backup.source`` that a ``-x`` pull leaves
+    out (roles.core.mounts.skipped), one warning each, naming the field that pulls it."""
+    check, source = "mounts", host.backup.source
+    if root.mountinfo is None:
+        return [ok(check, "not checked: the host has no /proc/self/mountinfo")]
+    if not pull.has_flag(host.backup.options, "x", "--one-file-system"):
+        return [ok(check, "the pull crosses file systems (no -x in backup.options)")]
+    extra = tuple(getattr(host.backup, "extra_sources", ()))
+    left_out = mounts.skipped(mounts.parse_mountinfo(root.mountinfo), source,
+                              host.backup.pull_exclude, extra, root.not_directories)
+    findings = []
+    for mount in left_out:
+        relative = mount.point[len(source.rstrip("/")):]
+        findings.append(warn(
+            check, f"{mount.point} ({mount.fstype}) is a file system of its own: the backup "
+                   f"skips it",
+            f"the pull stays on the file system of {source} (-x): only the empty folder "
+            f"{mount.point} is in the copy, none of its files",
+            f"pull it as well with backup.extra_sources: [{mount.point}] in the inventory, "
+            f"or leave it out on purpose with backup.exclude: [{relative}/*]"))
+    if not findings:
+        also = f" and {', '.join(extra)}" if extra else ""
+        findings.append(ok(check, f"every file system below {source}{also} with files is "
+                                  f"in the backup"))
     return findings
 
 
@@ -1274,6 +1309,7 @@ def diagnose(host: Host, sessions: Run | None = None) -> Report:
                                                      facts.content(RSYNCD_CONF), capture,
                                                      found=facts.rsync))
             findings.extend(check_rsyncd_files(host, facts))
+            findings.extend(check_mounts(host, root))
         except Exception as exc:  # noqa: BLE001 - a broken probe is a finding, not a crash
             findings.append(error("doctor", f"{type(exc).__name__}: {exc}",
                                   "doctor could not finish its checks",
