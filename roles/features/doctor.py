@@ -72,6 +72,7 @@ from roles.core.rsync import (
     CaptureError,
     client_exposure,
     parse_version_output,
+    remote_paths,
 )
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
 from roles.core.ssh_failures import classify_ssh_failure, clean_message
@@ -300,8 +301,12 @@ def simulate_sent_command(local_rsync: str, host: Host,
         fake.write_text(_FAKE_RSH)
         fake.chmod(0o700)
         address = f"[{host.address}]" if ":" in host.address else host.address
-        source = host.backup.source.rstrip("/") + "/"
-        argv = [local_rsync, "-e", str(fake), *chosen, f"root@{address}:{source}",
+        extras = tuple(getattr(host.backup, "extra_sources", ()))
+        if extras:  # as a captured-mode pull sends them (roles.core.pull.source_specs)
+            chosen.append("--relative")
+        sources = [f"root@{address}:{path}"
+                   for path in remote_paths(host.backup.source, extras)]
+        argv = [local_rsync, "-e", str(fake), *chosen, *sources,
                 str(Path(tmp) / "dest") + "/"]
         subprocess.run(argv, capture_output=True, check=False, timeout=30,
                        stdin=subprocess.DEVNULL)

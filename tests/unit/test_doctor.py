@@ -693,6 +693,10 @@ def test_simulate_sent_command_is_what_rsync_sends():
     assert sent[-2:] == (".", "/") and "--numeric-ids" in sent
     with_h = doctor.simulate_sent_command(rsync, make_host(), ["-avzHx", "--numeric-ids"])
     assert "H" in doctor.parse_forced_command(" ".join(with_h)).short_flags
+    extra = make_host(backup={"destination": "/backups/{name}", "extra_sources": ("/home",)})
+    sent = doctor.simulate_sent_command(rsync, extra)
+    assert sent[-3:] == (".", "/./", "/./home/")
+    assert "R" in doctor.parse_forced_command(" ".join(sent)).short_flags
 
 
 def test_known_host_label():
