@@ -1080,7 +1080,10 @@ def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
 
 def pull_argv(host: Host, local_rsync: str, dest: str, *, single_colon: bool) -> list[str]:
     """The backup's argv (``pull.build_argv``) with -n, pulling only ``PROBE_PATH``."""
-    daemon_host = host.model_copy(update={"forced_command": "daemon"})
+    # One path only: without backup.extra_sources (no -R, one source to replace).
+    daemon_host = host.model_copy(update={
+        "forced_command": "daemon",
+        "backup": host.backup.model_copy(update={"extra_sources": ()})})
     argv = pull.build_argv(daemon_host, dry_run=True, tty=False, local_rsync=local_rsync,
                              dest=dest)
     address = f"[{host.address}]" if ":" in host.address else host.address
