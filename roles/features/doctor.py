@@ -32,7 +32,10 @@ discovery:
    its failure explained. A gate serves only the recorded source: no test pull there;
 7. the local destination (no host contacted): folders on the way that others could change
    (``roles.local.folders``: backup refuses them), a DEST that is not 0700 or still in the old
-   mirror layout, and a file system mounted without ``nosuid``/``nodev``.
+   mirror layout, and a file system mounted without ``nosuid``/``nodev``;
+8. the server's file systems below ``backup.source`` that a ``-x`` pull skips, from the
+   root script's ``/proc/self/mountinfo`` (``roles.core.mounts.skipped``): a warning each,
+   naming ``backup.extra_sources``.
 
 Round trips: the admin login, ``facts.gather`` (one), ``true`` (one), one read-only root
 script for the rest (one), and one more only when a shell turns out not to be clean. The
@@ -335,8 +338,9 @@ def same_command(forced: tuple[str, ...], sent: tuple[str, ...]) -> bool:
 def root_script(program: str, rsync: str, files: Iterable[str], client_addr: str) -> str:
     """One read-only root script: does the forced command's ``program`` exist (found as
     sshd would: root's shell, sshd's default PATH), the ``rsync`` it runs and its version,
-    the contents of ``files`` (a daemon's non-default config, the gate), and root's shell
-    started as sshd starts a forced command."""
+    the contents of ``files`` (a daemon's non-default config, the gate), the mount table
+    (and which mount points are files), and root's shell started as sshd starts a forced
+    command."""
     return render("scripts/doctor_root.sh.j2", sshd_path=SSHD_PATH, program=program,
                   rsync=rsync, files=list(files), addr=client_addr or "127.0.0.1")
 
