@@ -57,6 +57,9 @@ def run_drill(host: Host, *, to: str, path: str | None = None,
         warnings.append(restored.warning)
     with (sessions or Run()).open(host) as session:
         server = drill.gather_remote_manifest(session, path)
+        server = drill.merge_manifests(server, [
+            (place, drill.gather_remote_manifest(session, extra))
+            for extra, place in drill.extra_roots(host, path)])
     copy = drill.gather_local_manifest(Path(restored.target))
     return DrillResult(host.name, path, restored.target,
                        drill.compare_trees(host, server, copy, path),

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from roles.core import rsync_errors
 from roles.core.hardened import Mode
+from roles.core.rsync import remote_paths
 from roles.core.rsync_errors import explain_exit
 from roles.core.sandbox import XATTR_FILTERS
 from roles.core.ssh_failures import classify_ssh_failure
@@ -21,6 +22,7 @@ class BackupSpec(Protocol):
     """The ``backup:`` settings a pull is built from."""
 
     source: str
+    extra_sources: Sequence[str]  # below source, each pulled as well (-R, source_specs)
     module: str
     options: Sequence[str]
     exclude: Sequence[str]
@@ -90,11 +92,33 @@ def source_spec(host: Host) -> str:
     the ``rsync --server --sender ... . /SOURCE/`` that such a client sends. The trailing
     slash puts SOURCE's contents (not a folder named after it) into the destination.
     """
+    return source_specs(host)[0]
+
+
+def relative_paths(host: Host) -> bool:
+    """A pull with ``backup.extra_sources`` runs with ``-R`` (source_specs)."""
+    return bool(getattr(host.backup, "extra_sources", ()))
+
+
+def source_specs(host: Host) -> list[str]:
+    """Every source of the pull: ``source_spec``'s one, or with ``backup.extra_sources``
+    each path as ``.../SOURCE/./REL/``, for one rsync with ``-R``.
+
+    ``-R`` with ``/./`` names each path from the marker on (``home/...``), so an extra
+    source lands in DEST at its place below SOURCE, and ``-x`` holds per source: each stays
+    on its own file system. One rsync, not one per source: one file list, one ``--stats``,
+    one ``--max-delete``, one ``--link-dest``, one command for captured mode's gate. The
+    pull of SOURCE sends a skipped mount point as a folder without contents, which
+    ``--delete`` never empties, so the extra source's files are deleted only by its own
+    file list (what the server removed), never because the pull of SOURCE skipped them.
+    """
     address = f"[{host.address}]" if ":" in host.address else host.address
-    path = host.backup.source.strip("/")
     if host.forced_command == Mode.CAPTURED:
-        return f"root@{address}:/{path + '/' if path else ''}"
-    return f"root@{address}::{host.backup.module}/{path + '/' if path else ''}"
+        prefix = f"root@{address}:"
+    else:
+        prefix = f"root@{address}::{host.backup.module}"
+    extras = tuple(getattr(host.backup, "extra_sources", ()))
+    return [prefix + path for path in remote_paths(host.backup.source, extras)]
 
 
 def drop_progress(options: Iterable[str]) -> list[str]:
@@ -148,6 +172,8 @@ def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: 
     else:
         options = list(host.backup.options)
     argv = [local_rsync, "-e", ssh_command(host, interactive=tty), *options, "--stats"]
+    if relative_paths(host):
+        argv.append("--relative")
     argv += [f"--exclude={pattern}" for pattern in host.backup.pull_exclude]
     if sandboxed and has_flag(host.backup.options, "X", "--xattrs"):
         argv += XATTR_FILTERS
@@ -162,7 +188,7 @@ def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: 
             raise ValueError(f"--link-dest must be absolute (rsync resolves it from DEST): "
                              f"{link_dest!r}")
         argv.append(f"--link-dest={link_dest}")
-    argv += [source_spec(host), dest.rstrip("/") + "/"]
+    argv += [*source_specs(host), dest.rstrip("/") + "/"]
     return argv
 
 

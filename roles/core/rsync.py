@@ -330,6 +330,18 @@ def remote_path(source: str) -> str:
     return f"/{inner}/" if inner else "/"
 
 
+def remote_paths(source: str, extra_sources: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Every path a pull sends (``roles.core.pull.source_specs``): ``remote_path(source)``
+    alone, or with extra sources (below ``source``) ``/SOURCE/./`` and ``/SOURCE/./REL/``
+    each, for ``-R``: the ``/./`` marks where the path in DEST starts."""
+    if not extra_sources:
+        return [remote_path(source)]
+    top = remote_path(source) + "./"
+    inner = source.strip("/")
+    below = [e.strip("/")[len(inner):].strip("/") for e in extra_sources]
+    return [top, *(f"{top}{rel}/" for rel in below)]
+
+
 # rsync's short options that take an argument (its popt table: -B --block-size, -e --rsh,
 # -f --filter, -M --remote-option, -T --temp-dir, -@ --modify-window). popt reads a word
 # ``-abc`` letter by letter; at one of these the rest of the word (or, when nothing is left,
@@ -407,7 +419,8 @@ def flag_cluster(words: list[str] | tuple[str, ...]) -> tuple[str, str]:
     return flags, (letter + argument)
 
 
-def validate_sent(text: str, source: str, *, dry_run: bool = False) -> tuple[str, ...]:
+def validate_sent(text: str, source: str, *, dry_run: bool = False,
+                  extra_sources: tuple[str, ...] | list[str] = ()) -> tuple[str, ...]:
     """Check a captured command and return its words; raise CaptureError saying why not."""
     shown = text if len(text) < 300 else text[:300] + "..."
     if not text:
@@ -422,14 +435,16 @@ def validate_sent(text: str, source: str, *, dry_run: bool = False) -> tuple[str
     if tuple(words[:3]) != SERVER_PREFIX:
         raise CaptureError(f"the captured command {shown!r} does not start with "
                            f"{' '.join(SERVER_PREFIX)!r}: this is not a pull by rsync")
-    path = remote_path(source)
-    if words[-2:] != [".", path] or len(words) < 6:
-        raise CaptureError(f"the captured command {shown!r} does not end with '. {path}' "
-                           "(backup.source): options that move the arguments off the command "
-                           "line (--secluded-args, -s) cannot be captured")
+    paths = remote_paths(source, extra_sources)
+    tail = [".", *paths]
+    if words[-len(tail):] != tail or len(words) < 5 + len(tail) - 1:
+        what = "backup.source and extra_sources" if extra_sources else "backup.source"
+        raise CaptureError(f"the captured command {shown!r} does not end with "
+                           f"'{' '.join(tail)}' ({what}): options that move the arguments "
+                           "off the command line (--secluded-args, -s) cannot be captured")
     flags, _ = flag_cluster(words)
     dry = "n" in flags
-    for word in words[4:-2]:
+    for word in words[4:-len(tail)]:
         why = None
         if word.startswith("--"):
             why = writing_long_option(word)
@@ -477,10 +492,14 @@ def with_binary(words: tuple[str, ...], binary: str) -> tuple[str, ...]:
 
 
 def fingerprint(options: list[str] | tuple[str, ...], exclude: list[str] | tuple[str, ...],
-                source: str, local_version: str, remote_version: str) -> str:
-    """SHA-256 over what the captured command depends on."""
+                source: str, local_version: str, remote_version: str,
+                extra_sources: list[str] | tuple[str, ...] = ()) -> str:
+    """SHA-256 over what the captured command depends on (``extra_sources`` only when there
+    are some: a record made before they existed keeps its fingerprint)."""
     data = {"options": list(options), "exclude": list(exclude), "source": source,
             "local_rsync": local_version, "remote_rsync": remote_version}
+    if extra_sources:
+        data["extra_sources"] = list(extra_sources)
     encoded = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(encoded).hexdigest()
 

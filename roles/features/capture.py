@@ -228,12 +228,14 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
             steps["capture-script"] = plan.steps["capture-script"]
             facts = facts_after(facts, plan)
             try:
+                extras = host.backup.extra_sources
                 words = validate_sent(capture_once(conn, host, rsync, bwrap, dry_run=False),
-                                      host.backup.source)
+                                      host.backup.source, extra_sources=extras)
                 steps["capture"] = "ok"
                 dry = dry_run_variant(words)
                 sent_dry = capture_once(conn, host, rsync, bwrap, dry_run=True)
-                validate_sent(sent_dry, host.backup.source, dry_run=True)
+                validate_sent(sent_dry, host.backup.source, dry_run=True,
+                              extra_sources=extras)
                 if sent_dry != " ".join(dry):
                     raise CaptureError(f"with -n the client sends {sent_dry!r}, not the "
                                        f"computed {' '.join(dry)!r}")
@@ -247,7 +249,8 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
                     remote_version=remote_version, local_rsync=rsync,
                     local_version=local_version,
                     fingerprint=fingerprint(options, exclude, host.backup.source,
-                                            local_version, remote_version))
+                                            local_version, remote_version, extras),
+                    extra_sources=extras)
                 record.check()
                 gate_plan = plan_setup(facts, host, public_key, GATE, (gate_file(record),))
                 outcome = apply(conn, gate_plan)

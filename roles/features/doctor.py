@@ -32,7 +32,10 @@ discovery:
    its failure explained. A gate serves only the recorded source: no test pull there;
 7. the local destination (no host contacted): folders on the way that others could change
    (``roles.local.folders``: backup refuses them), a DEST that is not 0700 or still in the old
-   mirror layout, and a file system mounted without ``nosuid``/``nodev``.
+   mirror layout, and a file system mounted without ``nosuid``/``nodev``;
+8. the server's file systems below ``backup.source`` that a ``-x`` pull skips, from the
+   root script's ``/proc/self/mountinfo`` (``roles.core.mounts.skipped``): a warning each,
+   naming ``backup.extra_sources``.
 
 Round trips: the admin login, ``facts.gather`` (one), ``true`` (one), one read-only root
 script for the rest (one), and one more only when a shell turns out not to be clean. The
@@ -62,7 +65,7 @@ import paramiko
 
 from roles.config import gate as gate_scripts
 from roles.config import rootkey, rsyncd
-from roles.core import fleet, hardened, pull
+from roles.core import fleet, hardened, mounts, pull
 from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
 from roles.core.render import render
@@ -72,6 +75,7 @@ from roles.core.rsync import (
     CaptureError,
     client_exposure,
     parse_version_output,
+    remote_paths,
 )
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
 from roles.core.ssh_failures import classify_ssh_failure, clean_message
@@ -300,8 +304,12 @@ def simulate_sent_command(local_rsync: str, host: Host,
         fake.write_text(_FAKE_RSH)
         fake.chmod(0o700)
         address = f"[{host.address}]" if ":" in host.address else host.address
-        source = host.backup.source.rstrip("/") + "/"
-        argv = [local_rsync, "-e", str(fake), *chosen, f"root@{address}:{source}",
+        extras = tuple(getattr(host.backup, "extra_sources", ()))
+        if extras:  # as a captured-mode pull sends them (roles.core.pull.source_specs)
+            chosen.append("--relative")
+        sources = [f"root@{address}:{path}"
+                   for path in remote_paths(host.backup.source, extras)]
+        argv = [local_rsync, "-e", str(fake), *chosen, *sources,
                 str(Path(tmp) / "dest") + "/"]
         subprocess.run(argv, capture_output=True, check=False, timeout=30,
                        stdin=subprocess.DEVNULL)
@@ -330,8 +338,9 @@ def same_command(forced: tuple[str, ...], sent: tuple[str, ...]) -> bool:
 def root_script(program: str, rsync: str, files: Iterable[str], client_addr: str) -> str:
     """One read-only root script: does the forced command's ``program`` exist (found as
     sshd would: root's shell, sshd's default PATH), the ``rsync`` it runs and its version,
-    the contents of ``files`` (a daemon's non-default config, the gate), and root's shell
-    started as sshd starts a forced command."""
+    the contents of ``files`` (a daemon's non-default config, the gate), the mount table
+    (and which mount points are files), and root's shell started as sshd starts a forced
+    command."""
     return render("scripts/doctor_root.sh.j2", sshd_path=SSHD_PATH, program=program,
                   rsync=rsync, files=list(files), addr=client_addr or "127.0.0.1")
 
@@ -352,6 +361,8 @@ class RootFacts:
     root_stdout: bytes = b""
     root_stderr: bytes = b""
     probes: tuple[tuple[int, str], ...] = ()
+    mountinfo: str | None = None       # /proc/self/mountinfo; None: the host has none
+    not_directories: frozenset[str] = frozenset()  # mount points that are files
 
 
 def _after_marker(text: str) -> list[str]:
@@ -380,6 +391,7 @@ def parse_root_report(text: str) -> RootFacts:
     values: dict[str, Any] = {}
     files: dict[str, bytes] = {}
     missing: set[str] = set()
+    not_dirs: set[str] = set()
     lines = _after_marker(text)
     index = 0
     while index < len(lines):
@@ -401,9 +413,13 @@ def parse_root_report(text: str) -> RootFacts:
             values["root_stdout"] = base64.b64decode(rest.strip())
         elif tag == "ROOTERR":
             values["root_stderr"] = base64.b64decode(rest.strip())
+        elif tag == "MOUNTINFO":
+            values["mountinfo"] = base64.b64decode(rest.strip()).decode("utf-8", "replace")
+        elif tag == "NOTDIR":
+            not_dirs.add(mounts.unescape(rest))
         index += 1
     return RootFacts(**values, files=files, missing=frozenset(missing),
-                     probes=parse_probes(lines))
+                     probes=parse_probes(lines), not_directories=frozenset(not_dirs))
 
 
 # --- the checks (pure) -------------------------------------------------------------------
@@ -818,6 +834,34 @@ def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
     return findings
 
 
+def check_mounts(host: Host, root: RootFacts) -> list[Finding]:
+    """Pure: the server's file systems below ``backup.source`` that a ``-x`` pull leaves
+    out (roles.core.mounts.skipped), one warning each, naming the field that pulls it."""
+    check, source = "mounts", host.backup.source
+    if root.mountinfo is None:
+        return [ok(check, "not checked: the host has no /proc/self/mountinfo")]
+    if not pull.has_flag(host.backup.options, "x", "--one-file-system"):
+        return [ok(check, "the pull crosses file systems (no -x in backup.options)")]
+    extra = tuple(getattr(host.backup, "extra_sources", ()))
+    left_out = mounts.skipped(mounts.parse_mountinfo(root.mountinfo), source,
+                              host.backup.pull_exclude, extra, root.not_directories)
+    findings = []
+    for mount in left_out:
+        relative = mount.point[len(source.rstrip("/")):]
+        findings.append(warn(
+            check, f"{mount.point} ({mount.fstype}) is a file system of its own: the backup "
+                   f"skips it",
+            f"the pull stays on the file system of {source} (-x): only the empty folder "
+            f"{mount.point} is in the copy, none of its files",
+            f"pull it as well with backup.extra_sources: [{mount.point}] in the inventory, "
+            f"or leave it out on purpose with backup.exclude: [{relative}/*]"))
+    if not findings:
+        also = f" and {', '.join(extra)}" if extra else ""
+        findings.append(ok(check, f"every file system below {source}{also} with files is "
+                                  f"in the backup"))
+    return findings
+
+
 def check_rsyncd_files(host: Host, facts: HostFacts) -> list[Finding]:
     """Where the module lives (either mode): none of ours left in the shared
     /etc/rsyncd.conf, and our own file and folder private to root. Problems only."""
@@ -1040,7 +1084,10 @@ def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
 
 def pull_argv(host: Host, local_rsync: str, dest: str, *, single_colon: bool) -> list[str]:
     """The backup's argv (``pull.build_argv``) with -n, pulling only ``PROBE_PATH``."""
-    daemon_host = host.model_copy(update={"forced_command": "daemon"})
+    # One path only: without backup.extra_sources (no -R, one source to replace).
+    daemon_host = host.model_copy(update={
+        "forced_command": "daemon",
+        "backup": host.backup.model_copy(update={"extra_sources": ()})})
     argv = pull.build_argv(daemon_host, dry_run=True, tty=False, local_rsync=local_rsync,
                              dest=dest)
     address = f"[{host.address}]" if ":" in host.address else host.address
@@ -1274,6 +1321,7 @@ def diagnose(host: Host, sessions: Run | None = None) -> Report:
                                                      facts.content(RSYNCD_CONF), capture,
                                                      found=facts.rsync))
             findings.extend(check_rsyncd_files(host, facts))
+            findings.extend(check_mounts(host, root))
         except Exception as exc:  # noqa: BLE001 - a broken probe is a finding, not a crash
             findings.append(error("doctor", f"{type(exc).__name__}: {exc}",
                                   "doctor could not finish its checks",

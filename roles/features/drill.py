@@ -41,6 +41,28 @@ def gather_remote_manifest(s: Session, root: str) -> list[dict]:
     return manifest.read(result.stdout)
 
 
+def extra_roots(host: Host, path: str) -> list[tuple[str, str]]:
+    """The ``backup.extra_sources`` strictly below the drilled ``path``, each with its place
+    relative to ``path``: the server's manifest stays on one file system (as ``-x``), so
+    each is read on its own and merged (``merge_manifests``)."""
+    top = path.rstrip("/")
+    return [(extra, extra[len(top):].strip("/"))
+            for extra in getattr(host.backup, "extra_sources", ())
+            if extra.startswith(top + "/")]
+
+
+def merge_manifests(main: list[dict], parts: list[tuple[str, list[dict]]]) -> list[dict]:
+    """``main`` with each ``(relative place, manifest)`` of ``parts`` put at its place; an
+    entry read in both (the mount point: its mounted root's attributes either way) is the
+    part's."""
+    merged = {item["p"]: item for item in main}
+    for place, items in parts:
+        for item in items:
+            name = f"{place}/{item['p']}" if item["p"] else place
+            merged[name] = {**item, "p": name}
+    return list(merged.values())
+
+
 def gather_local_manifest(root: Path) -> list[dict]:
     return list(manifest.scan(str(root)))
 

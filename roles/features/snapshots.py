@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from roles.core.errors import EXIT_BAD_INPUT, PullbackError
-from roles.core.pull import build_argv, describe_failure, parse_stats
+from roles.core.pull import build_argv, describe_failure, parse_stats, source_specs
 from roles.core.retention import plan_retention, snapshot_time
 from roles.local.runner import find_local_rsync, rsync_env, stream
 from roles.local.store import (
@@ -221,9 +221,10 @@ def diff_live(host: Host, old: str | None) -> Diff:
     with Lock(state / "lock", host.name, "diff") as lock:
         target = _root(host, name)
         argv = build_argv(host, dry_run=True, tty=False, local_rsync=rsync, dest=str(target))
+        at = len(argv) - 1 - len(source_specs(host))  # before the sources and DEST
         if "--delete" not in argv and not any(a.startswith("--delete-") for a in argv):
-            argv.insert(-2, "--delete")  # a receiver-side option: what the server lost too
-        argv.insert(-2, "--itemize-changes")
+            argv.insert(at, "--delete")  # a receiver-side option: what the server lost too
+        argv.insert(at, "--itemize-changes")
         output = io.BytesIO()
         code, scanner = stream(argv, output, None, lock)
     if code not in (0, 24):

@@ -240,6 +240,11 @@ Command = Annotated[tuple[str, ...], AfterValidator(_command)]
 
 class BackupSettings(_Strict):
     source: AbsPath = "/"
+    # More server paths below source, each on a file system of its own (a separately
+    # mounted /home, /boot...): -x leaves them out of the pull of source; listed here they
+    # are pulled too, in the same rsync (-R, roles.core.pull.source_specs), to the same
+    # relative place in DEST. doctor names the mounts the pull skips.
+    extra_sources: tuple[AbsPath, ...] = ()
     destination: str = "/var/backups/pullback/{name}"
     # The whole option list, replacing the release's defaults; it must still hold what
     # makes the copy exact (roles.core.rsync.missing_exact) unless allow_inexact. After
@@ -322,6 +327,26 @@ class BackupSettings(_Strict):
         transfer root), then ``exclude`` as written."""
         return (*rsync_model.anchored_excludes(self.system_exclude, self.source),
                 *self.exclude)
+
+    @model_validator(mode="after")
+    def _extra_below_source(self) -> BackupSettings:
+        top = self.source.rstrip("/")
+        seen: list[str] = []
+        for path in self.extra_sources:
+            clean = path.rstrip("/")
+            if clean in ("", top) or not clean.startswith(top + "/"):
+                raise ValueError(f"extra_sources: {path!r} must be a path below "
+                                 f"backup.source {self.source!r} (it is pulled into the same "
+                                 "tree, at the same place)")
+            if "/./" in clean + "/" or "//" in clean:
+                raise ValueError(f"extra_sources: {path!r} must be a plain path "
+                                 "(no '.' or empty parts)")
+            if clean in seen:
+                raise ValueError(f"extra_sources: {path!r} is listed twice")
+            seen.append(clean)
+        if tuple(seen) != self.extra_sources:
+            object.__setattr__(self, "extra_sources", tuple(seen))
+        return self
 
     @field_validator("module")
     @classmethod

@@ -2,7 +2,7 @@
 capture-command, read by backup (which refuses on drift), doctor and setup-remote.
 
 It holds both captured commands, both rsyncs and a fingerprint (SHA-256 over options,
-excludes, source, the local and the remote ``rsync --version`` line)."""
+excludes, source, extra sources, the local and the remote ``rsync --version`` line)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ class CaptureRecord:
     local_rsync: str
     local_version: str
     fingerprint: str
+    extra_sources: tuple[str, ...] = ()  # backup.extra_sources when captured
 
     @property
     def command(self) -> str:
@@ -52,17 +53,19 @@ class CaptureRecord:
         data = {"format": RECORD_FORMAT, **asdict(self), "command": self.command,
                 "dry_run_command": self.dry_run_command}
         data["options"], data["exclude"] = list(self.options), list(self.exclude)
+        data["extra_sources"] = list(self.extra_sources)
         return json.dumps(data, indent=2) + "\n"
 
     def check(self) -> None:
         """Re-validate everything the gate is rendered from (the file could be edited)."""
-        words = validate_sent(self.sent, self.source)
-        validate_sent(self.sent_dry_run, self.source, dry_run=True)
+        words = validate_sent(self.sent, self.source, extra_sources=self.extra_sources)
+        validate_sent(self.sent_dry_run, self.source, dry_run=True,
+                      extra_sources=self.extra_sources)
         if " ".join(dry_run_variant(words)) != self.sent_dry_run:
             raise CaptureError("the dry-run command is not the real one plus 'n'")
         with_binary(words, self.remote_rsync)
         if fingerprint(self.options, self.exclude, self.source, self.local_version,
-                       self.remote_version) != self.fingerprint:
+                       self.remote_version, self.extra_sources) != self.fingerprint:
             raise CaptureError("the fingerprint does not match the recorded fields")
 
 
@@ -75,6 +78,7 @@ def parse_record(text: str) -> CaptureRecord:
         data.pop("dry_run_command", None)
         data["options"] = tuple(data["options"])
         data["exclude"] = tuple(data["exclude"])
+        data["extra_sources"] = tuple(data.get("extra_sources", ()))
         record = CaptureRecord(**data)
         if not all(isinstance(v, str) for v in asdict(record).values()
                    if not isinstance(v, tuple)):
@@ -129,10 +133,12 @@ def check_drift(host: Host, record: CaptureRecord, local_version: str) -> str | 
         ("backup.options", list(settings.options), list(record.options)),
         ("backup.exclude", list(settings.exclude), list(record.exclude)),
         ("backup.source", settings.source, record.source),
+        ("backup.extra_sources", list(getattr(settings, "extra_sources", ())),
+         list(record.extra_sources)),
         ("the local rsync", local_version, record.local_version),
     ) if now != then]
     now = fingerprint(settings.options, settings.exclude, settings.source, local_version,
-                      record.remote_version)
+                      record.remote_version, tuple(getattr(settings, "extra_sources", ())))
     if not changed and now == record.fingerprint:
         return None
     what = " and ".join(changed) or "the fingerprint"

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
+
+from roles.core.mounts import Mount, mount_of, parse_mountinfo  # noqa: F401 - re-exported
 
 PRIVATE_MODE = 0o700
 
@@ -158,57 +159,7 @@ def make_private(target: Path | str) -> str | None:
     return None
 
 
-# --- mounts (pure parser) --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Mount:
-    point: str
-    options: frozenset[str]  # the per-mount options (nosuid, nodev, ro...)
-    fstype: str
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as ``\\040`` etc."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def parse_mountinfo(text: str) -> list[Mount]:
-    """``/proc/self/mountinfo``: ``ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] -
-    FSTYPE SOURCE SUPER``; malformed lines are skipped. In file order (later mounts stack
-    on earlier ones)."""
-    mounts: list[Mount] = []
-    for line in text.splitlines():
-        fields = line.split()
-        if "-" not in fields[6:] or len(fields) < 7:
-            continue
-        dash = fields.index("-", 6)
-        if dash + 1 >= len(fields):
-            continue
-        mounts.append(Mount(_unescape(fields[4]), frozenset(fields[5].split(",")),
-                            fields[dash + 1]))
-    return mounts
-
-
-def mount_of(mounts: Iterable[Mount], path: str) -> Mount | None:
-    """The mount holding ``path`` (resolved): the longest mount point above it, the last
-    one listed when several are stacked on the same point."""
-    best: Mount | None = None
-    best_length = -1
-    for mount in mounts:
-        point = mount.point.rstrip("/") or "/"
-        inside = path == point or point == "/" or path.startswith(point + "/")
-        if inside and len(point) >= best_length:
-            best, best_length = mount, len(point)
-    return best
+# --- mounts (the parser is roles.core.mounts') -----------------------------------------
 
 
 def missing_mount_options(mount: Mount) -> list[str]:

@@ -109,6 +109,17 @@ CASES = {
     "system_exclude: [] leaves nothing out": (
         {"system_exclude": ()}, {"dry_run": False, "tty": False},
         [*DEFAULT, "--stats", "root@192.0.2.10::system/", "/backups/web1/"]),
+    "extra sources: -R, each path below a /./ marker": (
+        {"extra_sources": ("/home", "/boot/efi")}, {"dry_run": False, "tty": False},
+        [*DEFAULT, "--stats", "--relative", *SYS, "root@192.0.2.10::system/./",
+         "root@192.0.2.10::system/./home/", "root@192.0.2.10::system/./boot/efi/",
+         "/backups/web1/"]),
+    "extra sources below another source, with a snapshot": (
+        {"source": "/srv", "extra_sources": ("/srv/data",), "snapshots": 2},
+        {"dry_run": True, "tty": False, "dest": "/b/x.partial", "link_dest": "/b/y"},
+        [*DEFAULT, "--stats", "--relative", "-n", "--link-dest=/b/y",
+         "root@192.0.2.10::system/srv/./", "root@192.0.2.10::system/srv/./data/",
+         "/b/x.partial/"]),
     "everything at once": (
         {"source": "/home", "exclude": ("cache/",), "max_delete": 10, "snapshots": 1},
         {"dry_run": True, "tty": True, "dest": "/b/x.partial", "link_dest": "/b/y"},
@@ -180,6 +191,14 @@ def test_captured_mode_pulls_with_a_single_colon(source, dry_run, tail):
     assert argv[:3] == [RSYNC, "-e", SSH_E]
     assert argv[3:] == [*DEFAULT, "--stats", *(SYS if source == "/" else []), *tail]
     assert "::" not in argv[-2]
+
+
+def test_captured_mode_with_extra_sources():
+    host = make_host(extra_sources=("/home",)).model_copy(update={"forced_command": "captured"})
+    argv = pull.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC,
+                           dest="/backups/web1")
+    assert argv[3:] == [*DEFAULT, "--stats", "--relative", *SYS, "root@192.0.2.10:/./",
+                        "root@192.0.2.10:/./home/", "/backups/web1/"]
 
 
 def test_link_dest_must_be_absolute():

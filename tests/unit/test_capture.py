@@ -578,3 +578,54 @@ def test_read_files_script_reports_and_clears(tmp_path):
     assert facts.missing == {str(gone)}
     assert facts.dirs == {str(folder): (0o700, os.getuid(), os.getgid())}
     assert not one.exists()
+
+
+# --- backup.extra_sources: one command with -R and every path ---------------------------------
+
+EXTRA = ("rsync --server --sender -vlogDtprRxze.iLsfxCIvu --numeric-ids . /srv/data/./ "
+         "/srv/data/./home/ /srv/data/./boot/")
+
+
+def test_validate_sent_with_extra_sources_wants_every_path_in_order():
+    extras = ("/srv/data/home", "/srv/data/boot")
+    assert rsync_model.validate_sent(EXTRA, "/srv/data", extra_sources=extras) == \
+        tuple(EXTRA.split(" "))
+    for bad in (EXTRA.replace(" /srv/data/./boot/", ""),           # one missing
+                EXTRA.replace("/./home/ /srv/data/./boot/", "/./boot/ /srv/data/./home/"),
+                REAL):
+        with pytest.raises(cap.CaptureError, match="does not end with '. /srv/data/./ "):
+            rsync_model.validate_sent(bad, "/srv/data", extra_sources=extras)
+    # Without extra_sources in the settings, such a command is not the recorded pull.
+    with pytest.raises(cap.CaptureError, match="does not end with '. /srv/data/'"):
+        rsync_model.validate_sent(EXTRA, "/srv/data")
+
+
+def test_remote_paths():
+    assert rsync_model.remote_paths("/") == ["/"]
+    assert rsync_model.remote_paths("/srv/data/") == ["/srv/data/"]
+    assert rsync_model.remote_paths("/", ("/home", "/var/lib/x")) == ["/./", "/./home/",
+                                                                      "/./var/lib/x/"]
+    assert rsync_model.remote_paths("/srv", ("/srv/a",)) == ["/srv/./", "/srv/./a/"]
+
+
+def test_a_record_with_extra_sources_round_trips_and_drifts_without_them(tmp_path):
+    host = make_host(tmp_path, extra_sources=("/srv/data/home", "/srv/data/boot"))
+    settings = host.backup
+    record = make_record(
+        host, sent=EXTRA, sent_dry_run=EXTRA.replace("-vl", "-vnl", 1),
+        extra_sources=settings.extra_sources,
+        fingerprint=rsync_model.fingerprint(settings.options, settings.exclude,
+                                            settings.source, V32, V31, settings.extra_sources))
+    assert json.loads(record.to_json())["extra_sources"] == ["/srv/data/home", "/srv/data/boot"]
+    assert capture_record.parse_record(record.to_json()) == record
+    assert capture_record.check_drift(host, record, V32) is None
+    plain = make_host(tmp_path)
+    assert capture_record.check_drift(plain, record, V32).startswith(
+        "backup.extra_sources changed since the capture")
+    # A record written before extra_sources existed has no such key, and its fingerprint
+    # stays valid.
+    old = json.loads(make_record(plain).to_json())
+    del old["extra_sources"]
+    assert capture_record.parse_record(json.dumps(old)) == make_record(plain)
+    assert capture_record.check_drift(host, make_record(plain), V32).startswith(
+        "backup.extra_sources changed since the capture")

@@ -693,6 +693,10 @@ def test_simulate_sent_command_is_what_rsync_sends():
     assert sent[-2:] == (".", "/") and "--numeric-ids" in sent
     with_h = doctor.simulate_sent_command(rsync, make_host(), ["-avzHx", "--numeric-ids"])
     assert "H" in doctor.parse_forced_command(" ".join(with_h)).short_flags
+    extra = make_host(backup={"destination": "/backups/{name}", "extra_sources": ("/home",)})
+    sent = doctor.simulate_sent_command(rsync, extra)
+    assert sent[-3:] == (".", "/./", "/./home/")
+    assert "R" in doctor.parse_forced_command(" ".join(sent)).short_flags
 
 
 def test_known_host_label():
@@ -768,3 +772,52 @@ def test_gather_destination_reads_the_layout_and_the_mount(tmp_path):
     facts = gather_destination(host, mountinfo)
     assert facts == DestinationFacts(str(tmp_path / "web1"), None, 0o755, "old",
                                      Mount(str(tmp_path), frozenset({"rw", "nosuid"}), "ext4"))
+
+
+# --- mounts a -x pull skips -----------------------------------------------------------------
+
+SERVER_MOUNTS = r"""22 1 8:1 / / rw - ext4 /dev/sda1 rw
+23 22 0:21 / /proc rw - proc proc rw
+29 22 0:26 / /run rw - tmpfs tmpfs rw
+31 22 8:2 / /home rw - ext4 /dev/sda2 rw
+33 22 8:4 / /boot rw - ext4 /dev/sda4 rw
+37 22 8:1 /etc/hosts /etc/hosts rw - ext4 /dev/sda1 rw
+39 22 8:6 / /srv/my\040data rw - xfs /dev/sda6 rw
+"""
+
+
+def test_parse_root_report_reads_the_mount_table():
+    text = "\n".join(["PULLBACK_DOCTOR", f"MOUNTINFO {b64(SERVER_MOUNTS.encode())}",
+                      "NOTDIR /etc/hosts", r"NOTDIR /srv/a\040b", "SHELL /bin/sh", "END"])
+    root = doctor.parse_root_report(text)
+    assert root.mountinfo == SERVER_MOUNTS
+    assert root.not_directories == {"/etc/hosts", "/srv/a b"}
+    none = doctor.parse_root_report("PULLBACK_DOCTOR\nNOMOUNTINFO\nSHELL /bin/sh\nEND")
+    assert none.mountinfo is None
+
+
+def mount_findings(backup: dict, mountinfo: str | None = SERVER_MOUNTS):
+    root = doctor.RootFacts(mountinfo=mountinfo, not_directories=frozenset({"/etc/hosts"}))
+    host = make_host(backup={"destination": "/backups/{name}", **backup})
+    return [(f.level, f.what, f.fix) for f in doctor.check_mounts(host, root)]
+
+
+def test_check_mounts_warns_about_each_skipped_file_system_naming_the_field():
+    found = mount_findings({})
+    assert [(level, what) for level, what, _ in found] == [
+        ("warn", "/boot (ext4) is a file system of its own: the backup skips it"),
+        ("warn", "/home (ext4) is a file system of its own: the backup skips it"),
+        ("warn", "/srv/my data (xfs) is a file system of its own: the backup skips it")]
+    assert found[1][2] == ("pull it as well with backup.extra_sources: [/home] in the "
+                           "inventory, or leave it out on purpose with backup.exclude: "
+                           "[/home/*]")
+
+
+def test_check_mounts_silenced_by_exclude_or_no_x():
+    assert mount_findings({"exclude": ("/home/*", "/boot", "/srv/*")}) == [
+        ("ok", "every file system below / with files is in the backup", "")]
+    no_x = mount_findings({"options": ("-a", "--numeric-ids", "-H", "-A", "-X", "-S",
+                                       "--delete"), "allow_inexact": True})
+    assert no_x == [("ok", "the pull crosses file systems (no -x in backup.options)", "")]
+    assert mount_findings({}, None) == [
+        ("ok", "not checked: the host has no /proc/self/mountinfo", "")]

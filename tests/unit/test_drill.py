@@ -176,3 +176,24 @@ def test_the_manifest_runs_as_a_script(tmp_path):
     out = subprocess.run(["python3", "-c", manifest_source(), str(tmp_path)],
                          capture_output=True, text=True, check=True).stdout
     assert [i["p"] for i in manifest.read(out)] == ["", "f"]
+
+
+# --- extra sources: read on their own, merged at their place ----------------------------------
+
+
+def test_extra_roots_and_merge_manifests():
+    from types import SimpleNamespace
+
+    from roles.features import drill as drill_reads
+
+    host = SimpleNamespace(backup=SimpleNamespace(extra_sources=("/srv/a", "/srv/b/c", "/home")))
+    assert drill_reads.extra_roots(host, "/srv") == [("/srv/a", "a"), ("/srv/b/c", "b/c")]
+    assert drill_reads.extra_roots(host, "/") == [("/srv/a", "srv/a"), ("/srv/b/c", "srv/b/c"),
+                                                  ("/home", "home")]
+    assert drill_reads.extra_roots(host, "/srv/a") == []  # the drilled path itself: one read
+    main = [{"p": "", "t": "d", "m": 0o755}, {"p": "a", "t": "d", "m": 0o700},
+            {"p": "x", "t": "f", "m": 0o644}]
+    part = [{"p": "", "t": "d", "m": 0o1777}, {"p": "f", "t": "f", "m": 0o600}]
+    merged = drill_reads.merge_manifests(main, [("a", part)])
+    assert sorted((i["p"], i["m"]) for i in merged) == [("", 0o755), ("a", 0o1777),
+                                                        ("a/f", 0o600), ("x", 0o644)]

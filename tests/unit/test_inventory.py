@@ -514,3 +514,32 @@ def test_system_exclude_refuses_what_is_not_a_path_below_root(pattern, message):
         load_text(BASE + f"    backup: {{system_exclude: ['{pattern}']}}\n")
     (line,) = caught.value.problems
     assert line.startswith(f"inventory.yaml:6: hosts.a.backup.system_exclude: {message}"), line
+
+
+# --- backup.extra_sources ---------------------------------------------------------------------
+
+
+def test_extra_sources_below_source_normalised():
+    host = load_text(BASE + "    backup: {extra_sources: [/home/, /boot]}\n").hosts["a"]
+    assert host.backup.extra_sources == ("/home", "/boot")
+    host = load_text(BASE + "    backup: {source: /srv/, extra_sources: [/srv/data]}\n"
+                     ).hosts["a"]
+    assert host.backup.extra_sources == ("/srv/data",)
+    assert load_text(BASE).hosts["a"].backup.extra_sources == ()
+
+
+@pytest.mark.parametrize("backup,message", [
+    ("{extra_sources: [/]}", "'/' must be a path below backup.source '/'"),
+    ("{source: /srv, extra_sources: [/srv]}", "'/srv' must be a path below backup.source"),
+    ("{source: /srv, extra_sources: [/home]}", "'/home' must be a path below backup.source"),
+    ("{source: /srv, extra_sources: [/srvx/a]}", "'/srvx/a' must be a path below"),
+    ("{extra_sources: [home]}", "must be an absolute path"),
+    ("{extra_sources: [/a/../b]}", "must not contain '..'"),
+    ("{extra_sources: [/a/./b]}", "must be a plain path"),
+    ("{extra_sources: [/home, /home/]}", "'/home/' is listed twice"),
+])
+def test_extra_sources_refused(backup, message):
+    with pytest.raises(InventoryError) as exc:
+        load_text(BASE + f"    backup: {backup}\n")
+    (line,) = exc.value.problems
+    assert "hosts.a.backup" in line and "extra_sources" in line and message in line, line
