@@ -1,13 +1,28 @@
-"""rsync's progress output (roles.core.progress): tables of real rsync output, 3.x and 2.6.9."""
+"""rsync's progress output (roles.core.progress) and ``invoke backup``'s view of a fleet run
+without a terminal (roles.cli.progress): tables of real rsync output, 3.x and 2.6.9."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 
+from roles.cli.progress import (
+    DONE,
+    FAILED,
+    RUNNING,
+    WAITING,
+    FleetView,
+    LiveView,
+    PlainView,
+    end_line,
+    format_seconds,
+    view_for,
+)
 from roles.core.progress import ProgressLine, parse_progress_line, read_progress
 from roles.core.pull import parse_stats
+from roles.features.backup import BackupResult
 
 DATA = Path(__file__).parent / "data" / "progress"  # README.md there: how each was captured
 KB, MB = 1024, 1024 * 1024
@@ -109,3 +124,85 @@ def test_a_repeated_last_line_is_counted_once():
     line = b"\r      3,000,000 100%    1.01MB/s    0:00:02 (xfr#1, to-chk=0/1)"
     progress = read_progress(line * 3 + b"\n", whole=False)
     assert (progress.files, progress.bytes) == (1, 3000000)
+
+
+# --- the view without a terminal -----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def result(host: str, ok: bool = True, seconds: float = 4.2, **stats) -> BackupResult:
+    return BackupResult(host, ok=ok, exit_code=0 if ok else 23, seconds=seconds, stats=stats)
+
+
+def test_plain_view_prints_one_start_and_one_end_line_per_host_and_no_escape_codes():
+    out, err = io.StringIO(), io.StringIO()
+    view = view_for(["web1", "db1"], out, err)  # a StringIO is no terminal
+    assert isinstance(view, PlainView) and not view.live
+    view.started("web1")
+    view.started("db1")
+    view.finished(result("db1", ok=False, seconds=1.5))
+    view.finished(result("web1", files_transferred=1234, transferred_size=5_600_000))
+    view.finished(result("web1"))  # told twice (a run and its error handler): one line
+    view.close()
+    assert out.getvalue() == ""  # stdout: only the summary table, which pull_all prints
+    assert err.getvalue().splitlines() == [
+        "web1: started",
+        "db1: started",
+        "db1: failed after 1.5 s",
+        "web1: done in 4.2 s, 1,234 files, 5.6 MB",
+    ]
+    assert "\x1b" not in err.getvalue()
+
+
+def test_end_lines():
+    assert end_line(result("a", seconds=75)) == "a: done in 1:15"
+    dry = result("a", files_transferred=2, transferred_size=10)
+    dry.dry_run = True
+    assert end_line(dry) == "a: dry run done in 4.2 s, 2 files, 10 B"
+    assert end_line(result("a", ok=False, seconds=3725)) == "a: failed after 1:02:05"
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [
+    (0, "0.0 s"), (59.94, "59.9 s"), (60, "1:00"), (3599, "59:59"), (3600, "1:00:00")])
+def test_format_seconds(seconds, shown):
+    assert format_seconds(seconds) == shown
+
+
+def test_the_lines_follow_each_host_from_waiting_to_done():
+    clock = Clock()
+    view = FleetView(["web1", "db1", "mail"], clock=clock)
+    assert [row[1] for row in view.rows()] == [WAITING] * 3
+    view.started("web1")
+    view.started("db1")
+    sink = view.output("web1", whole=False)
+    sink.write((DATA / "rsync-2.6.9-progress.txt").read_bytes()[:300])
+    clock.now += 2.5
+    web1, db1, mail = view.rows()
+    assert web1[:2] == ("web1", RUNNING) and web1[5] == "2.5 s"
+    assert web1[3] != "-" and web1[4].endswith("/s")
+    assert db1 == ("db1", RUNNING, "-", "-", "-", "2.5 s")  # no output read yet
+    assert mail == ("mail", WAITING, "-", "-", "-", "-")
+    view.finished(result("web1", seconds=3.0, files_transferred=3, transferred_size=3_001_237))
+    view.finished(result("db1", ok=False, seconds=2.0))
+    clock.now += 60
+    web1, db1, _ = view.rows()
+    assert web1 == ("web1", DONE, "3", "3.0 MB", "1.0 MB/s", "3.0 s")
+    assert db1[:2] == ("db1", FAILED) and db1[5] == "2.0 s"
+
+
+def test_live_view_draws_every_host_and_stops():
+    """Off a terminal rich draws the last state once, at the stop (the pty test sees it live)."""
+    out = io.StringIO()
+    view = LiveView(["web1", "db1"], out, clock=Clock())
+    view.started("web1")
+    view.finished(result("web1", files_transferred=3, transferred_size=3_001_237))
+    view.close()
+    text = out.getvalue()
+    assert "web1" in text and "done" in text and "db1" in text and "waiting" in text
