@@ -82,7 +82,9 @@ would hold the disk for nothing; the run's log and summary show what the source 
 
 Progress: on a terminal the user's ``--progress`` (or ``--info=progress2``, which needs a
 local rsync >= 3.1) is kept and the output is shown live; otherwise those options are
-dropped and the output goes only to the log. Nothing here imports Fabric or paramiko:
+dropped and the output goes only to the log. A fleet view (``pull_all``'s ``watch``:
+``invoke backup``'s live lines, ``roles.cli.progress``) keeps them too, without a terminal
+for ssh, and reads the output instead of showing it. Nothing here imports Fabric or paramiko:
 ``backup`` runs unattended with only the backup key, and its start-up stays lean.
 """
 
