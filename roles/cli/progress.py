@@ -129,7 +129,7 @@ class FleetView:
             line.bytes = stats.get("transferred_size")
             if line.bytes is None and line.progress is not None:
                 line.files, line.bytes = line.progress.files, line.progress.bytes
-            if line.bytes is not None and result.seconds > 0:
+            if line.bytes and result.seconds > 0:  # nothing moved: no rate
                 line.rate = line.bytes / result.seconds
             return True
 

@@ -194,7 +194,10 @@ def test_the_lines_follow_each_host_from_waiting_to_done():
     clock.now += 60
     web1, db1, _ = view.rows()
     assert web1 == ("web1", DONE, "3", "3.0 MB", "1.0 MB/s", "3.0 s")
-    assert db1[:2] == ("db1", FAILED) and db1[5] == "2.0 s"
+    assert db1 == ("db1", FAILED, "-", "-", "-", "2.0 s")
+    view.output("mail", whole=True)  # its pull started, but nothing moved
+    view.finished(result("mail", ok=False, seconds=1.0))
+    assert view.rows()[2] == ("mail", FAILED, "0", "0 B", "-", "1.0 s")
 
 
 def test_live_view_draws_every_host_and_stops():
