@@ -258,12 +258,15 @@ def capture_command(c, inventory=DEFAULT_INVENTORY, host=None, shard=None):
 @task(iterable=["host"], help={**FLEET_HELP, "dry_run": "rsync -n: show what would change"})
 def backup(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, dry_run=False):
     """Pull / from each host with the backup key (unattended)."""
+    from roles.cli.progress import view_for
     from roles.features import backup as pulls
     from roles.inventory import compiled
 
     # The compiled inventory: validated once, then read from the cache (roles.inventory.compiled).
     hosts = _hosts(inventory, host, shard, loader=compiled.load)
-    bad = pulls.pull_all(hosts, dry_run=dry_run,
+    # A live line per host on a terminal, a start and an end line per host otherwise.
+    view = view_for([h.name for h in hosts], sys.stdout, sys.stderr)
+    bad = pulls.pull_all(hosts, dry_run=dry_run, watch=view,
                          next_step=lambda name, task_name: _command(task_name, name, inventory))
     if bad:
         raise Exit(f"backup: {_of(bad, hosts)} failed", code=1)

@@ -154,7 +154,7 @@ def supports_progress2(version: str | None) -> bool:
 
 def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
                link_dest: str | None = None, progress2: bool = False,
-               sandboxed: bool = False) -> list[str]:
+               sandboxed: bool = False, progress: bool | None = None) -> list[str]:
     """The pull of ``host`` into ``dest``, as an argv list (no shell).
 
     capture-command builds its capture runs with this same function, so what it records is
@@ -163,9 +163,10 @@ def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: 
     cannot set are filtered out (rules travel in the protocol, never on the server's
     command line, so a captured command still matches). On a terminal the user's progress
     option is kept; with ``progress2`` (both ends are rsync >= 3.1) ``--progress`` becomes
-    the whole-transfer ``--info=progress2``.
+    the whole-transfer ``--info=progress2``. ``progress`` (default: ``tty``) keeps the
+    progress option without a terminal for ssh (a fleet's live view reads the output).
     """
-    if not tty:
+    if not (tty if progress is None else progress):
         options = drop_progress(host.backup.options)
     elif progress2:
         options = whole_transfer_progress(host.backup.options)

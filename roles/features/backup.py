@@ -82,7 +82,9 @@ would hold the disk for nothing; the run's log and summary show what the source 
 
 Progress: on a terminal the user's ``--progress`` (or ``--info=progress2``, which needs a
 local rsync >= 3.1) is kept and the output is shown live; otherwise those options are
-dropped and the output goes only to the log. Nothing here imports Fabric or paramiko:
+dropped and the output goes only to the log. A fleet view (``pull_all``'s ``watch``:
+``invoke backup``'s live lines, ``roles.cli.progress``) keeps them too, without a terminal
+for ssh, and reads the output instead of showing it. Nothing here imports Fabric or paramiko:
 ``backup`` runs unattended with only the backup key, and its start-up stays lean.
 """
 
@@ -98,7 +100,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from roles.core import fleet
 from roles.core.hardened import Mode
@@ -158,6 +160,10 @@ from roles.local.store import (
 if TYPE_CHECKING:
     from roles.inventory.schema import Host  # pydantic: not imported at run time
 
+# A live view's way in: called once the pull's options are known with ``whole`` (the output
+# is --info=progress2's), it gives where the pull's output goes besides the log.
+Progress = Callable[[bool], BinaryIO]
+
 @dataclass
 class BackupResult:
     host: str
@@ -174,13 +180,18 @@ class BackupResult:
 
 
 def run_backup(host: Host, *, dry_run: bool, tty: bool,
-               echo: BinaryIO | None = None, lock: Lock | None = None) -> BackupResult:
+               echo: BinaryIO | None = None, lock: Lock | None = None,
+               progress: Progress | None = None) -> BackupResult:
     """Pull ``host`` once (mirror or snapshot mode); raise BackupError if it cannot start.
 
     ``lock``: the host's lock, already held by the caller (around backup.pre and post).
 
     ``tty``: keep the progress options and show rsync's output live (on ``echo``, default
     this process's stdout).
+
+    ``progress`` (a fleet's live view): the progress options are kept without ``tty`` (ssh
+    stays in batch mode), and the pull's output goes to ``progress(whole)`` as well as the
+    log; ``whole`` says it is ``--info=progress2``'s (``roles.core.progress``).
     """
     rsync, warning = find_local_rsync(host)
     local_version = local_rsync_version(host, rsync)
@@ -268,10 +279,11 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
                 if resume:
                     os.rename(dest / resume, target)
                     warnings.append(f"resumed the interrupted run {resume}")
+        shown = tty or progress is not None
+        progress2 = shown and both_ends_have_progress2(host, local_version)
         argv = build_argv(host, dry_run=dry_run, tty=tty, local_rsync=rsync,
-                          dest=str(target), link_dest=link_dest,
-                          progress2=tty and both_ends_have_progress2(host, local_version),
-                          sandboxed=bwrap is not None)
+                          dest=str(target), link_dest=link_dest, progress2=progress2,
+                          sandboxed=bwrap is not None, progress=shown)
         # Only DEST is writable for the receiving rsync (and its ssh): roles.core.sandbox.
         run_argv = pull_sandboxed(host, argv, bwrap, interactive=tty)
         max_delete = host.backup.max_delete
@@ -280,6 +292,8 @@ def run_backup(host: Host, *, dry_run: bool, tty: bool,
         with open(log_path, "wb") as log:
             os.fchmod(log.fileno(), 0o600)
             out = echo if echo is not None else (sys.stdout.buffer if tty else None)
+            if progress is not None:
+                out = progress(progress2)
             if (not snapshots and not dry_run and max_delete is not None
                     and has_delete(host.backup.options)):
                 check, refused_early = _deletion_check(host, rsync, bwrap, target, log,
@@ -430,7 +444,8 @@ def hooks_for(host: Host) -> Any:
     return Hooks(host)
 
 
-def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool) -> BackupResult:
+def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool,
+                      progress: Progress | None = None) -> BackupResult:
     """One host's run: ping ``start``, ``backup.pre``, the pull, ``backup.post``, ping the
     result. A failing pre command stops the pull; post runs whenever the pull was tried
     (after pre succeeded), good or not. A dry run runs no hook and sends no ping. With
@@ -453,7 +468,8 @@ def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool) -> BackupResult:
                                   or getattr(host.backup, "post", ()))
     try:
         with _hook_lock(host) if hooked else contextlib.nullcontext() as lock:
-            result = _pull_between_hooks(host, dry_run=dry_run, tty=tty, lock=lock, t0=t0)
+            result = _pull_between_hooks(host, dry_run=dry_run, tty=tty, lock=lock, t0=t0,
+                                         progress=progress)
     except BackupError as exc:  # the lock is held, or the state folder is unusable
         result = BackupResult(host.name, ok=False, exit_code=None,
                               seconds=round(time.monotonic() - t0, 3), error=str(exc))
@@ -472,7 +488,7 @@ def _hook_lock(host: Host) -> Lock:
 
 
 def _pull_between_hooks(host: Host, *, dry_run: bool, tty: bool, lock: Lock | None,
-                        t0: float) -> BackupResult:
+                        t0: float, progress: Progress | None = None) -> BackupResult:
     hooks = None if dry_run else hooks_for(host)
     problem = hooks.run("pre") if hooks else None
     if problem:
@@ -480,7 +496,7 @@ def _pull_between_hooks(host: Host, *, dry_run: bool, tty: bool, lock: Lock | No
                             seconds=round(time.monotonic() - t0, 3),
                             error=f"{problem}; the pull did not run")
     try:
-        result = run_backup(host, dry_run=dry_run, tty=tty, lock=lock)
+        result = run_backup(host, dry_run=dry_run, tty=tty, lock=lock, progress=progress)
     except Exception as exc:  # noqa: BLE001 - one line per host; post and ping still run
         reason = str(exc) if isinstance(exc, BackupError) else f"{type(exc).__name__}: {exc}"
         result = BackupResult(host.name, ok=False, exit_code=None,
@@ -554,31 +570,65 @@ def failure_line(result: BackupResult, next_step: Callable[[str, str], str] | No
     return line
 
 
+class Watch(Protocol):
+    """What a view of a fleet's run hears (``invoke backup``: ``roles.cli.progress``)."""
+
+    live: bool  # it reads the pulls' progress output (the progress options are kept)
+
+    def started(self, host: str) -> None: ...
+
+    def output(self, host: str, whole: bool) -> BinaryIO: ...
+
+    def finished(self, result: BackupResult) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = None,
-             next_step: Callable[[str, str], str] | None = None) -> list[str]:
+             next_step: Callable[[str, str], str] | None = None,
+             watch: Watch | None = None) -> list[str]:
     """``backup`` for a fleet (``invoke backup`` and ``pullback-backup``): pull every host,
     ``backup.parallel`` at a time; print warnings and one line per failed host (``err``)
-    and the table (``out``); return the hosts that failed. Live output only for one host on
-    a terminal: several interleaved streams are noise.
+    and the table (``out``); return the hosts that failed. Without ``watch``, rsync's own
+    output is shown only for one host on a terminal: several interleaved streams are noise.
+
+    ``watch``: told of each host's start, output (when ``watch.live``) and result, and
+    closed before the warnings and the table are printed.
 
     ``next_step(host, task)``: the command line of ``task`` for ``host``, added to its
     failure line (``trust-host`` for a host key that is not pinned, else ``doctor``)."""
     out = out or sys.stdout
     err = err or sys.stderr
-    tty = len(hosts) == 1 and out.isatty()
+    tty = watch is None and len(hosts) == 1 and out.isatty()
 
     def failed(h: Host, exc: Exception) -> BackupResult:
         reason = str(exc) if isinstance(exc, BackupError) else f"{type(exc).__name__}: {exc}"
-        return BackupResult(h.name, ok=False, exit_code=None, seconds=0.0, error=reason)
+        result = BackupResult(h.name, ok=False, exit_code=None, seconds=0.0, error=reason)
+        if watch is not None:
+            watch.finished(result)
+        return result
 
     started: dict[str, float] = {}
 
     def one(h: Host) -> BackupResult:
         started[h.name] = time.time()
-        return backup_with_hooks(h, dry_run=dry_run, tty=tty)
+        if watch is None:
+            return backup_with_hooks(h, dry_run=dry_run, tty=tty)
+        watch.started(h.name)
+        live: Progress | None = None
+        if watch.live:
+            def live(whole: bool, name: str = h.name) -> BinaryIO:
+                return watch.output(name, whole)
+        result = backup_with_hooks(h, dry_run=dry_run, tty=False, progress=live)
+        watch.finished(result)
+        return result
 
-    results = fleet.for_each(hosts, one, failed,
-                             parallel=max(h.backup.parallel for h in hosts))
+    try:
+        results = fleet.for_each(hosts, one, failed,
+                                 parallel=max(h.backup.parallel for h in hosts))
+    finally:
+        if watch is not None:
+            watch.close()
     if not dry_run:
         for problem in report_metrics(hosts, results, started):
             print(f"backup: warning: {problem}", file=err)

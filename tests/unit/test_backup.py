@@ -1380,3 +1380,63 @@ def test_a_mirror_becomes_the_first_snapshot_and_is_hard_linked(tmp_path, fake):
 def test_plan_tree_snapshot(names, tree_is_dir, last, want):
     assert store.plan_tree_snapshot(names, tree_is_dir=tree_is_dir, last_mirror=last,
                                     fallback="FALLBACK") == want
+
+
+class Watching:
+    """A fleet view that keeps what pull_all tells it (roles.cli.progress's are tested in
+    tests/unit/test_progress.py)."""
+
+    def __init__(self, live: bool) -> None:
+        self.live = live
+        self.events: list[tuple[str, str]] = []
+        self.progress: dict[str, object] = {}
+        self.closed = False
+
+    def started(self, host):
+        self.events.append(("started", host))
+
+    def output(self, host, whole):
+        from roles.core.progress import PullProgress
+
+        self.progress[host] = progress = PullProgress(whole=whole)
+        return Sink(progress)
+
+    def finished(self, result):
+        self.events.append(("ok" if result.ok else "failed", result.host))
+
+    def close(self):
+        self.closed = True
+
+
+class Sink:
+    def __init__(self, progress):
+        self.progress = progress
+
+    def write(self, chunk):
+        self.progress.feed(chunk)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_pull_all_tells_a_watch_and_feeds_it_the_progress_output(tmp_path, fake, live):
+    (fake / "big").write_bytes(b"x" * 300_000)
+    web1 = make_host(tmp_path)
+    web2 = web1.model_copy(update={"name": "web2"})
+    watch = Watching(live)
+    out, err = io.StringIO(), io.StringIO()
+    failed = b.pull_all([web1, web2], dry_run=False, out=out, err=err, watch=watch)
+    assert failed == [] and watch.closed
+    assert sorted(watch.events) == [("ok", "web1"), ("ok", "web2"),
+                                    ("started", "web1"), ("started", "web2")]
+    argvs = (fake.parent / "server.argv").read_text()
+    if live:  # the progress option kept, ssh still in batch mode, the output read
+        assert argvs.count("--info=progress2") == 2 and "BatchMode=no" not in argvs
+        for name in ("web1", "web2"):
+            progress = watch.progress[name]
+            progress.close()
+            assert progress.whole and progress.files == 3 and progress.bytes >= 300_000
+    else:  # no terminal: the pulls as before
+        assert "progress" not in argvs and watch.progress == {}
+    assert "xfr#" not in out.getvalue() + err.getvalue()  # read, never shown

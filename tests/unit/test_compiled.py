@@ -173,7 +173,7 @@ def test_the_unattended_runner_imports_neither_invoke_nor_the_validator(cache, i
     probe = ("import sys, roles.cli.unattended as u, roles.inventory.compiled as c; "
              f"c.load({str(inventory)!r}); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-             "('invoke', 'fabric', 'paramiko', 'pydantic', 'yaml', 'jinja2') "
+             "('invoke', 'fabric', 'paramiko', 'pydantic', 'yaml', 'jinja2', 'rich') "
              "or m == 'roles.inventory.schema'))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                             text=True, check=True, env={**os.environ})
