@@ -54,7 +54,7 @@ from roles.config.gate import capture_file, gate_file
 from roles.core import hardened, pull
 from roles.core.hardened import CAPTURE_SCRIPT, CAPTURED_FILE, GATE, LIBEXEC, REMOTE_STATE, Mode
 from roles.core.hardened import PERMIT_ROOT_LOGIN as WANT
-from roles.core.outcome import Outcome
+from roles.core.outcome import Outcome, State
 from roles.core.rsync import (
     CaptureError,
     dry_run_variant,
@@ -184,9 +184,9 @@ def _restore_keys(conn: Session, host: Host, facts: HostFacts, old: bytes | None
 def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
     """capture-command on one host: capture, validate, install the gate, record, prove."""
     if host.forced_command != Mode.CAPTURED:
-        return Outcome(host.name, {"capture": "skipped"},
+        return Outcome(host.name, {"capture": State.SKIPPED},
                        warnings=("forced_command is daemon: there is nothing to capture",))
-    steps: dict[str, str] = {}
+    steps: dict[str, State] = {}
     warnings: list[str] = []
     try:
         public_key = read_public_key(host)
@@ -230,14 +230,14 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
             try:
                 words = validate_sent(capture_once(conn, host, rsync, bwrap, dry_run=False),
                                       host.backup.source)
-                steps["capture"] = "ok"
+                steps["capture"] = State.OK
                 dry = dry_run_variant(words)
                 sent_dry = capture_once(conn, host, rsync, bwrap, dry_run=True)
                 validate_sent(sent_dry, host.backup.source, dry_run=True)
                 if sent_dry != " ".join(dry):
                     raise CaptureError(f"with -n the client sends {sent_dry!r}, not the "
                                        f"computed {' '.join(dry)!r}")
-                steps["capture-dry-run"] = "ok"
+                steps["capture-dry-run"] = State.OK
                 options, exclude = host.backup.options, host.backup.exclude
                 record = CaptureRecord(
                     host=host.name,
@@ -257,13 +257,13 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
                 raise CaptureError(f"{exc}; {_restore_keys(conn, host, facts, old_keys)}") \
                     from None
             facts = facts_after(facts, gate_plan)
-            steps["gate"] = "ok" if facts.content(GATE) == old_gate else "changed"
-            steps["authorized_keys"] = "ok" if facts.content(AUTHORIZED_KEYS) == old_keys \
-                else "changed"
+            steps["gate"] = State.OK if facts.content(GATE) == old_gate else State.CHANGED
+            steps["authorized_keys"] = State.OK if facts.content(AUTHORIZED_KEYS) == old_keys \
+                else State.CHANGED
             path = save_record(host, record)
-            steps["record"] = "written"
+            steps["record"] = State.WRITTEN
         prove(host, rsync, bwrap)
-        steps["proof-dry-run"] = "ok"
+        steps["proof-dry-run"] = State.OK
         actions = (f"forced command: {GATE}", f"runs: {record.command}",
                    f"   or: {record.dry_run_command}", f"record: {path}")
         return Outcome(host.name, steps, warnings=tuple(warnings), actions=actions)

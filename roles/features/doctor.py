@@ -65,6 +65,7 @@ from roles.config import rootkey, rsyncd
 from roles.core import fleet, hardened, pull
 from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
+from roles.core.outcome import Finding, Level
 from roles.core.render import render
 from roles.core.rsync import (
     DEFAULT_VERSION,
@@ -89,7 +90,6 @@ from roles.remote.facts import (
 from roles.remote.hostkeys import fetch_host_key, known_hosts_name
 from roles.remote.session import ConnectError, Run, Session
 
-LEVELS = ("ok", "warn", "error")
 PROBE_PATH = "/etc/hostname"
 SSHD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sshd's default
 SHOW_BYTES = 200
@@ -97,19 +97,6 @@ PULL_TIMEOUT = 60.0
 MIN_GOOD_PROTOCOL = 30  # rsync 3.0: incremental recursion, the protocol every 3.x speaks
 OLDEST_PROTOCOL = 20    # rsync 3.x refuses older peers
 METADATA_PROTOCOL = 30   # -A/--acls and -X/--xattrs: rsync 3.0 on both ends
-
-
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    level: str  # "ok" | "warn" | "error"
-    what: str
-    why: str = ""
-    fix: str = ""
-
-    def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ValueError(f"unknown level {self.level!r}")
 
 
 @dataclass
@@ -121,23 +108,23 @@ class Report:
 
     @property
     def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "error"]
+        return [f for f in self.findings if f.level is Level.ERROR]
 
     @property
     def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "warn"]
+        return [f for f in self.findings if f.level is Level.WARN]
 
 
 def ok(check: str, what: str) -> Finding:
-    return Finding(check, "ok", what)
+    return Finding(check, Level.OK, what)
 
 
 def warn(check: str, what: str, why: str, fix: str) -> Finding:
-    return Finding(check, "warn", what, why, fix)
+    return Finding(check, Level.WARN, what, why, fix)
 
 
 def error(check: str, what: str, why: str, fix: str) -> Finding:
-    return Finding(check, "error", what, why, fix)
+    return Finding(check, Level.ERROR, what, why, fix)
 
 
 # --- the managed key line and its forced command (pure) ----------------------------------
@@ -593,7 +580,7 @@ def check_key_line(key: KeyLine | None, host: Host, facts: HostFacts) -> list[Fi
             + (": anyone holding the backup key can log in from anywhere"
                if key.from_ is None else ""),
             f"run {mode_fix}"))
-    if not findings or all(f.level == "ok" for f in findings):
+    if not findings or all(f.level is Level.OK for f in findings):
         options = ",".join(o for o in key.options if not o.lower().startswith("command="))
         findings.append(ok(check, f"command=\"{key.command}\" with {options or 'no options'}"))
     return findings
@@ -752,7 +739,7 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
         findings.extend(check_gate(host, root, capture))
     if forced.daemon:
         findings.extend(check_rsyncd(host, forced, root, rsyncd_text))
-    if not any(f.level != "ok" for f in findings):
+    if all(f.level is Level.OK for f in findings):
         findings.insert(0, ok(check, f"{forced.text!r} fits {host.forced_command} mode"))
     return findings
 
@@ -1313,7 +1300,7 @@ def format_report(report: Report) -> str:
     lines = [f"{report.host} ({report.target})"]
     for f in report.findings:
         lines.append(f"  {f.level:6} {f.check:14} {f.what}")
-        if f.level != "ok":
+        if f.level is not Level.OK:
             lines.append(f"{_INDENT}why: {f.why}")
             lines.append(f"{_INDENT}fix: {f.fix}")
     errors, warnings = len(report.errors), len(report.warnings)

@@ -97,8 +97,7 @@ def setup_host(host: Host, *, dry_run: bool = False,
         plan = dataclasses.replace(plan, warnings=(*warnings, *plan.warnings))
         if dry_run:
             actions = ("would reload sshd",) if plan.reload_sshd else ()
-            would = {"changed": "would change", "removed": "would remove"}
-            steps = {k: would.get(v, v) for k, v in plan.steps.items()}
+            steps = {k: v.preview() for k, v in plan.steps.items()}
             return Outcome(host.name, steps, warnings=plan.warnings,
                            diffs=tuple(c.diff() for c in plan.changes), actions=actions)
         return apply(conn, plan, check_login, via=exchange)

@@ -26,6 +26,7 @@ from lab import hosts as lab
 from roles.config import rsyncd
 from roles.config.rootkey import fingerprint, parse_public_key
 from roles.core import hardened
+from roles.core.outcome import Level
 from roles.core.rsync import client_exposure
 from roles.features import capture, doctor
 from roles.features.setup_remote import setup_host
@@ -108,7 +109,7 @@ def parse(stdout: str) -> list[Line]:
     found: list[Line] = []
     for raw in stdout.splitlines():
         text = raw.strip()
-        if raw.startswith("  ") and text.split(" ", 1)[0] in doctor.LEVELS:
+        if raw.startswith("  ") and text.split(" ", 1)[0] in tuple(Level):
             level = text.split(" ", 1)[0]
             check = raw[9:23].strip()
             found.append(Line(level, check, raw[24:]))
