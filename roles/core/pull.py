@@ -6,45 +6,23 @@ from __future__ import annotations
 import collections
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from roles.core import rsync_errors
 from roles.core.hardened import Mode
 from roles.core.rsync_errors import explain_exit
 from roles.core.sandbox import XATTR_FILTERS
+from roles.core.spec import HostSpec
 from roles.core.ssh_failures import classify_ssh_failure
-
-
-class BackupSpec(Protocol):
-    """The ``backup:`` settings a pull is built from."""
-
-    source: str
-    module: str
-    options: Sequence[str]
-    exclude: Sequence[str]
-    pull_exclude: Sequence[str]  # backup.system_exclude below source, then exclude
-    max_delete: int | None
-
-
-class Host(Protocol):
-    """What a pull needs to know of a host: the inventory's validated host (or its compiled
-    record) has these and more; ``core`` names only what it reads."""
-
-    address: str
-    port: int
-    backup_key: str
-    known_hosts: str
-    forced_command: str
-    backup: BackupSpec
 
 OK_CODES = (0, 24)
 TAIL_BYTES = 65536
 
 _PROGRESS_OPTIONS = ("--progress", "--info=progress2", "--info=progress1", "--info=progress0")
 
-def ssh_command(host: Host, *, interactive: bool = False) -> str:
+def ssh_command(host: HostSpec, *, interactive: bool = False) -> str:
     """The ``-e`` value: no ssh_config, strict host keys from the inventory only, only the
     backup key, nothing forwarded.
 
@@ -80,7 +58,7 @@ def ssh_command(host: Host, *, interactive: bool = False) -> str:
     ])
 
 
-def source_spec(host: Host) -> str:
+def source_spec(host: HostSpec) -> str:
     """Daemon mode ``root@ADDR::MODULE/SOURCE/``; captured mode ``root@ADDR:/SOURCE/``.
 
     Daemon mode needs the double colon: a single colon would make rsync start its own
@@ -128,7 +106,7 @@ def supports_progress2(version: str | None) -> bool:
     return bool(match) and (int(match[1]), int(match[2])) >= (3, 1)
 
 
-def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
+def build_argv(host: HostSpec, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
                link_dest: str | None = None, progress2: bool = False,
                sandboxed: bool = False) -> list[str]:
     """The pull of ``host`` into ``dest``, as an argv list (no shell).

@@ -61,6 +61,7 @@ from roles.core.rsync import (
     fingerprint,
     validate_sent,
 )
+from roles.core.spec import HostSpec
 from roles.hostfiles.plan import plan_setup
 from roles.hostfiles.transaction import (
     FileChange,
@@ -79,7 +80,6 @@ from roles.remote.session import ConnectError, Run, Session
 
 if TYPE_CHECKING:
     from roles.core.outcome import Outcome
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
     from roles.remote.facts import HostFacts
 
 
@@ -92,7 +92,7 @@ if TYPE_CHECKING:
 # --- facts about the remote rsync (pure) -----------------------------------------------------
 
 
-def remote_rsync(facts: HostFacts, host: Host) -> tuple[str, str, list[str]]:
+def remote_rsync(facts: HostFacts, host: HostSpec) -> tuple[str, str, list[str]]:
     """``(path, version line, warnings)``: the pinned build, else the one on PATH."""
     wanted = host.rsync.remote_binary
     path, _ = hardened.forced_rsync(wanted, facts.rsync)
@@ -123,7 +123,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def capture_once(conn: Session, host: Host, rsync: str, bwrap: str | None, *,
+def capture_once(conn: Session, host: HostSpec, rsync: str, bwrap: str | None, *,
                  dry_run: bool) -> str:
     """Run the pull as ``backup`` would (it must fail), then read and remove the capture."""
     with tempfile.TemporaryDirectory(prefix="pullback-capture-") as tmp:
@@ -150,7 +150,7 @@ def capture_once(conn: Session, host: Host, rsync: str, bwrap: str | None, *,
         raise CaptureError("the captured command is not ASCII") from None
 
 
-def prove(host: Host, rsync: str, bwrap: str | None) -> None:
+def prove(host: HostSpec, rsync: str, bwrap: str | None) -> None:
     """A dry-run pull with the backup key through the gate, into an empty folder."""
     with tempfile.TemporaryDirectory(prefix="pullback-proof-") as tmp:
         argv = runner.sandboxed(host, pull.build_argv(host, dry_run=True, tty=False,
@@ -165,7 +165,7 @@ def prove(host: Host, rsync: str, bwrap: str | None) -> None:
                            f"{_last_line(result.stderr)}")
 
 
-def _restore_keys(conn: Session, host: Host, facts: HostFacts, old: bytes | None) -> str:
+def _restore_keys(conn: Session, host: HostSpec, facts: HostFacts, old: bytes | None) -> str:
     """Put the key file back as it was before the capture line (the previous gate keeps
     serving backups when a re-capture fails); returns what happened, for the error."""
     current = facts.content(AUTHORIZED_KEYS)
@@ -181,7 +181,7 @@ def _restore_keys(conn: Session, host: Host, facts: HostFacts, old: bytes | None
     return "the previous key line is back"
 
 
-def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
+def capture_host(host: HostSpec, sessions: Run | None = None) -> Outcome:
     """capture-command on one host: capture, validate, install the gate, record, prove."""
     if host.forced_command != Mode.CAPTURED:
         return Outcome(host.name, {"capture": State.SKIPPED},

@@ -75,9 +75,9 @@ from roles.core.rsync import (
     parse_version_output,
 )
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
+from roles.core.spec import HostSpec
 from roles.core.ssh_failures import classify_ssh_failure, clean_message
 from roles.core.sshkeys import fingerprint_of
-from roles.inventory.schema import Host
 from roles.local import capture_record, folders, runner, store
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
@@ -276,7 +276,7 @@ def from_allows(patterns: str, addr: str) -> bool:
 _FAKE_RSH = '#!/bin/sh\nprintf \'%s\\0\' "$@" > "$0.args"\nexit 1\n'
 
 
-def simulate_sent_command(local_rsync: str, host: Host,
+def simulate_sent_command(local_rsync: str, host: HostSpec,
                           options: Iterable[str] | None = None) -> tuple[str, ...]:
     """The command the local rsync sends for a single-colon pull of ``backup.source``:
     run it with ``-e`` pointing at a script that records its arguments and fails, as
@@ -533,7 +533,7 @@ def check_key_files(facts: HostFacts) -> list[Finding]:
     return findings
 
 
-def check_key_line(key: KeyLine | None, host: Host, facts: HostFacts) -> list[Finding]:
+def check_key_line(key: KeyLine | None, host: HostSpec, facts: HostFacts) -> list[Finding]:
     check = "key line"
     mode_fix = ("`invoke setup-remote`" if host.forced_command == Mode.DAEMON
                 else "`invoke capture-command`")
@@ -606,7 +606,7 @@ def _gate_exec_lines(text: bytes) -> list[ForcedCommand]:
     return out
 
 
-def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
+def check_gate(host: HostSpec, root: RootFacts, capture: Capture) -> list[Finding]:
     """Captured mode through capture-command's gate: record, drift, the installed gate."""
     check = "forced command"
     again = "run `invoke capture-command` again"
@@ -661,7 +661,7 @@ def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
     return findings
 
 
-def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
+def check_forced_command(host: HostSpec, forced: ForcedCommand, root: RootFacts,
                          rsyncd_text: bytes | None,
                          capture: Capture | None = None,
                          found: dict[str, str] | None = None) -> list[Finding]:
@@ -751,7 +751,7 @@ _SHARED_WHY = ("any rsync daemon on the host (Debian's and Ubuntu's rsync.servic
                "uid 0, no auth users, no hosts allow: /etc/shadow and every other file")
 
 
-def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
+def check_rsyncd(host: HostSpec, forced: ForcedCommand, root: RootFacts,
                  text: bytes | None) -> list[Finding]:
     check = "rsyncd.conf"
     config = forced.config
@@ -805,7 +805,7 @@ def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
     return findings
 
 
-def check_rsyncd_files(host: Host, facts: HostFacts) -> list[Finding]:
+def check_rsyncd_files(host: HostSpec, facts: HostFacts) -> list[Finding]:
     """Where the module lives (either mode): none of ours left in the shared
     /etc/rsyncd.conf, and our own file and folder private to root. Problems only."""
     check = "rsyncd.conf"
@@ -853,7 +853,7 @@ class RsyncEnd:
     line: str = ""  # `--version` line 1
 
 
-def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> list[Finding]:
+def check_rsync(host: HostSpec, local: RsyncEnd | None, remote: RsyncEnd | None) -> list[Finding]:
     check = "rsync"
     findings: list[Finding] = []
     pinned = host.rsync.version
@@ -917,14 +917,14 @@ def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> 
     return findings
 
 
-def client_refused(host: Host, local: RsyncEnd | None) -> bool:
+def client_refused(host: HostSpec, local: RsyncEnd | None) -> bool:
     """backup refuses this local rsync (older than 3.4.1, no rsync.allow_vulnerable)."""
     return (local is not None and local.version is not None
             and not host.rsync.allow_vulnerable
             and client_exposure(local.version) is not None)
 
 
-def check_client_exposure(host: Host, local: RsyncEnd) -> list[Finding]:
+def check_client_exposure(host: HostSpec, local: RsyncEnd) -> list[Finding]:
     """The local rsync against the servers it pulls from: an error when backup refuses it,
     a warning when rsync.allow_vulnerable lets it run; nothing when it is 3.4.1 or newer."""
     exposure = client_exposure(local.version, f"the local rsync {local.path}")
@@ -940,7 +940,7 @@ def check_client_exposure(host: Host, local: RsyncEnd) -> list[Finding]:
                   f"{fix}; or set rsync.allow_vulnerable: true knowingly")]
 
 
-def check_sandbox(host: Host) -> list[Finding]:
+def check_sandbox(host: HostSpec) -> list[Finding]:
     """backup.sandbox on without bwrap: every backup of the host fails at once."""
     try:
         bwrap = runner.find_bwrap(host)
@@ -968,7 +968,7 @@ def version_end(path: str, text: str, note: str = "") -> RsyncEnd:
 # --- talking to the host -------------------------------------------------------------------
 
 
-def check_unreachable(host: Host, message: str) -> Finding:
+def check_unreachable(host: HostSpec, message: str) -> Finding:
     """Classify a failed admin login: unknown or changed host key, or another reason."""
     check = "host key"
     label = known_hosts_name(host.address, host.port)
@@ -1013,7 +1013,7 @@ def check_unreachable(host: Host, message: str) -> Finding:
                  "check admin_user, admin_key and that the admin's key is authorized")
 
 
-def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
+def local_rsync_end(host: HostSpec) -> tuple[RsyncEnd | None, str | None]:
     try:
         path, note = runner.find_local_rsync(host)
     except store.BackupError as exc:
@@ -1025,9 +1025,9 @@ def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
     return version_end(path, line, note or ""), path
 
 
-def pull_argv(host: Host, local_rsync: str, dest: str, *, single_colon: bool) -> list[str]:
+def pull_argv(host: HostSpec, local_rsync: str, dest: str, *, single_colon: bool) -> list[str]:
     """The backup's argv (``pull.build_argv``) with -n, pulling only ``PROBE_PATH``."""
-    daemon_host = host.model_copy(update={"forced_command": "daemon"})
+    daemon_host = dataclasses.replace(host, forced_command=Mode.DAEMON)
     argv = pull.build_argv(daemon_host, dry_run=True, tty=False, local_rsync=local_rsync,
                              dest=dest)
     address = f"[{host.address}]" if ":" in host.address else host.address
@@ -1036,7 +1036,7 @@ def pull_argv(host: Host, local_rsync: str, dest: str, *, single_colon: bool) ->
     return argv
 
 
-def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
+def try_pull(host: HostSpec, local_rsync: str, *, single_colon: bool) -> Finding:
     check = "test pull"
     with tempfile.TemporaryDirectory(prefix="pullback-doctor-") as tmp:
         argv = pull_argv(host, local_rsync, tmp, single_colon=single_colon)
@@ -1076,14 +1076,14 @@ def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
         explained[1].strip() if known else "see the findings above")
 
 
-def _remote_binary(key: KeyLine | None, host: Host) -> str:
+def _remote_binary(key: KeyLine | None, host: HostSpec) -> str:
     forced = key.forced if key else None
     if forced and forced.binary and forced.is_rsync:
         return forced.binary
     return host.rsync.remote_binary
 
 
-def _admin_shell(conn: Session, host: Host, findings: list[Finding]) -> None:
+def _admin_shell(conn: Session, host: HostSpec, findings: list[Finding]) -> None:
     """The clean-shell test for the admin login; a second trip only when it is not clean."""
     _, out, err = conn.exec_raw("true")
     probes: tuple[tuple[int, str], ...] = ()
@@ -1097,7 +1097,7 @@ def _admin_shell(conn: Session, host: Host, findings: list[Finding]) -> None:
     findings.extend(check_clean_shell(host.admin_user, shell, out, err, probes, root=False))
 
 
-def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | None,
+def _capture_info(host: HostSpec, forced: ForcedCommand | None, local: RsyncEnd | None,
                   local_path: str | None, findings: list[Finding]) -> Capture:
     if host.forced_command != Mode.CAPTURED:
         return Capture()
@@ -1116,7 +1116,7 @@ def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | No
     return Capture(record, problem, sent, local.line if local else "")
 
 
-def _pull_or_skip(host: Host, forced: ForcedCommand | None, local_path: str) -> Finding:
+def _pull_or_skip(host: HostSpec, forced: ForcedCommand | None, local_path: str) -> Finding:
     if host.forced_command == Mode.CAPTURED and forced is not None and not forced.daemon:
         if forced.binary == hardened.GATE:
             return ok("test pull", "skipped: the gate runs only the recorded pull of "
@@ -1170,7 +1170,7 @@ def check_destination(facts: DestinationFacts) -> list[Finding]:
     return findings
 
 
-def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationFacts:
+def gather_destination(host: HostSpec, mountinfo: str | None = None) -> DestinationFacts:
     """Local reads only: lstat of the folders on the way, DEST's entries, the mount table."""
     dest = host.destination.rstrip("/")
     problem = None
@@ -1202,7 +1202,7 @@ def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationF
     return DestinationFacts(dest, problem, mode, layout, mount)
 
 
-def diagnose(host: Host, sessions: Run | None = None) -> Report:
+def diagnose(host: HostSpec, sessions: Run | None = None) -> Report:
     """Every check for one host; never raises for a host problem (it becomes a finding)."""
     started = time.monotonic()
     report = Report(host.name, f"{host.address}:{host.port}")
@@ -1280,10 +1280,10 @@ def diagnose(host: Host, sessions: Run | None = None) -> Report:
     return report
 
 
-def diagnose_all(hosts: list[Host], sessions: Run | None = None) -> list[Report]:
+def diagnose_all(hosts: list[HostSpec], sessions: Run | None = None) -> list[Report]:
     sessions = sessions or Run()
 
-    def failed(host: Host, exc: Exception) -> Report:
+    def failed(host: HostSpec, exc: Exception) -> Report:
         return Report(host.name, f"{host.address}:{host.port}", [error(
             "doctor", f"{type(exc).__name__}: {exc}", "doctor could not finish its checks",
             "run it again; report it if it stays")])

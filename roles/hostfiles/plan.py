@@ -25,14 +25,14 @@ from roles.core.hardened import (
     Mode,
 )
 from roles.core.outcome import State
+from roles.core.spec import HostSpec
 from roles.hostfiles.transaction import FileChange, SetupError, SetupPlan
 
 if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
     from roles.remote.facts import HostFacts
 
 
-def daemon_command(facts: HostFacts, host: Host) -> tuple[str, list[str]]:
+def daemon_command(facts: HostFacts, host: HostSpec) -> tuple[str, list[str]]:
     """The daemon-mode forced command and warnings: the pinned build when it is there."""
     rsync, warning = hardened.forced_rsync(host.rsync.remote_binary, facts.rsync)
     if rsync is None:
@@ -41,7 +41,7 @@ def daemon_command(facts: HostFacts, host: Host) -> tuple[str, list[str]]:
     return hardened.daemon_command(rsync), [warning] if warning else []
 
 
-def plan_setup(facts: HostFacts, host: Host, public_key: str,
+def plan_setup(facts: HostFacts, host: HostSpec, public_key: str,
                forced_command: str | None, helpers: tuple[HelperFile, ...] = (),
                private_dirs: tuple[str, ...] = ()) -> SetupPlan:
     """Compute every change for ``host`` from its facts; no I/O.
@@ -200,7 +200,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
     )
 
 
-def plan_forced_rsync(facts: HostFacts, host: Host, public_key: str) -> SetupPlan | None:
+def plan_forced_rsync(facts: HostFacts, host: HostSpec, public_key: str) -> SetupPlan | None:
     """build-rsync's last step on a host: point the backup key's daemon forced command at
     the pinned build it has just installed (setup-remote may have run before the build
     existed, and left the host's own rsync in the key line: the card's order).

@@ -28,9 +28,10 @@ from roles.config.rootkey import fingerprint, parse_public_key
 from roles.core import hardened
 from roles.core.outcome import Level
 from roles.core.rsync import client_exposure
+from roles.core.spec import HostSpec
 from roles.features import capture, doctor
 from roles.features.setup_remote import setup_host
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import keys
 from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 from tests.integration.conftest import Lab
@@ -60,7 +61,7 @@ class Target:
     daemon: Path      # inventory, daemon mode (as set up)
     captured: Path    # the same host, forced_command: captured
 
-    def host(self, inventory: Path) -> Host:
+    def host(self, inventory: Path) -> HostSpec:
         return load(inventory).hosts[self.lab.name]
 
 

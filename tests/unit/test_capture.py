@@ -22,10 +22,11 @@ from roles.core import rsync as rsync_model
 from roles.core.hardened import HelperFile
 from roles.core.outcome import State
 from roles.core.render import render
+from roles.core.spec import HostSpec
 from roles.features import capture as cap
 from roles.features.setup_remote import plan_setup
 from roles.hostfiles.transaction import apply_script, facts_after, merge_facts, read_files_script
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 from roles.local import capture_record
 from roles.remote.facts import AUTHORIZED_KEYS, SSHD_CONFIG, FileFact, HostFacts, parse_report
 
@@ -35,7 +36,7 @@ V31 = "rsync  version 3.2.7  protocol version 31"
 V32 = "rsync  version 3.5.0  protocol version 32"
 
 
-def make_host(tmp: Path | None = None, **backup) -> Host:
+def make_host(tmp: Path | None = None, **backup) -> HostSpec:
     data = {"name": "web1", "address": "192.0.2.10", "admin_user": "admin",
             "backup_key": "/keys/backup", "forced_command": "captured",
             "backup": {"source": "/srv/data", **backup}}
@@ -43,10 +44,10 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
         data["backup"].setdefault("allow_inexact", True)
     if tmp is not None:
         data["backup"]["destination"] = str(tmp / "{name}")
-    return Host.model_validate(data)
+    return validate_host(data)
 
 
-def make_record(for_host: Host, **changes) -> capture_record.CaptureRecord:
+def make_record(for_host: HostSpec, **changes) -> capture_record.CaptureRecord:
     settings = for_host.backup
     record = capture_record.CaptureRecord(
         host=for_host.name, captured_at="2026-11-26T10:15:00Z", source=settings.source,

@@ -15,9 +15,10 @@ from roles.config import rsyncd
 from roles.core import hardened
 from roles.core import rsync as rsync_model
 from roles.core.outcome import Level
+from roles.core.spec import HostSpec
 from roles.features import doctor
 from roles.features.doctor import DestinationFacts, check_destination, gather_destination
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 from roles.local import capture_record
 from roles.local.folders import Mount
 from roles.remote.facts import AUTHORIZED_KEYS, FileFact, HostFacts
@@ -41,11 +42,11 @@ GOOD_RSYNCD = b"""[system]
 """
 
 
-def make_host(**fields) -> Host:
+def make_host(**fields) -> HostSpec:
     data = {"name": "web1", "address": "192.0.2.10", "port": 2222, "admin_user": "admin",
             "backup_key": "/keys/backup", "known_hosts": "/keys/known_hosts",
             "backup": {"destination": "/backups/{name}"}, **fields}
-    return Host.model_validate(data)
+    return validate_host(data)
 
 
 def line(command: str | None = DAEMON, options: str = RESTRICTED, blob: str = BLOB) -> str:
@@ -530,7 +531,7 @@ REMOTE = "rsync  version 3.2.7  protocol version 32"
 SENT = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
 
 
-def record_for(host: Host) -> capture_record.CaptureRecord:
+def record_for(host: HostSpec) -> capture_record.CaptureRecord:
     words = tuple(SENT.split())
     dry = rsync_model.dry_run_variant(words)
     return capture_record.CaptureRecord(
@@ -542,7 +543,7 @@ def record_for(host: Host) -> capture_record.CaptureRecord:
                                         host.backup.source, LOCAL, REMOTE))
 
 
-def gate_findings(host: Host, record, *, gate: bytes | None = None, version: str = REMOTE,
+def gate_findings(host: HostSpec, record, *, gate: bytes | None = None, version: str = REMOTE,
                   local: str = LOCAL, sent: str = SENT, problem: str = ""):
     content = gate if gate is not None else (gate_scripts.gate_file(record).content if record
                                              else b"")

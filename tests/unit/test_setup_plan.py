@@ -32,7 +32,7 @@ from roles.hostfiles.transaction import (
     facts_after,
     rollback_script,
 )
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
     PULLBACK_DIR,
@@ -72,7 +72,7 @@ KEY_LINE = ('restrict,command="/usr/local/bin/rsync --server --daemon '
 MODULE = rsyncd.render_module(rsyncd.RsyncdSettings(hosts_allow=("192.0.2.1",))).encode()
 LEGACY = rsyncd.render_legacy_module("system")
 PRIVATE = (0o700, 0, 0)
-HOST = Host.model_validate({"name": "web1", "address": "192.0.2.10", "admin_user": "admin",
+HOST = validate_host({"name": "web1", "address": "192.0.2.10", "admin_user": "admin",
                             "backup_key": "/srv/keys/backup"})
 
 
@@ -401,7 +401,7 @@ MIGRATION = [
                          ids=[m[0] for m in MIGRATION])
 @pytest.mark.parametrize("mode", ["daemon", "captured"])
 def test_migration_removes_the_old_module(current, after, mode):
-    host = HOST.model_copy(update={"forced_command": mode})
+    host = dataclasses.replace(HOST, **{"forced_command": mode})
     forced = FORCED if mode == "daemon" else "/usr/local/libexec/pullback/gate"
     facts = make_facts({**DONE, RSYNCD_CONF: current}, effective=WANT)
     plan = plan_setup(facts, host, PUBLIC_KEY, forced)
@@ -422,7 +422,7 @@ def test_migration_removes_the_old_module(current, after, mode):
 
 
 def test_captured_mode_removes_the_daemon_file():
-    host = HOST.model_copy(update={"forced_command": "captured"})
+    host = dataclasses.replace(HOST, **{"forced_command": "captured"})
     facts = make_facts(DONE, effective=WANT)
     plan = plan_setup(facts, host, PUBLIC_KEY, "/usr/local/libexec/pullback/gate")
     (change,) = [c for c in plan.changes if c.path == PULLBACK_RSYNCD_CONF]
@@ -525,7 +525,7 @@ def test_unrestricted_root_keys_are_warned_about():
 
 
 def test_captured_mode_without_a_capture_installs_no_key():
-    host = HOST.model_copy(update={"forced_command": "captured"})
+    host = dataclasses.replace(HOST, **{"forced_command": "captured"})
     plan = plan_setup(make_facts({SSHD_CONFIG: STOCK}), host, PUBLIC_KEY, None)
     assert [c.step for c in plan.changes] == ["sshd_config"]
     assert plan.steps == {"sshd_config": State.CHANGED, "authorized_keys": State.SKIPPED}
@@ -533,7 +533,7 @@ def test_captured_mode_without_a_capture_installs_no_key():
 
 
 def test_captured_mode_without_a_capture_removes_the_keys_earlier_line():
-    host = HOST.model_copy(update={"forced_command": "captured"})
+    host = dataclasses.replace(HOST, **{"forced_command": "captured"})
     other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOjU+F2JOd0QARlf267qaP3SXDRhcS6OKWP3RfcIOxyH x"
     keys = f"# ops\n{KEY_LINE}\ncommand=\"/bin/true\" {other}\n".encode()
     plan = plan_setup(make_facts({SSHD_CONFIG: STOCK, AUTHORIZED_KEYS: (keys, 0o600, 0, 0)}),
@@ -556,7 +556,7 @@ def test_captured_mode_without_a_capture_removes_the_keys_earlier_line():
     (None, "", None, None),                                  # no address reported: a warning
 ])
 def test_key_from_and_hosts_allow_follow_one_rule(from_, client, wanted, allow):
-    host = HOST.model_copy(update={"from_": from_})
+    host = dataclasses.replace(HOST, **{"from_": from_})
     facts = dataclasses.replace(make_facts({SSHD_CONFIG: STOCK}), client_addr=client)
     plan = plan_setup(facts, host, PUBLIC_KEY, FORCED)
     keys_change = next(c for c in plan.changes if c.step == "authorized_keys")
