@@ -34,7 +34,8 @@ from pathlib import Path
 from common import INVOKE, exec_root, table
 
 from lab import hosts as lab
-from roles.inventory.schema import Host, load
+from roles.core.spec import HostSpec
+from roles.inventory.schema import load
 
 PREFIX = "pullback-bench-build"
 RUNS: dict[str, list[str]] = {
@@ -148,7 +149,7 @@ def end_of(name: str) -> str:
     return "local" if name == "local" else "remote"
 
 
-def read_logs(out: str, host: Host) -> dict[str, str]:
+def read_logs(out: str, host: HostSpec) -> dict[str, str]:
     """Each end's build log (by "local"/"remote"); the local log's leftover dir goes."""
     logs = {}
     for m in _LOG.finditer(out):

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from roles.core.outcome import Outcome
+from roles.core.outcome import Outcome, State
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -189,13 +189,13 @@ def bench(count: int) -> list[tuple]:
 
     floor_first = run_floor(floor.first_run_jobs(floor_hosts), floor_counters)
     first = run(hosts, counters)
-    assert all("changed" in o.steps.values() for o in first.outcomes)
+    assert all(State.CHANGED in o.steps.values() for o in first.outcomes)
     rerun_jobs = floor.rerun_jobs(floor_hosts)
     reruns, floor_reruns = [], []
     for _ in range(RERUNS):  # alternating, so that both see the same machine
         floor_reruns.append(run_floor(rerun_jobs, floor_counters))
         result = run(hosts, counters)
-        assert all(set(o.steps.values()) == {"ok"} for o in result.outcomes), result.outcomes
+        assert all(set(o.steps.values()) == {State.OK} for o in result.outcomes), result.outcomes
         reruns.append(result)
     floor_rerun, rerun = median(floor_reruns), median(reruns)
     label = f"re-run (median of {RERUNS})"

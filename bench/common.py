@@ -16,14 +16,15 @@ sys.path.insert(0, str(ROOT))
 from lab import hosts as lab  # noqa: E402
 from roles.core import fleet  # noqa: E402
 from roles.core.outcome import Outcome  # noqa: E402
+from roles.core.spec import HostSpec  # noqa: E402
 from roles.features import setup_remote as setup  # noqa: E402
-from roles.inventory.schema import Host, load  # noqa: E402
+from roles.inventory.schema import load  # noqa: E402
 from roles.local import keys  # noqa: E402
 
 INVOKE = str(Path(sys.executable).parent / "invoke")
 
 
-def provision(prefix: str, count: int, **backup: object) -> tuple[Path, list[Host]]:
+def provision(prefix: str, count: int, **backup: object) -> tuple[Path, list[HostSpec]]:
     """Start ``count`` lab hosts, write an inventory, keygen, setup-remote (daemon mode)."""
     lab.down(prefix)
     lab_hosts = lab.up(count=count, prefix=prefix, log=lambda m: None)

@@ -19,19 +19,16 @@ import dataclasses
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from roles.core.spec import HostSpec
 from roles.hostfiles.plan import daemon_command, plan_setup
 from roles.hostfiles.transaction import apply_script
 from roles.local.keys import read_public_key
 from roles.remote.facts import gather, gather_script
 from roles.remote.session import Run
 
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host
 
-
-def ssh_argv(host: Host, remote_command: str) -> list[str]:
+def ssh_argv(host: HostSpec, remote_command: str) -> list[str]:
     """One OpenSSH login as the admin, strict host keys, no config files, no agent."""
     argv = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
             "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={host.known_hosts}",
@@ -41,7 +38,7 @@ def ssh_argv(host: Host, remote_command: str) -> list[str]:
     return [*argv, host.address, remote_command]
 
 
-def first_run_script(host: Host) -> str:
+def first_run_script(host: HostSpec) -> str:
     """The root script setup-remote would apply to ``host`` now (read-only to compute)."""
     with Run().open(host) as session:
         facts = gather(session, [host.rsync.remote_binary])
@@ -54,16 +51,16 @@ def first_run_script(host: Host) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    host: Host
+    host: HostSpec
     command: str  # the remote command line
     script: str   # its standard input
 
 
-def first_run_jobs(hosts: list[Host]) -> list[Job]:
+def first_run_jobs(hosts: list[HostSpec]) -> list[Job]:
     return [Job(h, "sudo -n sh -s", first_run_script(h)) for h in hosts]
 
 
-def rerun_jobs(hosts: list[Host]) -> list[Job]:
+def rerun_jobs(hosts: list[HostSpec]) -> list[Job]:
     # "$SSH_CONNECTION" is expanded by the admin's login shell, as setup-remote's gather does.
     script = gather_script([hosts[0].rsync.remote_binary])
     return [Job(h, 'sudo -n sh -s "$SSH_CONNECTION" ""', script) for h in hosts]

@@ -24,17 +24,14 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from roles.core.errors import PullbackError
 from roles.core.hardened import Mode
 from roles.core.pull import max_delete_problem
+from roles.core.spec import HostSpec
 from roles.features import rsync_build
 from roles.local import capture_record, folders, keys, runner
 from roles.remote.hostkeys import known_hosts_name
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host
 
 
 @dataclass
@@ -52,7 +49,7 @@ def check_key(path: str, what: str) -> str | None:
     return None
 
 
-def check_known_hosts(host: Host) -> str | None:
+def check_known_hosts(host: HostSpec) -> str | None:
     path = Path(host.known_hosts)
     name = known_hosts_name(host.address, host.port)
     if not path.is_file():
@@ -66,7 +63,7 @@ def check_known_hosts(host: Host) -> str | None:
     return None
 
 
-def check_rsync(host: Host, result: HostCheck) -> None:
+def check_rsync(host: HostSpec, result: HostCheck) -> None:
     try:
         rsync_build.expected_sha256(host.rsync.version, host.rsync.sha256)
     except ValueError as exc:
@@ -91,7 +88,7 @@ def check_rsync(host: Host, result: HostCheck) -> None:
             result.problems.append(str(exc))
 
 
-def check_host(host: Host) -> HostCheck:
+def check_host(host: HostSpec) -> HostCheck:
     """Every local check of ``host``; nothing is contacted, created or changed."""
     result = HostCheck(host.name)
     backup_key = check_key(host.backup_key, "backup_key")

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from roles.core.drill import Comparison
+from roles.core.spec import HostSpec
 from roles.features import backup, drill, restore
 from roles.remote.session import Run
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host
 
 
 @dataclass
@@ -42,7 +39,7 @@ class DrillResult:
         return self.comparison.differences == 0
 
 
-def run_drill(host: Host, *, to: str, path: str | None = None,
+def run_drill(host: HostSpec, *, to: str, path: str | None = None,
               force: bool = False, sessions: Run | None = None) -> DrillResult:
     """Raise DrillError (or the backup's, restore's errors) when a step cannot run."""
     path = path or host.backup.source

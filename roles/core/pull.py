@@ -6,47 +6,24 @@ from __future__ import annotations
 import collections
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from roles.core import rsync_errors
 from roles.core.hardened import Mode
 from roles.core.rsync import remote_paths
 from roles.core.rsync_errors import explain_exit
 from roles.core.sandbox import XATTR_FILTERS
+from roles.core.spec import HostSpec
 from roles.core.ssh_failures import classify_ssh_failure
-
-
-class BackupSpec(Protocol):
-    """The ``backup:`` settings a pull is built from."""
-
-    source: str
-    extra_sources: Sequence[str]  # below source, each pulled as well (-R, source_specs)
-    module: str
-    options: Sequence[str]
-    exclude: Sequence[str]
-    pull_exclude: Sequence[str]  # backup.system_exclude below source, then exclude
-    max_delete: int | None
-
-
-class Host(Protocol):
-    """What a pull needs to know of a host: the inventory's validated host (or its compiled
-    record) has these and more; ``core`` names only what it reads."""
-
-    address: str
-    port: int
-    backup_key: str
-    known_hosts: str
-    forced_command: str
-    backup: BackupSpec
 
 OK_CODES = (0, 24)
 TAIL_BYTES = 65536
 
 _PROGRESS_OPTIONS = ("--progress", "--info=progress2", "--info=progress1", "--info=progress0")
 
-def ssh_command(host: Host, *, interactive: bool = False) -> str:
+def ssh_command(host: HostSpec, *, interactive: bool = False) -> str:
     """The ``-e`` value: no ssh_config, strict host keys from the inventory only, only the
     backup key, nothing forwarded.
 
@@ -82,7 +59,7 @@ def ssh_command(host: Host, *, interactive: bool = False) -> str:
     ])
 
 
-def source_spec(host: Host) -> str:
+def source_spec(host: HostSpec) -> str:
     """Daemon mode ``root@ADDR::MODULE/SOURCE/``; captured mode ``root@ADDR:/SOURCE/``.
 
     Daemon mode needs the double colon: a single colon would make rsync start its own
@@ -95,12 +72,12 @@ def source_spec(host: Host) -> str:
     return source_specs(host)[0]
 
 
-def relative_paths(host: Host) -> bool:
+def relative_paths(host: HostSpec) -> bool:
     """A pull with ``backup.extra_sources`` runs with ``-R`` (source_specs)."""
     return bool(getattr(host.backup, "extra_sources", ()))
 
 
-def source_specs(host: Host) -> list[str]:
+def source_specs(host: HostSpec) -> list[str]:
     """Every source of the pull: ``source_spec``'s one, or with ``backup.extra_sources``
     each path as ``.../SOURCE/./REL/``, for one rsync with ``-R``.
 
@@ -152,7 +129,7 @@ def supports_progress2(version: str | None) -> bool:
     return bool(match) and (int(match[1]), int(match[2])) >= (3, 1)
 
 
-def build_argv(host: Host, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
+def build_argv(host: HostSpec, *, dry_run: bool, tty: bool, local_rsync: str, dest: str,
                link_dest: str | None = None, progress2: bool = False,
                sandboxed: bool = False, progress: bool | None = None) -> list[str]:
     """The pull of ``host`` into ``dest``, as an argv list (no shell).

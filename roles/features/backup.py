@@ -100,7 +100,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from roles.core import fleet
 from roles.core.hardened import Mode
@@ -117,6 +117,7 @@ from roles.core.pull import (
 )
 from roles.core.rsync import CaptureError
 from roles.core.rsync_errors import EXIT_CODES, explain_exit  # noqa: F401 - re-exported
+from roles.core.spec import HostSpec
 from roles.core.ssh_failures import classify_ssh_failure
 from roles.core.table import format_rows
 from roles.local import capture_record, folders, keys, metrics
@@ -157,9 +158,6 @@ from roles.local.store import (
     snapshot_file_count,
 )
 
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
-
 # A live view's way in: called once the pull's options are known with ``whole`` (the output
 # is --info=progress2's), it gives where the pull's output goes besides the log.
 Progress = Callable[[bool], BinaryIO]
@@ -179,7 +177,7 @@ class BackupResult:
     dry_run: bool = False
 
 
-def run_backup(host: Host, *, dry_run: bool, tty: bool,
+def run_backup(host: HostSpec, *, dry_run: bool, tty: bool,
                echo: BinaryIO | None = None, lock: Lock | None = None,
                progress: Progress | None = None) -> BackupResult:
     """Pull ``host`` once (mirror or snapshot mode); raise BackupError if it cannot start.
@@ -367,7 +365,7 @@ BUSY_RETRIES = 20
 BUSY_WAIT = 0.5
 
 
-def _deletion_check(host: Host, rsync: str, bwrap: str | None, target: Path,
+def _deletion_check(host: HostSpec, rsync: str, bwrap: str | None, target: Path,
                     log: BinaryIO, lock: Lock,
                     max_delete: int) -> tuple[dict[str, Any], str | None]:
     """Mirror mode with ``backup.max_delete``: a dry run of the same pull first, counting
@@ -414,7 +412,7 @@ def _stream_retrying(argv: list[str], log: BinaryIO, out: BinaryIO | None, lock:
     return code, scanner
 
 
-def _finish_refused(host: Host, run: str, started: datetime, t0: float, dest: Path,
+def _finish_refused(host: HostSpec, run: str, started: datetime, t0: float, dest: Path,
                     logs: Path, log_path: Path, check: dict[str, Any], error: str,
                     warnings: list[str], fingerprint: str | None) -> BackupResult:
     """The result and summary of a mirror run the deletion check stopped."""
@@ -432,7 +430,7 @@ def _finish_refused(host: Host, run: str, started: datetime, t0: float, dest: Pa
     return result
 
 
-def hooks_for(host: Host) -> Any:
+def hooks_for(host: HostSpec) -> Any:
     """The host's ``backup.pre`` / ``backup.post`` runner (``roles.remote.hooks.Hooks``:
     ``.run(which)`` gives None or one line), or None when it has neither."""
     if not (getattr(host.backup, "pre", ()) or getattr(host.backup, "post", ())):
@@ -444,7 +442,7 @@ def hooks_for(host: Host) -> Any:
     return Hooks(host)
 
 
-def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool,
+def backup_with_hooks(host: HostSpec, *, dry_run: bool, tty: bool,
                       progress: Progress | None = None) -> BackupResult:
     """One host's run: ping ``start``, ``backup.pre``, the pull, ``backup.post``, ping the
     result. A failing pre command stops the pull; post runs whenever the pull was tried
@@ -483,11 +481,11 @@ def backup_with_hooks(host: Host, *, dry_run: bool, tty: bool,
     return result
 
 
-def _hook_lock(host: Host) -> Lock:
+def _hook_lock(host: HostSpec) -> Lock:
     return Lock(prepare_state(host) / "lock", host.name)
 
 
-def _pull_between_hooks(host: Host, *, dry_run: bool, tty: bool, lock: Lock | None,
+def _pull_between_hooks(host: HostSpec, *, dry_run: bool, tty: bool, lock: Lock | None,
                         t0: float, progress: Progress | None = None) -> BackupResult:
     hooks = None if dry_run else hooks_for(host)
     problem = hooks.run("pre") if hooks else None
@@ -508,7 +506,7 @@ def _pull_between_hooks(host: Host, *, dry_run: bool, tty: bool, lock: Lock | No
     return result
 
 
-def report_metrics(hosts: list[Host], results: list[BackupResult],
+def report_metrics(hosts: list[HostSpec], results: list[BackupResult],
                    started: dict[str, float]) -> list[str]:
     """Write each ``monitor.metrics_file`` with its hosts' results (``started``: each
     host's start, Unix time); one line per file that could not be written (a backup's
@@ -584,7 +582,7 @@ class Watch(Protocol):
     def close(self) -> None: ...
 
 
-def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = None,
+def pull_all(hosts: list[HostSpec], *, dry_run: bool, out: Any = None, err: Any = None,
              next_step: Callable[[str, str], str] | None = None,
              watch: Watch | None = None) -> list[str]:
     """``backup`` for a fleet (``invoke backup`` and ``pullback-backup``): pull every host,
@@ -601,7 +599,7 @@ def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = No
     err = err or sys.stderr
     tty = watch is None and len(hosts) == 1 and out.isatty()
 
-    def failed(h: Host, exc: Exception) -> BackupResult:
+    def failed(h: HostSpec, exc: Exception) -> BackupResult:
         reason = str(exc) if isinstance(exc, BackupError) else f"{type(exc).__name__}: {exc}"
         result = BackupResult(h.name, ok=False, exit_code=None, seconds=0.0, error=reason)
         if watch is not None:
@@ -610,7 +608,7 @@ def pull_all(hosts: list[Host], *, dry_run: bool, out: Any = None, err: Any = No
 
     started: dict[str, float] = {}
 
-    def one(h: Host) -> BackupResult:
+    def one(h: HostSpec) -> BackupResult:
         started[h.name] = time.time()
         if watch is None:
             return backup_with_hooks(h, dry_run=dry_run, tty=tty)

@@ -54,13 +54,14 @@ from roles.config.gate import capture_file, gate_file
 from roles.core import hardened, pull
 from roles.core.hardened import CAPTURE_SCRIPT, CAPTURED_FILE, GATE, LIBEXEC, REMOTE_STATE, Mode
 from roles.core.hardened import PERMIT_ROOT_LOGIN as WANT
-from roles.core.outcome import Outcome
+from roles.core.outcome import Outcome, State
 from roles.core.rsync import (
     CaptureError,
     dry_run_variant,
     fingerprint,
     validate_sent,
 )
+from roles.core.spec import HostSpec
 from roles.hostfiles.plan import plan_setup
 from roles.hostfiles.transaction import (
     FileChange,
@@ -79,7 +80,6 @@ from roles.remote.session import ConnectError, Run, Session
 
 if TYPE_CHECKING:
     from roles.core.outcome import Outcome
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
     from roles.remote.facts import HostFacts
 
 
@@ -92,7 +92,7 @@ if TYPE_CHECKING:
 # --- facts about the remote rsync (pure) -----------------------------------------------------
 
 
-def remote_rsync(facts: HostFacts, host: Host) -> tuple[str, str, list[str]]:
+def remote_rsync(facts: HostFacts, host: HostSpec) -> tuple[str, str, list[str]]:
     """``(path, version line, warnings)``: the pinned build, else the one on PATH."""
     wanted = host.rsync.remote_binary
     path, _ = hardened.forced_rsync(wanted, facts.rsync)
@@ -123,7 +123,7 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def capture_once(conn: Session, host: Host, rsync: str, bwrap: str | None, *,
+def capture_once(conn: Session, host: HostSpec, rsync: str, bwrap: str | None, *,
                  dry_run: bool) -> str:
     """Run the pull as ``backup`` would (it must fail), then read and remove the capture."""
     with tempfile.TemporaryDirectory(prefix="pullback-capture-") as tmp:
@@ -150,7 +150,7 @@ def capture_once(conn: Session, host: Host, rsync: str, bwrap: str | None, *,
         raise CaptureError("the captured command is not ASCII") from None
 
 
-def prove(host: Host, rsync: str, bwrap: str | None) -> None:
+def prove(host: HostSpec, rsync: str, bwrap: str | None) -> None:
     """A dry-run pull with the backup key through the gate, into an empty folder."""
     with tempfile.TemporaryDirectory(prefix="pullback-proof-") as tmp:
         argv = runner.sandboxed(host, pull.build_argv(host, dry_run=True, tty=False,
@@ -165,7 +165,7 @@ def prove(host: Host, rsync: str, bwrap: str | None) -> None:
                            f"{_last_line(result.stderr)}")
 
 
-def _restore_keys(conn: Session, host: Host, facts: HostFacts, old: bytes | None) -> str:
+def _restore_keys(conn: Session, host: HostSpec, facts: HostFacts, old: bytes | None) -> str:
     """Put the key file back as it was before the capture line (the previous gate keeps
     serving backups when a re-capture fails); returns what happened, for the error."""
     current = facts.content(AUTHORIZED_KEYS)
@@ -181,12 +181,12 @@ def _restore_keys(conn: Session, host: Host, facts: HostFacts, old: bytes | None
     return "the previous key line is back"
 
 
-def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
+def capture_host(host: HostSpec, sessions: Run | None = None) -> Outcome:
     """capture-command on one host: capture, validate, install the gate, record, prove."""
     if host.forced_command != Mode.CAPTURED:
-        return Outcome(host.name, {"capture": "skipped"},
+        return Outcome(host.name, {"capture": State.SKIPPED},
                        warnings=("forced_command is daemon: there is nothing to capture",))
-    steps: dict[str, str] = {}
+    steps: dict[str, State] = {}
     warnings: list[str] = []
     try:
         public_key = read_public_key(host)
@@ -231,7 +231,7 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
                 extras = host.backup.extra_sources
                 words = validate_sent(capture_once(conn, host, rsync, bwrap, dry_run=False),
                                       host.backup.source, extra_sources=extras)
-                steps["capture"] = "ok"
+                steps["capture"] = State.OK
                 dry = dry_run_variant(words)
                 sent_dry = capture_once(conn, host, rsync, bwrap, dry_run=True)
                 validate_sent(sent_dry, host.backup.source, dry_run=True,
@@ -239,7 +239,7 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
                 if sent_dry != " ".join(dry):
                     raise CaptureError(f"with -n the client sends {sent_dry!r}, not the "
                                        f"computed {' '.join(dry)!r}")
-                steps["capture-dry-run"] = "ok"
+                steps["capture-dry-run"] = State.OK
                 options, exclude = host.backup.options, host.backup.exclude
                 record = CaptureRecord(
                     host=host.name,
@@ -260,13 +260,13 @@ def capture_host(host: Host, sessions: Run | None = None) -> Outcome:
                 raise CaptureError(f"{exc}; {_restore_keys(conn, host, facts, old_keys)}") \
                     from None
             facts = facts_after(facts, gate_plan)
-            steps["gate"] = "ok" if facts.content(GATE) == old_gate else "changed"
-            steps["authorized_keys"] = "ok" if facts.content(AUTHORIZED_KEYS) == old_keys \
-                else "changed"
+            steps["gate"] = State.OK if facts.content(GATE) == old_gate else State.CHANGED
+            steps["authorized_keys"] = State.OK if facts.content(AUTHORIZED_KEYS) == old_keys \
+                else State.CHANGED
             path = save_record(host, record)
-            steps["record"] = "written"
+            steps["record"] = State.WRITTEN
         prove(host, rsync, bwrap)
-        steps["proof-dry-run"] = "ok"
+        steps["proof-dry-run"] = State.OK
         actions = (f"forced command: {GATE}", f"runs: {record.command}",
                    f"   or: {record.dry_run_command}", f"record: {path}")
         return Outcome(host.name, steps, warnings=tuple(warnings), actions=actions)

@@ -68,6 +68,7 @@ from roles.config import rootkey, rsyncd
 from roles.core import fleet, hardened, mounts, pull
 from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
+from roles.core.outcome import Finding, Level
 from roles.core.render import render
 from roles.core.rsync import (
     DEFAULT_VERSION,
@@ -78,9 +79,9 @@ from roles.core.rsync import (
     remote_paths,
 )
 from roles.core.rsync_errors import explain_exit, explain_rsync_error, signature  # noqa: F401
+from roles.core.spec import HostSpec
 from roles.core.ssh_failures import classify_ssh_failure, clean_message
 from roles.core.sshkeys import fingerprint_of
-from roles.inventory.schema import Host
 from roles.local import capture_record, folders, runner, store
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
@@ -93,7 +94,6 @@ from roles.remote.facts import (
 from roles.remote.hostkeys import fetch_host_key, known_hosts_name
 from roles.remote.session import ConnectError, Run, Session
 
-LEVELS = ("ok", "warn", "error")
 PROBE_PATH = "/etc/hostname"
 SSHD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"  # sshd's default
 SHOW_BYTES = 200
@@ -101,19 +101,6 @@ PULL_TIMEOUT = 60.0
 MIN_GOOD_PROTOCOL = 30  # rsync 3.0: incremental recursion, the protocol every 3.x speaks
 OLDEST_PROTOCOL = 20    # rsync 3.x refuses older peers
 METADATA_PROTOCOL = 30   # -A/--acls and -X/--xattrs: rsync 3.0 on both ends
-
-
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    level: str  # "ok" | "warn" | "error"
-    what: str
-    why: str = ""
-    fix: str = ""
-
-    def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ValueError(f"unknown level {self.level!r}")
 
 
 @dataclass
@@ -125,23 +112,23 @@ class Report:
 
     @property
     def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "error"]
+        return [f for f in self.findings if f.level is Level.ERROR]
 
     @property
     def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.level == "warn"]
+        return [f for f in self.findings if f.level is Level.WARN]
 
 
 def ok(check: str, what: str) -> Finding:
-    return Finding(check, "ok", what)
+    return Finding(check, Level.OK, what)
 
 
 def warn(check: str, what: str, why: str, fix: str) -> Finding:
-    return Finding(check, "warn", what, why, fix)
+    return Finding(check, Level.WARN, what, why, fix)
 
 
 def error(check: str, what: str, why: str, fix: str) -> Finding:
-    return Finding(check, "error", what, why, fix)
+    return Finding(check, Level.ERROR, what, why, fix)
 
 
 # --- the managed key line and its forced command (pure) ----------------------------------
@@ -293,7 +280,7 @@ def from_allows(patterns: str, addr: str) -> bool:
 _FAKE_RSH = '#!/bin/sh\nprintf \'%s\\0\' "$@" > "$0.args"\nexit 1\n'
 
 
-def simulate_sent_command(local_rsync: str, host: Host,
+def simulate_sent_command(local_rsync: str, host: HostSpec,
                           options: Iterable[str] | None = None) -> tuple[str, ...]:
     """The command the local rsync sends for a single-colon pull of ``backup.source``:
     run it with ``-e`` pointing at a script that records its arguments and fails, as
@@ -562,7 +549,7 @@ def check_key_files(facts: HostFacts) -> list[Finding]:
     return findings
 
 
-def check_key_line(key: KeyLine | None, host: Host, facts: HostFacts) -> list[Finding]:
+def check_key_line(key: KeyLine | None, host: HostSpec, facts: HostFacts) -> list[Finding]:
     check = "key line"
     mode_fix = ("`invoke setup-remote`" if host.forced_command == Mode.DAEMON
                 else "`invoke capture-command`")
@@ -609,7 +596,7 @@ def check_key_line(key: KeyLine | None, host: Host, facts: HostFacts) -> list[Fi
             + (": anyone holding the backup key can log in from anywhere"
                if key.from_ is None else ""),
             f"run {mode_fix}"))
-    if not findings or all(f.level == "ok" for f in findings):
+    if not findings or all(f.level is Level.OK for f in findings):
         options = ",".join(o for o in key.options if not o.lower().startswith("command="))
         findings.append(ok(check, f"command=\"{key.command}\" with {options or 'no options'}"))
     return findings
@@ -635,7 +622,7 @@ def _gate_exec_lines(text: bytes) -> list[ForcedCommand]:
     return out
 
 
-def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
+def check_gate(host: HostSpec, root: RootFacts, capture: Capture) -> list[Finding]:
     """Captured mode through capture-command's gate: record, drift, the installed gate."""
     check = "forced command"
     again = "run `invoke capture-command` again"
@@ -690,7 +677,7 @@ def check_gate(host: Host, root: RootFacts, capture: Capture) -> list[Finding]:
     return findings
 
 
-def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
+def check_forced_command(host: HostSpec, forced: ForcedCommand, root: RootFacts,
                          rsyncd_text: bytes | None,
                          capture: Capture | None = None,
                          found: dict[str, str] | None = None) -> list[Finding]:
@@ -768,7 +755,7 @@ def check_forced_command(host: Host, forced: ForcedCommand, root: RootFacts,
         findings.extend(check_gate(host, root, capture))
     if forced.daemon:
         findings.extend(check_rsyncd(host, forced, root, rsyncd_text))
-    if not any(f.level != "ok" for f in findings):
+    if all(f.level is Level.OK for f in findings):
         findings.insert(0, ok(check, f"{forced.text!r} fits {host.forced_command} mode"))
     return findings
 
@@ -780,7 +767,7 @@ _SHARED_WHY = ("any rsync daemon on the host (Debian's and Ubuntu's rsync.servic
                "uid 0, no auth users, no hosts allow: /etc/shadow and every other file")
 
 
-def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
+def check_rsyncd(host: HostSpec, forced: ForcedCommand, root: RootFacts,
                  text: bytes | None) -> list[Finding]:
     check = "rsyncd.conf"
     config = forced.config
@@ -834,7 +821,7 @@ def check_rsyncd(host: Host, forced: ForcedCommand, root: RootFacts,
     return findings
 
 
-def check_mounts(host: Host, root: RootFacts) -> list[Finding]:
+def check_mounts(host: HostSpec, root: RootFacts) -> list[Finding]:
     """Pure: the server's file systems below ``backup.source`` that a ``-x`` pull leaves
     out (roles.core.mounts.skipped), one warning each, naming the field that pulls it."""
     check, source = "mounts", host.backup.source
@@ -862,7 +849,7 @@ def check_mounts(host: Host, root: RootFacts) -> list[Finding]:
     return findings
 
 
-def check_rsyncd_files(host: Host, facts: HostFacts) -> list[Finding]:
+def check_rsyncd_files(host: HostSpec, facts: HostFacts) -> list[Finding]:
     """Where the module lives (either mode): none of ours left in the shared
     /etc/rsyncd.conf, and our own file and folder private to root. Problems only."""
     check = "rsyncd.conf"
@@ -910,7 +897,7 @@ class RsyncEnd:
     line: str = ""  # `--version` line 1
 
 
-def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> list[Finding]:
+def check_rsync(host: HostSpec, local: RsyncEnd | None, remote: RsyncEnd | None) -> list[Finding]:
     check = "rsync"
     findings: list[Finding] = []
     pinned = host.rsync.version
@@ -974,14 +961,14 @@ def check_rsync(host: Host, local: RsyncEnd | None, remote: RsyncEnd | None) -> 
     return findings
 
 
-def client_refused(host: Host, local: RsyncEnd | None) -> bool:
+def client_refused(host: HostSpec, local: RsyncEnd | None) -> bool:
     """backup refuses this local rsync (older than 3.4.1, no rsync.allow_vulnerable)."""
     return (local is not None and local.version is not None
             and not host.rsync.allow_vulnerable
             and client_exposure(local.version) is not None)
 
 
-def check_client_exposure(host: Host, local: RsyncEnd) -> list[Finding]:
+def check_client_exposure(host: HostSpec, local: RsyncEnd) -> list[Finding]:
     """The local rsync against the servers it pulls from: an error when backup refuses it,
     a warning when rsync.allow_vulnerable lets it run; nothing when it is 3.4.1 or newer."""
     exposure = client_exposure(local.version, f"the local rsync {local.path}")
@@ -997,7 +984,7 @@ def check_client_exposure(host: Host, local: RsyncEnd) -> list[Finding]:
                   f"{fix}; or set rsync.allow_vulnerable: true knowingly")]
 
 
-def check_sandbox(host: Host) -> list[Finding]:
+def check_sandbox(host: HostSpec) -> list[Finding]:
     """backup.sandbox on without bwrap: every backup of the host fails at once."""
     try:
         bwrap = runner.find_bwrap(host)
@@ -1025,7 +1012,7 @@ def version_end(path: str, text: str, note: str = "") -> RsyncEnd:
 # --- talking to the host -------------------------------------------------------------------
 
 
-def check_unreachable(host: Host, message: str) -> Finding:
+def check_unreachable(host: HostSpec, message: str) -> Finding:
     """Classify a failed admin login: unknown or changed host key, or another reason."""
     check = "host key"
     label = known_hosts_name(host.address, host.port)
@@ -1070,7 +1057,7 @@ def check_unreachable(host: Host, message: str) -> Finding:
                  "check admin_user, admin_key and that the admin's key is authorized")
 
 
-def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
+def local_rsync_end(host: HostSpec) -> tuple[RsyncEnd | None, str | None]:
     try:
         path, note = runner.find_local_rsync(host)
     except store.BackupError as exc:
@@ -1082,12 +1069,12 @@ def local_rsync_end(host: Host) -> tuple[RsyncEnd | None, str | None]:
     return version_end(path, line, note or ""), path
 
 
-def pull_argv(host: Host, local_rsync: str, dest: str, *, single_colon: bool) -> list[str]:
+def pull_argv(host: HostSpec, local_rsync: str, dest: str, *, single_colon: bool) -> list[str]:
     """The backup's argv (``pull.build_argv``) with -n, pulling only ``PROBE_PATH``."""
     # One path only: without backup.extra_sources (no -R, one source to replace).
-    daemon_host = host.model_copy(update={
-        "forced_command": "daemon",
-        "backup": host.backup.model_copy(update={"extra_sources": ()})})
+    daemon_host = dataclasses.replace(
+        host, forced_command=Mode.DAEMON,
+        backup=dataclasses.replace(host.backup, extra_sources=()))
     argv = pull.build_argv(daemon_host, dry_run=True, tty=False, local_rsync=local_rsync,
                              dest=dest)
     address = f"[{host.address}]" if ":" in host.address else host.address
@@ -1096,7 +1083,7 @@ def pull_argv(host: Host, local_rsync: str, dest: str, *, single_colon: bool) ->
     return argv
 
 
-def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
+def try_pull(host: HostSpec, local_rsync: str, *, single_colon: bool) -> Finding:
     check = "test pull"
     with tempfile.TemporaryDirectory(prefix="pullback-doctor-") as tmp:
         argv = pull_argv(host, local_rsync, tmp, single_colon=single_colon)
@@ -1136,14 +1123,14 @@ def try_pull(host: Host, local_rsync: str, *, single_colon: bool) -> Finding:
         explained[1].strip() if known else "see the findings above")
 
 
-def _remote_binary(key: KeyLine | None, host: Host) -> str:
+def _remote_binary(key: KeyLine | None, host: HostSpec) -> str:
     forced = key.forced if key else None
     if forced and forced.binary and forced.is_rsync:
         return forced.binary
     return host.rsync.remote_binary
 
 
-def _admin_shell(conn: Session, host: Host, findings: list[Finding]) -> None:
+def _admin_shell(conn: Session, host: HostSpec, findings: list[Finding]) -> None:
     """The clean-shell test for the admin login; a second trip only when it is not clean."""
     _, out, err = conn.exec_raw("true")
     probes: tuple[tuple[int, str], ...] = ()
@@ -1157,7 +1144,7 @@ def _admin_shell(conn: Session, host: Host, findings: list[Finding]) -> None:
     findings.extend(check_clean_shell(host.admin_user, shell, out, err, probes, root=False))
 
 
-def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | None,
+def _capture_info(host: HostSpec, forced: ForcedCommand | None, local: RsyncEnd | None,
                   local_path: str | None, findings: list[Finding]) -> Capture:
     if host.forced_command != Mode.CAPTURED:
         return Capture()
@@ -1176,7 +1163,7 @@ def _capture_info(host: Host, forced: ForcedCommand | None, local: RsyncEnd | No
     return Capture(record, problem, sent, local.line if local else "")
 
 
-def _pull_or_skip(host: Host, forced: ForcedCommand | None, local_path: str) -> Finding:
+def _pull_or_skip(host: HostSpec, forced: ForcedCommand | None, local_path: str) -> Finding:
     if host.forced_command == Mode.CAPTURED and forced is not None and not forced.daemon:
         if forced.binary == hardened.GATE:
             return ok("test pull", "skipped: the gate runs only the recorded pull of "
@@ -1230,7 +1217,7 @@ def check_destination(facts: DestinationFacts) -> list[Finding]:
     return findings
 
 
-def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationFacts:
+def gather_destination(host: HostSpec, mountinfo: str | None = None) -> DestinationFacts:
     """Local reads only: lstat of the folders on the way, DEST's entries, the mount table."""
     dest = host.destination.rstrip("/")
     problem = None
@@ -1262,7 +1249,7 @@ def gather_destination(host: Host, mountinfo: str | None = None) -> DestinationF
     return DestinationFacts(dest, problem, mode, layout, mount)
 
 
-def diagnose(host: Host, sessions: Run | None = None) -> Report:
+def diagnose(host: HostSpec, sessions: Run | None = None) -> Report:
     """Every check for one host; never raises for a host problem (it becomes a finding)."""
     started = time.monotonic()
     report = Report(host.name, f"{host.address}:{host.port}")
@@ -1341,10 +1328,10 @@ def diagnose(host: Host, sessions: Run | None = None) -> Report:
     return report
 
 
-def diagnose_all(hosts: list[Host], sessions: Run | None = None) -> list[Report]:
+def diagnose_all(hosts: list[HostSpec], sessions: Run | None = None) -> list[Report]:
     sessions = sessions or Run()
 
-    def failed(host: Host, exc: Exception) -> Report:
+    def failed(host: HostSpec, exc: Exception) -> Report:
         return Report(host.name, f"{host.address}:{host.port}", [error(
             "doctor", f"{type(exc).__name__}: {exc}", "doctor could not finish its checks",
             "run it again; report it if it stays")])
@@ -1361,7 +1348,7 @@ def format_report(report: Report) -> str:
     lines = [f"{report.host} ({report.target})"]
     for f in report.findings:
         lines.append(f"  {f.level:6} {f.check:14} {f.what}")
-        if f.level != "ok":
+        if f.level is not Level.OK:
             lines.append(f"{_INDENT}why: {f.why}")
             lines.append(f"{_INDENT}fix: {f.fix}")
     errors, warnings = len(report.errors), len(report.warnings)

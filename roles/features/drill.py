@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from roles.core import drill as comparison
 from roles.core.errors import PullbackError
 from roles.core.rsync import version_key
+from roles.core.spec import HostSpec
 from roles.local import manifest
 from roles.remote.session import Session
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
 
 
 class DrillError(PullbackError):
@@ -41,7 +38,7 @@ def gather_remote_manifest(s: Session, root: str) -> list[dict]:
     return manifest.read(result.stdout)
 
 
-def extra_roots(host: Host, path: str) -> list[tuple[str, str]]:
+def extra_roots(host: HostSpec, path: str) -> list[tuple[str, str]]:
     """The ``backup.extra_sources`` strictly below the drilled ``path``, each with its place
     relative to ``path``: the server's manifest stays on one file system (as ``-x``), so
     each is read on its own and merged (``merge_manifests``)."""
@@ -67,12 +64,12 @@ def gather_local_manifest(root: Path) -> list[dict]:
     return list(manifest.scan(str(root)))
 
 
-def mtime_resolution_ns(host: Host) -> int:
+def mtime_resolution_ns(host: HostSpec) -> int:
     """Nanoseconds travel from protocol 31 (rsync 3.1.0) on; before, whole seconds."""
     return 1 if version_key(host.rsync.version) >= (3, 1, 0) else 10**9
 
 
-def compare_trees(host: Host, server: list[dict], copy: list[dict],
+def compare_trees(host: HostSpec, server: list[dict], copy: list[dict],
                   path: str) -> comparison.Comparison:
     """``server`` (the tree at ``path`` on the host) against ``copy`` (its restore); the
     backup's excludes (``system_exclude`` and ``exclude``, as the pull passes them) are

@@ -8,11 +8,11 @@ import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
 from roles.core.destinations import system_problem
 from roles.core.errors import EXIT_BAD_INPUT, PullbackError
 from roles.core.pull import OutputScanner, build_restore_argv, describe_failure
+from roles.core.spec import HostSpec
 from roles.local import folders
 from roles.local.runner import find_bwrap, find_local_rsync, rsync_env, sandboxed
 from roles.local.store import (
@@ -26,10 +26,6 @@ from roles.local.store import (
     state_dir,
 )
 
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
-
-
 
 class RestoreError(PullbackError):
     """Bad restore input (path, target, snapshot); the task exits 2."""
@@ -37,7 +33,7 @@ class RestoreError(PullbackError):
     exit_code = EXIT_BAD_INPUT
 
 
-def backup_root(host: Host, snapshot: str | None) -> Path:
+def backup_root(host: HostSpec, snapshot: str | None) -> Path:
     """The folder holding the copy of ``backup.source``: the mirror or a snapshot.
 
     The mirror is ``DEST/tree``; a DEST still in the old layout (no backup has run since
@@ -71,7 +67,7 @@ def backup_root(host: Host, snapshot: str | None) -> Path:
     return dest / snapshot
 
 
-def restore_relpath(host: Host, path: str) -> PurePosixPath:
+def restore_relpath(host: HostSpec, path: str) -> PurePosixPath:
     """Server path ``path`` relative to ``backup.source``; refuse ``..`` and outside paths."""
     wanted = PurePosixPath(path)
     if not wanted.is_absolute():
@@ -85,7 +81,7 @@ def restore_relpath(host: Host, path: str) -> PurePosixPath:
         raise RestoreError(f"{path} is not inside backup.source {source}") from None
 
 
-def resolve_restore_path(host: Host, root: Path, path: str) -> Path:
+def resolve_restore_path(host: HostSpec, root: Path, path: str) -> Path:
     """The backup's copy of server path ``path``; refuse ``..``, symlinked folders, others."""
     relative = restore_relpath(host, path)
     source = PurePosixPath(host.backup.source)
@@ -139,7 +135,7 @@ def check_restore_container(to: Path, names: list[str], mode: int | None, *,
     return None
 
 
-def run_restore(host: Host, *, path: str, to: str, snapshot: str | None = None,
+def run_restore(host: HostSpec, *, path: str, to: str, snapshot: str | None = None,
                 force: bool = False) -> RestoreResult:
     """Copy ``path`` (a server path) out of the local backup into ``to``.
 
@@ -166,7 +162,7 @@ def run_restore(host: Host, *, path: str, to: str, snapshot: str | None = None,
                                lock=lock)
 
 
-def _restore_locked(host: Host, *, path: str, to: str, snapshot: str | None, force: bool,
+def _restore_locked(host: HostSpec, *, path: str, to: str, snapshot: str | None, force: bool,
                     lock: Lock) -> RestoreResult:
     root = backup_root(host, snapshot)
     source = resolve_restore_path(host, root, path)

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from roles.core.outcome import State
 from roles.core.render import render
 from roles.core.sandbox import CAPABILITIES
 from roles.core.shards import parse_shard, shard_instance
@@ -471,12 +472,12 @@ class FileStep:
     new: str | None  # None: remove the file
 
     @property
-    def state(self) -> str:
+    def state(self) -> State:
         if self.new is None:
-            return "removed"
+            return State.REMOVED
         if self.old is None:
-            return "created"
-        return "unchanged" if self.old == self.new else "updated"
+            return State.CREATED
+        return State.UNCHANGED if self.old == self.new else State.UPDATED
 
 
 @dataclass(frozen=True)
@@ -496,7 +497,7 @@ class Plan:
 
     @property
     def changed(self) -> bool:
-        return (any(step.state != "unchanged" for step in self.files)
+        return (any(step.state is not State.UNCHANGED for step in self.files)
                 or (self.crontab is not None and self.crontab[0] != self.crontab[1])
                 or bool(self.after))
 
@@ -630,7 +631,7 @@ def plan_install(facts: Facts, job: Job, *, kind: str | None = None,
     after: list[tuple[str, ...]] = []
     manual: list[str] = []
     down: str | None = None
-    changed = any(step.state != "unchanged" for step in files)
+    changed = any(step.state is not State.UNCHANGED for step in files)
     stopping = _stopped_timers(files)
     wanted = [timer_name(i) for i in job.instances] if kind == "systemd" else []
     if kind == "systemd" or stopping:
@@ -713,7 +714,7 @@ def describe(plan: Plan, *, dry_run: bool) -> list[str]:
     for argv in plan.before:
         lines.append(f"{would}run: {shlex.join(argv)}")
     for step in plan.files:
-        state = f"would be {step.state}" if dry_run and step.state != "unchanged" \
+        state = f"would be {step.state}" if dry_run and step.state is not State.UNCHANGED \
             else step.state
         if dry_run and step.new is not None:
             lines.append(f"# {step.path} ({state})")
@@ -722,7 +723,8 @@ def describe(plan: Plan, *, dry_run: bool) -> list[str]:
             lines.append(f"{step.path}: {state}")
     if plan.crontab is not None:
         old, new = plan.crontab
-        state = "unchanged" if old == new else ("would be updated" if dry_run else "updated")
+        state = State.UNCHANGED if old == new else \
+            (f"would be {State.UPDATED}" if dry_run else State.UPDATED)
         lines.append(f"# crontab of this user ({state})")
         if dry_run:
             lines += new.splitlines()
@@ -757,7 +759,7 @@ def apply_schedule(plan: Plan, *, run: Runner = subprocess.run) -> list[str]:
                 current = _read(step.path)
                 if current is not None and is_managed(current):
                     step.path.unlink()
-            elif step.state != "unchanged":
+            elif step.state is not State.UNCHANGED:
                 write_atomic(step.path, step.new.encode())
         except OSError as exc:
             raise ApplyError(f"{step.path}: {exc.strerror or exc}") from None

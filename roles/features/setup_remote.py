@@ -26,6 +26,7 @@ from roles.core import hardened
 from roles.core.hardened import HelperFile, Mode
 from roles.core.outcome import Outcome
 from roles.core.rsync import CaptureError
+from roles.core.spec import HostSpec
 from roles.hostfiles.plan import daemon_command, plan_setup
 from roles.hostfiles.transaction import (
     SetupError,
@@ -35,7 +36,6 @@ from roles.hostfiles.transaction import (
     gather_files,
     merge_facts,
 )
-from roles.inventory.schema import Host
 from roles.local import capture_record
 from roles.local.keys import KeyFileError, read_public_key
 from roles.remote.facts import gather, gather_then
@@ -50,7 +50,7 @@ from roles.remote.session import ConnectError, Run, Session
 # --- applying (touches the host) ------------------------------------------------------------
 
 
-def setup_host(host: Host, *, dry_run: bool = False,
+def setup_host(host: HostSpec, *, dry_run: bool = False,
                captured_command: str | None = None,
                check_login: Callable[[Session, SetupPlan], None] = check_new_login,
                sessions: Run | None = None) -> Outcome:
@@ -97,8 +97,7 @@ def setup_host(host: Host, *, dry_run: bool = False,
         plan = dataclasses.replace(plan, warnings=(*warnings, *plan.warnings))
         if dry_run:
             actions = ("would reload sshd",) if plan.reload_sshd else ()
-            would = {"changed": "would change", "removed": "would remove"}
-            steps = {k: would.get(v, v) for k, v in plan.steps.items()}
+            steps = {k: v.preview() for k, v in plan.steps.items()}
             return Outcome(host.name, steps, warnings=plan.warnings,
                            diffs=tuple(c.diff() for c in plan.changes), actions=actions)
         return apply(conn, plan, check_login, via=exchange)

@@ -24,11 +24,12 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from roles.core.errors import EXIT_BAD_INPUT, PullbackError
 from roles.core.pull import build_argv, describe_failure, parse_stats, source_specs
 from roles.core.retention import plan_retention, snapshot_time
+from roles.core.spec import HostSpec
 from roles.local.runner import find_local_rsync, rsync_env, stream
 from roles.local.store import (
     LATEST,
@@ -44,9 +45,6 @@ from roles.local.store import (
     retention_of,
     state_dir,
 )
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host
 
 
 class SnapshotError(PullbackError):
@@ -78,7 +76,7 @@ def _number(stats: Any, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def list_snapshots(host: Host) -> list[Snapshot]:
+def list_snapshots(host: HostSpec) -> list[Snapshot]:
     """The host's snapshots, oldest first (mirror mode: the one tree); partials last."""
     dest = Path(host.destination.rstrip("/"))
     logs = state_dir(host) / "logs"
@@ -165,7 +163,7 @@ def parse_itemized(text: str, old: str, new: str) -> Diff:
     return diff
 
 
-def _root(host: Host, name: str) -> Path:
+def _root(host: HostSpec, name: str) -> Path:
     dest = Path(host.destination.rstrip("/"))
     names = os.listdir(dest) if dest.is_dir() else []
     if not host.backup.snapshots:
@@ -185,7 +183,7 @@ def _root(host: Host, name: str) -> Path:
     return dest / name
 
 
-def _newest(host: Host) -> str:
+def _newest(host: HostSpec) -> str:
     if not host.backup.snapshots:
         return TREE
     dest = Path(host.destination.rstrip("/"))
@@ -195,7 +193,7 @@ def _newest(host: Host) -> str:
     return available[-1]
 
 
-def diff_snapshots(host: Host, old: str, new: str) -> Diff:
+def diff_snapshots(host: HostSpec, old: str, new: str) -> Diff:
     """What changed from snapshot ``old`` to snapshot ``new`` (a local dry run)."""
     rsync, _ = find_local_rsync(host)
     state = prepare_state(host)
@@ -212,7 +210,7 @@ def diff_snapshots(host: Host, old: str, new: str) -> Diff:
     return parse_itemized(text, old, new)
 
 
-def diff_live(host: Host, old: str | None) -> Diff:
+def diff_live(host: HostSpec, old: str | None) -> Diff:
     """What a backup now would change in snapshot ``old`` (default: the newest): a dry-run
     pull into it with ``-i``, over the backup key."""
     rsync, _ = find_local_rsync(host)
@@ -248,7 +246,7 @@ def format_diff(diff: Diff) -> str:
 # --- prune ----------------------------------------------------------------------------------
 
 
-def prune(host: Host, *, dry_run: bool) -> tuple[list[str], list[str], list[str]]:
+def prune(host: HostSpec, *, dry_run: bool) -> tuple[list[str], list[str], list[str]]:
     """``(kept, removed, warnings)``: apply the host's retention now, under its lock."""
     if not host.backup.snapshots:
         raise SnapshotError(f"{host.name} keeps one mirror (backup.snapshots: 0): nothing "

@@ -21,14 +21,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from roles.core.pull import not_a_backup
+from roles.core.spec import HostSpec
 from roles.core.table import format_rows
 from roles.local.store import complete_snapshots, human_bytes, run_key, state_dir
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
 
 
 @dataclass(frozen=True)
@@ -151,7 +149,7 @@ def plan_status(host: str, runs: Iterable[Run], *, now: datetime, max_age: float
     )
 
 
-def gather_status(host: Host, now: datetime | None = None) -> HostStatus:
+def gather_status(host: HostSpec, now: datetime | None = None) -> HostStatus:
     """Read ``host``'s summaries and snapshots on this machine; contact nothing."""
     now = now or datetime.now(UTC)
     runs, problems = read_runs(state_dir(host) / "logs")

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import paramiko
 
+from roles.core.spec import HostSpec
 from roles.core.ssh_failures import classify_ssh_failure, clean_message
-from roles.inventory.schema import Host
 from roles.local.files import write_atomic
 from roles.remote.hostkeys import HostKey, HostKeyError, fetch_host_key, known_hosts_name
 
@@ -125,7 +125,7 @@ def appended(old: bytes, line: str) -> bytes:
 # --- the network --------------------------------------------------------------------------
 
 
-def _fetch(host: Host, types: list[str], timeout: float) -> HostKey:
+def _fetch(host: HostSpec, types: list[str], timeout: float) -> HostKey:
     """The offered key, or a TrustError of one line: a port that is not sshd (silent, or
     closing at once) ends paramiko's key exchange with a bare ``SSHException`` or
     ``EOFError``, which named nothing and printed a traceback."""
@@ -169,7 +169,7 @@ def read_known_hosts(path: Path) -> bytes:
         raise TrustError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def describe_key(host: Host, key: HostKey) -> str:
+def describe_key(host: HostSpec, key: HostKey) -> str:
     return (f"{host.name}: {host.address}:{host.port} offers {key.type} {key.fingerprint}\n"
             f"  compare it with what the server itself shows (on its console, not over this "
             f"network): ssh-keygen -lf /etc/ssh/ssh_host_{_file_type(key.type)}_key.pub")
@@ -181,7 +181,7 @@ def _file_type(key_type: str) -> str:
     return {"ssh-ed25519": "ed25519", "ssh-rsa": "rsa"}.get(key_type, "*")
 
 
-def trust_host(host: Host, confirm, *, show=print, timeout: float = 10) -> Outcome:
+def trust_host(host: HostSpec, confirm, *, show=print, timeout: float = 10) -> Outcome:
     """Fetch, show, confirm (``confirm(question) -> bool``), pin. Raise TrustError to refuse.
 
     ``confirm`` raises TrustError itself when there is no terminal to ask on.

@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from roles.inventory.schema import Host
+from roles.core.spec import HostSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 INFRA = ROOT / "tests" / "infra"
@@ -58,7 +58,7 @@ def _value(text: str) -> str:
     return f'"{text}"' if any(c.isspace() for c in text) else text
 
 
-def render_ssh_config(hosts: list[Host], control_dir: Path | None = None) -> str:
+def render_ssh_config(hosts: list[HostSpec], control_dir: Path | None = None) -> str:
     """One ``Host NAME`` block per host: strict host keys from the inventory only.
 
     With ``control_dir`` the connections are multiplexed (testinfra adds ControlMaster and
@@ -86,14 +86,15 @@ def render_ssh_config(hosts: list[Host], control_dir: Path | None = None) -> str
     return "\n".join(blocks)
 
 
-def stop_masters(ssh_config: Path, hosts: list[Host]) -> None:
+def stop_masters(ssh_config: Path, hosts: list[HostSpec]) -> None:
     """End the multiplexing masters the checks started (each would linger 60 s)."""
     for h in hosts:
         subprocess.run(["ssh", "-F", str(ssh_config), "-O", "exit", h.name],
                        capture_output=True, check=False, timeout=10, stdin=subprocess.DEVNULL)
 
 
-def pytest_argv(inventory: Path, hosts: list[Host], ssh_config: Path, results: Path) -> list[str]:
+def pytest_argv(inventory: Path, hosts: list[HostSpec], ssh_config: Path,
+                results: Path) -> list[str]:
     return [
         sys.executable, "-m", "pytest", str(INFRA), "-p", "no:cacheprovider",
         "--rootdir", str(ROOT), "-q", "--no-header",
@@ -116,10 +117,11 @@ def parse_results(text: str) -> list[CheckResult]:
     return out
 
 
-def run_checks(inventory: Path, hosts: list[Host], timeout: float = TIMEOUT) -> list[CheckResult]:
+def run_checks(inventory: Path, hosts: list[HostSpec],
+               timeout: float = TIMEOUT) -> list[CheckResult]:
     """Run tests/infra against ``hosts``; one result per check and host, inventory order."""
     results: list[CheckResult] = []
-    runnable: list[Host] = []
+    runnable: list[HostSpec] = []
     for h in hosts:
         if h.sudo_password:
             results.append(CheckResult(h.name, "passwordless sudo for the admin", "FAIL",

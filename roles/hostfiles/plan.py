@@ -24,14 +24,15 @@ from roles.core.hardened import (
     HelperFile,
     Mode,
 )
+from roles.core.outcome import State
+from roles.core.spec import HostSpec
 from roles.hostfiles.transaction import FileChange, SetupError, SetupPlan
 
 if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
     from roles.remote.facts import HostFacts
 
 
-def daemon_command(facts: HostFacts, host: Host) -> tuple[str, list[str]]:
+def daemon_command(facts: HostFacts, host: HostSpec) -> tuple[str, list[str]]:
     """The daemon-mode forced command and warnings: the pinned build when it is there."""
     rsync, warning = hardened.forced_rsync(host.rsync.remote_binary, facts.rsync)
     if rsync is None:
@@ -40,7 +41,7 @@ def daemon_command(facts: HostFacts, host: Host) -> tuple[str, list[str]]:
     return hardened.daemon_command(rsync), [warning] if warning else []
 
 
-def plan_setup(facts: HostFacts, host: Host, public_key: str,
+def plan_setup(facts: HostFacts, host: HostSpec, public_key: str,
                forced_command: str | None, helpers: tuple[HelperFile, ...] = (),
                private_dirs: tuple[str, ...] = ()) -> SetupPlan:
     """Compute every change for ``host`` from its facts; no I/O.
@@ -52,7 +53,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
     """
     warnings: list[str] = []
     changes: list[FileChange] = []
-    steps: dict[str, str] = {}
+    steps: dict[str, State] = {}
 
     # sshd_config: the effective PermitRootLogin, in the file that decides it.
     sshd_facts = sshd.SshdFacts(
@@ -72,7 +73,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         fact = facts.files[sshd_plan.path]
         changes.append(FileChange("sshd_config", sshd_plan.path, sshd_plan.old, sshd_plan.new,
                                   fact.mode, fact.uid, fact.gid))
-        steps["sshd_config"] = "changed"
+        steps["sshd_config"] = State.CHANGED
     elif effective and effective != PERMIT_ROOT_LOGIN:
         # The files already say it globally, yet sshd -T differs: a Match block applies to
         # the backup host's connection. Editing Match blocks is not ours to do.
@@ -81,7 +82,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
             f"{effective!r} for connections from {facts.client_addr}; fix that Match block by hand"
         )
     else:
-        steps["sshd_config"] = "ok"
+        steps["sshd_config"] = State.OK
 
     # /root/.ssh and authorized_keys.
     root_ssh = facts.dirs.get(ROOT_SSH)
@@ -96,11 +97,11 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         if removal.changed and fact is not None:
             changes.append(FileChange("authorized_keys", AUTHORIZED_KEYS, current_keys,
                                       removal.new, fact.mode, fact.uid, fact.gid))
-            steps["authorized_keys"] = "removed"
+            steps["authorized_keys"] = State.REMOVED
             warnings.append("no captured command yet: the backup key's earlier line was "
                             "removed; run `invoke capture-command`")
         else:
-            steps["authorized_keys"] = "skipped"
+            steps["authorized_keys"] = State.SKIPPED
             warnings.append("no captured command yet: no key installed; "
                             "run `invoke capture-command`")
     else:
@@ -126,11 +127,11 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         if keys_plan.changed or not mode_ok:
             changes.append(FileChange("authorized_keys", AUTHORIZED_KEYS, current_keys,
                                       keys_plan.new, 0o600, 0, 0, check_line=line))
-            steps["authorized_keys"] = "changed"
+            steps["authorized_keys"] = State.CHANGED
         else:
-            steps["authorized_keys"] = "ok"
+            steps["authorized_keys"] = State.OK
     if fix_root_ssh:
-        steps["authorized_keys"] = "changed"
+        steps["authorized_keys"] = State.CHANGED
 
     # rsyncd: daemon mode's module, in pullback's own file (0600 root, in a 0700 root
     # folder); captured mode serves no module, so a file left from daemon mode goes.
@@ -149,13 +150,13 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         if conf_plan.changed or not mode_ok:
             changes.append(FileChange("rsyncd.conf", PULLBACK_RSYNCD_CONF, conf_plan.old,
                                       conf_plan.new, 0o600, 0, 0))
-        steps["rsyncd.conf"] = "changed" if conf_plan.changed or not (mode_ok and dir_ok) \
-            else "ok"
+        steps["rsyncd.conf"] = State.CHANGED if conf_plan.changed or not (mode_ok and dir_ok) \
+            else State.OK
     elif current_conf is not None:
         fact = facts.files[PULLBACK_RSYNCD_CONF]
         changes.append(FileChange("rsyncd.conf", PULLBACK_RSYNCD_CONF, current_conf, None,
                                   fact.mode, fact.uid, fact.gid))
-        steps["rsyncd.conf"] = "removed"
+        steps["rsyncd.conf"] = State.REMOVED
 
     # /etc/rsyncd.conf: the module the previous version put there goes, in either mode.
     legacy = rsyncd.plan_legacy_removal(facts.content(RSYNCD_CONF))
@@ -164,7 +165,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         fact = facts.files[RSYNCD_CONF]
         changes.append(FileChange("old rsyncd module", RSYNCD_CONF, legacy.old, legacy.new,
                                   fact.mode, fact.uid, fact.gid))
-        steps["old rsyncd module"] = "removed"
+        steps["old rsyncd module"] = State.REMOVED
 
     # Scripts of ours (captured mode): before the key line that points at them.
     wanted_dirs = dict.fromkeys([*(posixpath.dirname(h.path) for h in helpers), *private_dirs])
@@ -175,11 +176,11 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
         if current != (helper.content, PRIVATE):
             changes.append(FileChange(helper.step, helper.path, fact.content if fact else None,
                                       helper.content, *PRIVATE, check_sh=True))
-            steps[helper.step] = "changed"
+            steps[helper.step] = State.CHANGED
         else:
-            steps[helper.step] = "ok"
+            steps[helper.step] = State.OK
     if wanted_dirs:
-        steps["folders"] = "changed" if make_dirs else "ok"
+        steps["folders"] = State.CHANGED if make_dirs else State.OK
 
     # authorized_keys before sshd_config: the key works as soon as root login is limited;
     # the scripts a forced command runs come before the key line naming them.
@@ -199,7 +200,7 @@ def plan_setup(facts: HostFacts, host: Host, public_key: str,
     )
 
 
-def plan_forced_rsync(facts: HostFacts, host: Host, public_key: str) -> SetupPlan | None:
+def plan_forced_rsync(facts: HostFacts, host: HostSpec, public_key: str) -> SetupPlan | None:
     """build-rsync's last step on a host: point the backup key's daemon forced command at
     the pinned build it has just installed (setup-remote may have run before the build
     existed, and left the host's own rsync in the key line: the card's order).
@@ -222,6 +223,6 @@ def plan_forced_rsync(facts: HostFacts, host: Host, public_key: str) -> SetupPla
         return None
     return dataclasses.replace(
         full, changes=keys, reload_sshd=False, fix_root_ssh=False, make_dirs=(), new_dirs=(),
-        create_root_ssh=False, root_ssh_was=None, steps={"authorized_keys": "changed"},
+        create_root_ssh=False, root_ssh_was=None, steps={"authorized_keys": State.CHANGED},
         warnings=())
 

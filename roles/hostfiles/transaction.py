@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from roles.core import platforms
 from roles.core.diffs import unified
 from roles.core.hardened import PERMIT_ROOT_LOGIN, PRIVATE, ROOT_SSH, SSHD_CONFIG
-from roles.core.outcome import Outcome
+from roles.core.outcome import Outcome, State
 from roles.core.render import render
 from roles.core.sshd_output import parse_sshd_T
 from roles.remote.facts import FileFact, parse_report
@@ -74,7 +74,7 @@ class SetupPlan:
     pidfile: str
     forced_command: str | None
     warnings: tuple[str, ...] = ()
-    steps: dict[str, str] = field(default_factory=dict)  # step -> "ok" | "changed"
+    steps: dict[str, State] = field(default_factory=dict)
     create_root_ssh: bool = False  # /root/.ssh does not exist: a failure removes it again
     # (mode, uid, gid) of an existing /root/.ssh this plan sets to 0700 root:root: a failure
     # (and the rollback) puts them back.

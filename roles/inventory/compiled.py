@@ -3,15 +3,17 @@ the validator's start-up.
 
 Validating ``inventory.yaml`` needs PyYAML and pydantic, whose imports and model set-up
 cost about 60 ms per process: more than everything else a no-change backup adds to rsync.
-``load`` validates once through ``roles.inventory.schema`` and saves the result (every field, plus
-the computed paths, per host) to ``~/.cache/pullback/inventory-<hash of the path>.json``
-(``$XDG_CACHE_HOME`` is honoured). The next ``load`` of the same file uses it only when all
-of these still hold, else it validates again:
+``load`` validates once through ``roles.inventory.schema`` and saves the result (each host's
+``roles.core.spec.HostSpec``, field by field) to
+``~/.cache/pullback/inventory-<hash of the path>.json`` (``$XDG_CACHE_HOME`` is honoured).
+The next ``load`` of the same file uses it only when all of these still hold, else it
+validates again:
 
 - the key matches: a SHA-256 over the inventory's bytes, ``$HOME`` (``~`` expands
   against it), the Python version and the source of the modules that define the result
-  (``roles/inventory/schema.py``, ``selection.py``, this file, and the rules in
-  ``roles/core/destinations.py`` and ``rsync.py``), so editing any one invalidates it;
+  (``roles/inventory/schema.py``, ``selection.py``, this file, the rules in
+  ``roles/core/destinations.py`` and ``rsync.py``, and the spec, ``roles/core/spec.py``),
+  so editing any one invalidates it;
 - the cache file and folder belong to this user, the folder's parent to this user or root,
   none is a symlink and nobody else can write them (the entry becomes the argv of a root
   backup, so it is trusted no more than the inventory; under ``sudo`` with the caller's
@@ -33,15 +35,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from roles.inventory.selection import Inventory, Record, read_inventory
+from roles.core.spec import HostSpec
+from roles.inventory.selection import Inventory, read_inventory
 
-FORMAT = 1
+FORMAT = 2  # 2: HostSpec.to_dict (the computed values are no longer stored)
 CACHE_MAX_AGE = 30 * 24 * 3600  # entries of inventories not loaded for 30 days are removed
 # The rules the validation applies live in roles.core too: the destination rules and the
 # option checks; editing them invalidates the cache as well.
 _SOURCES = (Path(__file__).with_name("schema.py"), Path(__file__).with_name("selection.py"),
             Path(__file__), Path(__file__).parents[1] / "core" / "destinations.py",
-            Path(__file__).parents[1] / "core" / "rsync.py")
+            Path(__file__).parents[1] / "core" / "rsync.py",
+            Path(__file__).parents[1] / "core" / "spec.py")
 
 
 # --- the cache ------------------------------------------------------------------------------
@@ -82,7 +86,7 @@ def _safe_folder(folder: Path) -> bool:
             and _private(parent, (os.geteuid(), 0)))
 
 
-def read_cache(inventory: Path, key: str) -> dict[str, Record] | None:
+def read_cache(inventory: Path, key: str) -> dict[str, HostSpec] | None:
     """The cached hosts of ``inventory`` for ``key``, or None (missing, stale, unsafe)."""
     path = cache_file(inventory)
     try:
@@ -96,7 +100,7 @@ def read_cache(inventory: Path, key: str) -> dict[str, Record] | None:
             entry = json.loads(handle.read())
         if entry.get("key") != key:
             return None
-        return {name: Record(data) for name, data in entry["hosts"].items()}
+        return {name: HostSpec.from_dict(data) for name, data in entry["hosts"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     finally:
@@ -133,7 +137,7 @@ def write_cache(inventory: Path, key: str, hosts: dict[str, dict[str, Any]]) -> 
 
 
 def load(path: str | Path) -> Inventory:
-    """The inventory at ``path`` with Records for hosts: from the cache when it is
+    """The inventory at ``path``, its hosts ``HostSpec``s: from the cache when it is
     current, else validated by ``roles.inventory.schema`` (InventoryError on a problem) and
     cached. A cache hit refreshes the entry's age."""
     path = Path(path)
@@ -150,7 +154,6 @@ def load(path: str | Path) -> Inventory:
     from roles.inventory import schema as validator  # PyYAML + pydantic: only on a miss
 
     validated = validator.load_text(data.decode("utf-8"), str(path))
-    dumped = {name: validator.dump(host) for name, host in validated.hosts.items()}
     if key:
-        write_cache(path, key, dumped)
-    return Inventory(path=path, hosts={name: Record(d) for name, d in dumped.items()})
+        write_cache(path, key, {name: host.to_dict() for name, host in validated.hosts.items()})
+    return Inventory(path=path, hosts=validated.hosts)

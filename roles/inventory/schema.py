@@ -1,4 +1,5 @@
-"""Load and validate ``inventory.yaml`` into typed, merged host objects.
+"""Load and validate ``inventory.yaml`` into merged hosts: validated by the pydantic models
+here, handed on as ``roles.core.spec.HostSpec``.
 
 Every problem is reported as one line: ``FILE:LINE: yaml.path: message``. Loading never
 contacts a host. ``defaults:`` is deep-merged under each entry of ``hosts:`` (the host's
@@ -27,6 +28,7 @@ from pydantic import (
 from roles.core import destinations
 from roles.core import rsync as rsync_model
 from roles.core.rsync import DEFAULT_VERSION
+from roles.core.spec import HostSpec
 from roles.inventory.selection import Inventory, InventoryError, read_inventory
 
 DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.tar.gz"
@@ -488,16 +490,16 @@ class Host(_Strict):
         return self.backup_key + ".pub"
 
 
-def dump(host: Host) -> dict[str, Any]:
-    """Every field of ``host`` and every property (``destination``, the rsync paths...), as
-    plain JSON data: what ``roles.inventory.compiled`` caches and turns back into a Record."""
-    data = host.model_dump(mode="json")
-    for model, target in ((host, data), (host.rsync, data["rsync"]),
-                          (host.backup, data["backup"])):
-        for name, value in vars(type(model)).items():
-            if isinstance(value, property):
-                target[name] = getattr(model, name)
-    return data
+def spec_of(host: Host) -> HostSpec:
+    """The validated host as the frozen, standard-library ``HostSpec`` every other layer
+    reads (the computed values are its properties)."""
+    return HostSpec.from_dict(host.model_dump())
+
+
+def validate_host(data: dict[str, Any]) -> HostSpec:
+    """One host's settings (merged, as ``load_text`` passes them), validated: pydantic's
+    ValidationError on a problem."""
+    return spec_of(Host.model_validate(data))
 
 
 # --- loading with line numbers ----------------------------------------------------------
@@ -732,7 +734,8 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         seen.append(host)
     if problems:
         raise InventoryError(problems)
-    return Inventory(path=Path(source), hosts=hosts)
+    return Inventory(path=Path(source),
+                     hosts={name: spec_of(host) for name, host in hosts.items()})
 
 
 # Host's model-level checks start their message with the field they are about.

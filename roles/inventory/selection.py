@@ -1,4 +1,5 @@
-"""A loaded inventory: its hosts, as validated, and the selection of hosts a task works on.
+"""A loaded inventory: its hosts (``HostSpec``, as validated), and the selection of hosts a
+task works on.
 
 Shared by both loaders (``schema``: YAML + pydantic; ``compiled``: the JSON cache), so that
 neither imports the other at start-up.
@@ -6,14 +7,13 @@ neither imports the other at start-up.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from roles.core.errors import EXIT_BAD_INPUT, PullbackError
 from roles.core.shards import parse_instance, parse_shard, shard_of
+from roles.core.spec import HostSpec
 
 
 class InventoryError(PullbackError):
@@ -26,58 +26,13 @@ class InventoryError(PullbackError):
         self.problems = problems
 
 
-class Record:
-    """Read-only attribute access to a validated host (sections nest as Records, lists
-    become tuples): the same names and values as ``roles.inventory.schema.Host``, properties
-    included, for code that only reads a host."""
-
-    __slots__ = ("_data",)
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        object.__setattr__(self, "_data", {k: _frozen(v) for k, v in data.items()})
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self._data[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is read-only")
-
-    def __repr__(self) -> str:
-        return f"Record({self._data!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Record) and self._data == other._data
-
-    def __hash__(self) -> int:
-        return hash(json.dumps(_plain(self), sort_keys=True))
-
-
-def _frozen(value: Any) -> Any:
-    if isinstance(value, dict):
-        return Record(value)
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Record):
-        return {k: _plain(v) for k, v in value._data.items()}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
 @dataclass(frozen=True)
 class Inventory:
     path: Path
-    hosts: dict[str, Any]  # name -> roles.inventory.schema.Host, or a Record of one
+    hosts: dict[str, HostSpec]  # name -> the validated host
 
     def select(self, names: Iterable[str] | None,
-               shard: tuple[int, int] | None = None) -> list[Any]:
+               shard: tuple[int, int] | None = None) -> list[HostSpec]:
         """The hosts named (in inventory order), or every host when none are named.
 
         ``shard=(K, N)`` keeps only the hosts of shard K of N (see ``shard_of``).
@@ -95,7 +50,7 @@ class Inventory:
         return [self.hosts[n] for n in self.hosts if n in wanted
                 and (shard is None or shard_of(n, shard[1]) == shard[0])]
 
-    def choose(self, names: Iterable[str] | None, shard: str | None) -> list[Any]:
+    def choose(self, names: Iterable[str] | None, shard: str | None) -> list[HostSpec]:
         """``select`` for the command line: ``shard`` as typed (``K/N``); an unknown host,
         a bad shard or an empty selection raise InventoryError (one line)."""
         try:
@@ -107,7 +62,7 @@ class Inventory:
         return selected
 
 
-    def choose_unit(self, instance: str) -> list[Any]:
+    def choose_unit(self, instance: str) -> list[HostSpec]:
         """The hosts of a systemd instance (``pullback-backup@INSTANCE``): ``K-N`` is shard K
         of N without the hosts that have their own unit (``backup.own_unit``); anything
         else names one host. InventoryError (one line) for an unknown host or empty shard."""

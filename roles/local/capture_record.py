@@ -11,14 +11,10 @@ import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from roles.core.rsync import CaptureError, dry_run_variant, fingerprint, validate_sent, with_binary
+from roles.core.spec import HostSpec
 from roles.local import store
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
-
 
 RECORD_NAME = "capture.json"
 RECORD_FORMAT = 1
@@ -89,11 +85,11 @@ def parse_record(text: str) -> CaptureRecord:
     return record
 
 
-def record_path(host: Host) -> Path:
+def record_path(host: HostSpec) -> Path:
     return store.state_dir(host) / RECORD_NAME
 
 
-def load_record(host: Host) -> CaptureRecord | None:
+def load_record(host: HostSpec) -> CaptureRecord | None:
     """The host's capture record, None when there is none; CaptureError when damaged."""
     path = record_path(host)
     try:
@@ -111,7 +107,7 @@ def load_record(host: Host) -> CaptureRecord | None:
     return record
 
 
-def save_record(host: Host, record: CaptureRecord) -> Path:
+def save_record(host: HostSpec, record: CaptureRecord) -> Path:
     """Write the record atomically, 0600 in the 0700 state folder."""
     path = record_path(host)
     store.mkdir_private(path.parent)
@@ -123,7 +119,7 @@ def save_record(host: Host, record: CaptureRecord) -> Path:
     return path
 
 
-def check_drift(host: Host, record: CaptureRecord, local_version: str) -> str | None:
+def check_drift(host: HostSpec, record: CaptureRecord, local_version: str) -> str | None:
     """Why the recorded command no longer fits this host's settings, or None.
 
     The remote version line is the recorded one: ``backup`` has no admin access to read it.
@@ -146,7 +142,7 @@ def check_drift(host: Host, record: CaptureRecord, local_version: str) -> str | 
             f"on {host.name} may no longer match what this pull sends; {AGAIN}")
 
 
-def require_record(host: Host, local_rsync: str) -> CaptureRecord:
+def require_record(host: HostSpec, local_rsync: str) -> CaptureRecord:
     """The record a captured-mode backup runs on; CaptureError if missing or drifted."""
     record = load_record(host)
     if record is None:

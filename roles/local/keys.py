@@ -6,13 +6,10 @@ import os
 import stat
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from roles.core.errors import PullbackError
+from roles.core.spec import HostSpec
 from roles.local import folders
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
 
 
 class KeyFileError(PullbackError):
@@ -86,7 +83,7 @@ def ensure_destination(path: Path) -> str:
     note = folders.make_private(path)
     return note or f"{path}: {'exists' if existed else 'created'} (0700)"
 
-def read_public_key(host: Host) -> str:
+def read_public_key(host: HostSpec) -> str:
     try:
         with open(host.backup_pubkey, encoding="utf-8") as handle:
             return handle.read().strip()

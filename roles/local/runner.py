@@ -10,20 +10,18 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from roles.core.pull import OutputScanner, supports_progress2
 from roles.core.rsync import STAMP_RELPATH, client_refusal, parse_version_output
 from roles.core.sandbox import build_sandbox
+from roles.core.spec import HostSpec
 from roles.local.keys import key_has_passphrase
 from roles.local.store import BackupError, Lock
 
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
-
 CHUNK = 65536
 
-def find_local_rsync(host: Host) -> tuple[str, str | None]:
+def find_local_rsync(host: HostSpec) -> tuple[str, str | None]:
     """``(path, warning)``: the pinned local build, else ``rsync`` on PATH with a warning."""
     pinned = host.rsync.local_binary
     if os.access(pinned, os.X_OK):
@@ -36,7 +34,7 @@ def find_local_rsync(host: Host) -> tuple[str, str | None]:
                       "`invoke build-rsync --local-only` so both ends run the same rsync")
 
 
-def find_bwrap(host: Host) -> str | None:
+def find_bwrap(host: HostSpec) -> str | None:
     """bubblewrap's path when ``backup.sandbox`` is on (BackupError when it is missing),
     None when the inventory turned the sandbox off."""
     if not host.backup.sandbox:
@@ -49,7 +47,7 @@ def find_bwrap(host: Host) -> str | None:
     return found
 
 
-def sandboxed(host: Host, argv: list[str], bwrap: str | None, *, writable: list[Path],
+def sandboxed(host: HostSpec, argv: list[str], bwrap: str | None, *, writable: list[Path],
               readable: Sequence[Path] = (), hide_beside: Path | None = None,
               interactive: bool = False) -> list[str]:
     """``argv`` (this machine's rsync) inside the sandbox, or as it is when ``bwrap`` is
@@ -77,7 +75,7 @@ def sandboxed(host: Host, argv: list[str], bwrap: str | None, *, writable: list[
                          new_session=not keep_terminal)
 
 
-def pull_sandboxed(host: Host, argv: list[str], bwrap: str | None, *,
+def pull_sandboxed(host: HostSpec, argv: list[str], bwrap: str | None, *,
                    interactive: bool = False) -> list[str]:
     """A pull's ``argv`` in the sandbox a backup uses: only the host's DEST is writable
     and the folder around it (the other hosts' copies, every state folder) is hidden."""
@@ -137,7 +135,7 @@ def stamped_version(prefix: str) -> str | None:
     return version if isinstance(version, str) else None
 
 
-def local_rsync_version(host: Host, local_rsync: str) -> str | None:
+def local_rsync_version(host: HostSpec, local_rsync: str) -> str | None:
     """The version of the local rsync the backup runs, None when it cannot be told.
 
     The pinned build's is its stamp (a file read: a scheduled run starts no extra process;
@@ -157,7 +155,7 @@ def local_rsync_version(host: Host, local_rsync: str) -> str | None:
         return None
 
 
-def refuse_exposed_client(host: Host, local_rsync: str, version: str | None) -> str | None:
+def refuse_exposed_client(host: HostSpec, local_rsync: str, version: str | None) -> str | None:
     """The refusal (one line) for a local rsync older than 3.4.1, unless the inventory sets
     rsync.allow_vulnerable; None when the run may go on."""
     if host.rsync.allow_vulnerable:
@@ -165,7 +163,7 @@ def refuse_exposed_client(host: Host, local_rsync: str, version: str | None) -> 
     return client_refusal(version, f"the local rsync {local_rsync}")
 
 
-def both_ends_have_progress2(host: Host, local_version: str | None) -> bool:
+def both_ends_have_progress2(host: HostSpec, local_version: str | None) -> bool:
     """Both rsyncs >= 3.1: the remote is the pinned build (rsync.version) that the forced
     command runs; the local one is ``local_version`` (``local_rsync_version``)."""
     return supports_progress2(local_version) and supports_progress2(host.rsync.version)

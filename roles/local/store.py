@@ -16,15 +16,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from roles.core.errors import PullbackError
 from roles.core.retention import Retention, plan_retention
+from roles.core.spec import HostSpec
 from roles.local import folders
 from roles.local.files import write_atomic
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host  # pydantic: not imported at run time
 
 STATE_SUFFIX = ".pullback"
 PARTIAL = ".partial"
@@ -200,7 +198,7 @@ def mark_new_layout(state: Path) -> None:
         write_atomic(state / LAYOUT_MARK, (TREE + "\n").encode(), 0o600)
 
 
-def state_dir(host: Host) -> Path:
+def state_dir(host: HostSpec) -> Path:
     """``DEST.pullback``: the lock and the logs, beside (never inside) the backup."""
     return Path(host.destination.rstrip("/") + STATE_SUFFIX)
 
@@ -270,7 +268,7 @@ def mkdir_private(path: Path) -> None:
         path.chmod(0o700)
 
 
-def prepare_state(host: Host) -> Path:
+def prepare_state(host: HostSpec) -> Path:
     """``DEST.pullback`` and its ``logs``, 0700, after checking that DEST and the state
     folder sit where nobody else can swap them; BackupError (one line, the fix) if not."""
     state = state_dir(host)
@@ -384,7 +382,7 @@ def plan_tree_snapshot(names: Iterable[str], *, tree_is_dir: bool, last_mirror: 
     return fallback
 
 
-def retention_of(host: Host) -> Retention:
+def retention_of(host: HostSpec) -> Retention:
     """``backup.snapshots`` and ``backup.retain`` as one rule (roles.core.retention)."""
     retain = getattr(host.backup, "retain", None)
     return Retention(last=host.backup.snapshots,

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import shlex
 import sys
-from typing import TYPE_CHECKING
 
+from roles.core.spec import HostSpec
 from roles.remote.session import ConnectError, Run, SudoError
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host
 
 TIMEOUT = 10  # seconds to connect
 
@@ -25,7 +22,7 @@ class Hooks:
     """One host's hooks in one backup run: a new admin login for each (a pull may take
     hours, longer than an idle connection lives), one sudo password asked at most once."""
 
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: HostSpec) -> None:
         self.host = host
         self.shared = Run()
 
@@ -35,7 +32,7 @@ class Hooks:
         return run_hook(self.host, which, argv, self.shared) if argv else None
 
 
-def run_hook(host: Host, which: str, argv: tuple[str, ...] | list[str],
+def run_hook(host: HostSpec, which: str, argv: tuple[str, ...] | list[str],
              shared: Run | None = None) -> str | None:
     """Run ``backup.<which>`` on ``host``; None when it exited 0, else one line saying why."""
     command = shlex.join(argv)

@@ -39,16 +39,14 @@ import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import paramiko
 from fabric import Connection
 from invoke.exceptions import AuthFailure, UnexpectedExit
 
 from roles.core.render import render
-
-if TYPE_CHECKING:
-    from roles.inventory.schema import Host
+from roles.core.spec import HostSpec
 
 
 class ConnectError(Exception):
@@ -121,12 +119,12 @@ class Run:
         self.counters = Counters()
         self.passwords = Passwords(ask)
 
-    def open(self, host: Host, timeout: float = 10) -> Session:
+    def open(self, host: HostSpec, timeout: float = 10) -> Session:
         """A new admin login to ``host``; ConnectError with a one-line reason."""
         return Session.open(host, self, timeout)
 
 
-def connect(host: Host, run: Run | None = None, timeout: float = 10) -> Session:
+def connect(host: HostSpec, run: Run | None = None, timeout: float = 10) -> Session:
     """A session to ``host`` in ``run`` (a run of its own when none is given)."""
     return (run or Run()).open(host, timeout)
 
@@ -229,14 +227,14 @@ class Session:
     ``fabric.Connection``; a unit test's stand-in).
     """
 
-    def __init__(self, host: Host, conn: Any, run: Run, password: str | None = None) -> None:
+    def __init__(self, host: HostSpec, conn: Any, run: Run, password: str | None = None) -> None:
         self.host = host
         self.conn = conn
         self.shared = run
         self.password = password
 
     @classmethod
-    def open(cls, host: Host, run: Run, timeout: float = 10) -> Session:
+    def open(cls, host: HostSpec, run: Run, timeout: float = 10) -> Session:
         _quiet_paramiko()
         known_hosts = Path(host.known_hosts)
         if not known_hosts.is_file():

@@ -21,9 +21,10 @@ from roles.config import rootkey, rsyncd
 from roles.core import hardened
 from roles.core.hardened import Mode
 from roles.core.rsync import parse_version_output
+from roles.core.spec import HostSpec
 from roles.core.sshd_output import parse_sshd_T
 from roles.features import capture, doctor
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import capture_record
 from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_DIR, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 
@@ -40,7 +41,7 @@ def login(host) -> None:
 
 
 @pytest.fixture(scope="module")
-def expected(host, request) -> Host:
+def expected(host, request) -> HostSpec:
     inventory = load(request.config.getoption("--pullback-inventory"))
     return inventory.hosts[host.backend.get_hostname()]
 
@@ -79,7 +80,7 @@ def _mode(host, path: str) -> tuple[str, int, int, int]:
         return (kind, f.mode, f.uid, f.gid)
 
 
-def _record(expected: Host) -> capture_record.CaptureRecord:
+def _record(expected: HostSpec) -> capture_record.CaptureRecord:
     try:
         record = capture_record.load_record(expected)
     except capture.CaptureError as exc:

@@ -29,8 +29,9 @@ import pytest
 
 from lab import hosts as lab
 from roles.core import pull
+from roles.core.spec import HostSpec
 from roles.features.setup_remote import setup_host
-from roles.inventory.schema import DEFAULT_OPTIONS, Host, load
+from roles.inventory.schema import DEFAULT_OPTIONS, load
 from roles.local import keys, runner, store
 from tests.integration.conftest import Lab
 
@@ -210,7 +211,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_inventory(lab_env: Lab, remote: lab.LabHost, work: Path, name: str,
-                    file: str | None = None, **backup) -> tuple[Path, Host]:
+                    file: str | None = None, **backup) -> tuple[Path, HostSpec]:
     path = lab_env.inventory([remote], path=work / f"{file or name}.yaml", defaults={
         "rsync": {"local_prefix": str(work / "no-local-build")},
         "backup": {"destination": str(work / name / "{name}"), "source": DATA,
@@ -220,7 +221,7 @@ def write_inventory(lab_env: Lab, remote: lab.LabHost, work: Path, name: str,
 
 
 @pytest.fixture(scope="module")
-def mirror(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, Host]:
+def mirror(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, HostSpec]:
     inventory, host = write_inventory(lab_env, remote, work, "mirror")
     keys.ensure_backup_key(Path(host.backup_key))
     outcome = setup_host(host)
@@ -231,7 +232,7 @@ def mirror(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, Host]:
 
 
 @pytest.fixture(scope="module")
-def snapshots(lab_env: Lab, remote: lab.LabHost, work: Path, mirror) -> tuple[Path, Host]:
+def snapshots(lab_env: Lab, remote: lab.LabHost, work: Path, mirror) -> tuple[Path, HostSpec]:
     return write_inventory(lab_env, remote, work, "snapshots", snapshots=2)
 
 

@@ -12,6 +12,7 @@ Missing tools or an unreachable Debian archive make these tests FAIL, never skip
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -29,8 +30,9 @@ import pytest
 
 from lab import hosts as lab
 from lab.mirror import fetch_debian_orig
+from roles.core.spec import HostSpec
 from roles.features import rsync_build as rb
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.remote.session import connect
 from tests.integration.conftest import Lab, closed_port, serve_directory
 
@@ -213,7 +215,7 @@ def inventory_for(
     )
 
 
-def inventory_host(path: Path, name: str) -> Host:
+def inventory_host(path: Path, name: str) -> HostSpec:
     return load(path).select([name])[0]
 
 
@@ -496,11 +498,9 @@ def test_host_without_compiler(lab_env: Lab, mirror: Mirror, tmp_path: Path) -> 
 def test_one_local_prefix_gets_one_version_per_run(built: Built, mirror: Mirror) -> None:
     """Two hosts wanting different versions never build into one local prefix at once."""
     first = inventory_host(built.inventory, built.host.name)
-    other = first.model_copy(
-        update={
+    other = dataclasses.replace(first, **{
             "name": "other",
-            "rsync": first.rsync.model_copy(
-                update={"version": FAKE_VERSION, "sha256": mirror.fake_sha, "url": mirror.url()}
+            "rsync": dataclasses.replace(first.rsync, **{"version": FAKE_VERSION, "sha256": mirror.fake_sha, "url": mirror.url()}
             ),
         }
     )

@@ -27,7 +27,8 @@ from roles.config import gate as gate_scripts
 from roles.config import rootkey
 from roles.core import hardened, pull
 from roles.core import rsync as rsync_model
-from roles.inventory.schema import Host, load
+from roles.core.spec import HostSpec
+from roles.inventory.schema import load
 from roles.local import capture_record, keys, runner
 from roles.remote.session import connect
 from tests.integration.conftest import Lab
@@ -48,7 +49,7 @@ SENT_DRY = f"rsync --server --sender -vnlHogDtprxze.iLsfxCIvu --numeric-ids . {D
 class Story:
     lab: lab.LabHost
     inventory: Path
-    host: Host
+    host: HostSpec
     before_setup: subprocess.CompletedProcess
     setup: subprocess.CompletedProcess
     keys_after_setup: bytes | None
@@ -84,14 +85,14 @@ def story(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         lab_env.remove(remote)
 
 
-def backup_ssh(host: Host, *command: str) -> subprocess.CompletedProcess:
+def backup_ssh(host: HostSpec, *command: str) -> subprocess.CompletedProcess:
     """``ssh`` as ``backup`` runs it (backup key, strict host key), with ``command``."""
     argv = [*shlex.split(pull.ssh_command(host)), "root@127.0.0.1", *command]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False,
                           stdin=subprocess.DEVNULL)
 
 
-def public_key(host: Host) -> rootkey.PublicKey:
+def public_key(host: HostSpec) -> rootkey.PublicKey:
     return rootkey.parse_public_key(Path(host.backup_pubkey).read_text())
 
 

@@ -22,10 +22,11 @@ import pytest
 from lab import hosts as lab
 from lab import mirror
 from roles.core import hardened
+from roles.core.spec import HostSpec
 from roles.features import backup, doctor
 from roles.features import rsync_build as rb
 from roles.features.setup_remote import setup_host
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import keys
 from tests.integration.conftest import Lab, serve_directory
 
@@ -42,7 +43,7 @@ FORCED_CHECK = "the forced command runs the pinned rsync (rsync.prefix/bin/rsync
 @dataclass
 class Card:
     lab: lab.LabHost
-    host: Host
+    host: HostSpec
     inventory: Path
     work: Path
 

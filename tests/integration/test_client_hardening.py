@@ -33,8 +33,9 @@ import pytest
 
 from lab import hosts as lab
 from roles.core import pull
+from roles.core.spec import HostSpec
 from roles.features.setup_remote import setup_host
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import keys, store
 from tests.integration.conftest import Lab
 
@@ -61,7 +62,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def remote(lab_env: Lab, work: Path) -> Iterator[tuple[lab.LabHost, Host]]:
+def remote(lab_env: Lab, work: Path) -> Iterator[tuple[lab.LabHost, HostSpec]]:
     host = lab_env.start("client")
     try:
         inventory = write_inventory(lab_env, host, work, "setup", allow=True)

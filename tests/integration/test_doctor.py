@@ -26,10 +26,12 @@ from lab import hosts as lab
 from roles.config import rsyncd
 from roles.config.rootkey import fingerprint, parse_public_key
 from roles.core import hardened
+from roles.core.outcome import Level
 from roles.core.rsync import client_exposure
+from roles.core.spec import HostSpec
 from roles.features import capture, doctor
 from roles.features.setup_remote import setup_host
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import keys
 from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
 from tests.integration.conftest import Lab
@@ -59,7 +61,7 @@ class Target:
     daemon: Path      # inventory, daemon mode (as set up)
     captured: Path    # the same host, forced_command: captured
 
-    def host(self, inventory: Path) -> Host:
+    def host(self, inventory: Path) -> HostSpec:
         return load(inventory).hosts[self.lab.name]
 
 
@@ -108,7 +110,7 @@ def parse(stdout: str) -> list[Line]:
     found: list[Line] = []
     for raw in stdout.splitlines():
         text = raw.strip()
-        if raw.startswith("  ") and text.split(" ", 1)[0] in doctor.LEVELS:
+        if raw.startswith("  ") and text.split(" ", 1)[0] in tuple(Level):
             level = text.split(" ", 1)[0]
             check = raw[9:23].strip()
             found.append(Line(level, check, raw[24:]))

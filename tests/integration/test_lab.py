@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -44,11 +45,11 @@ def test_unknown_host_key_is_refused(lab_env: Lab, shared_host: lab.LabHost, tmp
     other = lab.LabHost(shared_host.name, shared_host.port,
                         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDt0cDPZ8k7J0zn1kqQz1Z7fI9vqgTuE5H8g9fYlH6zC")
     lab.write_known_hosts([other], tmp_path / "known_hosts")
-    changed = host.model_copy(update={"known_hosts": str(tmp_path / "known_hosts")})
+    changed = dataclasses.replace(host, **{"known_hosts": str(tmp_path / "known_hosts")})
     with pytest.raises(ConnectError, match="HOST KEY CHANGED"):
         connect(changed)
     (tmp_path / "empty").write_text("")
-    unknown = host.model_copy(update={"known_hosts": str(tmp_path / "empty")})
+    unknown = dataclasses.replace(host, **{"known_hosts": str(tmp_path / "empty")})
     with pytest.raises(ConnectError, match="not in"):
         connect(unknown)
 

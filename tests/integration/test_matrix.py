@@ -32,10 +32,11 @@ from lab import hosts as lab
 from lab import mirror
 from roles.core import fleet, hardened, platforms, pull
 from roles.core.outcome import Outcome
+from roles.core.spec import HostSpec
 from roles.features import backup, capture
 from roles.features import rsync_build as rb
 from roles.features import setup_remote as setup
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import capture_record, keys
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
@@ -82,8 +83,8 @@ RELEASES = selected_releases()
 
 @dataclass
 class Matrix:
-    hosts: dict[str, Host]  # release -> inventory host
-    captured: dict[str, Host]  # release -> the same host in captured mode
+    hosts: dict[str, HostSpec]  # release -> inventory host
+    captured: dict[str, HostSpec]  # release -> the same host in captured mode
     labs: dict[str, lab.LabHost]
     work: Path
     timings: dict[str, float]
@@ -112,7 +113,7 @@ def watched(host: lab.LabHost) -> str:
               + " ".join(WATCHED) + " /root/.ssh").decode()
 
 
-def client_addr(host: Host) -> str:
+def client_addr(host: HostSpec) -> str:
     conn = connect(host)
     try:
         return conn.run('printf %s "$SSH_CONNECTION"').stdout.split()[0]
@@ -143,7 +144,7 @@ def matrix(lab_env: Lab, source_url: str,
             lambda r: lab_env.start(r, release=r), RELEASES)))
     labs = dict(zip(RELEASES, started, strict=True))
     try:
-        def inventory(name: str, mode: str) -> dict[str, Host]:
+        def inventory(name: str, mode: str) -> dict[str, HostSpec]:
             path = lab_env.inventory(started, path=work / f"{name}.yaml", defaults={
                 "forced_command": mode,
                 "rsync": {"version": VERSION, "url": source_url, "prefix": PREFIX,
@@ -170,16 +171,16 @@ def built(matrix: Matrix) -> list[rb.EndResult]:
         list(matrix.hosts.values()), cache_dir=matrix.work / "cache", log=lambda _: None))
 
 
-def failed(host: Host, exc: Exception) -> Outcome:
+def failed(host: HostSpec, exc: Exception) -> Outcome:
     return Outcome(host.name, {}, error=f"{type(exc).__name__}: {exc}")
 
 
-def setup_all(hosts: dict[str, Host]) -> dict[str, Outcome]:
+def setup_all(hosts: dict[str, HostSpec]) -> dict[str, Outcome]:
     outcomes = fleet.for_each(list(hosts.values()), setup.setup_host, failed)
     return {o.host: o for o in outcomes}
 
 
-def backup_all(hosts: dict[str, Host]) -> dict[str, backup.BackupResult]:
+def backup_all(hosts: dict[str, HostSpec]) -> dict[str, backup.BackupResult]:
     results = fleet.for_each(
         list(hosts.values()),
         lambda host: backup.run_backup(host, dry_run=False, tty=False),
@@ -213,7 +214,7 @@ def backed_up(matrix: Matrix, converged: Converged) -> dict[str, backup.BackupRe
     return timed(matrix.timings, "backup", lambda: backup_all(matrix.hosts))
 
 
-def pull_uncaptured(host: Host, dest: Path) -> subprocess.CompletedProcess:
+def pull_uncaptured(host: HostSpec, dest: Path) -> subprocess.CompletedProcess:
     """A captured-mode pull (``root@ADDR:/etc/``) with the backup key, exactly as backup
     would run it, before any capture: whatever key line the host has must not serve it."""
     argv = pull.build_argv(host, dry_run=False, tty=False,

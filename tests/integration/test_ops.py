@@ -21,8 +21,9 @@ import pytest
 
 from lab import hosts as lab
 from roles.core.retention import Retention, plan_retention
+from roles.core.spec import HostSpec
 from roles.features.setup_remote import setup_host
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import keys, metrics
 from roles.local.ping import send_ping
 from tests.integration.conftest import Lab, closed_port
@@ -100,7 +101,7 @@ def silent_port() -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def held_lock(host: Host, text: str = "4711\n") -> Iterator[None]:
+def held_lock(host: HostSpec, text: str = "4711\n") -> Iterator[None]:
     lock = Path(host.destination + ".pullback") / "lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a+") as held:
@@ -178,7 +179,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_inventory(lab_env: Lab, remote: lab.LabHost, work: Path, name: str,
-                    monitor: dict | None = None, **backup) -> tuple[Path, Host]:
+                    monitor: dict | None = None, **backup) -> tuple[Path, HostSpec]:
     path = lab_env.inventory([remote], path=work / f"{name}.yaml", defaults={
         "rsync": {"local_prefix": str(work / "no-local-build")},
         "backup": {"destination": str(work / name / "{name}"), "source": DATA,

@@ -33,10 +33,11 @@ from lab import hosts as lab
 from lab import mirror
 from roles.core import fleet
 from roles.core.outcome import Outcome
+from roles.core.spec import HostSpec
 from roles.features import backup, capture, doctor
 from roles.features import rsync_build as rb
 from roles.features import setup_remote as setup
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import capture_record, keys
 from roles.remote.facts import AUTHORIZED_KEYS
 from tests.integration.conftest import Lab, serve_directory
@@ -58,26 +59,26 @@ RELEASES = ("bookworm", "trixie")
 @dataclass
 class Card:
     labs: dict[str, lab.LabHost]  # release -> container
-    daemon: dict[str, Host]  # release -> inventory host, daemon mode
-    captured: dict[str, Host]  # the same hosts, captured mode
+    daemon: dict[str, HostSpec]  # release -> inventory host, daemon mode
+    captured: dict[str, HostSpec]  # the same hosts, captured mode
     work: Path
     inventory: dict[str, object]  # the inventory's common settings
 
 
-def hosts_of(lab_env: Lab, labs: list[lab.LabHost], path: Path, **defaults) -> dict[str, Host]:
+def hosts_of(lab_env: Lab, labs: list[lab.LabHost], path: Path, **defaults) -> dict[str, HostSpec]:
     loaded = load(lab_env.inventory(labs, path=path, defaults=defaults))
     return {h.name: h for h in loaded.hosts.values()}
 
 
-def failed(host: Host, exc: Exception) -> Outcome:
+def failed(host: HostSpec, exc: Exception) -> Outcome:
     return Outcome(host.name, {}, error=f"{type(exc).__name__}: {exc}")
 
 
-def setup_all(hosts: list[Host]) -> list[Outcome]:
+def setup_all(hosts: list[HostSpec]) -> list[Outcome]:
     return fleet.for_each(hosts, setup.setup_host, failed)
 
 
-def backup_all(hosts: list[Host]) -> list[backup.BackupResult]:
+def backup_all(hosts: list[HostSpec]) -> list[backup.BackupResult]:
     return fleet.for_each(
         hosts, lambda host: backup.run_backup(host, dry_run=False, tty=False),
         lambda host, exc: backup.BackupResult(host.name, False, None, 0.0,
@@ -124,7 +125,7 @@ def card(lab_env: Lab, source_url: str,
                       "local_prefix": str(work / "local")},
         }
 
-        def inventory(name: str, mode: str) -> dict[str, Host]:
+        def inventory(name: str, mode: str) -> dict[str, HostSpec]:
             by_name = hosts_of(lab_env, started, work / f"{name}.yaml", **common,
                                forced_command=mode, backup={
                                    "destination": str(work / name / "{name}"),

@@ -27,10 +27,11 @@ import pytest
 
 from lab import hosts as lab
 from roles.core import sandbox
+from roles.core.spec import HostSpec
 from roles.features.backup import run_backup
 from roles.features.restore import run_restore
 from roles.features.setup_remote import setup_host
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load, validate_host
 from roles.local import keys, runner
 from tests.integration.conftest import Lab
 
@@ -126,13 +127,13 @@ def open_by_handle(mount: Path, handle: bytes) -> int:
         os.close(dirfd)
 
 
-def make_host(tmp: Path, name: str = "web1", **backup) -> Host:
+def make_host(tmp: Path, name: str = "web1", **backup) -> HostSpec:
     key = tmp / "keys" / "backup"
     if not key.exists():
         key.parent.mkdir(mode=0o700, exist_ok=True)
         keys.ensure_backup_key(key)
         (tmp / "keys" / "known_hosts").write_text("")
-    return Host.model_validate({
+    return validate_host({
         "name": name, "address": "127.0.0.1", "admin_user": "admin",
         "backup_key": str(key), "known_hosts": str(tmp / "keys" / "known_hosts"),
         "backup": {"destination": str(tmp / "backups" / "{name}"), "snapshots": 0,

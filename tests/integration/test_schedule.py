@@ -21,9 +21,10 @@ import pytest
 import yaml
 
 from lab import hosts as lab
+from roles.core.spec import HostSpec
 from roles.features import schedule as sched
 from roles.features.setup_remote import setup_host
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import keys
 from roles.remote import session as connection
 from roles.remote.hostkeys import HostKey, known_hosts_name
@@ -42,7 +43,7 @@ def invoke(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout, check=False, stdin=subprocess.DEVNULL)
 
 
-def summaries(host: Host) -> list[dict]:
+def summaries(host: HostSpec) -> list[dict]:
     logs = Path(host.destination + ".pullback") / "logs"
     return [json.loads(p.read_text()) for p in sorted(logs.glob("*.json"))]
 
@@ -80,7 +81,7 @@ def write_inventory(lab_env: Lab, remote: lab.LabHost, path: Path, work: Path,
 
 
 @pytest.fixture(scope="module")
-def ready(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, Host]:
+def ready(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, HostSpec]:
     """The inventory (the lab host, ``stale1`` and ``never1``) with the lab host set up."""
     inventory = write_inventory(lab_env, remote, work / "inventory.yaml", work,
                                 extra_hosts=("stale1", "never1"))
@@ -91,7 +92,7 @@ def ready(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, Host]:
     return inventory, host
 
 
-def scheduled(work: Path, inventory: Path, host: Host, kind: str) -> str:
+def scheduled(work: Path, inventory: Path, host: HostSpec, kind: str) -> str:
     """Install ``kind`` into a temporary root; return the file it wrote."""
     root = work / f"root-{kind}"
     job = sched.build_job(inventory, [host.name], program=PROGRAM)

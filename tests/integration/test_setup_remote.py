@@ -25,10 +25,11 @@ import pytest
 import yaml
 
 from lab import hosts as lab
+from roles.core.spec import HostSpec
 from roles.core.sshd_output import parse_sshd_T
 from roles.features import setup_remote as setup
 from roles.hostfiles import transaction
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import keys
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
@@ -94,7 +95,7 @@ OLD_MODULE = LEGACY
 class Target:
     lab: lab.LabHost
     inventory: Path
-    host: Host
+    host: HostSpec
 
     @property
     def name(self) -> str:

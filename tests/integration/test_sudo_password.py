@@ -23,9 +23,10 @@ import paramiko
 import pytest
 
 from lab import hosts as lab
+from roles.core.spec import HostSpec
 from roles.core.sshd_output import parse_sshd_T
 from roles.features import setup_remote as setup
-from roles.inventory.schema import Host, load
+from roles.inventory.schema import load
 from roles.local import keys
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
@@ -55,7 +56,7 @@ WATCHED = (SSHD_CONFIG, "/root/.ssh", AUTHORIZED_KEYS, RSYNCD_CONF, PULLBACK_DIR
 class Operator:
     lab: lab.LabHost
     inventory: Path
-    host: Host
+    host: HostSpec
 
 
 def operator_target(lab_env: Lab, lab_host: lab.LabHost, sudo_password: bool) -> Operator:

@@ -3,6 +3,7 @@ restore paths, and run_backup's bookkeeping with a stand-in rsync (no ssh, no co
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,9 +19,10 @@ import pytest
 
 from roles.core import pull
 from roles.core import rsync as rsync_model
+from roles.core.spec import HostSpec
 from roles.features import backup as b
 from roles.features import restore, status
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 from roles.local import capture_record, runner, store
 
 RSYNC = "/opt/pullback/bin/rsync"
@@ -34,7 +36,7 @@ SSH_E = ("ssh -F /dev/null -i /keys/backup -p 2222 -o StrictHostKeyChecking=yes 
          "-o ConnectTimeout=30 -o ServerAliveInterval=30 -o ServerAliveCountMax=4")
 
 
-def make_host(tmp: Path | None = None, **backup) -> Host:
+def make_host(tmp: Path | None = None, **backup) -> HostSpec:
     data = {
         "name": "web1", "address": "192.0.2.10", "port": 2222, "admin_user": "admin",
         "backup_key": "/keys/backup", "known_hosts": "/keys/known_hosts",
@@ -50,7 +52,7 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
         key = tmp / "backup-key"  # run_backup refuses a missing or readable key
         key.touch(mode=0o600, exist_ok=True)
         data["backup_key"] = str(key)
-    return Host.model_validate(data)
+    return validate_host(data)
 
 
 # --- build_argv -----------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def test_build_argv(settings, kwargs, tail):
 
 
 def test_ssh_command_survives_rsync_splitting_with_spaces():
-    host = make_host().model_copy(update={"backup_key": "/my keys/backup",
+    host = dataclasses.replace(make_host(), **{"backup_key": "/my keys/backup",
                                           "known_hosts": "/my keys/known hosts"})
     e = pull.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC, dest="/d")[2]
     assert shlex.split(e) == [
@@ -174,7 +176,7 @@ def test_ssh_command_reads_no_ssh_config_and_forwards_nothing():
 
 
 def test_ipv6_address_is_bracketed():
-    host = make_host().model_copy(update={"address": "2001:db8::7"})
+    host = dataclasses.replace(make_host(), **{"address": "2001:db8::7"})
     assert pull.source_spec(host) == "root@[2001:db8::7]::system/"
 
 
@@ -185,7 +187,7 @@ def test_ipv6_address_is_bracketed():
 ])
 def test_captured_mode_pulls_with_a_single_colon(source, dry_run, tail):
     """The gate runs `rsync --server --sender ... . /SOURCE/`: what a `host:` pull sends."""
-    host = make_host(source=source).model_copy(update={"forced_command": "captured"})
+    host = dataclasses.replace(make_host(source=source), **{"forced_command": "captured"})
     argv = pull.build_argv(host, dry_run=dry_run, tty=False, local_rsync=RSYNC,
                         dest="/backups/web1")
     assert argv[:3] == [RSYNC, "-e", SSH_E]
@@ -674,8 +676,7 @@ def test_mirror_guard_check_is_skipped_without_delete_or_limit(tmp_path, fake):
 def test_max_delete_zero_is_refused_with_an_old_local_rsync(tmp_path, fake, monkeypatch):
     monkeypatch.setattr(b, "local_rsync_version", lambda host, rsync: "2.6.9")
     host = make_host(tmp_path, max_delete=0)
-    host = host.model_copy(update={"rsync": host.rsync.model_copy(
-        update={"allow_vulnerable": True})})
+    host = dataclasses.replace(host, **{"rsync": dataclasses.replace(host.rsync, **{"allow_vulnerable": True})})
     with pytest.raises(store.BackupError, match="means 'no limit' to the local rsync 2.6.9"):
         b.run_backup(host, dry_run=False, tty=False)
 
@@ -751,7 +752,7 @@ def test_run_backup_on_a_tty_echoes_and_shows_progress(tmp_path, fake):
     # Both ends >= 3.1 (the fake says 9.9.9): one progress line for the whole pull.
     assert "--info=progress2" in (fake.parent / "server.argv").read_text()
     old = make_host(tmp_path)
-    old = old.model_copy(update={"rsync": old.rsync.model_copy(update={"version": "3.0.9"})})
+    old = dataclasses.replace(old, **{"rsync": dataclasses.replace(old.rsync, **{"version": "3.0.9"})})
     assert b.run_backup(old, dry_run=False, tty=True, echo=io.BytesIO()).ok
     assert "--progress" in (fake.parent / "server.argv").read_text()
 
@@ -766,9 +767,10 @@ def test_an_orphaned_rsync_keeps_the_lock(tmp_path, fake, monkeypatch):
     """pullback killed, its rsync still running: no new run may start until rsync ends."""
     monkeypatch.setenv("FAKE_SLEEP", "1.5")
     host = make_host(tmp_path, allow_destination=str(tmp_path))  # the child has no seam
-    script = ("import sys, roles.features.backup as b, roles.inventory.schema as i; "
-              "b.run_backup(i.Host.model_validate_json(sys.argv[1]), dry_run=False, tty=False)")
-    child = subprocess.Popen([sys.executable, "-c", script, host.model_dump_json(by_alias=True)],
+    script = ("import json, sys, roles.features.backup as b, roles.core.spec as spec; "
+              "b.run_backup(spec.HostSpec.from_dict(json.loads(sys.argv[1])), dry_run=False, "
+              "tty=False)")
+    child = subprocess.Popen([sys.executable, "-c", script, json.dumps(host.to_dict())],
                              cwd=Path(__file__).resolve().parents[2])
     lock = store.state_dir(host) / "lock"
     deadline = time.monotonic() + 10
@@ -789,11 +791,11 @@ def test_an_orphaned_rsync_keeps_the_lock(tmp_path, fake, monkeypatch):
             time.sleep(0.1)
 
 
-def captured_host(tmp_path: Path, **backup) -> Host:
-    return make_host(tmp_path, **backup).model_copy(update={"forced_command": "captured"})
+def captured_host(tmp_path: Path, **backup) -> HostSpec:
+    return dataclasses.replace(make_host(tmp_path, **backup), **{"forced_command": "captured"})
 
 
-def write_record(host: Host, rsync_version: str = "rsync  version 9.9.9  protocol version 99"):
+def write_record(host: HostSpec, rsync_version: str = "rsync  version 9.9.9  protocol version 99"):
 
     sent = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
     words = tuple(sent.split(" "))
@@ -1269,11 +1271,11 @@ def test_both_ends_checks_the_local_rsync_on_path(tmp_path):
     assert runner.both_ends_have_progress2(host, "3.2.7") is True
     assert runner.both_ends_have_progress2(host, None) is False
     assert runner.both_ends_have_progress2(
-        host.model_copy(update={"rsync": host.rsync.model_copy(update={"version": "2.6.9"})}),
+        dataclasses.replace(host, **{"rsync": dataclasses.replace(host.rsync, **{"version": "2.6.9"})}),
         "3.5.1") is False
 
 
-def stamp(host: Host, version: str) -> None:
+def stamp(host: HostSpec, version: str) -> None:
     """A pinned build in rsync.local_prefix with build-rsync's stamp for ``version``."""
     prefix = Path(host.rsync.local_prefix)
     (prefix / "bin").mkdir(parents=True, exist_ok=True)
@@ -1308,8 +1310,7 @@ def test_an_unstamped_or_unreadable_rsync_is_asked_or_unknown(tmp_path):
 ])
 def test_refuse_exposed_client(tmp_path, version, allowed, refused):
     host = make_host(tmp_path)
-    host = host.model_copy(update={"rsync": host.rsync.model_copy(
-        update={"allow_vulnerable": allowed})})
+    host = dataclasses.replace(host, **{"rsync": dataclasses.replace(host.rsync, **{"allow_vulnerable": allowed})})
     refusal = runner.refuse_exposed_client(host, "/x/rsync", version)
     assert (refusal is not None) == refused
     if refusal:
@@ -1332,8 +1333,7 @@ def test_run_backup_refuses_an_old_local_rsync_before_anything(tmp_path, fake):
 
 def test_run_backup_runs_an_old_local_rsync_with_the_switch(tmp_path, fake):
     host = make_host(tmp_path)
-    host = host.model_copy(update={"rsync": host.rsync.model_copy(
-        update={"allow_vulnerable": True})})
+    host = dataclasses.replace(host, **{"rsync": dataclasses.replace(host.rsync, **{"allow_vulnerable": True})})
     stamp_file = Path(host.rsync.local_prefix) / rsync_model.STAMP_RELPATH
     stamp_file.parent.mkdir(parents=True)
     stamp_file.write_text(json.dumps({"version": "2.6.9"}))  # the fake rsync stays in bin/

@@ -20,11 +20,13 @@ from roles.config import gate as gate_scripts
 from roles.core import hardened
 from roles.core import rsync as rsync_model
 from roles.core.hardened import HelperFile
+from roles.core.outcome import State
 from roles.core.render import render
+from roles.core.spec import HostSpec
 from roles.features import capture as cap
 from roles.features.setup_remote import plan_setup
 from roles.hostfiles.transaction import apply_script, facts_after, merge_facts, read_files_script
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 from roles.local import capture_record
 from roles.remote.facts import AUTHORIZED_KEYS, SSHD_CONFIG, FileFact, HostFacts, parse_report
 
@@ -34,7 +36,7 @@ V31 = "rsync  version 3.2.7  protocol version 31"
 V32 = "rsync  version 3.5.0  protocol version 32"
 
 
-def make_host(tmp: Path | None = None, **backup) -> Host:
+def make_host(tmp: Path | None = None, **backup) -> HostSpec:
     data = {"name": "web1", "address": "192.0.2.10", "admin_user": "admin",
             "backup_key": "/keys/backup", "forced_command": "captured",
             "backup": {"source": "/srv/data", **backup}}
@@ -42,10 +44,10 @@ def make_host(tmp: Path | None = None, **backup) -> Host:
         data["backup"].setdefault("allow_inexact", True)
     if tmp is not None:
         data["backup"]["destination"] = str(tmp / "{name}")
-    return Host.model_validate(data)
+    return validate_host(data)
 
 
-def make_record(for_host: Host, **changes) -> capture_record.CaptureRecord:
+def make_record(for_host: HostSpec, **changes) -> capture_record.CaptureRecord:
     settings = for_host.backup
     record = capture_record.CaptureRecord(
         host=for_host.name, captured_at="2026-11-26T10:15:00Z", source=settings.source,
@@ -508,8 +510,8 @@ def test_plan_installs_the_gate_before_the_key_line_and_creates_its_folder():
         (None, GATE_FILE.content, 0o700, 0, 0, True)
     assert f'command="{hardened.GATE}"' in plan.changes[1].new.decode()
     assert plan.make_dirs == (hardened.LIBEXEC, hardened.REMOTE_STATE)
-    assert plan.steps == {"sshd_config": "ok", "authorized_keys": "changed", "gate": "changed",
-                          "folders": "changed"}
+    assert plan.steps == {"sshd_config": State.OK, "authorized_keys": State.CHANGED,
+                          "gate": State.CHANGED, "folders": State.CHANGED}
     script = apply_script(plan)
     assert f"sh -n {hardened.GATE}.pullback-new" in script
     assert f"(umask 022 && mkdir -p /usr/local/libexec) && mkdir {hardened.LIBEXEC}" in script
@@ -521,8 +523,8 @@ def test_plan_installs_the_gate_before_the_key_line_and_creates_its_folder():
     again = plan_setup(after, make_host(), make_key(), hardened.GATE, (GATE_FILE,),
                        (hardened.REMOTE_STATE,))
     assert not again.changed and again.make_dirs == ()
-    assert again.steps == {"sshd_config": "ok", "authorized_keys": "ok", "gate": "ok",
-                           "folders": "ok"}
+    assert again.steps == {"sshd_config": State.OK, "authorized_keys": State.OK,
+                           "gate": State.OK, "folders": State.OK}
 
 
 def test_plan_repairs_a_gate_with_the_wrong_mode_or_content():
@@ -530,7 +532,7 @@ def test_plan_repairs_a_gate_with_the_wrong_mode_or_content():
     facts = merge_facts(facts, host_facts({}, files={hardened.GATE: GATE_FILE.content}, dirs={}))
     plan = plan_setup(facts, make_host(), make_key(), hardened.GATE, (GATE_FILE,))
     assert plan.make_dirs == (hardened.LIBEXEC,)  # 0755 is not ours: set to 0700
-    assert plan.steps["gate"] == "changed"  # 0644, not 0700
+    assert plan.steps["gate"] is State.CHANGED  # 0644, not 0700
     gate = next(c for c in plan.changes if c.step == "gate")
     assert gate.old == GATE_FILE.content and gate.mode == 0o700
 

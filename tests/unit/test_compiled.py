@@ -3,6 +3,7 @@ and private to this user."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from roles.core.hardened import Mode
+from roles.core.spec import HostSpec
 from roles.inventory import compiled, selection
 from roles.inventory import schema as validator
 from tests.unit.test_inventory import GOOD
@@ -32,33 +35,94 @@ def inventory(tmp_path) -> Path:
 
 
 def _everything(value):
-    """Every field and every property of a Host (or section), as plain data."""
-    if isinstance(value, selection.Record):
-        return {k: _everything(getattr(value, k)) for k in value._data}
+    """Every field and every property of a host (or section), the pydantic model's or the
+    spec's, as plain data."""
     if hasattr(type(value), "model_fields"):
         names = set(type(value).model_fields)
-        names |= {n for n, v in vars(type(value)).items() if isinstance(v, property)}
-        return {n: _everything(getattr(value, n)) for n in names}
-    if isinstance(value, tuple | list):
-        return [_everything(v) for v in value]
-    return value
+    elif dataclasses.is_dataclass(value):
+        names = {f.name for f in dataclasses.fields(value)}
+    else:
+        return [_everything(v) for v in value] if isinstance(value, tuple | list) else value
+    names |= {n for n, v in vars(type(value)).items() if isinstance(v, property)}
+    return {n: _everything(getattr(value, n)) for n in names}
 
 
-def test_a_record_has_every_field_and_property_of_the_validated_host(cache, inventory):
-    hosts = validator.load(inventory).hosts
-    records = compiled.load(inventory).hosts
-    assert list(records) == list(hosts) == ["web1", "db1"]
-    for name, host in hosts.items():
-        assert _everything(records[name]) == _everything(host)
-    db1 = records["db1"]
+def _lab_inventories() -> dict[str, str]:
+    from lab import hosts as lab
+
+    state = lab.state_dir()
+    hosts = [lab.LabHost(f"pullback-lab-{i}", 2200 + i, "ssh-ed25519 AAAA", "bookworm")
+             for i in (1, 2)]
+    return {f"lab {version}{' mirror' * bool(port)}":
+            lab.render_inventory(hosts, port, state, version)
+            for version in ("3.2.7", "2.6.9", "3.4.1") for port in (None, 8873)}
+
+
+INVENTORIES = {"inventory.yaml": (ROOT / "inventory.yaml").read_text(), "GOOD": GOOD,
+               **_lab_inventories()}
+
+
+@pytest.mark.parametrize("name", INVENTORIES)
+def test_the_cached_spec_equals_the_freshly_validated_one(cache, tmp_path, monkeypatch, name):
+    path = tmp_path / "inventory.yaml"
+    path.write_text(INVENTORIES[name])
+    fresh = validator.load(path).hosts
+    assert fresh and compiled.load(path).hosts == fresh  # a miss: validated, then cached
+
+    def no_validator(*args, **kwargs):
+        raise AssertionError("validated again")
+
+    monkeypatch.setattr(validator, "load_text", no_validator)
+    cached = compiled.load(path).hosts
+    assert list(cached) == list(fresh)
+    for host_name, host in fresh.items():
+        assert cached[host_name] == host and type(cached[host_name]) is HostSpec
+        assert _everything(cached[host_name]) == _everything(host)
+        assert type(cached[host_name].forced_command) is Mode
+
+
+def test_the_spec_has_every_field_and_property_of_the_validated_model(inventory):
+    models: list[validator.Host] = []
+
+    def keep(model: validator.Host) -> HostSpec:
+        models.append(model)
+        return original(model)
+
+    original = validator.spec_of
+    try:
+        validator.spec_of = keep
+        specs = validator.load(inventory).hosts
+    finally:
+        validator.spec_of = original
+    assert [m.name for m in models] == list(specs) == ["web1", "db1"]
+    for model in models:
+        assert _everything(specs[model.name]) == _everything(model)
+    db1 = specs["db1"]
     assert db1.destination == "/srv/backups/db1" and db1.rsync.remote_binary == \
         "/opt/rsync/bin/rsync"
     assert db1.backup.exclude == ("/var/lib/mysql/*",) and db1.from_ == \
         "198.51.100.7,2001:db8::/32"
-    with pytest.raises(AttributeError, match="read-only"):
-        db1.port = 22
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        db1.port = 22  # type: ignore[misc]
     with pytest.raises(AttributeError):
-        _ = db1.no_such_field
+        _ = db1.no_such_field  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("change", [
+    {"unknown": 1}, {"forced_command": "shell"}, {"backup": {"source": "/"}}])
+def test_a_cache_entry_of_another_shape_is_a_miss(cache, inventory, change):
+    """An entry that does not rebuild a HostSpec (a field missing, unknown or of another
+    shape) is read as no entry: validated again, never half-used."""
+    compiled.load(inventory)
+    (entry,) = cache.glob("inventory-*.json")
+    data = json.loads(entry.read_text())
+    data["hosts"]["db1"].update(change)
+    entry.write_text(json.dumps(data))
+    key = compiled.cache_key(inventory.read_bytes())
+    assert compiled.read_cache(inventory, key) is None
+    data["hosts"]["db1"] = json.loads(entry.read_text())["hosts"]["web1"]  # a good shape
+    entry.write_text(json.dumps(data))
+    assert compiled.read_cache(inventory, key)["db1"].name == "web1"
 
 
 def test_the_second_load_comes_from_the_cache(cache, inventory, monkeypatch):
@@ -224,7 +288,7 @@ def test_no_cache_in_a_folder_someone_else_controls(tmp_path, inventory, monkeyp
     assert compiled.load(inventory).hosts["db1"].port == 2222
     assert not list(watched.glob("inventory-*.json"))  # nothing written
     key = compiled.cache_key(inventory.read_bytes())
-    hosts = {name: validator.dump(h) for name, h in validator.load(inventory).hosts.items()}
+    hosts = {name: h.to_dict() for name, h in validator.load(inventory).hosts.items()}
     hosts["db1"]["port"] = 1  # an entry planted there, current key, private file
     entry = compiled.cache_file(inventory)
     entry.parent.mkdir(mode=0o700, exist_ok=True)

@@ -14,9 +14,11 @@ from roles.config import gate as gate_scripts
 from roles.config import rsyncd
 from roles.core import hardened
 from roles.core import rsync as rsync_model
+from roles.core.outcome import Level
+from roles.core.spec import HostSpec
 from roles.features import doctor
 from roles.features.doctor import DestinationFacts, check_destination, gather_destination
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 from roles.local import capture_record
 from roles.local.folders import Mount
 from roles.remote.facts import AUTHORIZED_KEYS, FileFact, HostFacts
@@ -40,11 +42,11 @@ GOOD_RSYNCD = b"""[system]
 """
 
 
-def make_host(**fields) -> Host:
+def make_host(**fields) -> HostSpec:
     data = {"name": "web1", "address": "192.0.2.10", "port": 2222, "admin_user": "admin",
             "backup_key": "/keys/backup", "known_hosts": "/keys/known_hosts",
             "backup": {"destination": "/backups/{name}"}, **fields}
-    return Host.model_validate(data)
+    return validate_host(data)
 
 
 def line(command: str | None = DAEMON, options: str = RESTRICTED, blob: str = BLOB) -> str:
@@ -77,7 +79,7 @@ def levels(findings: list[doctor.Finding]) -> list[tuple[str, str]]:
 
 
 def errors(findings: list[doctor.Finding]) -> list[doctor.Finding]:
-    return [f for f in findings if f.level == "error"]
+    return [f for f in findings if f.level is Level.ERROR]
 
 
 # --- explain_rsync_error ----------------------------------------------------------------------
@@ -270,7 +272,7 @@ def test_clean_shell_shows_bytes_and_names_the_file():
     findings = doctor.check_clean_shell("admin", "/bin/bash", b"hello\n", b"", [
         (0, "/etc/bash.bashrc"), (6, "/home/admin/.bashrc")], root=False)
     (finding,) = findings
-    assert finding.level == "error"
+    assert finding.level is Level.ERROR
     assert "6 bytes on stdout: b'hello\\n'" in finding.what
     assert "/home/admin/.bashrc (6 bytes)" in finding.what
     assert "/etc/bash.bashrc" not in finding.what
@@ -283,7 +285,8 @@ def test_clean_shell_long_output_is_cut_and_stderr_only_warns():
     assert levels(findings) == [("error", "clean shell"), ("warn", "clean shell")]
     assert "(first 200 of 500)" in findings[0].what
     assert "not /etc/motd" in findings[0].what
-    assert doctor.check_clean_shell("root", "/bin/sh", b"", b"", [], root=True)[0].level == "ok"
+    found = doctor.check_clean_shell("root", "/bin/sh", b"", b"", [], root=True)
+    assert found[0].level is Level.OK
 
 
 # --- sshd and key files -------------------------------------------------------------------------
@@ -316,7 +319,7 @@ def test_authorized_keys_file_values_that_include_roots_file(value):
 
 def test_sshd_T_failure_is_one_error():
     (only,) = doctor.check_sshd(facts(error="line 3: Bad configuration option: Foo"))
-    assert only.level == "error" and "Bad configuration option" in only.what
+    assert only.level is Level.ERROR and "Bad configuration option" in only.what
 
 
 @pytest.mark.parametrize(("root_ssh", "keys_mode", "expected"), [
@@ -337,23 +340,23 @@ def test_key_files(root_ssh, keys_mode, expected):
 def test_key_line_ok_names_command_and_options():
     key = doctor.find_key_line(line().encode(), BLOB)
     (only,) = doctor.check_key_line(key, make_host(**{"from": "any"}), facts())
-    assert only.level == "ok" and DAEMON in only.what and "restrict" in only.what
+    assert only.level is Level.OK and DAEMON in only.what and "restrict" in only.what
 
 
 def test_key_line_from_defaults_to_this_clients_address():
     """No `from` in the inventory: the line must carry from= the address the server sees."""
     good = doctor.find_key_line(line(options=RESTRICTED + ',from="10.0.0.5"').encode(), BLOB)
     (only,) = doctor.check_key_line(good, make_host(), facts())
-    assert only.level == "ok" and 'from="10.0.0.5"' in only.what
+    assert only.level is Level.OK and 'from="10.0.0.5"' in only.what
     bare = doctor.find_key_line(line().encode(), BLOB)
     (finding,) = doctor.check_key_line(bare, make_host(), facts())
-    assert finding.level == "warn"
+    assert finding.level is Level.WARN
     assert finding.what == ("the line has from=None, wanted '10.0.0.5' (the inventory has no "
                             "`from`: the backup host's address 10.0.0.5)")
     assert "from anywhere" in finding.why
     # `from: any` wants no from= at all.
     (extra,) = doctor.check_key_line(good, make_host(**{"from": "any"}), facts())
-    assert extra.level == "warn" and "wanted None" in extra.what
+    assert extra.level is Level.WARN and "wanted None" in extra.what
 
 
 @pytest.mark.parametrize(("key_text", "host_fields", "needle"), [
@@ -528,7 +531,7 @@ REMOTE = "rsync  version 3.2.7  protocol version 32"
 SENT = "rsync --server --sender -vlogDtprxze.iLsfxCIvu --numeric-ids . /"
 
 
-def record_for(host: Host) -> capture_record.CaptureRecord:
+def record_for(host: HostSpec) -> capture_record.CaptureRecord:
     words = tuple(SENT.split())
     dry = rsync_model.dry_run_variant(words)
     return capture_record.CaptureRecord(
@@ -540,7 +543,7 @@ def record_for(host: Host) -> capture_record.CaptureRecord:
                                         host.backup.source, LOCAL, REMOTE))
 
 
-def gate_findings(host: Host, record, *, gate: bytes | None = None, version: str = REMOTE,
+def gate_findings(host: HostSpec, record, *, gate: bytes | None = None, version: str = REMOTE,
                   local: str = LOCAL, sent: str = SENT, problem: str = ""):
     content = gate if gate is not None else (gate_scripts.gate_file(record).content if record
                                              else b"")
@@ -651,7 +654,7 @@ def test_the_clients_exposure(version, allowed, level):
 def test_different_releases_on_the_two_ends_are_named():
     findings = doctor.check_rsync(make_host(rsync={"version": "2.6.9"}), end("2.6.9", 29),
                                   end("3.2.7", 31))
-    assert [f.what for f in findings if f.level == "warn"] == [
+    assert [f.what for f in findings if f.level is Level.WARN] == [
         "remote /usr/bin/rsync: rsync 3.2.7, protocol 31; not the inventory's rsync.version "
         "2.6.9",
         "the ends run different rsync releases: local 2.6.9, remote 3.2.7",
@@ -725,11 +728,6 @@ def test_format_report_three_lines_per_problem():
     assert lines[-1] == "  => 1 error, 1 warning (0.5 s)"
 
 
-def test_finding_level_is_checked():
-    with pytest.raises(ValueError):
-        doctor.Finding("x", "fatal", "y")
-
-
 # --- the local destination ---------------------------------------------------------------------
 
 SAFE = Mount("/srv/backups", frozenset({"rw", "nosuid", "nodev"}), "ext4")
@@ -761,7 +759,7 @@ DEST_CASES = {
 def test_check_destination(facts, expected):
     findings = check_destination(facts)
     assert [(f.level, f.what) for f in findings] == expected
-    assert all(f.fix for f in findings if f.level != "ok")
+    assert all(f.fix for f in findings if f.level is not Level.OK)
 
 
 def test_gather_destination_reads_the_layout_and_the_mount(tmp_path):

@@ -4,11 +4,14 @@ The attacks on a real sandbox are in tests/integration/test_sandbox.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from roles.core import sandbox
 from roles.core.pull import build_argv
-from roles.inventory.schema import Host
+from roles.core.spec import HostSpec
+from roles.inventory.schema import validate_host
 
 
 def pairs(argv: list[str], flag: str) -> list[tuple[str, ...]]:
@@ -57,15 +60,19 @@ def test_a_relative_path_is_refused():
         sandbox.build_sandbox(["true"], bwrap="bwrap", writable=["backups/web1"])
 
 
-def make_host(options: tuple[str, ...] | None = None, version: str = "3.2.7") -> Host:
+def make_host(options: tuple[str, ...] | None = None, version: str = "3.2.7") -> HostSpec:
     backup: dict = {"destination": "/srv/backups/{name}"}
     if options is not None:  # reduced on purpose: which options carry -X is the point
         backup.update(options=options, allow_inexact=True)
-    return Host.model_validate({"name": "web1", "address": "192.0.2.10",
-                                "admin_user": "admin", "backup_key": "/keys/backup",
-                                "known_hosts": "/keys/known_hosts",
-                                "rsync": {"version": version, "allow_vulnerable": True},
-                                "backup": backup})
+    return validate_host({"name": "web1", "address": "192.0.2.10",
+                          "admin_user": "admin", "backup_key": "/keys/backup",
+                          "known_hosts": "/keys/known_hosts",
+                          "rsync": {"version": version, "allow_vulnerable": True},
+                          "backup": backup})
+
+
+def unsandboxed(host: HostSpec) -> HostSpec:
+    return dataclasses.replace(host, backup=dataclasses.replace(host.backup, sandbox=False))
 
 
 @pytest.mark.parametrize(("options", "version", "sandboxed", "filtered"), [
@@ -85,8 +92,7 @@ def test_a_sandboxed_pull_filters_the_xattrs_it_cannot_set(options, version, san
 
 def test_the_sandbox_is_on_by_default_and_can_be_turned_off():
     assert make_host().backup.sandbox is True
-    host = Host.model_validate({**make_host().model_dump(by_alias=True),
-                                "backup": {"sandbox": False}})
+    host = unsandboxed(make_host())
     assert host.backup.sandbox is False
 
 
@@ -98,7 +104,6 @@ def test_doctor_names_a_missing_bwrap_and_a_sandbox_turned_off(tmp_path, monkeyp
     monkeypatch.setenv("PATH", str(tmp_path))
     (missing,) = doctor.check_sandbox(make_host())
     assert missing.level == "error" and "bwrap is not installed" in missing.what
-    off = Host.model_validate({**make_host().model_dump(by_alias=True),
-                               "backup": {"sandbox": False}})
+    off = unsandboxed(make_host())
     (warned,) = doctor.check_sandbox(off)
     assert warned.level == "warn" and "without the sandbox" in warned.what

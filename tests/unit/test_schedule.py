@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from roles.core.outcome import State
 from roles.features import schedule as s
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
@@ -330,7 +331,7 @@ def test_a_second_install_changes_nothing(tmp_path):
     s.apply_schedule(s.plan_install(facts(tmp_path), job(), kind="systemd"))
     mtime = (tmp_path / "etc/systemd/system" / s.TEMPLATE).stat().st_mtime_ns
     plan = s.plan_install(facts(tmp_path), job(), kind="systemd")
-    assert not any(step.state != "unchanged" for step in plan.files)
+    assert not any(step.state is not State.UNCHANGED for step in plan.files)
     lines = s.apply_schedule(plan)
     assert (tmp_path / "etc/systemd/system" / s.TEMPLATE).stat().st_mtime_ns == mtime
     assert any(line.endswith(": unchanged") for line in lines)
@@ -456,8 +457,9 @@ def test_switching_scheduler_removes_our_previous_one(tmp_path):
     s.apply_schedule(s.plan_install(facts(tmp_path), job(), kind="cron"))
     plan = s.plan_install(facts(tmp_path), job(), kind="systemd")
     assert [(step.path.name, step.state) for step in plan.files] == [
-        (s.TEMPLATE, "created"), (s.FAILURE, "created"), ("pullback-backup@web1.timer", "created"),
-        ("pullback-backup@db1.timer", "created"), ("pullback-backup", "removed")]
+        (s.TEMPLATE, State.CREATED), (s.FAILURE, State.CREATED),
+        ("pullback-backup@web1.timer", State.CREATED), ("pullback-backup@db1.timer", State.CREATED),
+        ("pullback-backup", State.REMOVED)]
     s.apply_schedule(plan)
     assert not (tmp_path / "etc/cron.d/pullback-backup").exists()
 
@@ -483,7 +485,8 @@ def test_the_single_unit_layout_is_replaced_by_the_template(tmp_path):
     assert plan.before == (("/bin/systemctl", "disable", "--now", s.TIMER),)
     assert plan.after[-1] == ("/bin/systemctl", "enable", "--now", "pullback-backup@1-1.timer")
     assert {(step.path.name, step.state) for step in plan.files} >= {
-        (s.SERVICE, "removed"), (s.TIMER, "removed"), ("pullback-backup@1-1.timer", "created")}
+        (s.SERVICE, State.REMOVED), (s.TIMER, State.REMOVED),
+        ("pullback-backup@1-1.timer", State.CREATED)}
 
 
 def test_instances_per_shard_and_per_host():

@@ -207,15 +207,15 @@ def test_a_failed_handshake_is_one_error_line_and_no_traceback(tmp_path):
     probe = f"""
 import socket, threading
 from roles.remote import session as connection
-from roles.inventory.compiled import Record
+from roles.inventory.schema import validate_host
 srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen(5)
 def serve():
     while True:
         c, _ = srv.accept(); c.close()
 threading.Thread(target=serve, daemon=True).start()
-host = Record({{"name": "web1", "address": "127.0.0.1", "port": srv.getsockname()[1],
-               "admin_user": "admin", "admin_key": None, "known_hosts": {str(tmp_path / "kh")!r},
-               "sudo_password": False}})
+host = validate_host({{"name": "web1", "address": "127.0.0.1", "port": srv.getsockname()[1],
+                      "admin_user": "admin", "known_hosts": {str(tmp_path / "kh")!r},
+                      "backup_key": {str(tmp_path / "key")!r}}})
 try:
     connection.connect(host, timeout=3)
 except connection.ConnectError as exc:

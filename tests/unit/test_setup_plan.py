@@ -22,6 +22,7 @@ import pytest
 
 from roles.config import rootkey, rsyncd
 from roles.core import hardened
+from roles.core.outcome import State
 from roles.features.setup_remote import daemon_command, plan_setup
 from roles.hostfiles.transaction import (
     FileChange,
@@ -31,7 +32,7 @@ from roles.hostfiles.transaction import (
     facts_after,
     rollback_script,
 )
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 from roles.remote.facts import (
     AUTHORIZED_KEYS,
     PULLBACK_DIR,
@@ -71,7 +72,7 @@ KEY_LINE = ('restrict,command="/usr/local/bin/rsync --server --daemon '
 MODULE = rsyncd.render_module(rsyncd.RsyncdSettings(hosts_allow=("192.0.2.1",))).encode()
 LEGACY = rsyncd.render_legacy_module("system")
 PRIVATE = (0o700, 0, 0)
-HOST = Host.model_validate({"name": "web1", "address": "192.0.2.10", "admin_user": "admin",
+HOST = validate_host({"name": "web1", "address": "192.0.2.10", "admin_user": "admin",
                             "backup_key": "/srv/keys/backup"})
 
 
@@ -348,8 +349,8 @@ def test_fresh_host_plan_orders_rsyncd_keys_sshd():
     assert keys_change.check_line == KEY_LINE
     assert sshd_change.old == STOCK and sshd_change.new == DONE[SSHD_CONFIG]
     assert plan.fix_root_ssh and plan.create_root_ssh and plan.reload_sshd and plan.changed
-    assert plan.steps == {"sshd_config": "changed", "authorized_keys": "changed",
-                          "rsyncd.conf": "changed"}
+    assert plan.steps == {"sshd_config": State.CHANGED, "authorized_keys": State.CHANGED,
+                          "rsyncd.conf": State.CHANGED}
     assert plan.forced_command == FORCED and plan.pidfile == "/run/sshd.pid"
     assert plan.client_addr == "192.0.2.1"
 
@@ -359,7 +360,8 @@ def test_no_change_plan_is_empty():
     assert plan.changes == ()
     assert not plan.fix_root_ssh and not plan.create_root_ssh
     assert not plan.reload_sshd and not plan.changed
-    assert plan.steps == {"sshd_config": "ok", "authorized_keys": "ok", "rsyncd.conf": "ok"}
+    assert plan.steps == {"sshd_config": State.OK, "authorized_keys": State.OK,
+                          "rsyncd.conf": State.OK}
 
 
 def test_the_shared_rsyncd_conf_is_never_written_without_a_module_of_ours():
@@ -382,7 +384,7 @@ def test_own_file_and_folder_modes_are_changes(mode, folder, changes):
                       FORCED)
     assert [c.step for c in plan.changes] == changes
     assert plan.make_dirs == (() if folder == PRIVATE else (PULLBACK_DIR,))
-    assert plan.steps["rsyncd.conf"] == "changed" and plan.changed
+    assert plan.steps["rsyncd.conf"] is State.CHANGED and plan.changed
     for change in plan.changes:
         assert (change.new, change.mode, change.uid, change.gid) == (MODULE, 0o600, 0, 0)
 
@@ -399,7 +401,7 @@ MIGRATION = [
                          ids=[m[0] for m in MIGRATION])
 @pytest.mark.parametrize("mode", ["daemon", "captured"])
 def test_migration_removes_the_old_module(current, after, mode):
-    host = HOST.model_copy(update={"forced_command": mode})
+    host = dataclasses.replace(HOST, **{"forced_command": mode})
     forced = FORCED if mode == "daemon" else "/usr/local/libexec/pullback/gate"
     facts = make_facts({**DONE, RSYNCD_CONF: current}, effective=WANT)
     plan = plan_setup(facts, host, PUBLIC_KEY, forced)
@@ -407,7 +409,7 @@ def test_migration_removes_the_old_module(current, after, mode):
     assert (change.step, change.old, change.new) == ("old rsyncd module", current[0], after)
     assert (change.mode, change.uid, change.gid) == current[1:]  # kept as they were
     assert plan.changes[-1] is change  # after the key line that stops using it
-    assert plan.steps["old rsyncd module"] == "removed"
+    assert plan.steps["old rsyncd module"] is State.REMOVED
     again = plan_setup(facts_after(facts, plan), host, PUBLIC_KEY, forced)
     assert again.changes == () and not again.changed
     assert "old rsyncd module" not in again.steps
@@ -420,12 +422,12 @@ def test_migration_removes_the_old_module(current, after, mode):
 
 
 def test_captured_mode_removes_the_daemon_file():
-    host = HOST.model_copy(update={"forced_command": "captured"})
+    host = dataclasses.replace(HOST, **{"forced_command": "captured"})
     facts = make_facts(DONE, effective=WANT)
     plan = plan_setup(facts, host, PUBLIC_KEY, "/usr/local/libexec/pullback/gate")
     (change,) = [c for c in plan.changes if c.path == PULLBACK_RSYNCD_CONF]
     assert (change.old, change.new) == (MODULE, None)
-    assert plan.steps["rsyncd.conf"] == "removed"
+    assert plan.steps["rsyncd.conf"] is State.REMOVED
     assert change.diff().startswith("--- a/etc/pullback/rsyncd.conf\n+++ /dev/null\n")
     assert PULLBACK_DIR not in plan.make_dirs
     again = plan_setup(facts_after(facts, plan), host, PUBLIC_KEY,
@@ -490,7 +492,7 @@ def test_modes_and_owners_alone_are_changes(root_ssh, keys_mode, fix, changes):
     assert plan.fix_root_ssh is fix and not plan.create_root_ssh
     assert [c.step for c in plan.changes] == changes
     assert plan.changed is bool(fix or changes)
-    assert plan.steps["authorized_keys"] == ("changed" if fix or changes else "ok")
+    assert plan.steps["authorized_keys"] is (State.CHANGED if fix or changes else State.OK)
     assert not plan.reload_sshd
     for change in plan.changes:
         assert change.old == change.new and change.mode == 0o600
@@ -523,27 +525,27 @@ def test_unrestricted_root_keys_are_warned_about():
 
 
 def test_captured_mode_without_a_capture_installs_no_key():
-    host = HOST.model_copy(update={"forced_command": "captured"})
+    host = dataclasses.replace(HOST, **{"forced_command": "captured"})
     plan = plan_setup(make_facts({SSHD_CONFIG: STOCK}), host, PUBLIC_KEY, None)
     assert [c.step for c in plan.changes] == ["sshd_config"]
-    assert plan.steps == {"sshd_config": "changed", "authorized_keys": "skipped"}
+    assert plan.steps == {"sshd_config": State.CHANGED, "authorized_keys": State.SKIPPED}
     assert any("capture-command" in w for w in plan.warnings)
 
 
 def test_captured_mode_without_a_capture_removes_the_keys_earlier_line():
-    host = HOST.model_copy(update={"forced_command": "captured"})
+    host = dataclasses.replace(HOST, **{"forced_command": "captured"})
     other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOjU+F2JOd0QARlf267qaP3SXDRhcS6OKWP3RfcIOxyH x"
     keys = f"# ops\n{KEY_LINE}\ncommand=\"/bin/true\" {other}\n".encode()
     plan = plan_setup(make_facts({SSHD_CONFIG: STOCK, AUTHORIZED_KEYS: (keys, 0o600, 0, 0)}),
                       host, PUBLIC_KEY, None)
     change = next(c for c in plan.changes if c.step == "authorized_keys")
     assert change.new == f"# ops\ncommand=\"/bin/true\" {other}\n".encode()
-    assert plan.steps["authorized_keys"] == "removed"
+    assert plan.steps["authorized_keys"] is State.REMOVED
     again = plan_setup(make_facts({SSHD_CONFIG: STOCK,
                                    AUTHORIZED_KEYS: (change.new, 0o600, 0, 0)}),
                        host, PUBLIC_KEY, None)
     assert [c.step for c in again.changes] == ["sshd_config"]
-    assert again.steps["authorized_keys"] == "skipped"
+    assert again.steps["authorized_keys"] is State.SKIPPED
 
 
 @pytest.mark.parametrize(("from_", "client", "wanted", "allow"), [
@@ -554,7 +556,7 @@ def test_captured_mode_without_a_capture_removes_the_keys_earlier_line():
     (None, "", None, None),                                  # no address reported: a warning
 ])
 def test_key_from_and_hosts_allow_follow_one_rule(from_, client, wanted, allow):
-    host = HOST.model_copy(update={"from_": from_})
+    host = dataclasses.replace(HOST, **{"from_": from_})
     facts = dataclasses.replace(make_facts({SSHD_CONFIG: STOCK}), client_addr=client)
     plan = plan_setup(facts, host, PUBLIC_KEY, FORCED)
     keys_change = next(c for c in plan.changes if c.step == "authorized_keys")

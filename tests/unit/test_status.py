@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from roles.core.spec import HostSpec
 from roles.features import status as st
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 from roles.local import store
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
@@ -128,8 +129,8 @@ def test_a_summary_without_started_uses_the_run_id():
         2026, 11, 25, 10, 15, tzinfo=UTC)
 
 
-def host(tmp_path: Path, **backup) -> Host:
-    return Host.model_validate({
+def host(tmp_path: Path, **backup) -> HostSpec:
+    return validate_host({
         "name": "web1", "address": "192.0.2.10", "admin_user": "admin",
         "backup_key": "/keys/backup",
         "backup": {"destination": str(tmp_path / "{name}"), **backup}})

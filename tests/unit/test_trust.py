@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from roles.core.spec import HostSpec
 from roles.features import trust as t
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 
 
 def new_key(tmp_path: Path, name: str, kind: str = "ed25519") -> t.HostKey:
@@ -97,8 +98,8 @@ def test_appended_keeps_existing_bytes(old, want):
 # --- trust_host with a stand-in key exchange ---------------------------------------------------
 
 
-def host(tmp_path: Path, port: int = 2222) -> Host:
-    return Host.model_validate({
+def host(tmp_path: Path, port: int = 2222) -> HostSpec:
+    return validate_host({
         "name": "web1", "address": "127.0.0.1", "port": port, "admin_user": "admin",
         "backup_key": "/keys/backup", "known_hosts": str(tmp_path / "ssh" / "known_hosts")})
 

@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from roles.core.spec import HostSpec
 from roles.features import verify
-from roles.inventory.schema import Host
+from roles.inventory.schema import validate_host
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_host(name: str = "web1", **fields) -> Host:
+def make_host(name: str = "web1", **fields) -> HostSpec:
     data = {"name": name, "address": "192.0.2.10", "port": 2222, "admin_user": "admin",
             "backup_key": "/keys/backup", "known_hosts": "/keys/known_hosts", **fields}
-    return Host.model_validate(data)
+    return validate_host(data)
 
 
 def test_ssh_config_is_strict_and_uses_the_inventory():
