@@ -19,6 +19,7 @@ import pytest
 
 from roles.core import pull
 from roles.core import rsync as rsync_model
+from roles.core.hardened import Mode
 from roles.core.spec import HostSpec
 from roles.features import backup as b
 from roles.features import restore, status
@@ -196,7 +197,7 @@ def test_captured_mode_pulls_with_a_single_colon(source, dry_run, tail):
 
 
 def test_captured_mode_with_extra_sources():
-    host = make_host(extra_sources=("/home",)).model_copy(update={"forced_command": "captured"})
+    host = dataclasses.replace(make_host(extra_sources=("/home",)), forced_command=Mode.CAPTURED)
     argv = pull.build_argv(host, dry_run=False, tty=False, local_rsync=RSYNC,
                            dest="/backups/web1")
     assert argv[3:] == [*DEFAULT, "--stats", "--relative", *SYS, "root@192.0.2.10:/./",
@@ -1423,7 +1424,7 @@ class Sink:
 def test_pull_all_tells_a_watch_and_feeds_it_the_progress_output(tmp_path, fake, live):
     (fake / "big").write_bytes(b"x" * 300_000)
     web1 = make_host(tmp_path)
-    web2 = web1.model_copy(update={"name": "web2"})
+    web2 = dataclasses.replace(web1, name="web2")
     watch = Watching(live)
     out, err = io.StringIO(), io.StringIO()
     failed = b.pull_all([web1, web2], dry_run=False, out=out, err=err, watch=watch)
