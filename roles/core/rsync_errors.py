@@ -1,12 +1,15 @@
 """What rsync's (and ssh's) errors mean for a pullback backup: one table for every command.
 
 ``backup`` explains a failed pull with it, ``doctor --explain`` explains pasted output,
-and ``doctor`` labels the errors of its test pull. Pure: no I/O, no imports beyond ``re``.
+and ``doctor`` labels the errors of its test pull. Pure: no I/O; ssh's own failures come
+from ``roles.core.ssh_failures`` first.
 """
 
 from __future__ import annotations
 
 import re
+
+from roles.core.ssh_failures import classify_ssh_failure
 
 EXIT_CODES: dict[int, str] = {
     0: "success",
@@ -150,13 +153,23 @@ _CODE_PATTERNS = (
 )
 
 
-def explain_rsync_error(text: str) -> str:
+def explain_rsync_error(text: str, *, ssh_first: bool = True) -> str:
     """Explanations for the known rsync/ssh errors in a pasted ``text`` (pure).
 
-    Accepts whole outputs, single lines or a bare exit code (``12``).
+    Accepts whole outputs, single lines or a bare exit code (``12``). ``ssh_first``: an
+    ssh failure (``roles.core.ssh_failures``) leads, in place of the general network line;
+    doctor's test pull, which has checked the reach already, reads the signatures alone.
     """
     found: list[str] = []
+    # ssh's own failure first (the same table backup and doctor use): "Connection timed out
+    # during banner exchange" is a port that is not sshd, not the general network line.
+    ssh = classify_ssh_failure(text) if ssh_first else None
+    if ssh is not None:
+        found.append(f"ssh failed ({ssh.kind}):\n  {ssh.meaning}; next: "
+                     f"`invoke {ssh.task} --host H`")
     for pattern, label, explanation in SIGNATURES:
+        if ssh is not None and label == "network":
+            continue  # the ssh line above says which network failure it is
         if re.search(pattern, text, re.IGNORECASE):
             found.append(f"{label}:\n  {explanation}")
     codes: list[int] = []

@@ -1114,7 +1114,7 @@ def try_pull(host: HostSpec, local_rsync: str, *, single_colon: bool) -> Finding
     if len(lines) > 3:
         lines = [*lines[:2], lines[-1]]  # the first (the cause) and rsync's summary
     known = signature(text)
-    explained = explain_rsync_error(text).splitlines()
+    explained = explain_rsync_error(text, ssh_first=False).splitlines()
     return error(
         check, f"dry-run pull of {shown} with the backup key fails: rsync exit "
                f"{result.returncode}: {' / '.join(lines) or 'no message'}",

@@ -819,3 +819,16 @@ def test_check_mounts_silenced_by_exclude_or_no_x():
     assert no_x == [("ok", "the pull crosses file systems (no -x in backup.options)", "")]
     assert mount_findings({}, None) == [
         ("ok", "not checked: the host has no /proc/self/mountinfo", "")]
+
+
+@pytest.mark.parametrize(("pasted", "kind", "task"), [
+    ("Connection timed out during banner exchange\nConnection to 127.0.0.1 port 2222 timed out",
+     "not-sshd", "doctor"),
+    ("ssh: connect to host 192.0.2.1 port 22: Connection refused", "refused", "doctor"),
+    ("Host key verification failed.", "host-key", "trust-host"),
+])
+def test_explain_names_the_ssh_failure_first(pasted, kind, task):
+    text = doctor.explain_rsync_error(pasted)
+    assert text.startswith(f"ssh failed ({kind}):"), text
+    assert f"next: `invoke {task} --host H`" in text
+    assert "network:" not in text  # not the general line that blamed address, port or firewall
