@@ -25,12 +25,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from roles.core.pull import rsync_number
+
 _LINE = re.compile(
     r"^\s*(?P<bytes>[\d,.]+[KMGTP]?)\s+(?P<percent>\d+)%\s+"
     r"(?P<rate>[\d,.]+)(?P<unit>[kMGT]?B)/s\s+(?P<time>\d+:\d\d(?::\d\d)?)"
     r"(?:\s+\((?:xfr|xfer)#(?P<xfr>\d+),\s*(?:to-chk|to-check|ir-chk)=(?P<left>\d+)/"
     r"(?P<total>\d+)\))?\s*$")
-_UNITS = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 _RATE_UNITS = {"B": 1, "kB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
 _CARRY = 4096  # a progress line is ~80 characters; anything longer is a file name
 
@@ -48,15 +49,6 @@ class ProgressLine:
     total: int | None = None
 
 
-def _number(text: str) -> int:
-    """``3,000,000`` -> 3000000; ``3.00M`` (-h, units of 1000) -> 3000000."""
-    unit = _UNITS.get(text[-1], 1)
-    digits = text.rstrip("KMGTP")
-    if unit == 1:
-        return int(digits.replace(",", "").replace(".", ""))
-    return round(float(digits.replace(",", "")) * unit)
-
-
 def parse_progress_line(line: str) -> ProgressLine | None:
     """One line of rsync's output (without its ``\\r`` or ``\\n``), or None when it is not
     a progress line (a file name, ``--stats``, an error)."""
@@ -65,7 +57,7 @@ def parse_progress_line(line: str) -> ProgressLine | None:
         return None
     rate = float(match["rate"].replace(",", "")) * _RATE_UNITS[match["unit"]]
     return ProgressLine(
-        bytes=_number(match["bytes"]), percent=int(match["percent"]), rate=rate,
+        bytes=rsync_number(match["bytes"]), percent=int(match["percent"]), rate=rate,
         transfer=int(match["xfr"]) if match["xfr"] else None,
         to_check=int(match["left"]) if match["left"] else None,
         total=int(match["total"]) if match["total"] else None)

@@ -187,7 +187,7 @@ _STAT_FIELDS = (
 _UNITS = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
 
 
-def _number(text: str) -> int:
+def rsync_number(text: str) -> int:
     """``1,234`` -> 1234; ``100.24K`` (rsync -h, units of 1000) -> 100240 (approximate)."""
     unit = _UNITS.get(text[-1], 1)
     digits = text.rstrip("KMGTP")
@@ -207,7 +207,7 @@ def parse_stats(text: str) -> dict[str, Any]:
     for name, pattern in _STAT_FIELDS:
         matches = re.findall(pattern, text, re.MULTILINE)
         if matches:
-            stats[name] = _number(matches[-1])
+            stats[name] = rsync_number(matches[-1])
     kinds = re.findall(r"^Number of files: [\d,.]+[KMGTP]? \(([^)]*)\)", text, re.MULTILINE)
     if kinds:
         stats["files_by_type"] = _types(kinds[-1])
@@ -256,7 +256,7 @@ def not_a_backup(stats: dict[str, Any]) -> str | None:
 
 def _types(text: str) -> dict[str, int]:
     # "reg: 1,000, dir: 234, link: 3": split on ", " only where a "word:" follows.
-    return {kind: _number(count)
+    return {kind: rsync_number(count)
             for kind, count in re.findall(r"(\w+): ([\d,.]+[KMGTP]?)(?:,|$)", text)}
 
 
