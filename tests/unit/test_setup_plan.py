@@ -29,7 +29,9 @@ from roles.hostfiles.transaction import (
     SetupError,
     SetupPlan,
     apply_script,
+    check_new_login,
     facts_after,
+    retry_delays,
     rollback_script,
 )
 from roles.inventory.schema import validate_host
@@ -43,7 +45,7 @@ from roles.remote.facts import (
     HostFacts,
     parse_report,
 )
-from roles.remote.session import Run, Session
+from roles.remote.session import ConnectError, Run, Session
 
 WANT = "forced-commands-only"
 DROPINS = "/etc/ssh/sshd_config.d/*.conf"
@@ -769,3 +771,64 @@ def test_an_existing_root_ssh_gets_its_mode_and_owner_back_on_failure(root_ssh, 
     assert lines[marked + 1].startswith("chown 0:0 /root/.ssh && chmod 0700 /root/.ssh ||")
     assert f"{put_back} || rc=1" in rollback.splitlines()
     assert "rmdir /root/.ssh" not in rollback
+
+
+# --- the lockout check's retries ----------------------------------------------------------
+
+
+class FakeLogin:
+    """A new admin login whose ``sudo sshd -T`` prints ``permitrootlogin VALUE``."""
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __enter__(self) -> FakeLogin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run(self, argv: list[str], *, sudo: bool = False) -> SimpleNamespace:
+        assert sudo and argv[1:3] == ["-T", "-C"]
+        return SimpleNamespace(exited=0, stdout=f"port 22\npermitrootlogin {self.value}\n",
+                               stderr="")
+
+
+class RestartingHost:
+    """A session whose new logins are refused ``refusals`` times (sshd re-executing)."""
+
+    def __init__(self, refusals: int, value: str = WANT) -> None:
+        self.refusals, self.value, self.attempts = refusals, value, 0
+
+    def reopen(self) -> FakeLogin:
+        self.attempts += 1
+        if self.attempts <= self.refusals:
+            raise ConnectError(f"refused #{self.attempts}")
+        return FakeLogin(self.value)
+
+
+def test_the_lockout_check_retries_a_refused_login_after_short_pauses():
+    host, pauses = RestartingHost(refusals=2), []
+    check_new_login(host, fresh_plan(), sleep=pauses.append)  # type: ignore[arg-type]
+    assert host.attempts == 3
+    assert pauses == [0.01, 0.02]
+
+
+def test_the_lockout_check_gives_up_when_its_pauses_run_out():
+    host, pauses = RestartingHost(refusals=99), []
+    with pytest.raises(SetupError, match=r"a new admin login fails after the reload: refused #4"):
+        check_new_login(host, fresh_plan(), delays=lambda: [0.1, 0.2, 0.3],  # type: ignore[arg-type]
+                        sleep=pauses.append)
+    assert pauses == [0.1, 0.2, 0.3]
+
+
+def test_the_lockout_check_refuses_a_setting_another_file_overrides():
+    with pytest.raises(SetupError, match="applies PermitRootLogin 'yes'"):
+        check_new_login(RestartingHost(0, value="yes"), fresh_plan())  # type: ignore[arg-type]
+
+
+def test_retry_pauses_start_short_double_and_stay_within_their_budget():
+    pauses = list(retry_delays(first=0.01, longest=0.25, within=5.0))
+    assert pauses[:5] == [0.01, 0.02, 0.04, 0.08, 0.16]
+    assert max(pauses) == 0.25
+    assert 4.75 < sum(pauses) <= 5.0
