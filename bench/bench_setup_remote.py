@@ -3,12 +3,13 @@ floor (floor_setup_remote.py: one OpenSSH login and one ``sudo sh -s`` per host)
 the same run on N lab hosts of its own.
 
 Prints a table: hosts, run, wall seconds, remote commands per host (each is one SSH
-round trip: an exec channel and its answer), SSH connections per host (each costs a
-TCP + SSH handshake + authentication), this client's CPU seconds, the whole machine's
-busy CPU seconds (from /proc/stat), the lab servers' CPU seconds and the lower bound the
-two imply. In the lab the "remote" sshds run on the client's own cores, so the machine's
-CPU shows how much of a wall second is server work that a real fleet would do on its own
-machines.
+round trip: an exec channel and its answer), SSH connections per host (login attempts:
+each costs a TCP + SSH handshake + authentication, except one refused while sshd
+re-executes after the reload, which is answered at once), this client's CPU seconds,
+the whole machine's busy CPU seconds (from /proc/stat), the lab servers' CPU seconds and
+the lower bound the two imply. In the lab the "remote" sshds run on the client's own
+cores, so the machine's CPU shows how much of a wall second is server work that a real
+fleet would do on its own machines.
 
 - servers CPU s: the sum over the N containers' cgroup CPU counters (cgroup v2
   ``cpu.stat`` usage_usec, else v1 ``cpuacct.usage``): sshd (handshake, authentication,
