@@ -581,7 +581,7 @@ def trust_host(c, inventory=DEFAULT_INVENTORY, host=None, yes=False):
             reason = str(exc)
             if classify_ssh_failure(reason):  # no sshd there: doctor says more
                 reason = _failure(h.name, reason, inventory, "doctor")
-            print(f"{h.name}: refused: {reason}", file=sys.stderr)
+            print(f"{h.name}: {Trust.REFUSED}: {reason}", file=sys.stderr)
             failed.append(h.name)
             continue
         print(f"{h.name}: {outcome.state}: {outcome.name} {outcome.key.type} "

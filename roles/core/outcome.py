@@ -53,6 +53,7 @@ class Trust(StrEnum):
     ADDED = "added"                # pinned in known_hosts now
     ALREADY = "already trusted"    # the same key was pinned: nothing written
     DECLINED = "declined"          # not confirmed: nothing written, the task exits 1
+    REFUSED = "refused"            # another or a revoked key pinned, or no key: exits 1
 
 
 class Level(StrEnum):

@@ -105,7 +105,7 @@ def plan_trust(pinned: list[Pinned], offered: HostKey, name: str, known_hosts: s
     for entry in pinned:
         if entry.revoked and entry.key.blob == offered.blob:
             return Decision(Action.REFUSE, f"{known_hosts}:{entry.lineno} marks this key "
-                                      "@revoked; refusing")
+                                           "@revoked; refusing")
     for entry in pinned:
         if not entry.revoked and entry.key.type == offered.type:
             if entry.key.blob == offered.blob:

@@ -15,6 +15,7 @@ WORDS = {
     State.WOULD_REMOVE: "would remove", State.UNCHANGED: "unchanged",
     State.CREATED: "created", State.UPDATED: "updated", State.BUILT: "built",
     Trust.ADDED: "added", Trust.ALREADY: "already trusted", Trust.DECLINED: "declined",
+    Trust.REFUSED: "refused",
     Level.OK: "ok", Level.WARN: "warn", Level.ERROR: "error",
 }
 

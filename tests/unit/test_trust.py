@@ -168,7 +168,7 @@ def test_a_no_writes_nothing(tmp_path, offered):
 def test_trust_host_prints_its_outcome_words_as_ever(tmp_path, keys, offered, monkeypatch,
                                                      capsys):
     """``invoke trust-host``'s line per host: the ``Trust`` words, byte for byte; a declined
-    host exits 1."""
+    or refused host exits 1."""
     import invoke
 
     import tasks
@@ -191,6 +191,11 @@ def test_trust_host_prints_its_outcome_words_as_ever(tmp_path, keys, offered, mo
         run(invoke.Context(), inventory=str(inventory), host=["web1"], yes=False)
     assert exited.value.code == 1 and exited.value.message == "trust-host: not trusted: web1"
     assert capsys.readouterr().out.endswith(f"web1: declined: {tail}")
+    known_hosts.write_text(f"[127.0.0.1]:2222 {keys[1].type} {keys[1].blob}\n")
+    with pytest.raises(invoke.exceptions.Exit):
+        run(invoke.Context(), inventory=str(inventory), host=["web1"], yes=True)
+    assert capsys.readouterr().err.startswith(
+        "web1: refused: web1: HOST KEY MISMATCH for [127.0.0.1]:2222: ")
 
 
 def test_a_file_changed_while_asking_is_not_overwritten(tmp_path, offered):
