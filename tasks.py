@@ -20,7 +20,7 @@ from invoke.exceptions import Exit
 
 from roles.cli.program import PullbackTask, exit_2_on_parse_errors
 from roles.core.hardened import Mode
-from roles.core.outcome import Outcome
+from roles.core.outcome import Outcome, Trust
 from roles.inventory.selection import Inventory, InventoryError
 
 DEFAULT_INVENTORY = "inventory.yaml"
@@ -228,8 +228,7 @@ def build_rsync(c, inventory=DEFAULT_INVENTORY, host=None, shard=None, version=N
         elif r.plan:
             print(f"{end:24} {r.plan.describe()}")
         elif r.result:
-            state = "ok" if r.result.skipped else "built"
-            print(f"{end:24} {state:6} {r.result.version_line}")
+            print(f"{end:24} {r.result.state:6} {r.result.version_line}")
     failed = [r for r in results if r.error]
     if failed:
         raise Exit(f"build-rsync: {len(failed)} of {len(results)} ends failed", code=1)
@@ -582,12 +581,12 @@ def trust_host(c, inventory=DEFAULT_INVENTORY, host=None, yes=False):
             reason = str(exc)
             if classify_ssh_failure(reason):  # no sshd there: doctor says more
                 reason = _failure(h.name, reason, inventory, "doctor")
-            print(f"{h.name}: refused: {reason}", file=sys.stderr)
+            print(f"{h.name}: {Trust.REFUSED}: {reason}", file=sys.stderr)
             failed.append(h.name)
             continue
         print(f"{h.name}: {outcome.state}: {outcome.name} {outcome.key.type} "
               f"{outcome.key.fingerprint} ({outcome.known_hosts})")
-        if outcome.state == "declined":
+        if outcome.state == Trust.DECLINED:
             failed.append(h.name)
     if failed:
         raise Exit(f"trust-host: not trusted: {', '.join(failed)}", code=1)

@@ -23,6 +23,7 @@ class State(StrEnum):
     UNCHANGED = "unchanged"
     CREATED = "created"
     UPDATED = "updated"
+    BUILT = "built"                # build-rsync: a new build installed (OK: it was there)
 
     def preview(self) -> State:
         """The word a dry run shows for this state."""
@@ -44,6 +45,15 @@ class Outcome:
     @property
     def failed(self) -> bool:
         return self.error is not None
+
+
+class Trust(StrEnum):
+    """What trust-host did with the key a host offers (the person's answer included)."""
+
+    ADDED = "added"                # pinned in known_hosts now
+    ALREADY = "already trusted"    # the same key was pinned: nothing written
+    DECLINED = "declined"          # not confirmed: nothing written, the task exits 1
+    REFUSED = "refused"            # another or a revoked key pinned, or no key: exits 1
 
 
 class Level(StrEnum):

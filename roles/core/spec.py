@@ -5,7 +5,10 @@ The inventory layer produces it two ways: ``roles.inventory.schema`` validates
 ``inventory.yaml`` with pydantic and converts each host (``spec_of``), and
 ``roles.inventory.compiled`` rebuilds it from its JSON cache (``HostSpec.from_dict``, no
 pydantic). Validation stays in pydantic; everything else (features, core, the lean backup
-path) reads a ``HostSpec``. The values pydantic computed are plain properties here.
+path) reads a ``HostSpec``. The values computed from the fields (the rsync paths and URLs,
+``pull_exclude``, ``destination``, ``backup_pubkey``) are defined here only, as properties;
+the validator has no copy of them (what it must check before a spec exists goes through a
+function of this module, ``destination_of``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,13 @@ from typing import Any, ClassVar
 
 from roles.core.hardened import Mode
 from roles.core.rsync import anchored_excludes
+
+
+def destination_of(destination: str, name: str) -> str:
+    """A host's DEST: ``backup.destination`` as written, its ``{name}`` filled with the host's
+    name (``HostSpec.destination``; the validator checks the same value before a spec
+    exists)."""
+    return destination.replace("{name}", name)
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:
@@ -167,7 +177,7 @@ class HostSpec:
 
     @property
     def destination(self) -> str:
-        return self.backup.destination.replace("{name}", self.name)
+        return destination_of(self.backup.destination, self.name)
 
     @property
     def backup_pubkey(self) -> str:

@@ -45,6 +45,7 @@ import invoke
 
 from roles.core import platforms
 from roles.core.hardened import Mode
+from roles.core.outcome import State
 from roles.core.render import render
 from roles.core.rsync import (
     CLIENT_CVES,
@@ -600,6 +601,11 @@ class BuildResult:
     log_path: str
     version: str = ""
 
+    @property
+    def state(self) -> State:
+        """OK: the build was already there; BUILT: built and installed now."""
+        return State.OK if self.skipped else State.BUILT
+
 
 def _sh(script: str) -> str:
     return shlex.join(["sh", "-c", script])
@@ -644,7 +650,7 @@ class BuildPlan:
 
     def describe(self) -> str:
         if self.up_to_date:
-            return f"ok      {self.installed}"
+            return f"{State.OK:8}{self.installed}"
         now = self.installed or f"no rsync in {self.prefix}"
         return f"would build rsync {self.version} into {self.prefix} (now: {now})"
 

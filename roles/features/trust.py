@@ -24,10 +24,12 @@ import hmac
 import logging
 import os
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import paramiko
 
+from roles.core.outcome import Trust
 from roles.core.spec import HostSpec
 from roles.core.ssh_failures import classify_ssh_failure, clean_message
 from roles.local.files import write_atomic
@@ -84,24 +86,32 @@ def pinned_keys(text: str, name: str) -> list[Pinned]:
     return found
 
 
+class Action(StrEnum):
+    """What ``plan_trust`` decides for the offered key."""
+
+    ADD = "add"
+    ALREADY = "already"
+    REFUSE = "refuse"
+
+
 @dataclass(frozen=True)
 class Decision:
-    action: str  # "add", "already", "refuse"
+    action: Action
     reason: str = ""
 
 
 def plan_trust(pinned: list[Pinned], offered: HostKey, name: str, known_hosts: str) -> Decision:
-    """Add an unknown key; "already" for the same key; refuse a different or revoked one."""
+    """ADD an unknown key; ALREADY for the same key; REFUSE a different or revoked one."""
     for entry in pinned:
         if entry.revoked and entry.key.blob == offered.blob:
-            return Decision("refuse", f"{known_hosts}:{entry.lineno} marks this key "
-                                      "@revoked; refusing")
+            return Decision(Action.REFUSE, f"{known_hosts}:{entry.lineno} marks this key "
+                                           "@revoked; refusing")
     for entry in pinned:
         if not entry.revoked and entry.key.type == offered.type:
             if entry.key.blob == offered.blob:
-                return Decision("already")
-            return Decision("refuse", mismatch_message(name, known_hosts, entry, offered))
-    return Decision("add")
+                return Decision(Action.ALREADY)
+            return Decision(Action.REFUSE, mismatch_message(name, known_hosts, entry, offered))
+    return Decision(Action.ADD)
 
 
 def mismatch_message(name: str, known_hosts: str, entry: Pinned, offered: HostKey) -> str:
@@ -154,7 +164,7 @@ def _fetch(host: HostSpec, types: list[str], timeout: float) -> HostKey:
 @dataclass(frozen=True)
 class Outcome:
     host: str
-    state: str  # "added", "already trusted", "declined"
+    state: Trust
     key: HostKey
     name: str
     known_hosts: str
@@ -193,13 +203,13 @@ def trust_host(host: HostSpec, confirm, *, show=print, timeout: float = 10) -> O
     types = list(dict.fromkeys(p.key.type for p in pinned if not p.revoked))
     key = _fetch(host, types, timeout)
     decision = plan_trust(pinned, key, name, str(path))
-    if decision.action == "refuse":
+    if decision.action == Action.REFUSE:
         raise TrustError(f"{host.name}: {decision.reason}")
-    if decision.action == "already":
-        return Outcome(host.name, "already trusted", key, name, str(path))
+    if decision.action == Action.ALREADY:
+        return Outcome(host.name, Trust.ALREADY, key, name, str(path))
     show(describe_key(host, key))
     if not confirm(f"Trust this key for {host.name} and add it to {path}? [y/N] "):
-        return Outcome(host.name, "declined", key, name, str(path))
+        return Outcome(host.name, Trust.DECLINED, key, name, str(path))
     # Written while we waited for the answer? Start again rather than lose that edit.
     if read_known_hosts(path) != old:
         raise TrustError(f"{path} changed while waiting for the answer; run trust-host again")
@@ -209,4 +219,4 @@ def trust_host(host: HostSpec, confirm, *, show=print, timeout: float = 10) -> O
     if path.exists():
         mode = os.stat(path).st_mode & 0o777
     write_atomic(path, appended(old, key.line(name)), mode)
-    return Outcome(host.name, "added", key, name, str(path))
+    return Outcome(host.name, Trust.ADDED, key, name, str(path))

@@ -28,7 +28,7 @@ from pydantic import (
 from roles.core import destinations
 from roles.core import rsync as rsync_model
 from roles.core.rsync import DEFAULT_VERSION
-from roles.core.spec import HostSpec
+from roles.core.spec import HostSpec, destination_of
 from roles.inventory.selection import Inventory, InventoryError, read_inventory
 
 DEFAULT_RSYNC_URL = "https://download.samba.org/pub/rsync/src/rsync-{version}.tar.gz"
@@ -207,18 +207,6 @@ class RsyncSettings(_Strict):
             raise ValueError("must be 64 lowercase hex digits (a SHA-256)")
         return value
 
-    @property
-    def urls(self) -> list[str]:
-        return [self.url, *self.mirrors]
-
-    @property
-    def remote_binary(self) -> str:
-        return f"{self.prefix.rstrip('/')}/bin/rsync"
-
-    @property
-    def local_binary(self) -> str:
-        return f"{self.local_prefix.rstrip('/')}/bin/rsync"
-
 
 class RetainSettings(_Strict):
     """Beside ``snapshots: N`` (the newest N): the newest snapshot of each of the last
@@ -322,13 +310,6 @@ class BackupSettings(_Strict):
             if any(part == ".." for part in pattern.split("/")):
                 raise ValueError(f"must not contain '..', got {pattern!r}")
         return value
-
-    @property
-    def pull_exclude(self) -> tuple[str, ...]:
-        """Every ``--exclude`` of the pull: system_exclude below ``source`` (anchored at the
-        transfer root), then ``exclude`` as written."""
-        return (*rsync_model.anchored_excludes(self.system_exclude, self.source),
-                *self.exclude)
 
     @model_validator(mode="after")
     def _extra_below_source(self) -> BackupSettings:
@@ -470,7 +451,8 @@ class Host(_Strict):
         if self.admin_key:
             keep_out.append(("the admin key", self.admin_key))
         problem = destinations.destination_problem(
-            self.destination, allow=self.backup.allow_destination, keep_out=keep_out)
+            destination_of(self.backup.destination, self.name),
+            allow=self.backup.allow_destination, keep_out=keep_out)
         if problem:
             raise ValueError(f"backup.destination: {problem}")
         if self.backup.snapshots and self.backup.destination.rstrip("/") == "":
@@ -480,14 +462,6 @@ class Host(_Strict):
             raise ValueError("backup.retain: needs snapshots (backup.snapshots is 0: one "
                              "mirror, nothing to retain)")
         return self
-
-    @property
-    def destination(self) -> str:
-        return self.backup.destination.replace("{name}", self.name)
-
-    @property
-    def backup_pubkey(self) -> str:
-        return self.backup_key + ".pub"
 
 
 def spec_of(host: Host) -> HostSpec:
@@ -683,7 +657,7 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
     for path in sorted(empty, key=lambda p: lines.get(p, 0)):
         report(path, EMPTY_VALUE)
 
-    hosts: dict[str, Host] = {}
+    hosts: dict[str, HostSpec] = {}
     for name, entry in hosts_data.items():
         if entry is None:
             report(("hosts", name), "has no settings: give at least its address: (admin_user "
@@ -700,7 +674,7 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         merged = _tuples(_merge(defaults, entry))
         merged["name"] = str(name)
         try:
-            hosts[str(name)] = Host.model_validate(merged)
+            hosts[str(name)] = validate_host(merged)
         except ValidationError as exc:
             for error in exc.errors():
                 loc = tuple("from" if p == "from_" else p for p in error["loc"])
@@ -722,7 +696,7 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
                 else:
                     path = default_path
                 report(path, message)
-    seen: list[Host] = []
+    seen: list[HostSpec] = []
     for name, host in hosts.items():
         for other in seen:
             if destinations.dests_meet(host.destination, other.destination):
@@ -734,8 +708,7 @@ def load_text(text: str, source: str = "inventory.yaml") -> Inventory:
         seen.append(host)
     if problems:
         raise InventoryError(problems)
-    return Inventory(path=Path(source),
-                     hosts={name: spec_of(host) for name, host in hosts.items()})
+    return Inventory(path=Path(source), hosts=hosts)
 
 
 # Host's model-level checks start their message with the field they are about.

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from roles.core.hardened import Mode
-from roles.core.spec import HostSpec
+from roles.core.spec import BackupSpec, HostSpec, MonitorSpec, RetainSpec, RsyncSpec
 from roles.inventory import compiled, selection
 from roles.inventory import schema as validator
 from tests.unit.test_inventory import GOOD
@@ -34,17 +34,16 @@ def inventory(tmp_path) -> Path:
     return path
 
 
-def _everything(value):
-    """Every field and every property of a host (or section), the pydantic model's or the
-    spec's, as plain data."""
-    if hasattr(type(value), "model_fields"):
-        names = set(type(value).model_fields)
-    elif dataclasses.is_dataclass(value):
-        names = {f.name for f in dataclasses.fields(value)}
-    else:
-        return [_everything(v) for v in value] if isinstance(value, tuple | list) else value
-    names |= {n for n, v in vars(type(value)).items() if isinstance(v, property)}
-    return {n: _everything(getattr(value, n)) for n in names}
+def _fields(value):
+    """Every field of a spec, nested specs and tuples item by item, each leaf with its type:
+    equal only when two specs agree field for field and type for type (a ``Mode`` is not
+    its word, a tuple not a list, ``True`` not ``1``, ``22`` not ``22.0``), which ``==``
+    on the dataclasses does not tell apart."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _fields(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return type(value).__name__, [_fields(v) for v in value]
+    return type(value).__name__, value
 
 
 def _lab_inventories() -> dict[str, str]:
@@ -64,44 +63,101 @@ INVENTORIES = {"inventory.yaml": (ROOT / "inventory.yaml").read_text(), "GOOD": 
 
 @pytest.mark.parametrize("name", INVENTORIES)
 def test_the_cached_spec_equals_the_freshly_validated_one(cache, tmp_path, monkeypatch, name):
+    """Every field of each cached host equals, in value and type, the ``validate_host`` of
+    the same merged settings, called afresh."""
     path = tmp_path / "inventory.yaml"
     path.write_text(INVENTORIES[name])
-    fresh = validator.load(path).hosts
-    assert fresh and compiled.load(path).hosts == fresh  # a miss: validated, then cached
+    given: dict[str, dict] = {}
+
+    def recording(data):
+        given[data["name"]] = data
+        return validate_host(data)
+
+    validate_host = validator.validate_host
+    monkeypatch.setattr(validator, "validate_host", recording)
+    first = compiled.load(path).hosts  # a miss: validated (recorded), then cached
+    monkeypatch.setattr(validator, "validate_host", validate_host)
+    assert first and list(given) == list(first)
 
     def no_validator(*args, **kwargs):
         raise AssertionError("validated again")
 
     monkeypatch.setattr(validator, "load_text", no_validator)
     cached = compiled.load(path).hosts
-    assert list(cached) == list(fresh)
-    for host_name, host in fresh.items():
-        assert cached[host_name] == host and type(cached[host_name]) is HostSpec
-        assert _everything(cached[host_name]) == _everything(host)
-        assert type(cached[host_name].forced_command) is Mode
+    assert list(cached) == list(given)
+    for host_name, data in given.items():
+        fresh = validate_host(data)
+        assert type(cached[host_name]) is HostSpec and cached[host_name] == fresh
+        assert _fields(cached[host_name]) == _fields(fresh)
 
 
-def test_the_spec_has_every_field_and_property_of_the_validated_model(inventory):
-    models: list[validator.Host] = []
+def _leaves(spec, path=()):
+    """``(path, value)`` of every field that is not itself a spec."""
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, (*path, field.name))
+        else:
+            yield (*path, field.name), value
 
-    def keep(model: validator.Host) -> HostSpec:
-        models.append(model)
-        return original(model)
 
-    original = validator.spec_of
-    try:
-        validator.spec_of = keep
-        specs = validator.load(inventory).hosts
-    finally:
-        validator.spec_of = original
-    assert [m.name for m in models] == list(specs) == ["web1", "db1"]
-    for model in models:
-        assert _everything(specs[model.name]) == _everything(model)
-    db1 = specs["db1"]
-    assert db1.destination == "/srv/backups/db1" and db1.rsync.remote_binary == \
-        "/opt/rsync/bin/rsync"
+def _replaced(spec, path, value):
+    if len(path) == 1:
+        return dataclasses.replace(spec, **{path[0]: value})
+    inner = getattr(spec, path[0])
+    return dataclasses.replace(spec, **{path[0]: _replaced(inner, path[1:], value)})
+
+
+def _others(value):
+    """Another value of the field's type, and (where ``==`` cannot tell) the same value as
+    another type."""
+    if isinstance(value, Mode):  # the spec turns a plain word back into its Mode
+        return [next(m for m in Mode if m != value)]
+    if isinstance(value, bool):
+        return [not value, int(value)]
+    if isinstance(value, int | float):
+        return [value + 1, float(value) if isinstance(value, int) else int(value)]
+    if isinstance(value, str):
+        return [value + "x"]
+    if isinstance(value, tuple):
+        return [(*value, "x"), list(value)]
+    assert value is None, f"a field of type {type(value).__name__}: extend _others"
+    return ["x", 0]
+
+
+def test_the_comparison_fails_when_any_spec_field_differs(cache, inventory):
+    """The check above can fail: one field changed, anywhere in the spec, in value or only
+    in type, makes the two differ."""
+    spec = compiled.load(inventory).hosts["db1"]
+    leaves = list(_leaves(spec))
+    assert len(leaves) == sum(1 for _ in _leaves(validator.load(inventory).hosts["db1"]))
+    assert {p[0] for p, _ in leaves} >= {"name", "rsync", "backup", "monitor"}
+    assert ("backup", "retain", "daily") in dict(leaves)
+    for path, value in leaves:
+        for other in _others(value):
+            changed = _replaced(spec, path, other)
+            assert _fields(changed) != _fields(spec), (path, other)
+
+
+def test_the_computed_values_are_the_specs_alone(inventory):
+    """``destination``, ``backup_pubkey``, the rsync paths and ``pull_exclude`` are defined
+    on the spec; the validator's models keep no second copy."""
+    db1 = validator.load(inventory).hosts["db1"]
+    assert db1.destination == "/srv/backups/db1" and db1.backup_pubkey == "/keys/backup.pub"
+    assert db1.rsync.remote_binary == "/opt/rsync/bin/rsync" and db1.rsync.local_binary == \
+        "/usr/local/bin/rsync"
+    assert db1.rsync.urls == [db1.rsync.url]
+    assert db1.backup.pull_exclude[-1] == "/var/lib/mysql/*"
     assert db1.backup.exclude == ("/var/lib/mysql/*",) and db1.from_ == \
         "198.51.100.7,2001:db8::/32"
+    for spec, model in ((HostSpec, validator.Host), (RsyncSpec, validator.RsyncSettings),
+                        (BackupSpec, validator.BackupSettings),
+                        (RetainSpec, validator.RetainSettings),
+                        (MonitorSpec, validator.MonitorSettings)):
+        computed = {n for n, v in vars(spec).items() if isinstance(v, property)}
+        assert not computed & set(dir(model)), (model.__name__, computed & set(dir(model)))
+    assert {n for n, v in vars(HostSpec).items() if isinstance(v, property)} == {
+        "destination", "backup_pubkey"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         db1.port = 22  # type: ignore[misc]
     with pytest.raises(AttributeError):

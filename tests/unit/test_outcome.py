@@ -1,5 +1,5 @@
-"""roles.core.outcome: the step states and finding levels print as the words the output has
-always used, and a finding takes only a Level."""
+"""roles.core.outcome: the step states, trust-host's words and finding levels print as the
+words the output has always used, and a finding takes only a Level."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import json
 
 import pytest
 
-from roles.core.outcome import Finding, Level, State
+from roles.core.outcome import Finding, Level, State, Trust
 
 WORDS = {
     State.OK: "ok", State.CHANGED: "changed", State.REMOVED: "removed",
     State.SKIPPED: "skipped", State.WRITTEN: "written", State.WOULD_CHANGE: "would change",
     State.WOULD_REMOVE: "would remove", State.UNCHANGED: "unchanged",
-    State.CREATED: "created", State.UPDATED: "updated",
+    State.CREATED: "created", State.UPDATED: "updated", State.BUILT: "built",
+    Trust.ADDED: "added", Trust.ALREADY: "already trusted", Trust.DECLINED: "declined",
+    Trust.REFUSED: "refused",
     Level.OK: "ok", Level.WARN: "warn", Level.ERROR: "error",
 }
 
@@ -27,7 +29,7 @@ def test_a_member_prints_as_its_word(member, word):
 
 
 def test_every_member_is_listed():
-    assert set(WORDS) == set(State) | set(Level)
+    assert set(WORDS) == set(State) | set(Trust) | set(Level)
 
 
 @pytest.mark.parametrize(("state", "shown"), [

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from roles.core.outcome import State
 from roles.features import rsync_build as rb
 from roles.remote.session import Run, Session
 
@@ -731,4 +732,16 @@ def test_plan_build_says_what_a_run_would_do() -> None:
     old = rb.plan_build("3.5.1", rb.KNOWN_SHA256["3.5.1"], rb.build_flags("3.5.1"),
                         "/usr/local", rb.stamp_text("3.2.7", sha, flags), line)
     assert not old.up_to_date
+
+
+def test_an_end_reports_ok_or_built_as_a_state() -> None:
+    """build-rsync's per-end word is a ``State`` that prints as the words it always printed,
+    padded as before (``invoke build-rsync``: ``END  built  rsync  version ...``)."""
+    line = "rsync  version 3.2.7  protocol version 31"
+    there, new = (rb.BuildResult(version_line=line, protocol=31, skipped=skipped, log_path="")
+                  for skipped in (True, False))
+    assert (there.state, new.state) == (State.OK, State.BUILT)
+    assert type(there.state) is State and type(new.state) is State
+    assert [f"{r.state:6} {r.version_line}" for r in (there, new)] == [
+        f"ok     {line}", f"built  {line}"]
 

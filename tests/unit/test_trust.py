@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from roles.core.outcome import Trust
 from roles.core.spec import HostSpec
 from roles.features import trust as t
 from roles.inventory.schema import validate_host
@@ -76,16 +77,16 @@ def pinned(*entries: tuple[t.HostKey, bool]) -> list[t.Pinned]:
 def test_plan_trust_decisions(keys):
     a, b, c = keys
     name, kh = "[h]:22", "/kh"
-    assert t.plan_trust([], a, name, kh) == t.Decision("add")
-    assert t.plan_trust(pinned((a, False)), a, name, kh) == t.Decision("already")
-    assert t.plan_trust(pinned((c, False)), a, name, kh) == t.Decision("add")  # other type
+    assert t.plan_trust([], a, name, kh) == t.Decision(t.Action.ADD)
+    assert t.plan_trust(pinned((a, False)), a, name, kh) == t.Decision(t.Action.ALREADY)
+    assert t.plan_trust(pinned((c, False)), a, name, kh) == t.Decision(t.Action.ADD)  # other
     refused = t.plan_trust(pinned((c, False), (b, False)), a, name, kh)
-    assert refused.action == "refuse"
+    assert refused.action is t.Action.REFUSE
     assert refused.reason.startswith(f"HOST KEY MISMATCH for [h]:22: /kh:2 pins ssh-ed25519 "
                                      f"{b.fingerprint}, the host now offers {a.fingerprint}")
     assert "ssh-keygen -R '[h]:22' -f /kh" in refused.reason
     revoked = t.plan_trust(pinned((a, True)), a, name, kh)
-    assert revoked.action == "refuse" and "@revoked" in revoked.reason
+    assert revoked.action is t.Action.REFUSE and "@revoked" in revoked.reason
 
 
 @pytest.mark.parametrize("old, want", [
@@ -121,7 +122,7 @@ def test_an_unknown_key_is_added_after_a_yes(tmp_path, keys, offered):
     h = host(tmp_path)
     outcome = t.trust_host(h, lambda q: asked.append(q) or True, show=shown.append)
     path = Path(h.known_hosts)
-    assert outcome.state == "added"
+    assert outcome.state is Trust.ADDED
     assert path.read_text() == f"[127.0.0.1]:2222 ssh-ed25519 {keys[0].blob}\n"
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
@@ -130,7 +131,7 @@ def test_an_unknown_key_is_added_after_a_yes(tmp_path, keys, offered):
     assert offered == [("127.0.0.1", 2222, None)]
     # Again: nothing asked, nothing written, and the negotiation asks for the pinned type.
     outcome = t.trust_host(h, lambda q: pytest.fail("asked again"), show=shown.append)
-    assert outcome.state == "already trusted"
+    assert outcome.state is Trust.ALREADY
     assert offered[-1] == ("127.0.0.1", 2222, ["ssh-ed25519"])
 
 
@@ -160,8 +161,41 @@ def test_a_different_pinned_key_is_refused_and_never_replaced(tmp_path, keys, of
 
 def test_a_no_writes_nothing(tmp_path, offered):
     h = host(tmp_path)
-    assert t.trust_host(h, lambda q: False, show=lambda m: None).state == "declined"
+    assert t.trust_host(h, lambda q: False, show=lambda m: None).state is Trust.DECLINED
     assert not Path(h.known_hosts).exists()
+
+
+def test_trust_host_prints_its_outcome_words_as_ever(tmp_path, keys, offered, monkeypatch,
+                                                     capsys):
+    """``invoke trust-host``'s line per host: the ``Trust`` words, byte for byte; a declined
+    or refused host exits 1."""
+    import invoke
+
+    import tasks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    known_hosts = tmp_path / "ssh" / "known_hosts"
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text(f"hosts:\n  web1: {{address: 127.0.0.1, port: 2222, admin_user: "
+                         f"admin, backup_key: /keys/backup, known_hosts: {known_hosts}}}\n")
+    tail = f"[127.0.0.1]:2222 ssh-ed25519 {keys[0].fingerprint} ({known_hosts})\n"
+    run = tasks.trust_host.body
+    run(invoke.Context(), inventory=str(inventory), host=["web1"], yes=True)
+    assert capsys.readouterr().out.endswith(f"web1: added: {tail}")
+    run(invoke.Context(), inventory=str(inventory), host=["web1"], yes=True)
+    assert capsys.readouterr().out == f"web1: already trusted: {tail}"
+    known_hosts.unlink()
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda question: "n")
+    with pytest.raises(invoke.exceptions.Exit) as exited:
+        run(invoke.Context(), inventory=str(inventory), host=["web1"], yes=False)
+    assert exited.value.code == 1 and exited.value.message == "trust-host: not trusted: web1"
+    assert capsys.readouterr().out.endswith(f"web1: declined: {tail}")
+    known_hosts.write_text(f"[127.0.0.1]:2222 {keys[1].type} {keys[1].blob}\n")
+    with pytest.raises(invoke.exceptions.Exit):
+        run(invoke.Context(), inventory=str(inventory), host=["web1"], yes=True)
+    assert capsys.readouterr().err.startswith(
+        "web1: refused: web1: HOST KEY MISMATCH for [127.0.0.1]:2222: ")
 
 
 def test_a_file_changed_while_asking_is_not_overwritten(tmp_path, offered):
