@@ -46,7 +46,7 @@ from roles.remote.facts import (
     gather,
 )
 from roles.remote.session import connect
-from tests.integration.conftest import Lab, infra_host, serve_directory
+from tests.integration.conftest import Lab, infra_host, serve_tarballs
 from tests.integration.test_backup import local_tree, remote_tree
 from tests.integration.test_setup_remote import snapshot
 
@@ -127,10 +127,9 @@ def client_addr(host: HostSpec) -> str:
 @pytest.fixture(scope="module")
 def source_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Upstream's rsync-3.2.7.tar.gz (Debian's orig, byte-identical) on a loopback mirror."""
-    root = tmp_path_factory.mktemp("mirror")
-    mirror.populate(root, [mirror.fetch_debian_orig(VERSION, lab.STATE / "cache")])
-    with serve_directory(root) as base:
-        yield f"{base}/{mirror.UPSTREAM_LAYOUT}"
+    tarball = mirror.fetch_debian_orig(VERSION, lab.STATE / "cache")
+    with serve_tarballs(tmp_path_factory.mktemp("mirror"), [tarball]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ from pathlib import Path
 import pytest
 
 from lab import hosts as lab
-from lab import mirror
 from roles.core import fleet
 from roles.core.outcome import Outcome
 from roles.core.spec import HostSpec
@@ -40,7 +39,7 @@ from roles.features import setup_remote as setup
 from roles.inventory.schema import load
 from roles.local import capture_record, keys
 from roles.remote.facts import AUTHORIZED_KEYS
-from tests.integration.conftest import Lab, serve_directory
+from tests.integration.conftest import Lab, serve_tarballs
 from tests.integration.test_backup import DATA, MOUNT, OPTIONS, SEED, assert_same
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -105,10 +104,8 @@ def source_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert hashlib.sha256(FIXTURE.read_bytes()).hexdigest() == FIXTURE_SHA256
     staged = tmp_path_factory.mktemp("fixture") / f"rsync-{VERSION}.tar.gz"
     shutil.copyfile(FIXTURE, staged)
-    root = tmp_path_factory.mktemp("mirror")
-    mirror.populate(root, [staged])
-    with serve_directory(root) as base:
-        yield f"{base}/{mirror.UPSTREAM_LAYOUT}"
+    with serve_tarballs(tmp_path_factory.mktemp("mirror"), [staged]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
