@@ -197,6 +197,31 @@ def test_dry_run_works_through_the_gate_and_changes_nothing(story: Story):
     assert (dest / "tree" / "added file").exists()
 
 
+def test_diff_against_the_live_server_goes_through_the_gate(story: Story):
+    """`invoke diff` without --old/--new: a dry-run pull with -i over the backup key into
+    the copy; the gate runs it only if the server sees the recorded dry run."""
+    inventory, name = str(story.inventory), story.lab.name
+    dest = Path(story.host.destination)
+    spaces = "a file with spaces"
+    sh(story.lab, f"cd {DATA} && printf 'going\\n' > to-go && cp -p '{spaces}' /root/saved")
+    assert invoke("backup", "--inventory", inventory).returncode == 0
+    same = invoke("diff", "--inventory", inventory, "--host", name)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout.splitlines() == ["tree -> server: 0 added, 0 removed, 0 changed"]
+
+    before = local_tree(dest)
+    sh(story.lab, f"cd {DATA} && printf 'live\\n' > live-only && rm to-go "
+                  f"&& printf 'more\\n' >> '{spaces}'")
+    try:
+        live = invoke("diff", "--inventory", inventory, "--host", name)
+    finally:
+        sh(story.lab, f"cd {DATA} && rm live-only && mv /root/saved '{spaces}'")
+    assert live.returncode == 0, live.stdout + live.stderr
+    assert live.stdout.splitlines() == ["tree -> server: 1 added, 1 removed, 1 changed",
+                                        "+ live-only", "- to-go", f"~ {spaces}"]
+    assert local_tree(dest) == before  # a dry run: the copy is as it was
+
+
 def test_setup_remote_keeps_and_repairs_the_gate(story: Story):
     before = snapshot(story.lab, GATE_FILES)
     result = invoke("setup-remote", "--inventory", str(story.inventory))
