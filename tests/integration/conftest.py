@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,15 @@ class Lab:
         self.started.append(name)
         host = lab.ensure_host(name, image or self.image, tmpfs=tmpfs)
         return host
+
+    def start_releases(self, releases: list[str] | tuple[str, ...], prefix: str = "",
+                       tmpfs: tuple[str, ...] = ()) -> dict[str, lab.LabHost]:
+        """One container per release (tag ``<prefix><release>``), the images built and the
+        containers started concurrently; release -> host."""
+        with ThreadPoolExecutor(max_workers=len(releases)) as pool:
+            started = list(pool.map(
+                lambda r: self.start(f"{prefix}{r}", release=r, tmpfs=tmpfs), releases))
+        return dict(zip(releases, started, strict=True))
 
     def remove(self, host: lab.LabHost) -> None:
         lab.remove(host.name)

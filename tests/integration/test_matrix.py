@@ -21,7 +21,6 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,10 +137,8 @@ def matrix(lab_env: Lab, source_url: str,
     """One container per release, started (and its image built) concurrently."""
     work = tmp_path_factory.mktemp("matrix")
     timings: dict[str, float] = {}
-    with ThreadPoolExecutor(max_workers=len(RELEASES)) as pool:
-        started = timed(timings, "images + containers", lambda: list(pool.map(
-            lambda r: lab_env.start(r, release=r), RELEASES)))
-    labs = dict(zip(RELEASES, started, strict=True))
+    labs = timed(timings, "images + containers", lambda: lab_env.start_releases(RELEASES))
+    started = list(labs.values())
     try:
         def inventory(name: str, mode: str) -> dict[str, HostSpec]:
             path = lab_env.inventory(started, path=work / f"{name}.yaml", defaults={

@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,10 +111,8 @@ def source_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def card(lab_env: Lab, source_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Card]:
     work = tmp_path_factory.mktemp("card")
-    with ThreadPoolExecutor(max_workers=len(RELEASES)) as pool:
-        started = list(pool.map(
-            lambda r: lab_env.start(f"269-{r}", release=r, tmpfs=(MOUNT,)), RELEASES))
-    labs = dict(zip(RELEASES, started, strict=True))
+    labs = lab_env.start_releases(RELEASES, "269-", tmpfs=(MOUNT,))
+    started = list(labs.values())
     try:
         common = {
             "rsync": {"version": VERSION, "url": source_url, "prefix": PREFIX,
