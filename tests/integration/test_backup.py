@@ -262,6 +262,7 @@ def test_mirror_backup_is_an_exact_copy_then_follows_changes(remote, mirror):
 def test_dry_run_changes_nothing(remote, mirror):
     inventory, host = mirror
     dest = Path(host.destination)
+    sh(remote, "cd /srv/data && printf 'added\\n' > 'added file'")  # as CHANGE leaves it
     invoke("backup", "--inventory", str(inventory))  # in step with the host
     sh(remote, "cd /srv/data && printf 'dry\\n' > dry-only && rm 'added file'")
     before = local_tree(dest)

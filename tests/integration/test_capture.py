@@ -183,6 +183,7 @@ def test_backup_is_an_exact_copy_then_follows_changes(story: Story):
 
 def test_dry_run_works_through_the_gate_and_changes_nothing(story: Story):
     dest = Path(story.host.destination)
+    sh(story.lab, f"cd {DATA} && printf 'added\\n' > 'added file'")  # as CHANGE leaves it
     assert invoke("backup", "--inventory", str(story.inventory)).returncode == 0
     sh(story.lab, f"cd {DATA} && printf 'dry\\n' > dry-only && rm 'added file'")
     before = local_tree(dest)
