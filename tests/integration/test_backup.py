@@ -12,7 +12,6 @@ compared, its contents are not.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -20,7 +19,6 @@ import re
 import signal
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,15 +28,13 @@ import pytest
 from lab import hosts as lab
 from roles.core import pull
 from roles.core.spec import HostSpec
-from roles.features.setup_remote import setup_host
 from roles.inventory.schema import DEFAULT_OPTIONS, load
-from roles.local import keys, runner, store
-from tests.integration.conftest import Lab
+from roles.local import runner, store
+from tests.integration.conftest import INVOKE, ROOT, Lab, LabServer, held_lock, invoke, lab_server
+from tests.integration.conftest import sh_bytes as sh
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
 DATA = "/srv/data"
 MOUNT = f"{DATA}/mnt"  # the module's host mounts a tmpfs here (elsewhere: a plain folder)
 OPTIONS = ["-avzHx", "--numeric-ids", "--delete", "--progress"]
@@ -102,15 +98,6 @@ rmdir /srv/away
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def sh(host: lab.LabHost, script: str) -> bytes:
-    return lab.engine("exec", host.name, "sh", "-c", script, timeout=60).stdout
-
-
-def invoke(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([INVOKE, *args], cwd=ROOT, capture_output=True, timeout=timeout,
-                          text=True, encoding="utf-8", errors="replace", check=False)
 
 
 Entry = tuple[str, int, int, int, int, bytes, str | None]  # type mode uid gid mtime link sha
@@ -197,43 +184,34 @@ def summary_of(result: subprocess.CompletedProcess, dest: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def remote(lab_env: Lab) -> Iterator[lab.LabHost]:
-    host = lab_env.start("backup", tmpfs=(MOUNT,))
-    try:
-        yield host
-    finally:
-        lab_env.remove(host)
+def server(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """The module's host (a tmpfs at MOUNT), seeded, set up with the inventory ``mirror``."""
+    with lab_server(lab_env, tmp_path_factory, "backup", tmpfs=(MOUNT,), seed=SEED,
+                    name="mirror", defaults={"backup": {
+                        "source": DATA, "allow_inexact": True, "options": OPTIONS}}) as server:
+        assert server.outcome is not None
+        assert any("/usr/bin/rsync" in w for w in server.outcome.warnings)
+        yield server
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("backup")
-
-
-def write_inventory(lab_env: Lab, remote: lab.LabHost, work: Path, name: str,
-                    file: str | None = None, **backup) -> tuple[Path, HostSpec]:
-    path = lab_env.inventory([remote], path=work / f"{file or name}.yaml", defaults={
-        "rsync": {"local_prefix": str(work / "no-local-build")},
-        "backup": {"destination": str(work / name / "{name}"), "source": DATA,
-                   "allow_inexact": True, "options": OPTIONS, **backup},
-    })
-    return path, load(path).hosts[remote.name]
+def remote(server: LabServer) -> lab.LabHost:
+    return server.lab
 
 
 @pytest.fixture(scope="module")
-def mirror(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, HostSpec]:
-    inventory, host = write_inventory(lab_env, remote, work, "mirror")
-    keys.ensure_backup_key(Path(host.backup_key))
-    outcome = setup_host(host)
-    assert outcome.error is None, outcome
-    assert any("/usr/bin/rsync" in w for w in outcome.warnings)
-    sh(remote, SEED)
-    return inventory, host
+def work(server: LabServer) -> Path:
+    return server.work
 
 
 @pytest.fixture(scope="module")
-def snapshots(lab_env: Lab, remote: lab.LabHost, work: Path, mirror) -> tuple[Path, HostSpec]:
-    return write_inventory(lab_env, remote, work, "snapshots", snapshots=2)
+def mirror(server: LabServer) -> tuple[Path, HostSpec]:
+    return server.inventory, server.host
+
+
+@pytest.fixture(scope="module")
+def snapshots(server: LabServer) -> tuple[Path, HostSpec]:
+    return server.spec("snapshots", backup={"snapshots": 2})
 
 
 # --- mirror mode ----------------------------------------------------------------------------
@@ -284,6 +262,7 @@ def test_mirror_backup_is_an_exact_copy_then_follows_changes(remote, mirror):
 def test_dry_run_changes_nothing(remote, mirror):
     inventory, host = mirror
     dest = Path(host.destination)
+    sh(remote, "cd /srv/data && printf 'added\\n' > 'added file'")  # as CHANGE leaves it
     invoke("backup", "--inventory", str(inventory))  # in step with the host
     sh(remote, "cd /srv/data && printf 'dry\\n' > dry-only && rm 'added file'")
     before = local_tree(dest)
@@ -299,13 +278,7 @@ def test_dry_run_changes_nothing(remote, mirror):
 
 def test_a_second_concurrent_run_fails_at_once(mirror):
     inventory, host = mirror
-    lock = Path(host.destination + ".pullback") / "lock"
-    with open(lock, "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.seek(0)
-        held.truncate()
-        held.write("4711\n")
-        held.flush()
+    with held_lock(host):
         started = time.monotonic()
         result = invoke("backup", "--inventory", str(inventory))
         elapsed = time.monotonic() - started
@@ -318,14 +291,8 @@ def test_a_second_concurrent_run_fails_at_once(mirror):
 def test_a_restore_while_a_backup_runs_fails_at_once(mirror, work):
     inventory, host = mirror
     assert invoke("backup", "--inventory", str(inventory)).returncode == 0
-    lock = Path(host.destination + ".pullback") / "lock"
     target = work / "restored-while-locked"
-    with open(lock, "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.seek(0)
-        held.truncate()
-        held.write("4711 rsync 4712\n")
-        held.flush()
+    with held_lock(host, "4711 rsync 4712\n"):
         started = time.monotonic()
         result = invoke("restore", "--inventory", str(inventory), "--host", host.name,
                         "--path", f"{DATA}/some", "--to", str(target))
@@ -360,14 +327,13 @@ def test_restore_round_trips_a_folder_and_refuses_a_non_empty_target(remote, mir
     assert not (work / "escape").exists()
 
 
-def test_x_copies_the_mount_point_but_not_the_second_file_system(lab_env, remote, mirror,
-                                                                 work):
+def test_x_copies_the_mount_point_but_not_the_second_file_system(server, remote, mirror):
     """The default options (-avzx, no -H): the tmpfs at MOUNT arrives as an empty folder."""
     data_dev, mount_dev = sh(remote, f"stat -c %d {DATA} {MOUNT}").split()
     assert data_dev != mount_dev, "MOUNT is not a file system of its own"
     assert b"mnt/other-fs" in remote_tree(remote, DATA)[0]  # there, one file system down
-    inventory, host = write_inventory(lab_env, remote, work, "default-options",
-                                      options=list(DEFAULT_OPTIONS))
+    inventory, host = server.spec("default-options",
+                                  backup={"options": list(DEFAULT_OPTIONS)})
     dest = Path(host.destination)
     copy = dest / "tree"
     result = invoke("backup", "--inventory", str(inventory))
@@ -382,11 +348,10 @@ def test_x_copies_the_mount_point_but_not_the_second_file_system(lab_env, remote
     assert local_tree(copy)[0] == theirs
 
 
-def test_mirror_guard_refuses_an_emptied_source_before_any_deletion(lab_env, remote, mirror,
-                                                                   work):
+def test_mirror_guard_refuses_an_emptied_source_before_any_deletion(server, remote, mirror):
     """Mirror mode, max_delete 5: the emptied source is found by a dry run first and the
     run fails with ZERO files deleted (rsync's --max-delete alone deletes the first 5)."""
-    inventory, host = write_inventory(lab_env, remote, work, "mirror-guarded", max_delete=5)
+    inventory, host = server.spec("mirror-guarded", backup={"max_delete": 5})
     dest = Path(host.destination)
     copy = dest / "tree"
     first = invoke("backup", "--inventory", str(inventory))
@@ -474,14 +439,13 @@ def test_snapshots_share_unchanged_files_and_keep_the_newest_two(remote, snapsho
     assert (target / "tree" / "changing").read_text() == "run 1\n"
 
 
-def test_a_killed_pull_keeps_the_snapshots_and_the_next_run_resumes(lab_env, remote, snapshots,
-                                                                     work):
+def test_a_killed_pull_keeps_the_snapshots_and_the_next_run_resumes(server, remote, snapshots):
     inventory, host = snapshots
     dest = Path(host.destination)
     before, latest = sorted(os.listdir(dest)), os.readlink(dest / "latest")
     sh(remote, "head -c 20000000 /dev/urandom > /srv/data/big2.bin")
-    slow, _ = write_inventory(lab_env, remote, work, "snapshots", file="slow", snapshots=2,
-                              options=[*OPTIONS, "--bwlimit=4000"])  # ~5 s for big2.bin
+    slow, _ = server.spec("snapshots", file="slow", backup={  # ~5 s for big2.bin
+        "snapshots": 2, "options": [*OPTIONS, "--bwlimit=4000"]})
     job = subprocess.Popen([INVOKE, "backup", "--inventory", str(slow)], cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
@@ -512,12 +476,11 @@ def test_a_killed_pull_keeps_the_snapshots_and_the_next_run_resumes(lab_env, rem
     assert_same(remote, DATA, dest / newest)
 
 
-def test_snapshot_guard_refuses_an_emptied_source_and_the_next_run_goes_on(lab_env, remote,
-                                                                           mirror, work):
+def test_snapshot_guard_refuses_an_emptied_source_and_the_next_run_goes_on(server, remote,
+                                                                           mirror):
     """A new snapshot deletes nothing, so --max-delete cannot fire: the file count of the
     run is compared with the newest snapshot's, and a collapse is never promoted."""
-    inventory, host = write_inventory(lab_env, remote, work, "guarded", snapshots=2,
-                                      max_delete=3)
+    inventory, host = server.spec("guarded", backup={"snapshots": 2, "max_delete": 3})
     dest = Path(host.destination)
     for _ in range(2):
         result = invoke("backup", "--inventory", str(inventory))
@@ -674,9 +637,8 @@ def test_backup_keygen_and_restore_refuse_a_group_writable_ancestor(lab_env, rem
 # --- the old mirror layout ------------------------------------------------------------------
 
 
-def test_an_old_mirror_layout_moves_into_tree_and_nothing_is_lost(lab_env, remote, mirror,
-                                                                  work):
-    inventory, host = write_inventory(lab_env, remote, work, "old-layout")
+def test_an_old_mirror_layout_moves_into_tree_and_nothing_is_lost(server, remote, mirror):
+    inventory, host = server.spec("old-layout")
     dest = Path(host.destination)
     # DEST as the old code filled it: the pull's target was DEST itself.
     rsync, _ = runner.find_local_rsync(host)

@@ -28,13 +28,13 @@ from roles.config import rootkey
 from roles.core import hardened, pull
 from roles.core import rsync as rsync_model
 from roles.core.spec import HostSpec
-from roles.inventory.schema import load
-from roles.local import capture_record, keys, runner
+from roles.local import capture_record, runner
 from roles.remote.session import connect
-from tests.integration.conftest import Lab
-from tests.integration.test_backup import CHANGE, DATA, OPTIONS, SEED, assert_same, local_tree, sh
+from tests.integration.conftest import Lab, invoke, lab_server
+from tests.integration.conftest import sh_bytes as sh
+from tests.integration.test_backup import CHANGE, DATA, OPTIONS, SEED, assert_same, local_tree
 from tests.integration.test_backup import summary_of as last_summary
-from tests.integration.test_setup_remote import cli, leftovers, read, snapshot, step_lines
+from tests.integration.test_setup_remote import leftovers, read, snapshot, step_lines
 
 pytestmark = pytest.mark.integration
 
@@ -56,33 +56,20 @@ class Story:
     capture: subprocess.CompletedProcess
 
 
-def write_inventory(lab_env: Lab, remote: lab.LabHost, path: Path, work: Path,
-                    options: list[str]) -> Path:
-    return lab_env.inventory([remote], path=path, defaults={
-        "forced_command": "captured",
-        "rsync": {"local_prefix": str(work / "no-local-build")},
-        "backup": {"destination": str(work / "mirror" / "{name}"), "source": DATA,
-                   "allow_inexact": True, "options": options},
-    })
-
-
 @pytest.fixture(scope="module")
 def story(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Story]:
-    remote = lab_env.start("capture")
-    try:
-        work = tmp_path_factory.mktemp("capture")
-        inventory = write_inventory(lab_env, remote, work / "inventory.yaml", work, OPTIONS)
-        host = load(inventory).hosts[remote.name]
-        keys.ensure_backup_key(Path(host.backup_key))
-        sh(remote, SEED)
-        before = cli("capture-command", "--inventory", str(inventory))
-        setup = cli("setup-remote", "--inventory", str(inventory))
+    with lab_server(lab_env, tmp_path_factory, "capture", seed=SEED, name="mirror",
+                    setup=False, defaults={
+                        "forced_command": "captured",
+                        "backup": {"source": DATA, "allow_inexact": True, "options": OPTIONS},
+                    }) as server:
+        remote, inventory = server.lab, server.inventory
+        before = invoke("capture-command", "--inventory", str(inventory))
+        setup = invoke("setup-remote", "--inventory", str(inventory))
         keys_after_setup = read(remote, "/root/.ssh/authorized_keys")
-        captured = cli("capture-command", "--inventory", str(inventory))
+        captured = invoke("capture-command", "--inventory", str(inventory))
         assert captured.returncode == 0, captured.stdout + captured.stderr
-        yield Story(remote, inventory, host, before, setup, keys_after_setup, captured)
-    finally:
-        lab_env.remove(remote)
+        yield Story(remote, inventory, server.host, before, setup, keys_after_setup, captured)
 
 
 def backup_ssh(host: HostSpec, *command: str) -> subprocess.CompletedProcess:
@@ -177,7 +164,7 @@ def test_capture_installs_the_gate_and_records_both_commands(story: Story):
 
 def test_backup_is_an_exact_copy_then_follows_changes(story: Story):
     dest = Path(story.host.destination)
-    result = cli("backup", "--inventory", str(story.inventory))
+    result = invoke("backup", "--inventory", str(story.inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[1].split()[:2] == [story.lab.name, "ok"]
     tree = assert_same(story.lab, DATA, dest / "tree")
@@ -188,7 +175,7 @@ def test_backup_is_an_exact_copy_then_follows_changes(story: Story):
     assert summary["capture_fingerprint"] == capture_record.load_record(story.host).fingerprint
 
     sh(story.lab, CHANGE)
-    again = cli("backup", "--inventory", str(story.inventory))
+    again = invoke("backup", "--inventory", str(story.inventory))
     assert again.returncode == 0, again.stdout + again.stderr
     tree = assert_same(story.lab, DATA, dest / "tree")
     assert tree[b"added-dir"][2:4] == (4243, 4244)
@@ -196,10 +183,11 @@ def test_backup_is_an_exact_copy_then_follows_changes(story: Story):
 
 def test_dry_run_works_through_the_gate_and_changes_nothing(story: Story):
     dest = Path(story.host.destination)
-    assert cli("backup", "--inventory", str(story.inventory)).returncode == 0
+    sh(story.lab, f"cd {DATA} && printf 'added\\n' > 'added file'")  # as CHANGE leaves it
+    assert invoke("backup", "--inventory", str(story.inventory)).returncode == 0
     sh(story.lab, f"cd {DATA} && printf 'dry\\n' > dry-only && rm 'added file'")
     before = local_tree(dest)
-    result = cli("backup", "--inventory", str(story.inventory), "--dry-run")
+    result = invoke("backup", "--inventory", str(story.inventory), "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.splitlines()[1].split()[1] == "dry-run"
     assert local_tree(dest) == before
@@ -210,15 +198,40 @@ def test_dry_run_works_through_the_gate_and_changes_nothing(story: Story):
     assert (dest / "tree" / "added file").exists()
 
 
+def test_diff_against_the_live_server_goes_through_the_gate(story: Story):
+    """`invoke diff` without --old/--new: a dry-run pull with -i over the backup key into
+    the copy; the gate runs it only if the server sees the recorded dry run."""
+    inventory, name = str(story.inventory), story.lab.name
+    dest = Path(story.host.destination)
+    spaces = "a file with spaces"
+    sh(story.lab, f"cd {DATA} && printf 'going\\n' > to-go && cp -p '{spaces}' /root/saved")
+    assert invoke("backup", "--inventory", inventory).returncode == 0
+    same = invoke("diff", "--inventory", inventory, "--host", name)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout.splitlines() == ["tree -> server: 0 added, 0 removed, 0 changed"]
+
+    before = local_tree(dest)
+    sh(story.lab, f"cd {DATA} && printf 'live\\n' > live-only && rm to-go "
+                  f"&& printf 'more\\n' >> '{spaces}'")
+    try:
+        live = invoke("diff", "--inventory", inventory, "--host", name)
+    finally:
+        sh(story.lab, f"cd {DATA} && rm live-only && mv /root/saved '{spaces}'")
+    assert live.returncode == 0, live.stdout + live.stderr
+    assert live.stdout.splitlines() == ["tree -> server: 1 added, 1 removed, 1 changed",
+                                        "+ live-only", "- to-go", f"~ {spaces}"]
+    assert local_tree(dest) == before  # a dry run: the copy is as it was
+
+
 def test_setup_remote_keeps_and_repairs_the_gate(story: Story):
     before = snapshot(story.lab, GATE_FILES)
-    result = cli("setup-remote", "--inventory", str(story.inventory))
+    result = invoke("setup-remote", "--inventory", str(story.inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     assert step_lines(result.stdout, story.lab.name) == {
         "sshd_config": "ok", "authorized_keys": "ok", "gate": "ok", "folders": "ok"}
     assert snapshot(story.lab, GATE_FILES) == before
     sh(story.lab, f"rm {hardened.GATE}")
-    repaired = cli("setup-remote", "--inventory", str(story.inventory))
+    repaired = invoke("setup-remote", "--inventory", str(story.inventory))
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert step_lines(repaired.stdout, story.lab.name)["gate"] == "changed"
     assert snapshot(story.lab, GATE_FILES) == before
@@ -227,7 +240,7 @@ def test_setup_remote_keeps_and_repairs_the_gate(story: Story):
 def test_capture_again_changes_nothing(story: Story):
     before = snapshot(story.lab, GATE_FILES)
     record = capture_record.load_record(story.host)
-    result = cli("capture-command", "--inventory", str(story.inventory))
+    result = invoke("capture-command", "--inventory", str(story.inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     steps = step_lines(result.stdout, story.lab.name)
     assert (steps["capture-script"], steps["gate"], steps["authorized_keys"]) == \
@@ -249,7 +262,7 @@ def test_an_option_change_makes_backup_refuse(lab_env: Lab, story: Story):
     inventory.write_text(yaml.safe_dump(data, sort_keys=False))
     logs = sorted((Path(str(dest) + ".pullback") / "logs").iterdir())
     before = local_tree(dest)
-    result = cli("backup", "--inventory", str(inventory))
+    result = invoke("backup", "--inventory", str(inventory))
     assert result.returncode == 1, result.stdout + result.stderr
     assert (f"{story.lab.name}: failed: backup.options changed since the capture of "
             in result.stderr)

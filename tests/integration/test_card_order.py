@@ -10,9 +10,6 @@ build-rsync (its build already there) mends it.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +25,10 @@ from roles.features import rsync_build as rb
 from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
 from roles.local import keys
-from tests.integration.conftest import Lab, serve_directory
+from tests.integration.conftest import Lab, invoke, serve_tarballs
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
-NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
 VERSION = "3.2.7"
 PINNED = "/usr/local/bin/rsync"
 FORCED_CHECK = "the forced command runs the pinned rsync (rsync.prefix/bin/rsync)"
@@ -53,9 +47,7 @@ def key_line(card: Card) -> str:
 
 
 def verify(card: Card) -> tuple[int, dict[str, str]]:
-    result = subprocess.run([INVOKE, "verify", "--inventory", str(card.inventory)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=180, check=False,
-                            env=NO_AGENT)
+    result = invoke("verify", "--inventory", str(card.inventory), timeout=180)
     rows = {}
     for line in result.stdout.splitlines():
         fields = line.split(None, 2)
@@ -67,9 +59,7 @@ def verify(card: Card) -> tuple[int, dict[str, str]]:
 
 def dry_run(card: Card) -> dict[str, str]:
     """``invoke build-rsync --dry-run``: end -> what it says."""
-    result = subprocess.run([INVOKE, "build-rsync", "--dry-run", "--inventory",
-                             str(card.inventory)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120, check=False, env=NO_AGENT)
+    result = invoke("build-rsync", "--dry-run", "--inventory", str(card.inventory), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return {line.split(None, 1)[0]: line.split(None, 1)[1].strip()
             for line in result.stdout.splitlines() if line.strip()}
@@ -85,13 +75,12 @@ def build(card: Card) -> list[rb.EndResult]:
 @pytest.fixture(scope="module")
 def card(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Card]:
     work = tmp_path_factory.mktemp("card-order")
-    root = work / "mirror"
-    mirror.populate(root, [mirror.fetch_debian_orig(VERSION, lab.STATE / "cache")])
+    tarball = mirror.fetch_debian_orig(VERSION, lab.STATE / "cache")
     host = lab_env.start("card-order")
     try:
-        with serve_directory(root) as base:
+        with serve_tarballs(work / "mirror", [tarball]) as url:
             inventory = lab_env.inventory([host], path=work / "inventory.yaml", defaults={
-                "rsync": {"version": VERSION, "url": f"{base}/{mirror.UPSTREAM_LAYOUT}",
+                "rsync": {"version": VERSION, "url": url,
                           "prefix": "/usr/local", "local_prefix": str(work / "local")},
                 "backup": {"destination": str(work / "backups" / "{name}"), "source": "/etc",
                            "allow_inexact": True, "options": ["-aHx", "--numeric-ids", "--delete"]},

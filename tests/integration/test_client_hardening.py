@@ -23,7 +23,6 @@ import pwd
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -31,17 +30,12 @@ from pathlib import Path
 
 import pytest
 
-from lab import hosts as lab
 from roles.core import pull
-from roles.core.spec import HostSpec
-from roles.features.setup_remote import setup_host
-from roles.inventory.schema import load
-from roles.local import keys, store
-from tests.integration.conftest import Lab
+from roles.local import store
+from tests.integration.conftest import PROGRAM, Lab, LabServer, lab_server
 
 pytestmark = pytest.mark.integration
 
-PROGRAM = str(Path(sys.executable).parent / "pullback-backup")
 DATA = "/srv/probe"
 REAL_RSYNC = shutil.which("rsync")
 AGENT_FORWARDING = "Requesting authentication agent forwarding"
@@ -57,32 +51,12 @@ exec {REAL_RSYNC} "$@"
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("client")
-
-
-@pytest.fixture(scope="module")
-def remote(lab_env: Lab, work: Path) -> Iterator[tuple[lab.LabHost, HostSpec]]:
-    host = lab_env.start("client")
-    try:
-        inventory = write_inventory(lab_env, host, work, "setup", allow=True)
-        pinned = load(inventory).hosts[host.name]
-        keys.ensure_backup_key(Path(pinned.backup_key))
-        outcome = setup_host(pinned)
-        assert outcome.error is None, outcome
-        lab.engine("exec", host.name, "sh", "-c",
-                   f"mkdir -p {DATA} && echo probe > {DATA}/file", timeout=60)
-        yield host, pinned
-    finally:
-        lab_env.remove(host)
-
-
-def write_inventory(lab_env: Lab, host: lab.LabHost, work: Path, name: str, *,
-                    allow: bool) -> Path:
-    return lab_env.inventory([host], path=work / f"{name}.yaml", defaults={
-        "rsync": {"local_prefix": str(work / "no-local-build"), "allow_vulnerable": allow},
-        "backup": {"destination": str(work / name / "{name}"), "source": DATA},
-    })
+def server(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """The module's host in daemon mode with one file; rsync.allow_vulnerable is the lab's
+    (true) unless a test's inventory says otherwise."""
+    with lab_server(lab_env, tmp_path_factory, "client", defaults={"backup": {"source": DATA}},
+                    seed=f"mkdir -p {DATA} && echo probe > {DATA}/file") as server:
+        yield server
 
 
 def env(work: Path, **more: str) -> dict[str, str]:
@@ -109,10 +83,9 @@ def old_path(tmp_path: Path) -> str:
     return f"{folder}:{os.environ['PATH']}"
 
 
-def test_an_old_client_is_refused_before_anything_runs(lab_env, remote, work, old_path):
-    lab_host, _ = remote
-    inventory = write_inventory(lab_env, lab_host, work, "refused", allow=False)
-    host = load(inventory).hosts[lab_host.name]
+def test_an_old_client_is_refused_before_anything_runs(server, old_path):
+    lab_host, work = server.lab, server.work
+    inventory, host = server.spec("refused", rsync={"allow_vulnerable": False})
     result = backup(inventory, env(work, PATH=old_path))
     assert result.returncode == 1, result
     assert result.stdout.split() == ["host", "result", "seconds", "files", "transferred",
@@ -131,11 +104,9 @@ def test_an_old_client_is_refused_before_anything_runs(lab_env, remote, work, ol
     assert not store.state_dir(host).exists()
 
 
-def test_the_switch_lets_the_old_client_pull(lab_env, remote, work, old_path):
-    lab_host, _ = remote
-    inventory = write_inventory(lab_env, lab_host, work, "allowed", allow=True)
-    host = load(inventory).hosts[lab_host.name]
-    result = backup(inventory, env(work, PATH=old_path))
+def test_the_switch_lets_the_old_client_pull(server, old_path):
+    inventory, host = server.spec("allowed")
+    result = backup(inventory, env(server.work, PATH=old_path))
     assert result.returncode == 0, result
     assert "refused" not in result.stderr
     assert (Path(host.destination) / "tree" / "file").read_text() == "probe\n"
@@ -205,11 +176,9 @@ def test_the_hostile_config_is_in_effect_for_plain_ssh(hostile):
     assert any(line.startswith("remoteforward ") for line in shown)
 
 
-def test_a_hostile_ssh_config_does_not_reach_the_backup(lab_env, remote, work, hostile):
-    lab_host, _ = remote
+def test_a_hostile_ssh_config_does_not_reach_the_backup(server, hostile):
     marks, wrap = hostile
-    inventory = write_inventory(lab_env, lab_host, work, "hostile", allow=True)
-    host = load(inventory).hosts[lab_host.name]
+    inventory, host = server.spec("hostile")
     # What ssh makes of the backup's own -e words in that namespace.
     words = shlex.split(pull.ssh_command(host))
     shown = subprocess.run([*wrap, *words, "-G", "127.0.0.1"], capture_output=True, text=True,
@@ -222,14 +191,14 @@ def test_a_hostile_ssh_config_does_not_reach_the_backup(lab_env, remote, work, h
     assert not [line for line in shown if line.split()[0] in (
         "proxycommand", "localcommand", "remoteforward", "controlpath")], shown
     # And the real pull, in that namespace.
-    result = backup(inventory, env(work), wrap)
+    result = backup(inventory, env(server.work), wrap)
     assert result.returncode == 0, result
     assert (Path(host.destination) / "tree" / "file").read_text() == "probe\n"
     assert sorted(os.listdir(marks)) == []  # no ProxyCommand, no LocalCommand, no mux
 
 
-def test_the_pull_never_forwards_the_agent(lab_env, remote, work, hostile, tmp_path):
-    lab_host, host = remote
+def test_the_pull_never_forwards_the_agent(server, hostile, tmp_path):
+    host, work = server.host, server.work
     _, wrap = hostile
     sock = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL,

@@ -11,10 +11,8 @@ is: when it is not 3.2.7, the healthy report carries exactly one warning, on tha
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,17 +28,12 @@ from roles.core.outcome import Level
 from roles.core.rsync import client_exposure
 from roles.core.spec import HostSpec
 from roles.features import capture, doctor
-from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
-from roles.local import keys
 from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
-from tests.integration.conftest import Lab
+from tests.integration.conftest import Lab, invoke, lab_server
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
-NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
 ADMIN_BASHRC = "/home/admin/.bashrc"
 PINNED = {"prefix": "/usr", "local_prefix": "/usr", "version": "3.2.7"}
 
@@ -99,9 +92,7 @@ def set_forced_command(host: lab.LabHost, command: str) -> None:
 
 
 def run_doctor(inventory: Path, *extra: str) -> tuple[subprocess.CompletedProcess, list[Line]]:
-    result = subprocess.run([INVOKE, "doctor", "--inventory", str(inventory), *extra], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120, check=False,
-                            env=NO_AGENT)
+    result = invoke("doctor", "--inventory", str(inventory), *extra)
     return result, parse(result.stdout)
 
 
@@ -141,21 +132,12 @@ def local_version() -> str:
 
 @pytest.fixture(scope="module")
 def target(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    host = lab_env.start("doctor")
-    work = tmp_path_factory.mktemp("doctor")
-    base = {"rsync": PINNED, "backup": {"destination": str(work / "backups" / "{name}")}}
-    daemon = lab_env.inventory([host], path=work / "daemon.yaml", defaults=base)
-    captured = lab_env.inventory([host], path=work / "captured.yaml",
-                                 defaults={**base, "forced_command": "captured"})
-    made = Target(host, work, daemon, captured)
-    keys.ensure_backup_key(Path(made.host(daemon).backup_key))
-    outcome = setup_host(made.host(daemon))
-    assert outcome.error is None, outcome
-    assert outcome.warnings == (), outcome.warnings  # /usr/bin/rsync IS the pinned path
-    try:
-        yield made
-    finally:
-        lab_env.remove(host)
+    with lab_server(lab_env, tmp_path_factory, "doctor", name="daemon", backups="backups",
+                    defaults={"rsync": PINNED}) as server:
+        assert server.outcome is not None
+        assert server.outcome.warnings == (), server.outcome.warnings  # /usr/bin/rsync IS pinned
+        captured = server.write("captured", forced_command="captured")
+        yield Target(server.lab, server.work, server.inventory, captured)
 
 
 # --- healthy ----------------------------------------------------------------------------------

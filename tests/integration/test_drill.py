@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,16 +25,12 @@ from lab import hosts as lab
 from roles.core import drill as comparison
 from roles.core.rsync import NOTES_OPTIONS
 from roles.features import drill
-from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
-from roles.local import keys
 from roles.remote.session import connect
-from tests.integration.conftest import Lab
+from tests.integration.conftest import Lab, LabServer, invoke, lab_server, sh
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
 DATA = "/srv/data"
 
 SEED = r"""
@@ -73,15 +69,6 @@ touch -d '2018-05-06 07:08:09.75' etc bin dev .
 """
 
 
-def sh(host: lab.LabHost, script: str) -> str:
-    return lab.engine("exec", host.name, "sh", "-c", script, timeout=120).stdout.decode()
-
-
-def invoke(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([INVOKE, *args], cwd=ROOT, capture_output=True, timeout=timeout,
-                          text=True, check=False)
-
-
 def table_rows(text: str) -> dict[str, tuple[int, int]]:
     rows = {}
     for line in text.splitlines():
@@ -111,31 +98,21 @@ def require_local_metadata(where: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def seeded(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory):
-    work = tmp_path_factory.mktemp("drill")
-    require_local_metadata(work)
-    host_lab = lab_env.start("drill")
-    try:
-        sh(host_lab, SEED)
-        inventory = lab_env.inventory([host_lab], path=work / "inventory.yaml", defaults={
-            "backup": {"destination": str(work / "backups" / "{name}"), "source": DATA}})
-        host = load(inventory).hosts[host_lab.name]
-        keys.ensure_backup_key(Path(host.backup_key))
-        outcome = setup_host(host)
-        assert outcome.error is None, outcome
-        yield host_lab, host, inventory, work
-    finally:
-        lab_env.remove(host_lab)
+def seeded(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    with lab_server(lab_env, tmp_path_factory, "drill", seed=SEED, name="inventory",
+                    backups="backups", defaults={"backup": {"source": DATA}}) as server:
+        require_local_metadata(server.work)
+        yield server
 
 
 def test_the_default_options_carry_every_property(seeded):
-    _, host, _, _ = seeded
+    host = seeded.host
     assert host.rsync.version == "3.2.7"
     assert host.backup.options == ("-avzx", "-HAXS", "--numeric-ids", "--delete", "--progress")
 
 
 def test_restore_drill_restores_the_machine_exactly(lab_env: Lab, seeded, capsys):
-    host_lab, host, inventory, work = seeded
+    host_lab, host, inventory, work = seeded.lab, seeded.host, seeded.inventory, seeded.work
     result = invoke("restore-drill", "--inventory", str(inventory), "--host", host_lab.name,
                     "--to", str(work / "restored"))
     with capsys.disabled():
@@ -202,11 +179,11 @@ stat -c '%t:%T %F' dev/null-copy dev/loop-copy
         lab_env.remove(fresh)
 
 
-def test_the_notes_options_lose_what_the_drill_reports(lab_env: Lab, seeded):
-    host_lab, _, _, work = seeded
-    inventory = lab_env.inventory([host_lab], path=work / "notes.yaml", defaults={
-        "backup": {"destination": str(work / "notes" / "{name}"), "source": DATA,
-                   "allow_inexact": True, "options": list(NOTES_OPTIONS)}})
+def test_the_notes_options_lose_what_the_drill_reports(seeded):
+    host_lab, work = seeded.lab, seeded.work
+    inventory = seeded.write("notes", backup={
+        "destination": str(work / "notes" / "{name}"), "allow_inexact": True,
+        "options": list(NOTES_OPTIONS)})
     result = invoke("restore-drill", "--inventory", str(inventory), "--host", host_lab.name,
                     "--to", str(work / "notes-restored"))
     assert result.returncode == 1, result.stdout + result.stderr

@@ -21,7 +21,6 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +45,7 @@ from roles.remote.facts import (
     gather,
 )
 from roles.remote.session import connect
-from tests.integration.conftest import Lab, infra_host, serve_directory
+from tests.integration.conftest import Lab, infra_host, serve_tarballs
 from tests.integration.test_backup import local_tree, remote_tree
 from tests.integration.test_setup_remote import snapshot
 
@@ -127,10 +126,9 @@ def client_addr(host: HostSpec) -> str:
 @pytest.fixture(scope="module")
 def source_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Upstream's rsync-3.2.7.tar.gz (Debian's orig, byte-identical) on a loopback mirror."""
-    root = tmp_path_factory.mktemp("mirror")
-    mirror.populate(root, [mirror.fetch_debian_orig(VERSION, lab.STATE / "cache")])
-    with serve_directory(root) as base:
-        yield f"{base}/{mirror.UPSTREAM_LAYOUT}"
+    tarball = mirror.fetch_debian_orig(VERSION, lab.STATE / "cache")
+    with serve_tarballs(tmp_path_factory.mktemp("mirror"), [tarball]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +137,8 @@ def matrix(lab_env: Lab, source_url: str,
     """One container per release, started (and its image built) concurrently."""
     work = tmp_path_factory.mktemp("matrix")
     timings: dict[str, float] = {}
-    with ThreadPoolExecutor(max_workers=len(RELEASES)) as pool:
-        started = timed(timings, "images + containers", lambda: list(pool.map(
-            lambda r: lab_env.start(r, release=r), RELEASES)))
-    labs = dict(zip(RELEASES, started, strict=True))
+    labs = timed(timings, "images + containers", lambda: lab_env.start_releases(RELEASES))
+    started = list(labs.values())
     try:
         def inventory(name: str, mode: str) -> dict[str, HostSpec]:
             path = lab_env.inventory(started, path=work / f"{name}.yaml", defaults={

@@ -6,27 +6,17 @@ own at ``MOUNT`` (a second file system inside the tree, as a separately mounted 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lab import hosts as lab
-from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
-from roles.local import capture_record, keys
-from tests.integration.conftest import Lab
-from tests.integration.test_doctor import (
-    INVOKE,
-    NO_AGENT,
-    PINNED,
-    ROOT,
-    problems,
-    run_doctor,
-    the,
-)
+from roles.local import capture_record
+from tests.integration.conftest import Lab, LabServer, lab_server, sh
+from tests.integration.conftest import invoke as run
+from tests.integration.test_doctor import PINNED, problems, run_doctor, the
 
 pytestmark = pytest.mark.integration
 
@@ -39,40 +29,17 @@ printf 'root file system\\n' > /srv/on-root
 """
 
 
-def sh(host: lab.LabHost, script: str) -> str:
-    return lab.engine("exec", host.name, "sh", "-c", script, timeout=120).stdout.decode()
-
-
-def inventory(lab_env: Lab, host: lab.LabHost, work: Path, name: str, dest: str = "",
-              **backup) -> Path:
-    """Inventory ``name`` (its own file); ``dest``: the destination's folder (default
-    ``name``), for two inventories of the same copy."""
-    return lab_env.inventory([host], path=work / f"{name}.yaml", defaults={
-        "rsync": PINNED,
-        "backup": {"destination": str(work / (dest or name) / "{name}"), **backup}})
-
-
 @pytest.fixture(scope="module")
-def server(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[tuple[lab.LabHost, Path]]:
-    work = tmp_path_factory.mktemp("mounts")
-    host_lab = lab_env.start("mounts", tmpfs=(MOUNT,))
-    try:
-        sh(host_lab, SEED)
+def server(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    with lab_server(lab_env, tmp_path_factory, "mounts", tmpfs=(MOUNT,), seed=SEED,
+                    defaults={"rsync": PINNED}) as server:
         # A different file system from / indeed (else the tests below prove nothing).
-        assert sh(host_lab, f"stat -c %d / {MOUNT} | uniq | wc -l").strip() == "2"
-        host = load(inventory(lab_env, host_lab, work, "setup")).hosts[host_lab.name]
-        keys.ensure_backup_key(Path(host.backup_key))
-        outcome = setup_host(host)
-        assert outcome.error is None, outcome
-        yield host_lab, work
-    finally:
-        lab_env.remove(host_lab)
+        assert sh(server.lab, f"stat -c %d / {MOUNT} | uniq | wc -l").strip() == "2"
+        yield server
 
 
-def test_doctor_names_the_mount_the_backup_skips(lab_env: Lab, server):
-    host_lab, work = server
-    result, lines = run_doctor(inventory(lab_env, host_lab, work, "doctor"))
+def test_doctor_names_the_mount_the_backup_skips(server):
+    result, lines = run_doctor(server.write("doctor"))
     assert result.returncode == 0, result.stdout + result.stderr
     found = the(lines, "warn", "mounts", f"{MOUNT} (tmpfs)")
     assert "the backup skips it" in found.what
@@ -82,9 +49,8 @@ def test_doctor_names_the_mount_the_backup_skips(lab_env: Lab, server):
     assert [x.what for x in problems(lines) if x.check == "mounts"] == [found.what]
 
 
-def test_doctor_is_quiet_about_a_mount_excluded_on_purpose(lab_env: Lab, server):
-    host_lab, work = server
-    path = inventory(lab_env, host_lab, work, "excluded", exclude=[f"{MOUNT}/*"])
+def test_doctor_is_quiet_about_a_mount_excluded_on_purpose(server):
+    path = server.write("excluded", backup={"exclude": [f"{MOUNT}/*"]})
     result, lines = run_doctor(path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not [x for x in problems(lines) if x.check == "mounts"], lines
@@ -97,26 +63,21 @@ SOURCE = "/srv"
 FILE = "pbmount/sub/file"  # relative to SOURCE, on the tmpfs
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([INVOKE, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, check=False, env=NO_AGENT)
-
-
 def backup(path: Path) -> Path:
     result = run("backup", "--inventory", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     return path
 
 
-def test_extra_source_is_pulled_and_not_deleted_by_the_main_pull(lab_env: Lab, server):
+def test_extra_source_is_pulled_and_not_deleted_by_the_main_pull(server: LabServer):
     """Daemon mode, one mirror: -x alone leaves the mount point empty; with extra_sources
     its files arrive; a second run changes nothing (same inode: not deleted and pulled
     again); a run without the extra source leaves them alone; a file removed on the server
     goes from the copy."""
-    host_lab, work = server
-    plain = inventory(lab_env, host_lab, work, "mirror", source=SOURCE)
-    extra = inventory(lab_env, host_lab, work, "mirror-extra", dest="mirror", source=SOURCE,
-                      extra_sources=[MOUNT])
+    host_lab = server.lab
+    plain = server.write("mirror", backup={"source": SOURCE})
+    extra = server.write("mirror-extra", dest="mirror", backup={
+        "source": SOURCE, "extra_sources": [MOUNT]})
     tree = Path(load(plain).hosts[host_lab.name].destination) / "tree"
     backup(plain)
     assert (tree / "on-root").read_text() == "root file system\n"
@@ -141,11 +102,10 @@ def test_extra_source_is_pulled_and_not_deleted_by_the_main_pull(lab_env: Lab, s
     assert (tree / FILE).read_text() == "on its own file system\n"
 
 
-def test_snapshots_keep_the_extra_source_hard_linked(lab_env: Lab, server):
-    host_lab, work = server
-    path = inventory(lab_env, host_lab, work, "snapshots", source=SOURCE,
-                     extra_sources=[MOUNT], snapshots=3)
-    dest = Path(load(path).hosts[host_lab.name].destination)
+def test_snapshots_keep_the_extra_source_hard_linked(server):
+    path, host = server.spec("snapshots", backup={
+        "source": SOURCE, "extra_sources": [MOUNT], "snapshots": 3})
+    dest = Path(host.destination)
     backup(path)
     time.sleep(1.1)  # snapshot names have a one-second resolution
     backup(path)
@@ -158,12 +118,10 @@ def test_snapshots_keep_the_extra_source_hard_linked(lab_env: Lab, server):
     assert (snaps[-1] / "on-root").is_file()
 
 
-def test_restore_of_a_file_from_the_extra_source(lab_env: Lab, server, tmp_path: Path):
-    host_lab, work = server
-    path = backup(inventory(lab_env, host_lab, work, "restore", source=SOURCE,
-                            extra_sources=[MOUNT]))
+def test_restore_of_a_file_from_the_extra_source(server, tmp_path: Path):
+    path = backup(server.write("restore", backup={"source": SOURCE, "extra_sources": [MOUNT]}))
     to = tmp_path / "restored"
-    result = run("restore", "--inventory", str(path), "--host", host_lab.name,
+    result = run("restore", "--inventory", str(path), "--host", server.name,
                  "--path", f"{MOUNT}/sub", "--to", str(to))
     assert result.returncode == 0, result.stdout + result.stderr
     assert (to / "tree" / "file").read_text() == "on its own file system\n"
@@ -173,16 +131,11 @@ def test_captured_mode_records_one_command_with_every_source(lab_env: Lab,
                                                              tmp_path_factory):
     """capture-command records the one rsync (-R, both paths); the gate runs it; a changed
     extra_sources is drift, refused until capture-command runs again."""
-    work = tmp_path_factory.mktemp("mounts-captured")
-    host_lab = lab_env.start("mounts-cap", tmpfs=(MOUNT,))
-    try:
-        sh(host_lab, SEED)
-        path = lab_env.inventory([host_lab], path=work / "cap.yaml", defaults={
-            "forced_command": "captured", "rsync": PINNED,
-            "backup": {"destination": str(work / "cap" / "{name}"), "source": SOURCE,
-                       "extra_sources": [MOUNT]}})
-        host = load(path).hosts[host_lab.name]
-        keys.ensure_backup_key(Path(host.backup_key))
+    with lab_server(lab_env, tmp_path_factory, "mounts-cap", tmpfs=(MOUNT,), seed=SEED,
+                    name="cap", setup=False, defaults={
+                        "forced_command": "captured", "rsync": PINNED,
+                        "backup": {"source": SOURCE, "extra_sources": [MOUNT]}}) as server:
+        path, host = server.inventory, server.host
         for step in ("setup-remote", "capture-command"):
             result = run(step, "--inventory", str(path))
             assert result.returncode == 0, step + result.stdout + result.stderr
@@ -195,44 +148,37 @@ def test_captured_mode_records_one_command_with_every_source(lab_env: Lab,
         assert (tree / FILE).read_text() == "on its own file system\n"
         assert (tree / "on-root").is_file()
         # Without the extra source the recorded command no longer fits: refused, named.
-        plain = lab_env.inventory([host_lab], path=work / "plain.yaml", defaults={
-            "forced_command": "captured", "rsync": PINNED,
-            "backup": {"destination": str(work / "cap" / "{name}"), "source": SOURCE}})
+        plain = server.write("plain", dest="cap", backup={"extra_sources": []})
         result = run("backup", "--inventory", str(plain))
         assert result.returncode != 0
         assert "backup.extra_sources changed since the capture" in result.stdout + result.stderr
         assert (tree / FILE).is_file()
-    finally:
-        lab_env.remove(host_lab)
 
 
-def test_the_drill_reads_the_extra_source_too(lab_env: Lab, server, tmp_path: Path):
+def test_the_drill_reads_the_extra_source_too(server, tmp_path: Path):
     """A drill of SOURCE: the server's side is read per file system (as -x pulls it) and
     the extra source merged at its place, so its files count as backed up, 0 differences."""
-    host_lab, work = server
-    path = inventory(lab_env, host_lab, work, "drill", source=SOURCE, extra_sources=[MOUNT])
-    result = run("restore-drill", "--inventory", str(path), "--host", host_lab.name,
+    path = server.write("drill", backup={"source": SOURCE, "extra_sources": [MOUNT]})
+    result = run("restore-drill", "--inventory", str(path), "--host", server.name,
                  "--to", str(tmp_path / "drilled"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "drilled" / "tree" / FILE).is_file()
 
 
-def test_doctor_with_the_extra_source_is_clean(lab_env: Lab, server):
+def test_doctor_with_the_extra_source_is_clean(server):
     """Listed in extra_sources, the mount is covered; the test pull (one path) still runs."""
-    host_lab, work = server
-    result, lines = run_doctor(inventory(lab_env, host_lab, work, "doctor-extra",
-                                         extra_sources=[MOUNT]))
+    result, lines = run_doctor(server.write("doctor-extra", backup={"extra_sources": [MOUNT]}))
     assert result.returncode == 0, result.stdout + result.stderr
     the(lines, "ok", "mounts", f"every file system below / and {MOUNT} with files")
     the(lines, "ok", "test pull", "dry-run pull of root@127.0.0.1::system/etc/hostname")
 
 
-def test_diff_against_the_server_sees_the_extra_source(lab_env: Lab, server):
+def test_diff_against_the_server_sees_the_extra_source(server):
     """`diff` of the newest snapshot against the live server: the same pull with -n
     --delete -i; an extra source's unchanged files are not reported as removed."""
-    host_lab, work = server
-    path = backup(inventory(lab_env, host_lab, work, "diff", source=SOURCE,
-                            extra_sources=[MOUNT], snapshots=2))
+    host_lab = server.lab
+    path = backup(server.write("diff", backup={
+        "source": SOURCE, "extra_sources": [MOUNT], "snapshots": 2}))
     result = run("diff", "--inventory", str(path), "--host", host_lab.name)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "pbmount" not in result.stdout, result.stdout

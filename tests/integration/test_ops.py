@@ -5,13 +5,11 @@ admin connection, with a real lab host (daemon mode) and real rsync."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.server
 import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,19 +17,22 @@ from pathlib import Path
 
 import pytest
 
-from lab import hosts as lab
 from roles.core.retention import Retention, plan_retention
-from roles.core.spec import HostSpec
-from roles.features.setup_remote import setup_host
-from roles.inventory.schema import load
-from roles.local import keys, metrics
+from roles.local import metrics
 from roles.local.ping import send_ping
-from tests.integration.conftest import Lab, closed_port
+from tests.integration.conftest import (
+    PROGRAM,
+    Lab,
+    LabServer,
+    closed_port,
+    held_lock,
+    invoke,
+    lab_server,
+    sh,
+)
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
 DATA = "/srv/ops"
 SEED = f"""
 set -eu
@@ -40,15 +41,6 @@ printf 'one\\n' > {DATA}/etc/one.conf
 printf 'two\\n' > {DATA}/etc/two.conf
 printf 'keep\\n' > {DATA}/var/keep
 """
-
-
-def invoke(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([INVOKE, *args], cwd=ROOT, capture_output=True, timeout=timeout,
-                          text=True, encoding="utf-8", errors="replace", check=False)
-
-
-def sh(host: lab.LabHost, script: str) -> str:
-    return lab.engine("exec", host.name, "sh", "-c", script, timeout=60).stdout.decode()
 
 
 # --- a loopback monitor: records every request ------------------------------------------------
@@ -98,19 +90,6 @@ def silent_port() -> Iterator[int]:
         sock.bind(("127.0.0.1", 0))
         sock.listen(8)
         yield sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def held_lock(host: HostSpec, text: str = "4711\n") -> Iterator[None]:
-    lock = Path(host.destination + ".pullback") / "lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.seek(0)
-        held.truncate()
-        held.write(text)
-        held.flush()
-        yield
 
 
 # --- pings, no host needed -------------------------------------------------------------------
@@ -165,45 +144,19 @@ def test_a_backup_that_cannot_start_pings_fail_with_the_reason(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def remote(lab_env: Lab) -> Iterator[lab.LabHost]:
-    host = lab_env.start("ops")
-    try:
-        yield host
-    finally:
-        lab_env.remove(host)
+def ready(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """The module's host in daemon mode, seeded; each test's inventory keeps 3 snapshots."""
+    with lab_server(lab_env, tmp_path_factory, "ops", seed=SEED, defaults={
+        "backup": {"source": DATA, "snapshots": 3},
+    }) as server:
+        yield server
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ops")
-
-
-def write_inventory(lab_env: Lab, remote: lab.LabHost, work: Path, name: str,
-                    monitor: dict | None = None, **backup) -> tuple[Path, HostSpec]:
-    path = lab_env.inventory([remote], path=work / f"{name}.yaml", defaults={
-        "rsync": {"local_prefix": str(work / "no-local-build")},
-        "backup": {"destination": str(work / name / "{name}"), "source": DATA,
-                   "snapshots": 3, **backup},
-        **({"monitor": monitor} if monitor else {}),
-    })
-    return path, load(path).hosts[remote.name]
-
-
-@pytest.fixture(scope="module")
-def ready(lab_env: Lab, remote: lab.LabHost, work: Path) -> lab.LabHost:
-    _, host = write_inventory(lab_env, remote, work, "setup")
-    keys.ensure_backup_key(Path(host.backup_key))
-    outcome = setup_host(host)
-    assert outcome.error is None, outcome
-    sh(remote, SEED)
-    return remote
-
-
-def test_a_good_backup_pings_success_and_writes_metrics(lab_env, ready, work):
-    prom = work / "textfile" / "pullback.prom"
+def test_a_good_backup_pings_success_and_writes_metrics(ready):
+    prom = ready.work / "textfile" / "pullback.prom"
     prom.parent.mkdir()
     with monitor() as m:
-        inventory, host = write_inventory(lab_env, ready, work, "monitored", monitor={
+        inventory, host = ready.spec("monitored", monitor={
             "ping_url": m.url, "metrics_file": str(prom)})
         before = time.time()
         result = invoke("backup", "--inventory", str(inventory))
@@ -215,7 +168,7 @@ def test_a_good_backup_pings_success_and_writes_metrics(lab_env, ready, work):
     assert before - 1 <= samples["last_success_timestamp_seconds"] <= time.time()
 
     # A monitor that is down never fails the backup: one warning line per ping.
-    inventory, host = write_inventory(lab_env, ready, work, "monitored", monitor={
+    inventory, host = ready.spec("monitored", monitor={
         "ping_url": f"http://127.0.0.1:{closed_port()}/dead", "metrics_file": str(prom)})
     result = invoke("backup", "--inventory", str(inventory))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -232,11 +185,11 @@ def test_a_good_backup_pings_success_and_writes_metrics(lab_env, ready, work):
     assert entry["newest_good"]["exit_code"] == 0 and data["stale"] == []
 
 
-def test_snapshots_list_diff_and_restore_by_listed_name(lab_env, ready, work):
-    inventory, host = write_inventory(lab_env, ready, work, "seen")
+def test_snapshots_list_diff_and_restore_by_listed_name(ready):
+    inventory, host = ready.spec("seen")
     assert invoke("backup", "--inventory", str(inventory)).returncode == 0
-    sh(ready, f"cd {DATA} && printf 'three\\n' > etc/three.conf && rm etc/two.conf "
-              "&& printf 'changed, longer\\n' > etc/one.conf")
+    sh(ready.lab, f"cd {DATA} && printf 'three\\n' > etc/three.conf && rm etc/two.conf "
+                  "&& printf 'changed, longer\\n' > etc/one.conf")
     assert invoke("backup", "--inventory", str(inventory)).returncode == 0
     listed = invoke("snapshots", "--inventory", str(inventory), "--host", host.name, "--json")
     assert listed.returncode == 0, listed.stderr
@@ -258,7 +211,7 @@ def test_snapshots_list_diff_and_restore_by_listed_name(lab_env, ready, work):
         f"{old} -> {new}: 1 added, 1 removed, 1 changed",
         "+ etc/three.conf", "- etc/two.conf", "~ etc/one.conf"]
 
-    sh(ready, f"cd {DATA} && printf 'live\\n' > var/live && rm var/keep")
+    sh(ready.lab, f"cd {DATA} && printf 'live\\n' > var/live && rm var/keep")
     live = invoke("diff", "--inventory", str(inventory), "--host", host.name)
     assert live.returncode == 0, live.stderr
     assert live.stdout.splitlines() == [f"{new} -> server: 1 added, 1 removed, 0 changed",
@@ -269,18 +222,18 @@ def test_snapshots_list_diff_and_restore_by_listed_name(lab_env, ready, work):
                  "--old", "nope", "--new", new)
     assert bad.returncode == 2 and "no complete snapshot 'nope'" in bad.stderr
 
-    target = work / "restored-old"
+    target = ready.work / "restored-old"
     restored = invoke("restore", "--inventory", str(inventory), "--host", host.name,
                       "--path", f"{DATA}/etc/two.conf", "--to", str(target),
                       "--snapshot", old)
     assert restored.returncode == 0, restored.stderr
     assert (target / "tree" / "two.conf").read_text() == "two\n"
-    sh(ready, SEED)
+    sh(ready.lab, SEED)
 
 
-def test_retention_prunes_under_the_lock(lab_env, ready, work):
-    inventory, host = write_inventory(lab_env, ready, work, "retained", snapshots=1,
-                                      retain={"daily": 2, "monthly": 2})
+def test_retention_prunes_under_the_lock(ready):
+    inventory, host = ready.spec("retained", backup={
+        "snapshots": 1, "retain": {"daily": 2, "monthly": 2}})
     dest = Path(host.destination)
     dest.mkdir(parents=True, mode=0o700)
     made = ["2026-09-30T023000Z", "2026-10-30T023000Z", "2026-10-31T023000Z",
@@ -318,63 +271,60 @@ def test_retention_prunes_under_the_lock(lab_env, ready, work):
     assert new in names and "2026-11-01T143000Z" in names
 
 
-def test_pre_command_output_is_in_the_backup_and_post_runs_after(lab_env, ready, work):
+def test_pre_command_output_is_in_the_backup_and_post_runs_after(ready):
     pre = ["sh", "-c", f"date +%s > {DATA}/var/dump.sql && printf 'pre ran\\n' >> "
                        f"/tmp/hooks.log"]
     post = ["sh", "-c", f"rm {DATA}/var/dump.sql && printf 'post ran\\n' >> /tmp/hooks.log"]
-    inventory, host = write_inventory(lab_env, ready, work, "hooked", pre=pre, post=post)
-    sh(ready, "rm -f /tmp/hooks.log")
+    inventory, host = ready.spec("hooked", backup={"pre": pre, "post": post})
+    sh(ready.lab, "rm -f /tmp/hooks.log")
 
     dry = invoke("backup", "--inventory", str(inventory), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "not in a dry run" in dry.stderr
-    assert sh(ready, "cat /tmp/hooks.log 2>/dev/null || true") == ""
+    assert sh(ready.lab, "cat /tmp/hooks.log 2>/dev/null || true") == ""
 
     result = invoke("backup", "--inventory", str(inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     dump = Path(host.destination) / "latest" / "var" / "dump.sql"
     assert dump.read_text().strip().isdigit()  # written by pre, before the pull
-    assert sh(ready, "cat /tmp/hooks.log") == "pre ran\npost ran\n"
-    assert sh(ready, f"ls {DATA}/var") == "keep\n"  # post removed it after the pull
+    assert sh(ready.lab, "cat /tmp/hooks.log") == "pre ran\npost ran\n"
+    assert sh(ready.lab, f"ls {DATA}/var") == "keep\n"  # post removed it after the pull
 
 
-def test_a_failing_pre_command_stops_the_pull(lab_env, ready, work):
+def test_a_failing_pre_command_stops_the_pull(ready):
     post = ["sh", "-c", "printf 'post ran\\n' >> /tmp/hooks-failed.log"]
-    sh(ready, "rm -f /tmp/hooks-failed.log")
+    sh(ready.lab, "rm -f /tmp/hooks-failed.log")
     with monitor() as m:
-        inventory, host = write_inventory(lab_env, ready, work, "prefail", monitor={
-            "ping_url": m.url}, pre=["sh", "-c", "echo 'dump: disk full' >&2; exit 3"],
-            post=post)
+        inventory, host = ready.spec("prefail", monitor={"ping_url": m.url}, backup={
+            "pre": ["sh", "-c", "echo 'dump: disk full' >&2; exit 3"], "post": post})
         result = invoke("backup", "--inventory", str(inventory))
     assert result.returncode == 1
     assert (f"{host.name}: failed: backup.pre `sh -c 'echo '\"'\"'dump: disk full'\"'\"' >&2; "
             "exit 3'` exited 3: dump: disk full; the pull did not run") in result.stderr
     dest = Path(host.destination)
     assert not dest.exists() or os.listdir(dest) == []  # no snapshot, no partial
-    assert sh(ready, "cat /tmp/hooks-failed.log 2>/dev/null || true") == ""  # no pull: no post
+    assert sh(ready.lab, "cat /tmp/hooks-failed.log 2>/dev/null || true") == ""  # no pull: no post
     assert m.paths() == ["/ping/abc/start", "/ping/abc/fail"]
     assert "exited 3: dump: disk full" in m.requests[1][2]
 
 
-def test_hooks_run_under_the_lock_so_a_second_run_runs_none(lab_env, ready, work):
+def test_hooks_run_under_the_lock_so_a_second_run_runs_none(ready):
     """A run that finds the host's lock held (another backup pulling) must not run its pre
     command: that would rewrite the dump the running backup is copying."""
     pre = ["sh", "-c", "printf 'pre ran\\n' >> /tmp/hooks-locked.log"]
     post = ["sh", "-c", "printf 'post ran\\n' >> /tmp/hooks-locked.log"]
-    inventory, host = write_inventory(lab_env, ready, work, "locked", pre=pre, post=post)
-    sh(ready, "rm -f /tmp/hooks-locked.log")
+    inventory, host = ready.spec("locked", backup={"pre": pre, "post": post})
+    sh(ready.lab, "rm -f /tmp/hooks-locked.log")
     with held_lock(host):
         result = invoke("backup", "--inventory", str(inventory))
     assert result.returncode == 1
     assert f"another backup of {host.name} is running (pid 4711)" in result.stderr
-    assert sh(ready, "cat /tmp/hooks-locked.log 2>/dev/null || true") == ""
+    assert sh(ready.lab, "cat /tmp/hooks-locked.log 2>/dev/null || true") == ""
     # Control: with the lock free, both run.
     again = invoke("backup", "--inventory", str(inventory))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert sh(ready, "cat /tmp/hooks-locked.log") == "pre ran\npost ran\n"
+    assert sh(ready.lab, "cat /tmp/hooks-locked.log") == "pre ran\npost ran\n"
 
-
-PROGRAM = str(Path(sys.executable).parent / "pullback-backup")
 
 
 def unattended(inventory: Path) -> subprocess.CompletedProcess:
@@ -385,21 +335,18 @@ def unattended(inventory: Path) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL)
 
 
-def test_pullback_backup_runs_hooks_and_refuses_a_sudo_password_host(lab_env, ready, work):
+def test_pullback_backup_runs_hooks_and_refuses_a_sudo_password_host(ready):
     pre = ["sh", "-c", "printf 'pre ran\\n' >> /tmp/hooks-timer.log"]
-    inventory, host = write_inventory(lab_env, ready, work, "timer", pre=pre)
-    sh(ready, "rm -f /tmp/hooks-timer.log")
+    inventory, host = ready.spec("timer", backup={"pre": pre})
+    sh(ready.lab, "rm -f /tmp/hooks-timer.log")
     result = unattended(inventory)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert sh(ready, "cat /tmp/hooks-timer.log") == "pre ran\n"
+    assert sh(ready.lab, "cat /tmp/hooks-timer.log") == "pre ran\n"
 
-    path = lab_env.inventory([ready], path=work / "timer-sudo.yaml", defaults={
-        "rsync": {"local_prefix": str(work / "no-local-build")}, "sudo_password": True,
-        "backup": {"destination": str(work / "timer" / "{name}"), "source": DATA,
-                   "snapshots": 3, "pre": pre}})
+    path = ready.write("timer", file="timer-sudo", sudo_password=True, backup={"pre": pre})
     refused = unattended(path)
     assert refused.returncode == 1
     assert ("did not run: sudo_password is true and there is no terminal to ask on; allow "
             "NOPASSWD sudo for the admin user to run hooks unattended; the pull did not run"
             in refused.stderr)
-    assert sh(ready, "cat /tmp/hooks-timer.log") == "pre ran\n"
+    assert sh(ready.lab, "cat /tmp/hooks-timer.log") == "pre ran\n"

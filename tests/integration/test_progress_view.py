@@ -13,24 +13,16 @@ import re
 import select
 import struct
 import subprocess
-import sys
 import termios
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
-from lab import hosts as lab
-from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
-from roles.local import keys
-from tests.integration.conftest import Lab, closed_port
+from tests.integration.conftest import INVOKE, ROOT, Lab, closed_port, invoke, set_up, sh
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
 DATA = "/srv/data"
 # --bwlimit: the 12 MB file takes about 3 s (rsync prints progress about once a second), so
 # the view is drawn while the pulls run.
@@ -53,19 +45,13 @@ def fleet(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory):
     hosts = [lab_env.start("progress"), lab_env.start("progress")]
     try:
         path = lab_env.inventory(hosts, path=work / "fleet.yaml", defaults={
-            "rsync": {"local_prefix": str(work / "no-local-build")},
             "backup": {"destination": str(work / "backups" / "{name}"), "source": DATA,
                        "allow_inexact": True, "options": OPTIONS},
-        })
+        }, others={"gone": {"address": "127.0.0.1", "port": closed_port()}})
         inventory = load(path)
-        keys.ensure_backup_key(Path(inventory.hosts[hosts[0].name].backup_key))
         for h in hosts:
-            outcome = setup_host(inventory.hosts[h.name])
-            assert outcome.error is None, outcome
-            lab.engine("exec", h.name, "sh", "-c", SEED, timeout=60)
-        data = yaml.safe_load(path.read_text())
-        data["hosts"]["gone"] = {"address": "127.0.0.1", "port": closed_port()}
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+            set_up(inventory.hosts[h.name])
+            sh(h, SEED)
         yield path, [h.name for h in hosts], work / "backups"
     finally:
         for h in hosts:
@@ -134,8 +120,7 @@ def test_a_terminal_gets_a_live_line_per_host(fleet):
 
 def test_without_a_terminal_plain_lines_and_no_escape_codes(fleet):
     path, names, backups = fleet
-    result = subprocess.run([INVOKE, "backup", "--inventory", str(path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=240, check=False)
+    result = invoke("backup", "--inventory", str(path), timeout=240)
     assert result.returncode == 1, result.stderr
     assert "\x1b" not in result.stdout + result.stderr
     assert result.stdout.splitlines()[0].split()[:2] == ["host", "result"]  # only the table

@@ -23,14 +23,12 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from lab import hosts as lab
-from lab import mirror
 from roles.core import fleet
 from roles.core.outcome import Outcome
 from roles.core.spec import HostSpec
@@ -40,7 +38,7 @@ from roles.features import setup_remote as setup
 from roles.inventory.schema import load
 from roles.local import capture_record, keys
 from roles.remote.facts import AUTHORIZED_KEYS
-from tests.integration.conftest import Lab, serve_directory
+from tests.integration.conftest import Lab, serve_tarballs
 from tests.integration.test_backup import DATA, MOUNT, OPTIONS, SEED, assert_same
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -105,20 +103,16 @@ def source_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert hashlib.sha256(FIXTURE.read_bytes()).hexdigest() == FIXTURE_SHA256
     staged = tmp_path_factory.mktemp("fixture") / f"rsync-{VERSION}.tar.gz"
     shutil.copyfile(FIXTURE, staged)
-    root = tmp_path_factory.mktemp("mirror")
-    mirror.populate(root, [staged])
-    with serve_directory(root) as base:
-        yield f"{base}/{mirror.UPSTREAM_LAYOUT}"
+    with serve_tarballs(tmp_path_factory.mktemp("mirror"), [staged]) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def card(lab_env: Lab, source_url: str,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Card]:
     work = tmp_path_factory.mktemp("card")
-    with ThreadPoolExecutor(max_workers=len(RELEASES)) as pool:
-        started = list(pool.map(
-            lambda r: lab_env.start(f"269-{r}", release=r, tmpfs=(MOUNT,)), RELEASES))
-    labs = dict(zip(RELEASES, started, strict=True))
+    labs = lab_env.start_releases(RELEASES, "269-", tmpfs=(MOUNT,))
+    started = list(labs.values())
     try:
         common = {
             "rsync": {"version": VERSION, "url": source_url, "prefix": PREFIX,

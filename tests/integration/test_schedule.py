@@ -12,36 +12,23 @@ import hashlib
 import json
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-import yaml
 
 from lab import hosts as lab
 from roles.core.spec import HostSpec
 from roles.features import schedule as sched
-from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
-from roles.local import keys
 from roles.remote import session as connection
 from roles.remote.hostkeys import HostKey, known_hosts_name
-from tests.integration.conftest import Lab
+from tests.integration.conftest import PROGRAM, Lab, LabServer, invoke, lab_server
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
-PROGRAM = str(Path(sys.executable).parent / "pullback-backup")
 BARE_ENV = {"PATH": sched.PATH_ENV, "LANG": "C.UTF-8"}  # what cron / systemd start a job with
-
-
-def invoke(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([INVOKE, "-r", str(ROOT), *args], capture_output=True, text=True,
-                          timeout=timeout, check=False, stdin=subprocess.DEVNULL)
-
 
 def summaries(host: HostSpec) -> list[dict]:
     logs = Path(host.destination + ".pullback") / "logs"
@@ -52,44 +39,14 @@ def summaries(host: HostSpec) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def remote(lab_env: Lab) -> Iterator[lab.LabHost]:
-    host = lab_env.start("schedule")
-    try:
-        yield host
-    finally:
-        lab_env.remove(host)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("schedule")
-
-
-def write_inventory(lab_env: Lab, remote: lab.LabHost, path: Path, work: Path,
-                    extra_hosts: tuple[str, ...] = (), **defaults) -> Path:
-    """The lab inventory for ``remote`` plus hosts that are never contacted (TEST-NET)."""
-    lab_env.inventory([remote], path=path, defaults={
-        "rsync": {"local_prefix": str(work / "no-local-build")},
-        "backup": {"destination": str(work / "backups" / "{name}"), "source": "/etc/ssh"},
-        **defaults,
-    })
-    data = yaml.safe_load(path.read_text())
-    for name in extra_hosts:
-        data["hosts"][name] = {"address": "192.0.2.1"}
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-@pytest.fixture(scope="module")
-def ready(lab_env: Lab, remote: lab.LabHost, work: Path) -> tuple[Path, HostSpec]:
-    """The inventory (the lab host, ``stale1`` and ``never1``) with the lab host set up."""
-    inventory = write_inventory(lab_env, remote, work / "inventory.yaml", work,
-                                extra_hosts=("stale1", "never1"))
-    host = load(inventory).hosts[remote.name]
-    keys.ensure_backup_key(Path(host.backup_key))
-    outcome = setup_host(host)
-    assert outcome.error is None, outcome
-    return inventory, host
+def server(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    """Set up with ``inventory.yaml``: the lab host, ``stale1`` and ``never1`` (TEST-NET,
+    never contacted); every inventory's backups in ``work/backups``."""
+    never = {"address": "192.0.2.1"}
+    with lab_server(lab_env, tmp_path_factory, "schedule", name="inventory",
+                    backups="backups", defaults={"backup": {"source": "/etc/ssh"}},
+                    others={"stale1": never, "never1": never}) as server:
+        yield server
 
 
 def scheduled(work: Path, inventory: Path, host: HostSpec, kind: str) -> str:
@@ -109,9 +66,9 @@ def remote_sha256(remote: lab.LabHost, path: str) -> str:
 # --- a scheduled command line, run by hand, backs up -------------------------------------------
 
 
-def test_the_systemd_exec_start_line_run_by_hand_backs_up(ready, remote, work):
-    inventory, host = ready
-    unit = scheduled(work, inventory, host, "systemd")
+def test_the_systemd_exec_start_line_run_by_hand_backs_up(server):
+    inventory, host = server.inventory, server.host
+    unit = scheduled(server.work, inventory, host, "systemd")
     (exec_start,) = [line.removeprefix("ExecStart=") for line in unit.splitlines()
                      if line.startswith("ExecStart=")]
     assert "%%" not in exec_start and "$$" not in exec_start  # plain paths: sh words == argv
@@ -124,13 +81,13 @@ def test_the_systemd_exec_start_line_run_by_hand_backs_up(ready, remote, work):
     assert result.returncode == 0, result.stdout + result.stderr
     dest = Path(host.destination)
     assert hashlib.sha256((dest / "tree" / "sshd_config").read_bytes()).hexdigest() == \
-        remote_sha256(remote, "/etc/ssh/sshd_config")
+        remote_sha256(server.lab, "/etc/ssh/sshd_config")
     last = summaries(host)[-1]
     assert last["ok"] is True and last["exit_code"] == 0 and not last["dry_run"]
 
 
-def test_the_cron_line_run_by_sh_backs_up(ready, work):
-    inventory, host = ready
+def test_the_cron_line_run_by_sh_backs_up(server):
+    inventory, host, work = server.inventory, server.host, server.work
     before = len(summaries(host))
     entry = scheduled(work, inventory, host, "cron").splitlines()[-1]
     fields = entry.split(" ", 6)
@@ -144,8 +101,8 @@ def test_the_cron_line_run_by_sh_backs_up(ready, work):
     assert len(runs) == before + 1 and runs[-1]["ok"] is True
 
 
-def test_schedule_cli_dry_run_and_bad_time(ready):
-    inventory, host = ready
+def test_schedule_cli_dry_run_and_bad_time(server):
+    inventory, host = server.inventory, server.host
     result = invoke("schedule", "--inventory", str(inventory), "--host", host.name,
                     "--kind", "systemd", "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -179,8 +136,8 @@ def write_summary(dest: str, started: datetime, ok: bool = True) -> None:
         "error": None if ok else "rsync exit 255"}))
 
 
-def test_status_reports_fresh_and_stale_backups(ready, remote, work):
-    inventory, host = ready
+def test_status_reports_fresh_and_stale_backups(server):
+    inventory, host = server.inventory, server.host
     if not summaries(host):  # run alone: make the real run this test reports on
         assert invoke("backup", "--inventory", str(inventory), "--host", host.name) \
             .returncode == 0
@@ -205,20 +162,19 @@ def test_status_reports_fresh_and_stale_backups(ready, remote, work):
 # --- a world-readable key is refused -----------------------------------------------------------
 
 
-def test_a_world_readable_key_is_refused(lab_env, remote, ready, work):
-    _, host = ready
+def test_a_world_readable_key_is_refused(server):
+    host, work = server.host, server.work
     key = work / "readable_key"
     key.write_bytes(Path(host.backup_key).read_bytes())
     key.with_suffix(".pub").write_bytes(Path(host.backup_pubkey).read_bytes())
     key.chmod(0o644)
-    inventory = write_inventory(lab_env, remote, work / "readable.yaml", work,
-                                backup_key=str(key))
+    inventory = server.write("readable", backup_key=str(key))
     fix = f"fix with: chmod 600 {key}"
     for task in (["schedule", "--dry-run"], ["keygen"]):
         result = invoke(*task, "--inventory", str(inventory))
         assert result.returncode == 1 and fix in result.stderr, (task, result.stderr)
     before = len(summaries(host))
-    result = invoke("backup", "--inventory", str(inventory), "--host", remote.name)
+    result = invoke("backup", "--inventory", str(inventory), "--host", server.name)
     assert result.returncode == 1
     logs = summaries(host)[before:]
     # Refused before rsync starts (keys.check_private_key), or by ssh itself.
@@ -230,8 +186,9 @@ def test_a_world_readable_key_is_refused(lab_env, remote, ready, work):
 # --- an unknown host key is refused until trusted ----------------------------------------------
 
 
-def test_an_unknown_host_key_is_refused_until_trusted(lab_env, remote, work):
-    inventory = write_inventory(lab_env, remote, work / "trust.yaml", work)
+def test_an_unknown_host_key_is_refused_until_trusted(server):
+    remote = server.lab
+    inventory = server.write("trust")
     host = load(inventory).hosts[remote.name]
     known_hosts = Path(host.known_hosts)
     known_hosts.write_text("")
@@ -262,8 +219,9 @@ def test_an_unknown_host_key_is_refused_until_trusted(lab_env, remote, work):
     assert known_hosts.read_text() == f"{name} ssh-ed25519 {key.blob}\n"
 
 
-def test_a_mismatching_pinned_key_makes_trust_host_refuse(lab_env, remote, work):
-    inventory = write_inventory(lab_env, remote, work / "mismatch.yaml", work)
+def test_a_mismatching_pinned_key_makes_trust_host_refuse(server):
+    remote, work = server.lab, server.work
+    inventory = server.write("mismatch")
     host = load(inventory).hosts[remote.name]
     other = work / "not_the_host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)],

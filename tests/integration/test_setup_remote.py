@@ -15,7 +15,6 @@ import select
 import shlex
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,13 +39,11 @@ from roles.remote.facts import (
     gather,
 )
 from roles.remote.session import Session, connect
-from tests.integration.conftest import Lab, infra_host
+from tests.integration.conftest import NO_AGENT, Lab, infra_host, invoke
 from tests.unit.test_rsyncd import LEGACY
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
 WANT = "forced-commands-only"
 ROOT_SSH = "/root/.ssh"
 DROP_IN = "/etc/ssh/sshd_config.d/50-cloud.conf"
@@ -57,7 +54,6 @@ FORCED = "/usr/bin/rsync --server --daemon --config=/etc/pullback/rsyncd.conf ."
 STOCK_DEFAULT = b"#PermitRootLogin prohibit-password\n"
 FCO_LINE = b"PermitRootLogin forced-commands-only\n"
 ROOT_AT = "root@127.0.0.1"
-NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
 
 
 def expected_rsyncd(addr: str) -> bytes:
@@ -203,11 +199,6 @@ def key_line(target: Target, command: str = FORCED, addr: str | None = None) -> 
             f"no-X11-forwarding,no-pty {key_type} {blob} pullback-backup").encode()
 
 
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([INVOKE, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=False, env=NO_AGENT)
-
-
 def step_lines(stdout: str, name: str) -> dict[str, str]:
     """`NAME  step  state` lines of the CLI output -> {step: state}."""
     steps = {}
@@ -330,7 +321,7 @@ def set_up(lab_env: Lab) -> Iterator[SetUp]:
     lab_host = lab_env.start("setup")
     try:
         target = make_target(lab_env, lab_host)
-        result = cli("setup-remote", "--inventory", str(target.inventory))
+        result = invoke("setup-remote", "--inventory", str(target.inventory))
         yield SetUp(target, result, client_addr(target))
     finally:
         lab_env.remove(lab_host)
@@ -411,7 +402,7 @@ def test_from_any_leaves_no_from_and_no_hosts_allow(lab_env: Lab, fresh_host: la
     """`from: any` opts out: no from= on the line, no `hosts allow` in the module; the key
     then reaches the forced command from anywhere (the control for the refusal above)."""
     target = make_target(lab_env, fresh_host, defaults={"from": "any"})
-    result = cli("setup-remote", "--inventory", str(target.inventory))
+    result = invoke("setup-remote", "--inventory", str(target.inventory))
     assert result.returncode == 0, result.stdout + result.stderr
     content = read(fresh_host, AUTHORIZED_KEYS)
     assert content == key_line(target) + b"\n" and b"from=" not in content
@@ -422,7 +413,7 @@ def test_from_any_leaves_no_from_and_no_hosts_allow(lab_env: Lab, fresh_host: la
     assert pulled.returncode == 0, pulled.stderr
     # Back to the default: from= this machine again, and the module admits it alone.
     default = make_target(lab_env, fresh_host)
-    again = cli("setup-remote", "--inventory", str(default.inventory))
+    again = invoke("setup-remote", "--inventory", str(default.inventory))
     assert again.returncode == 0, again.stdout + again.stderr
     addr = client_addr(default)
     assert read(fresh_host, AUTHORIZED_KEYS) == key_line(default, addr=addr) + b"\n"
@@ -637,7 +628,7 @@ def test_second_run_changes_nothing_and_does_not_reload(set_up: SetUp):
 def test_dry_run_prints_diffs_and_changes_nothing(lab_env: Lab, fresh_host: lab.LabHost):
     target = make_target(lab_env, fresh_host)
     before = snapshot(fresh_host)
-    result = cli("setup-remote", "--inventory", str(target.inventory), "--dry-run")
+    result = invoke("setup-remote", "--inventory", str(target.inventory), "--dry-run")
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "--- a/etc/ssh/sshd_config\n+++ b/etc/ssh/sshd_config\n" in out
@@ -740,7 +731,7 @@ def test_fault_invalid_sshd_config_fails_cleanly_through_cli(lab_env: Lab,
     sh(fresh_host, "printf 'NoSuchDirective yes\\n' >> /etc/ssh/sshd_config")
     target = make_target(lab_env, fresh_host)
     before = snapshot(fresh_host)
-    result = cli("setup-remote", "--inventory", str(target.inventory))
+    result = invoke("setup-remote", "--inventory", str(target.inventory))
     assert result.returncode == 1, result.stdout + result.stderr
     failed = [ln for ln in result.stdout.splitlines() if "failed:" in ln]
     assert len(failed) == 1 and failed[0].startswith(target.name), result.stdout
@@ -1000,7 +991,7 @@ def test_bad_inventory_exits_2_and_touches_no_host(lab_env: Lab, shared_host: la
     keys.ensure_backup_key(Path(data["defaults"]["backup_key"]))
     before = snapshot(shared_host)
     hups = sighups(shared_host)
-    result = cli("setup-remote", "--inventory", str(inventory))
+    result = invoke("setup-remote", "--inventory", str(inventory))
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stdout == ""
     lines = result.stderr.splitlines()

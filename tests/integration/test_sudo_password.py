@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import getpass
 import logging
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -36,18 +33,15 @@ from roles.remote.facts import (
     SSHD_CONFIG,
 )
 from roles.remote.session import Run, Session
-from tests.integration.conftest import Lab, infra_host
+from tests.integration.conftest import Lab, infra_host, invoke
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
 # LAB-ONLY CREDENTIAL: set by lab/Containerfile for the throwaway lab containers.
 PASSWORD = "pullback-lab-sudo"
 WRONG = "not-the-sudo-password"
 OPERATOR = "operator"
 WANT = "forced-commands-only"
-NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
 WATCHED = (SSHD_CONFIG, "/root/.ssh", AUTHORIZED_KEYS, RSYNCD_CONF, PULLBACK_DIR,
            PULLBACK_RSYNCD_CONF)
 
@@ -199,9 +193,7 @@ def test_password_needed_but_not_enabled_fails_fast(lab_env: Lab, fresh_host: la
     assert "needs a password" in error and "`sudo_password: true`" in error, error
 
     # The command line: exit 1, one failed line with the same advice, no hang.
-    result = subprocess.run([INVOKE, "setup-remote", "--inventory", str(target.inventory)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60,
-                            stdin=subprocess.DEVNULL, check=False, env=NO_AGENT)
+    result = invoke("setup-remote", "--inventory", str(target.inventory), timeout=60)
     assert result.returncode == 1, result.stdout + result.stderr
     failed = [line for line in result.stdout.splitlines() if "failed:" in line]
     assert len(failed) == 1 and "sudo_password: true" in failed[0], result.stdout

@@ -13,23 +13,16 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from lab import hosts as lab
 from roles.core.rsync import SYSTEM_EXCLUDE
-from roles.features.setup_remote import setup_host
-from roles.inventory.schema import load
-from roles.local import keys
-from tests.integration.conftest import Lab
+from tests.integration.conftest import Lab, LabServer, invoke, lab_server, sh
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
 SMALL = ["/usr/*", "/var/lib/*", "/var/log/*", "/var/cache/apt/*.bin"]
 MARKERS = ["tmp/pb-marker", "var/tmp/pb-marker", "run/pb-marker",
            "var/cache/apt/archives/pb-marker.deb", "swapfile"]
@@ -49,48 +42,15 @@ ls /var/cache/apt/archives/*.deb | grep -v pb-marker | head -1 | grep -q .
 """
 
 
-def sh(host: lab.LabHost, script: str) -> str:
-    return lab.engine("exec", host.name, "sh", "-c", script, timeout=120).stdout.decode()
-
-
-def invoke(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([INVOKE, *args], cwd=ROOT, capture_output=True, timeout=timeout,
-                          text=True, check=False)
-
-
 @pytest.fixture(scope="module")
-def server(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory):
-    work = tmp_path_factory.mktemp("sysexcl")
-    host_lab = lab_env.start("sysexcl")
-    try:
-        sh(host_lab, SEED)
-        yield host_lab, work
-    finally:
-        lab_env.remove(host_lab)
+def hardened(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabServer]:
+    with lab_server(lab_env, tmp_path_factory, "sysexcl", seed=SEED, defaults={
+            "backup": {"source": "/", "exclude": SMALL}}) as server:
+        yield server
 
 
-def inventory(lab_env: Lab, host_lab: lab.LabHost, work: Path, name: str, **backup) -> Path:
-    return lab_env.inventory([host_lab], path=work / f"{name}.yaml", defaults={"backup": {
-        "destination": str(work / name / "{name}"), "source": "/", "exclude": SMALL,
-        **backup}})
-
-
-@pytest.fixture(scope="module")
-def hardened(lab_env: Lab, server):
-    host_lab, work = server
-    path = inventory(lab_env, host_lab, work, "setup")
-    host = load(path).hosts[host_lab.name]
-    keys.ensure_backup_key(Path(host.backup_key))
-    outcome = setup_host(host)
-    assert outcome.error is None, outcome
-    return host_lab, work
-
-
-def test_a_pull_of_root_leaves_out_the_system_paths_but_keeps_their_folders(lab_env,
-                                                                              hardened):
-    host_lab, work = hardened
-    path = inventory(lab_env, host_lab, work, "defaults")
-    host = load(path).hosts[host_lab.name]
+def test_a_pull_of_root_leaves_out_the_system_paths_but_keeps_their_folders(hardened):
+    path, host = hardened.spec("defaults")
     assert host.backup.system_exclude == SYSTEM_EXCLUDE
     result = invoke("backup", "--inventory", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -108,15 +68,13 @@ def test_a_pull_of_root_leaves_out_the_system_paths_but_keeps_their_folders(lab_
             assert stat.S_IMODE(info.st_mode) == mode, folder
     assert os.listdir(copy / "proc") == [] and os.listdir(copy / "sys") == []
     # The server still has every marker: left out, not lost.
-    assert sorted(sh(host_lab, "ls " + " ".join(f"/{m}" for m in MARKERS)).split()) == sorted(
+    assert sorted(sh(hardened.lab, "ls " + " ".join(f"/{m}" for m in MARKERS)).split()) == sorted(
         f"/{m}" for m in MARKERS)
 
 
-def test_an_inventory_brings_a_left_out_path_back(lab_env, hardened):
-    host_lab, work = hardened
+def test_an_inventory_brings_a_left_out_path_back(hardened):
     keep = [p for p in SYSTEM_EXCLUDE if p != "/var/tmp/*"]
-    path = inventory(lab_env, host_lab, work, "override", system_exclude=keep)
-    host = load(path).hosts[host_lab.name]
+    path, host = hardened.spec("override", backup={"system_exclude": keep})
     result = invoke("backup", "--inventory", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     copy = Path(host.destination) / "tree"
@@ -125,21 +83,20 @@ def test_an_inventory_brings_a_left_out_path_back(lab_env, hardened):
         if marker != "var/tmp/pb-marker":
             assert not os.path.lexists(copy / marker), marker
     # An empty list copies them all (within -x: /proc, /sys, /dev are mounts of their own).
-    path = inventory(lab_env, host_lab, work, "none", system_exclude=[])
+    path, host = hardened.spec("none", backup={"system_exclude": []})
     result = invoke("backup", "--inventory", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
-    copy = Path(load(path).hosts[host_lab.name].destination) / "tree"
+    copy = Path(host.destination) / "tree"
     for marker in MARKERS:
         assert os.path.lexists(copy / marker), marker
 
 
-def test_the_drill_compares_what_is_backed_up_zero_differences(lab_env, hardened):
+def test_the_drill_compares_what_is_backed_up_zero_differences(hardened):
     """/var holds left-out paths (/var/tmp's marker, apt's packages): the drill leaves out
     what the pull leaves out, so the copy of /var matches the server's /var exactly."""
-    host_lab, work = hardened
-    path = inventory(lab_env, host_lab, work, "drill")
-    result = invoke("restore-drill", "--inventory", str(path), "--host", host_lab.name,
-                    "--to", str(work / "drill-restored"), "--path", "/var")
+    path = hardened.write("drill")
+    result = invoke("restore-drill", "--inventory", str(path), "--host", hardened.name,
+                    "--to", str(hardened.work / "drill-restored"), "--path", "/var")
     assert result.returncode == 0, result.stdout + result.stderr
     excluded = [line for line in result.stdout.splitlines() if "left out by" in line]
     assert excluded, result.stdout

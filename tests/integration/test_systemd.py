@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from roles.features import setup_remote as setup
 from roles.hostfiles import transaction
 from roles.remote.facts import SSHD_CONFIG, gather
 from roles.remote.session import Session, connect
-from tests.integration.conftest import Lab
+from tests.integration.conftest import Lab, invoke
 from tests.integration.test_setup_remote import (
     FCO_LINE,
     WANT,
@@ -38,8 +36,6 @@ from tests.integration.test_setup_remote import (
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
 
 
 @pytest.fixture
@@ -101,8 +97,7 @@ def test_setup_remote_reloads_with_systemctl_and_a_second_run_does_not(sd_target
     assert set(again.steps.values()) == {"ok"}
     assert snapshot(sd_target.lab) == before and reloads(sd_target) == 1
 
-    pull = subprocess.run([INVOKE, "backup", "--inventory", str(sd_target.inventory)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    pull = invoke("backup", "--inventory", str(sd_target.inventory), timeout=120)
     assert pull.returncode == 0, pull.stdout + pull.stderr
     copied = Path(sd_target.host.destination) / "tree" / "sshd_config"
     assert copied.read_bytes() == read(sd_target.lab, SSHD_CONFIG)

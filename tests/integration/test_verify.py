@@ -10,10 +10,8 @@ real without building rsync here.
 
 from __future__ import annotations
 
-import os
 import shlex
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,17 +21,12 @@ from lab import hosts as lab
 from roles.config import rsyncd
 from roles.core import hardened
 from roles.features import capture
-from roles.features.setup_remote import setup_host
 from roles.inventory.schema import load
-from roles.local import keys
 from roles.remote.facts import PULLBACK_RSYNCD_CONF, RSYNCD_CONF
-from tests.integration.conftest import Lab
+from tests.integration.conftest import Lab, invoke, lab_server
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-INVOKE = str(Path(sys.executable).parent / "invoke")
-NO_AGENT = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
 PINNED = {"prefix": "/usr", "version": "3.2.7"}
 DROP_IN = "/etc/ssh/sshd_config.d/00-verify-test.conf"
 
@@ -65,9 +58,7 @@ def sh(host: lab.LabHost, script: str) -> None:
 
 
 def run_verify(inventory: Path) -> tuple[subprocess.CompletedProcess, dict[tuple[str, str], str]]:
-    result = subprocess.run([INVOKE, "verify", "--inventory", str(inventory)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=180, check=False,
-                            env=NO_AGENT)
+    result = invoke("verify", "--inventory", str(inventory))
     rows: dict[tuple[str, str], str] = {}
     for line in result.stdout.splitlines():
         fields = line.split(None, 2)
@@ -81,18 +72,9 @@ def run_verify(inventory: Path) -> tuple[subprocess.CompletedProcess, dict[tuple
 @pytest.fixture(scope="module")
 def provisioned(lab_env: Lab, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[tuple[lab.LabHost, Path]]:
-    host = lab_env.start("verify")
-    work = tmp_path_factory.mktemp("verify")
-    inventory = lab_env.inventory([host], path=work / "inventory.yaml", defaults={
-        "rsync": PINNED, "backup": {"destination": str(work / "backups" / "{name}")}})
-    h = load(inventory).hosts[host.name]
-    keys.ensure_backup_key(Path(h.backup_key))
-    outcome = setup_host(h)
-    assert outcome.error is None, outcome
-    try:
-        yield host, inventory
-    finally:
-        lab_env.remove(host)
+    with lab_server(lab_env, tmp_path_factory, "verify", name="inventory", backups="backups",
+                    defaults={"rsync": PINNED}) as server:
+        yield server.lab, server.inventory
 
 
 def test_provisioned_host_passes_every_check(provisioned):
