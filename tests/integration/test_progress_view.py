@@ -127,9 +127,10 @@ def test_without_a_terminal_plain_lines_and_no_escape_codes(fleet):
     lines = result.stderr.splitlines()
     for name in [*names, "gone"]:
         assert lines.count(f"{name}: started") == 1, lines
-    for name in names:  # in step with the first test's copy: nothing more to transfer
-        assert sum(re.fullmatch(rf"{name}: done in [\d.]+ s, 0 files, 0 B", line) is not None
-                   for line in lines) == 1, lines
+    for name in names:  # the whole tree, or nothing when the first test's copy is there
+        assert sum(re.fullmatch(rf"{name}: done in [\d.]+ s, (3 files, 12.0 MB|0 files, 0 B)",
+                                line) is not None for line in lines) == 1, lines
+        assert (backups / name / "tree" / "big.bin").stat().st_size == SIZE
     assert sum(re.fullmatch(r"gone: failed after [\d.]+ s", line) is not None
                for line in lines) == 1, lines
     assert re.search(r"^host\s+result\s+seconds", result.stdout, re.MULTILINE)
