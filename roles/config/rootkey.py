@@ -1,6 +1,8 @@
 """The backup key's line in root's ``authorized_keys``.
 
 Everything here is pure: ``roles.hostfiles`` plans with it, reads and writes the file.
+Reading the line back is here too, once (``find_key_line``, ``ForcedCommand``): setup-remote,
+doctor and verify's checks all see the line sshd uses, and its flags as rsync reads them.
 
 The "managed by pullback" marker lives in the key's COMMENT field (``pullback-backup``),
 not on a ``#`` line of its own: this line is inserted among a user's own keys, and a
@@ -18,13 +20,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
+import fnmatch
+import ipaddress
+import os
 import re
+import shlex
 import struct
 from dataclasses import dataclass
 
 from roles.core.diffs import split_lines, unified
-from roles.core.hardened import CLASSIC_NO_OPTIONS, RESTRICT
+from roles.core.hardened import CLASSIC_NO_OPTIONS, RESTRICT, RSYNCD_CONF
 from roles.core.render import render
+from roles.core.rsync import split_short
 from roles.core.sshkeys import fingerprint_of
 
 DEFAULT_COMMENT = "pullback-backup"
@@ -358,21 +366,156 @@ def plan_authorized_keys(current: bytes | None, line: str | None, key: PublicKey
 def forced_command_of(content: bytes | None, blob: str) -> str | None:
     """The ``command=`` of the first authorized_keys line carrying ``blob`` (sshd uses the
     first), or None: no such line, no forced command, or a line that does not parse."""
-    for raw in (content or b"").splitlines():
-        text = raw.decode("utf-8", "surrogateescape").strip(" \t\r")
+    key = find_key_line(content, blob)
+    return key.command if key is not None and not key.problem else None
+
+
+# --- reading the backup key's line back, and its forced command -------------------------
+
+
+@dataclass(frozen=True)
+class ForcedCommand:
+    """A key line's forced command: its text and its words."""
+
+    text: str
+    argv: tuple[str, ...]
+
+    @property
+    def binary(self) -> str:
+        return self.argv[0] if self.argv else ""
+
+    @property
+    def is_rsync(self) -> bool:
+        return "rsync" in os.path.basename(self.binary)
+
+    @property
+    def daemon(self) -> bool:
+        return "--daemon" in self.argv
+
+    @property
+    def sender(self) -> bool:
+        return "--server" in self.argv and "--sender" in self.argv
+
+    @property
+    def short_flags(self) -> str:
+        """The flag letters of its short-option words, read as rsync's popt reads them
+        (``roles.core.rsync.split_short``): what follows ``e`` (the capability string,
+        ``e.iLsfxCIvu``) or another letter that takes an argument is not a flag."""
+        return "".join(split_short(word)[0] for word in self.argv[1:])
+
+    @property
+    def dry_run(self) -> bool:
+        return "n" in self.short_flags or "--dry-run" in self.argv
+
+    @property
+    def config(self) -> str:
+        for word in self.argv:
+            if word.startswith("--config="):
+                return word.removeprefix("--config=")
+        return RSYNCD_CONF
+
+    def without_dry_run(self) -> tuple[str, ...]:
+        """Its words with the dry run taken out: ``--dry-run``, and every ``n`` flag (never
+        an ``n`` inside an option's argument)."""
+        out: list[str] = []
+        for word in self.argv:
+            if word == "--dry-run":
+                continue
+            flags, letter, argument = split_short(word)
+            if "n" in flags:
+                word = "-" + flags.replace("n", "") + letter + argument
+                if word == "-":
+                    continue
+            out.append(word)
+        return tuple(out)
+
+
+def parse_forced_command(text: str) -> ForcedCommand:
+    """A ``command=`` value as words (shell quoting undone; split on blanks if it does not
+    parse)."""
+    try:
+        argv = tuple(shlex.split(text))
+    except ValueError:
+        argv = tuple(text.split())
+    return ForcedCommand(text, argv)
+
+
+@dataclass(frozen=True)
+class KeyLine:
+    line: str
+    options: tuple[str, ...]          # raw, quotes kept
+    flags: frozenset[str]             # flag options, lower case
+    command: str | None
+    from_: str | None
+    count: int                        # lines carrying the backup key's blob
+    problem: str = ""                 # sshd cannot parse the options
+
+    @property
+    def forced(self) -> ForcedCommand | None:
+        return parse_forced_command(self.command) if self.command is not None else None
+
+    @property
+    def missing_restrictions(self) -> list[str]:
+        if RESTRICT in self.flags:
+            return []
+        return [o for o in CLASSIC_NO_OPTIONS if o.lower() not in self.flags]
+
+
+def find_key_line(content: bytes | None, blob: str) -> KeyLine | None:
+    """The first authorized_keys line carrying ``blob`` (sshd uses the first), parsed, with
+    the number of lines that carry it. A line whose options sshd cannot parse is kept with
+    its ``problem``. setup-remote, doctor and verify all read the line through this."""
+    if not content:
+        return None
+    found: list[KeyLine] = []
+    for raw in split_lines(content):
+        text = raw.decode("utf-8", "surrogateescape").strip(" \t\r\n")
         if not text or text.startswith("#") or blob not in text:
             continue
         try:
             options, rest = parse_options(text)
-            fields = rest.split()
-            if len(fields) < 2 or fields[1] != blob:
-                continue
-            for option in options:
+        except ValueError as exc:
+            if blob in text.split():
+                found.append(KeyLine(text, (), frozenset(), None, None, 0, str(exc)))
+            continue
+        fields = rest.split()
+        if len(fields) < 2 or fields[1] != blob:
+            continue
+        flags: set[str] = set()
+        values: dict[str, str] = {}
+        problem = ""
+        for option in options:
+            try:
                 name, value = split_option(option)
-                if name.lower() == "command":
-                    return value
-        except ValueError:
-            return None
+            except ValueError as exc:
+                problem = str(exc)
+                continue
+            if value is None:
+                flags.add(name.lower())
+            else:
+                values.setdefault(name.lower(), value)
+        found.append(KeyLine(text, tuple(options), frozenset(flags), values.get("command"),
+                             values.get("from"), 0, problem))
+    if not found:
         return None
-    return None
+    return dataclasses.replace(found[0], count=len(found))
 
+
+def from_allows(patterns: str, addr: str) -> bool:
+    """sshd's ``from=`` for an address: a negated match refuses, else any match allows
+    (host name patterns are not resolved here)."""
+    allowed = False
+    for raw in patterns.split(","):
+        negated = raw.startswith("!")
+        pattern = raw[1:] if negated else raw
+        if "/" in pattern:
+            try:
+                hit = ipaddress.ip_address(addr) in ipaddress.ip_network(pattern, strict=False)
+            except ValueError:
+                hit = False
+        else:
+            hit = fnmatch.fnmatchcase(addr, pattern)
+        if hit and negated:
+            return False
+        allowed = allowed or hit
+    return allowed

@@ -49,10 +49,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import fnmatch
-import ipaddress
 import os
-import shlex
 import subprocess
 import tempfile
 import time
@@ -65,8 +62,14 @@ import paramiko
 
 from roles.config import gate as gate_scripts
 from roles.config import rootkey, rsyncd
+from roles.config.rootkey import (
+    ForcedCommand,
+    KeyLine,
+    find_key_line,
+    from_allows,
+    parse_forced_command,
+)
 from roles.core import fleet, hardened, mounts, pull
-from roles.core.diffs import split_lines
 from roles.core.hardened import Mode
 from roles.core.outcome import Finding, Level
 from roles.core.render import render
@@ -129,150 +132,6 @@ def warn(check: str, what: str, why: str, fix: str) -> Finding:
 
 def error(check: str, what: str, why: str, fix: str) -> Finding:
     return Finding(check, Level.ERROR, what, why, fix)
-
-
-# --- the managed key line and its forced command (pure) ----------------------------------
-
-
-@dataclass(frozen=True)
-class ForcedCommand:
-    text: str
-    argv: tuple[str, ...]
-
-    @property
-    def binary(self) -> str:
-        return self.argv[0] if self.argv else ""
-
-    @property
-    def is_rsync(self) -> bool:
-        return "rsync" in os.path.basename(self.binary)
-
-    @property
-    def daemon(self) -> bool:
-        return "--daemon" in self.argv
-
-    @property
-    def sender(self) -> bool:
-        return "--server" in self.argv and "--sender" in self.argv
-
-    @property
-    def short_flags(self) -> str:
-        """Letters of the short-option clusters, up to ``e`` (what follows ``e`` is the
-        capability string, ``e.iLsfxCIvu``, not options)."""
-        letters = ""
-        for word in self.argv[1:]:
-            if word.startswith("-") and not word.startswith("--") and len(word) > 1:
-                letters += word[1:].split("e", 1)[0]
-        return letters
-
-    @property
-    def dry_run(self) -> bool:
-        return "n" in self.short_flags or "--dry-run" in self.argv
-
-    @property
-    def config(self) -> str:
-        for word in self.argv:
-            if word.startswith("--config="):
-                return word.removeprefix("--config=")
-        return RSYNCD_CONF
-
-    def without_dry_run(self) -> tuple[str, ...]:
-        out: list[str] = []
-        for word in self.argv:
-            if word == "--dry-run":
-                continue
-            if word.startswith("-") and not word.startswith("--") and "n" in word.split("e")[0]:
-                head, sep, tail = word[1:].partition("e")
-                word = "-" + head.replace("n", "") + sep + tail
-            out.append(word)
-        return tuple(out)
-
-
-def parse_forced_command(text: str) -> ForcedCommand:
-    try:
-        argv = tuple(shlex.split(text))
-    except ValueError:
-        argv = tuple(text.split())
-    return ForcedCommand(text, argv)
-
-
-@dataclass(frozen=True)
-class KeyLine:
-    line: str
-    options: tuple[str, ...]          # raw, quotes kept
-    flags: frozenset[str]             # flag options, lower case
-    command: str | None
-    from_: str | None
-    count: int                        # lines carrying the backup key's blob
-    problem: str = ""                 # sshd cannot parse the options
-
-    @property
-    def forced(self) -> ForcedCommand | None:
-        return parse_forced_command(self.command) if self.command is not None else None
-
-    @property
-    def missing_restrictions(self) -> list[str]:
-        if hardened.RESTRICT in self.flags:
-            return []
-        return [o for o in hardened.CLASSIC_NO_OPTIONS if o.lower() not in self.flags]
-
-
-def find_key_line(content: bytes | None, blob: str) -> KeyLine | None:
-    """The first authorized_keys line carrying ``blob`` (sshd uses the first), parsed."""
-    if not content:
-        return None
-    found: list[KeyLine] = []
-    for raw in split_lines(content):
-        text = raw.decode("utf-8", "surrogateescape").strip(" \t\r\n")
-        if not text or text.startswith("#") or blob not in text:
-            continue
-        try:
-            options, rest = rootkey.parse_options(text)
-        except ValueError as exc:
-            if blob in text.split():
-                found.append(KeyLine(text, (), frozenset(), None, None, 0, str(exc)))
-            continue
-        fields = rest.split()
-        if len(fields) < 2 or fields[1] != blob:
-            continue
-        flags: set[str] = set()
-        values: dict[str, str] = {}
-        problem = ""
-        for option in options:
-            try:
-                name, value = rootkey.split_option(option)
-            except ValueError as exc:
-                problem = str(exc)
-                continue
-            if value is None:
-                flags.add(name.lower())
-            else:
-                values.setdefault(name.lower(), value)
-        found.append(KeyLine(text, tuple(options), frozenset(flags), values.get("command"),
-                             values.get("from"), 0, problem))
-    if not found:
-        return None
-    return dataclasses.replace(found[0], count=len(found))
-
-
-def from_allows(patterns: str, addr: str) -> bool:
-    """sshd's ``from=`` for an address: a negated match refuses, else any match allows
-    (host name patterns are not resolved here)."""
-    allowed = False
-    for raw in patterns.split(","):
-        negated = raw.startswith("!")
-        pattern = raw[1:] if negated else raw
-        if "/" in pattern:
-            try:
-                hit = ipaddress.ip_address(addr) in ipaddress.ip_network(pattern, strict=False)
-            except ValueError:
-                hit = False
-        else:
-            hit = fnmatch.fnmatchcase(addr, pattern)
-        if hit and negated:
-            return False
-        allowed = allowed or hit
-    return allowed
 
 
 # --- what a single-colon client sends (local, no network) -------------------------------

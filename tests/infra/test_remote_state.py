@@ -23,7 +23,7 @@ from roles.core.hardened import Mode
 from roles.core.rsync import parse_version_output
 from roles.core.spec import HostSpec
 from roles.core.sshd_output import parse_sshd_T
-from roles.features import capture, doctor
+from roles.features import capture
 from roles.inventory.schema import load
 from roles.local import capture_record
 from roles.remote.facts import AUTHORIZED_KEYS, PULLBACK_DIR, PULLBACK_RSYNCD_CONF, RSYNCD_CONF
@@ -64,12 +64,12 @@ def sshd_settings(host, client_addr) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def key_line(host, expected) -> doctor.KeyLine | None:
+def key_line(host, expected) -> rootkey.KeyLine | None:
     blob = rootkey.parse_public_key(Path(expected.backup_pubkey).read_text()).blob
     with host.sudo():
         keys = host.file(AUTHORIZED_KEYS)
         content = keys.content if keys.exists else None
-    return doctor.find_key_line(content, blob)
+    return rootkey.find_key_line(content, blob)
 
 
 def _mode(host, path: str) -> tuple[str, int, int, int]:

@@ -11,7 +11,7 @@ import shutil
 import pytest
 
 from roles.config import gate as gate_scripts
-from roles.config import rsyncd
+from roles.config import rootkey, rsyncd
 from roles.core import hardened
 from roles.core import rsync as rsync_model
 from roles.core.outcome import Level
@@ -154,22 +154,31 @@ def test_signature_prefers_the_root_cause():
     # letters after "e" are capabilities, not options: no dry run here
     ("rsync --server --sender -vlogDtprxze.iLsfnxCIvu . /", False, True, "vlogDtprxz", False),
     ("rsync --server --sender --dry-run -vlogDtprxz . /", False, True, "vlogDtprxz", True),
+    # an option's argument is not flags either: rsync reads -T's "/tmp/nope" as a folder
+    ("rsync --server --sender -logDtprz -T/tmp/nope . /", False, True, "logDtprz", False),
+    ("rsync --server --sender -logDtprz -B1024n . /", False, True, "logDtprz", False),
 ])
 def test_parse_forced_command(text, daemon, sender, flags, dry):
-    forced = doctor.parse_forced_command(text)
+    forced = rootkey.parse_forced_command(text)
     assert (forced.daemon, forced.sender, forced.short_flags, forced.dry_run) == \
         (daemon, sender, flags, dry)
 
 
 def test_without_dry_run_drops_only_the_n():
-    forced = doctor.parse_forced_command(DRY)
+    forced = rootkey.parse_forced_command(DRY)
     assert " ".join(forced.without_dry_run()) == SENDER
 
 
+def test_without_dry_run_keeps_an_n_that_is_an_argument_and_drops_a_bare_n():
+    forced = rootkey.parse_forced_command("rsync --server --sender -vn -n -T/tmp/n . /")
+    assert forced.without_dry_run() == ("rsync", "--server", "--sender", "-v", "-T/tmp/n",
+                                        ".", "/")
+
+
 def test_daemon_config_option():
-    assert doctor.parse_forced_command(OLD_DAEMON).config == "/etc/rsyncd.conf"
-    assert doctor.parse_forced_command(DAEMON).config == "/etc/pullback/rsyncd.conf"
-    assert doctor.parse_forced_command(
+    assert rootkey.parse_forced_command(OLD_DAEMON).config == "/etc/rsyncd.conf"
+    assert rootkey.parse_forced_command(DAEMON).config == "/etc/pullback/rsyncd.conf"
+    assert rootkey.parse_forced_command(
         "rsync --server --daemon --config=/etc/pb.conf .").config == "/etc/pb.conf"
 
 
@@ -180,7 +189,7 @@ def test_find_key_line_takes_the_first_of_several_and_counts():
         line(),
         line(command="/bin/sh"),
     ]).encode() + b"\n"
-    key = doctor.find_key_line(content, BLOB)
+    key = rootkey.find_key_line(content, BLOB)
     assert key is not None
     assert (key.command, key.count, key.missing_restrictions, key.from_) == (DAEMON, 2, [], None)
     assert key.forced.daemon
@@ -194,14 +203,14 @@ def test_find_key_line_takes_the_first_of_several_and_counts():
     ("", ["no-port-forwarding", "no-agent-forwarding", "no-X11-forwarding", "no-pty"]),
 ])
 def test_key_line_restrictions(options, missing):
-    key = doctor.find_key_line(line(options=options).encode(), BLOB)
+    key = rootkey.find_key_line(line(options=options).encode(), BLOB)
     assert key.missing_restrictions == missing
 
 
 def test_find_key_line_absent_and_unparseable():
-    assert doctor.find_key_line(None, BLOB) is None
-    assert doctor.find_key_line(line(blob=OTHER).encode(), BLOB) is None
-    broken = doctor.find_key_line(f'command="unbalanced ssh-ed25519 {BLOB} x'.encode(), BLOB)
+    assert rootkey.find_key_line(None, BLOB) is None
+    assert rootkey.find_key_line(line(blob=OTHER).encode(), BLOB) is None
+    broken = rootkey.find_key_line(f'command="unbalanced ssh-ed25519 {BLOB} x'.encode(), BLOB)
     assert broken is not None and broken.problem
 
 
@@ -214,7 +223,7 @@ def test_find_key_line_absent_and_unparseable():
     ("backup.example.net", "10.0.0.5", False),
 ])
 def test_from_allows(patterns, addr, allowed):
-    assert doctor.from_allows(patterns, addr) is allowed
+    assert rootkey.from_allows(patterns, addr) is allowed
 
 
 def test_same_command_ignores_program_path_and_trailing_slash():
@@ -338,17 +347,17 @@ def test_key_files(root_ssh, keys_mode, expected):
 
 
 def test_key_line_ok_names_command_and_options():
-    key = doctor.find_key_line(line().encode(), BLOB)
+    key = rootkey.find_key_line(line().encode(), BLOB)
     (only,) = doctor.check_key_line(key, make_host(**{"from": "any"}), facts())
     assert only.level is Level.OK and DAEMON in only.what and "restrict" in only.what
 
 
 def test_key_line_from_defaults_to_this_clients_address():
     """No `from` in the inventory: the line must carry from= the address the server sees."""
-    good = doctor.find_key_line(line(options=RESTRICTED + ',from="10.0.0.5"').encode(), BLOB)
+    good = rootkey.find_key_line(line(options=RESTRICTED + ',from="10.0.0.5"').encode(), BLOB)
     (only,) = doctor.check_key_line(good, make_host(), facts())
     assert only.level is Level.OK and 'from="10.0.0.5"' in only.what
-    bare = doctor.find_key_line(line().encode(), BLOB)
+    bare = rootkey.find_key_line(line().encode(), BLOB)
     (finding,) = doctor.check_key_line(bare, make_host(), facts())
     assert finding.level is Level.WARN
     assert finding.what == ("the line has from=None, wanted '10.0.0.5' (the inventory has no "
@@ -366,13 +375,13 @@ def test_key_line_from_defaults_to_this_clients_address():
     (line(options=RESTRICTED + ',from="192.0.2.0/24"'), {}, "does not match this client"),
 ])
 def test_key_line_errors(key_text, host_fields, needle):
-    key = doctor.find_key_line(key_text.encode(), BLOB) if key_text else None
+    key = rootkey.find_key_line(key_text.encode(), BLOB) if key_text else None
     bad = errors(doctor.check_key_line(key, make_host(**host_fields), facts()))
     assert any(needle in f.what for f in bad), bad
 
 
 def test_key_line_from_differs_from_inventory_is_a_warning():
-    key = doctor.find_key_line(line(options=RESTRICTED + ',from="10.0.0.*"').encode(), BLOB)
+    key = rootkey.find_key_line(line(options=RESTRICTED + ',from="10.0.0.*"').encode(), BLOB)
     findings = doctor.check_key_line(key, make_host(**{"from": "10.0.0.5"}), facts())
     assert levels(findings) == [("warn", "key line")]
 
@@ -387,7 +396,7 @@ MISSING_ROOT = doctor.RootFacts(program=None, binary=None)
 def forced_findings(command: str, *, mode: str = "daemon", root=OK_ROOT,
                     rsyncd_text: bytes | None = GOOD_RSYNCD, cap=None, found=None, **fields):
     host = make_host(forced_command=mode, **fields)
-    forced = doctor.parse_forced_command(command)
+    forced = rootkey.parse_forced_command(command)
     if rsyncd_text is not None and forced.config != "/etc/rsyncd.conf":
         root = dataclasses.replace(root, files={**root.files, forced.config: rsyncd_text})
     return doctor.check_forced_command(host, forced, root, rsyncd_text, cap, found=found)
@@ -551,7 +560,7 @@ def gate_findings(host: HostSpec, record, *, gate: bytes | None = None, version:
                             files={hardened.GATE: content})
     cap = doctor.Capture(record=record, problem=problem, sent=tuple(sent.split()),
                          local_version=local)
-    return doctor.check_forced_command(host, doctor.parse_forced_command(hardened.GATE), root,
+    return doctor.check_forced_command(host, rootkey.parse_forced_command(hardened.GATE), root,
                                        None, cap)
 
 
@@ -695,11 +704,11 @@ def test_simulate_sent_command_is_what_rsync_sends():
     assert sent[:3] == ("rsync", "--server", "--sender")
     assert sent[-2:] == (".", "/") and "--numeric-ids" in sent
     with_h = doctor.simulate_sent_command(rsync, make_host(), ["-avzHx", "--numeric-ids"])
-    assert "H" in doctor.parse_forced_command(" ".join(with_h)).short_flags
+    assert "H" in rootkey.parse_forced_command(" ".join(with_h)).short_flags
     extra = make_host(backup={"destination": "/backups/{name}", "extra_sources": ("/home",)})
     sent = doctor.simulate_sent_command(rsync, extra)
     assert sent[-3:] == (".", "/./", "/./home/")
-    assert "R" in doctor.parse_forced_command(" ".join(sent)).short_flags
+    assert "R" in rootkey.parse_forced_command(" ".join(sent)).short_flags
 
 
 def test_known_host_label():

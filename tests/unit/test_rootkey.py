@@ -12,7 +12,9 @@ from roles.config.rootkey import (
     KeysPlan,
     PublicKey,
     build_options,
+    find_key_line,
     fingerprint,
+    forced_command_of,
     parse_options,
     parse_public_key,
     plan_authorized_keys,
@@ -430,3 +432,24 @@ def test_plan_removes_the_managed_key(current: bytes | None, expected: bytes) ->
     plan = plan_authorized_keys(current, None, KEY)
     assert plan.new == expected
     assert plan.changed == (current is not None and expected != current)
+
+
+# --- reading the key line back: one reading for setup-remote, doctor and verify ----------------
+
+
+@pytest.mark.parametrize("content, command", [
+    (LINE_B + b"\n", DAEMON),
+    # the blob inside another key's comment is not that key's line; the next line is ours
+    (ADMIN_B + b" was-" + ED_BLOB.encode() + b"\n" + LINE_B + b"\n", DAEMON),
+    # sshd uses the first line carrying the key: the second command is never run
+    (LINE_B + b"\n" + LINE_B.replace(b"--daemon", b"--sender") + b"\n", DAEMON),
+    # a first line sshd cannot parse: nothing to report as the forced command
+    (b'command="unbalanced ssh-ed25519 ' + ED_BLOB.encode() + b"\n" + LINE_B + b"\n", None),
+    # a form feed is not a line break for sshd (it reads lines up to \n)
+    (b"# note\x0c" + LINE_B + b"\n", None),
+    (None, None),
+])
+def test_forced_command_of_reads_the_line_sshd_uses(content, command) -> None:
+    assert forced_command_of(content, ED_BLOB) == command
+    key = find_key_line(content, ED_BLOB)
+    assert (key.command if key is not None and not key.problem else None) == command
