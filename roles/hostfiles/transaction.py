@@ -201,14 +201,15 @@ def check_new_login(s: Session, plan: SetupPlan,
                     delays: Callable[[], Iterable[float]] = retry_delays,
                     sleep: Callable[[float], None] = time.sleep) -> None:
     """Open a NEW admin login to the session's host (same run), use sudo, and confirm the
-    effective setting. Logins refused while sshd restarts are tried again (``delays``)."""
+    effective setting. A login refused or cut off while sshd restarts is tried again
+    (``delays``); a failed authentication is the lockout itself: no second try."""
     spec = platforms.connection_spec(plan.client_addr)
     pauses = iter(delays())
     while True:
         try:
             fresh = s.reopen()
         except ConnectError as exc:
-            pause = next(pauses, None)
+            pause = next(pauses, None) if exc.passing else None
             if pause is None:
                 raise SetupError(f"a new admin login fails after the reload: {exc}") from None
             sleep(pause)

@@ -397,6 +397,10 @@ class Host(_Strict):
     def _user(cls, value: str) -> str:
         if not _USER.match(value):
             raise ValueError(f"{value!r} is not a valid user name")
+        if value == "root":
+            raise ValueError("root cannot be the admin: once setup-remote sets PermitRootLogin "
+                             "forced-commands-only, root logs in only to run the backup key's "
+                             "command; use a user with sudo")
         return value
 
     @field_validator("from_")

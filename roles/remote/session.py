@@ -50,7 +50,14 @@ from roles.core.spec import HostSpec
 
 
 class ConnectError(Exception):
-    pass
+    """A login that did not happen, in one line. ``passing`` when trying again may help (the
+    connection was refused or cut before the SSH handshake ended, as while sshd restarts);
+    not for an authentication failure or a host key problem, where it only adds failures
+    to the server's per-source penalties (OpenSSH 9.8's PerSourcePenalties, fail2ban)."""
+
+    def __init__(self, message: str, *, passing: bool = False) -> None:
+        super().__init__(message)
+        self.passing = passing
 
 
 class UploadError(RuntimeError):
@@ -261,17 +268,19 @@ class Session:
                 f"{host.name}: HOST KEY CHANGED for {host.address}:{host.port} "
                 f"(got {exc.key.get_name()} {exc.key.fingerprint}); refusing to connect"
             ) from None
+        except paramiko.AuthenticationException as exc:
+            raise ConnectError(f"{host.name}: {exc}") from None
         except paramiko.SSHException as exc:
             message = str(exc)
             if "not found in known_hosts" in message:
-                message = (
-                    f"host key of {host.address}:{host.port} is not in {known_hosts}; "
-                    "refusing to connect (verify and add it first)"
-                )
-            raise ConnectError(f"{host.name}: {message}") from None
+                raise ConnectError(
+                    f"{host.name}: host key of {host.address}:{host.port} is not in "
+                    f"{known_hosts}; refusing to connect (verify and add it first)") from None
+            raise ConnectError(f"{host.name}: {message}", passing=True) from None
         except OSError as exc:
             raise ConnectError(
-                f"{host.name}: cannot connect to {host.address}:{host.port}: {exc}") from None
+                f"{host.name}: cannot connect to {host.address}:{host.port}: {exc}",
+                passing=True) from None
         return cls(host, conn, run, password)
 
     @property

@@ -38,7 +38,7 @@ from roles.remote.facts import (
     SSHD_CONFIG,
     gather,
 )
-from roles.remote.session import Session, connect
+from roles.remote.session import Run, Session, connect
 from tests.integration.conftest import NO_AGENT, Lab, infra_host, invoke
 from tests.unit.test_rsyncd import LEGACY
 
@@ -783,6 +783,36 @@ def test_fault_new_login_fails_after_reload_rolls_back(lab_env: Lab, fresh_host:
     assert outcome.error == "simulated: a new admin login fails; restored and reloaded"
     assert effective(fresh_host, addr) == original
     assert_unchanged(target, before, hups=2)  # the reload, then the reload after restoring
+
+
+def test_a_real_lockout_is_rolled_back_at_the_first_failed_login(lab_env: Lab,
+                                                                   fresh_host: lab.LabHost):
+    # Root as the admin, by its own key: the inventory refuses `admin_user: root` for this
+    # very reason, so the spec is made by hand. Once PermitRootLogin is forced-commands-only
+    # root's key without a forced command no longer logs in: the lockout check's real new
+    # login fails to authenticate, and setup-remote must roll back over the first session at
+    # once (an authentication failure is not tried again: each try is one more failure in
+    # the server's per-source penalties).
+    target = make_target(lab_env, fresh_host)
+    addr = client_addr(target)
+    admin_pub = Path(f"{target.host.admin_key}.pub").read_bytes()
+    sh(fresh_host, 'mkdir -p -m 700 /root/.ssh && cat >> /root/.ssh/authorized_keys && '
+                   'chmod 600 /root/.ssh/authorized_keys', input=admin_pub)
+    as_root = dataclasses.replace(target.host, admin_user="root")
+    with connect(as_root) as session:  # root logs in with the admin key before
+        assert session.run(["id", "-u"]).stdout.strip() == "0"
+    original = effective(fresh_host, addr)
+    before = snapshot(fresh_host)
+    run = Run()
+    outcome = setup.setup_host(as_root, sessions=run)
+    assert outcome.error is not None
+    assert outcome.error.startswith("a new admin login fails after the reload: "), outcome.error
+    assert outcome.error.endswith("; restored and reloaded"), outcome.error
+    assert run.counters.connections[as_root.name] == 2  # the first session, one new login
+    assert effective(fresh_host, addr) == original
+    assert_unchanged(target, before, hups=2)
+    with connect(as_root) as session:  # and root logs in with it again
+        assert session.run(["id", "-u"]).stdout.strip() == "0"
 
 
 def test_fault_midway_staging_failure_leaves_nothing(lab_env: Lab, fresh_host: lab.LabHost):

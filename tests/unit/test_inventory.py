@@ -179,6 +179,10 @@ BAD = [
      "'-'; must not start with '-')"),
     (BASE.replace("admin_user: u", "admin_user: 'root -oX'"),
      "inventory.yaml:4: hosts.a.admin_user: 'root -oX' is not a valid user name"),
+    (BASE.replace("admin_user: u", "admin_user: root"),
+     "inventory.yaml:4: hosts.a.admin_user: root cannot be the admin: once setup-remote sets "
+     "PermitRootLogin forced-commands-only, root logs in only to run the backup key's "
+     "command; use a user with sudo"),
     (BASE.replace("/k", "keys/backup"),
      "inventory.yaml:5: hosts.a.backup_key: must be an absolute path (or start with ~/), "
      "got 'keys/backup'"),

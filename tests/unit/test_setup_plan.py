@@ -795,15 +795,16 @@ class FakeLogin:
 
 
 class RestartingHost:
-    """A session whose new logins are refused ``refusals`` times (sshd re-executing)."""
+    """A session whose new logins are refused ``refusals`` times (sshd re-executing), or
+    fail to authenticate (``passing=False``)."""
 
-    def __init__(self, refusals: int, value: str = WANT) -> None:
-        self.refusals, self.value, self.attempts = refusals, value, 0
+    def __init__(self, refusals: int, value: str = WANT, *, passing: bool = True) -> None:
+        self.refusals, self.value, self.passing, self.attempts = refusals, value, passing, 0
 
     def reopen(self) -> FakeLogin:
         self.attempts += 1
         if self.attempts <= self.refusals:
-            raise ConnectError(f"refused #{self.attempts}")
+            raise ConnectError(f"refused #{self.attempts}", passing=self.passing)
         return FakeLogin(self.value)
 
 
@@ -820,6 +821,13 @@ def test_the_lockout_check_gives_up_when_its_pauses_run_out():
         check_new_login(host, fresh_plan(), delays=lambda: [0.1, 0.2, 0.3],  # type: ignore[arg-type]
                         sleep=pauses.append)
     assert pauses == [0.1, 0.2, 0.3]
+
+
+def test_the_lockout_check_does_not_try_a_failed_authentication_again():
+    host, pauses = RestartingHost(refusals=1, passing=False), []
+    with pytest.raises(SetupError, match=r"fails after the reload: refused #1$"):
+        check_new_login(host, fresh_plan(), sleep=pauses.append)  # type: ignore[arg-type]
+    assert host.attempts == 1 and pauses == []
 
 
 def test_the_lockout_check_refuses_a_setting_another_file_overrides():
