@@ -33,7 +33,7 @@ from roles.core.outcome import Outcome, State
 from roles.core.render import render
 from roles.core.sshd_output import parse_sshd_T
 from roles.remote.facts import FileFact, parse_report
-from roles.remote.session import ConnectError, Exchange, Session
+from roles.remote.session import ConnectError, Exchange, Session, SudoError
 
 if TYPE_CHECKING:
     from roles.remote.facts import HostFacts
@@ -214,8 +214,13 @@ def check_new_login(s: Session, plan: SetupPlan,
                 raise SetupError(f"a new admin login fails after the reload: {exc}") from None
             sleep(pause)
             continue
-        with fresh:
-            result = fresh.run([plan.sshd, "-T", "-C", spec], sudo=True)
+        try:
+            with fresh:
+                result = fresh.run([plan.sshd, "-T", "-C", spec], sudo=True)
+        except SudoError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - paramiko's and the socket's: roll back
+            raise SetupError(f"the new admin login was cut off: {exc}") from None
         if result.exited != 0:
             raise SetupError(f"new admin login works but sudo sshd -T failed: {result.stderr}")
         value = parse_sshd_T(result.stdout).get("permitrootlogin")

@@ -840,3 +840,14 @@ def test_retry_pauses_start_short_double_and_stay_within_their_budget():
     assert pauses[:5] == [0.01, 0.02, 0.04, 0.08, 0.16]
     assert max(pauses) == 0.25
     assert 4.75 < sum(pauses) <= 5.0
+
+
+class CutOffLogin(FakeLogin):
+    def run(self, argv: list[str], *, sudo: bool = False) -> SimpleNamespace:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+
+def test_a_login_cut_off_after_it_began_is_named_in_the_lockout_error():
+    host = SimpleNamespace(reopen=lambda: CutOffLogin(WANT))
+    with pytest.raises(SetupError, match=r"^the new admin login was cut off: \[Errno 104\] "):
+        check_new_login(host, fresh_plan())  # type: ignore[arg-type]
