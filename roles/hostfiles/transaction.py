@@ -197,37 +197,60 @@ def retry_delays(first: float = 0.01, longest: float = 0.25,
         delay = min(delay * 2, longest)
 
 
-def check_new_login(s: Session, plan: SetupPlan,
-                    delays: Callable[[], Iterable[float]] = retry_delays,
-                    sleep: Callable[[float], None] = time.sleep) -> None:
-    """Open a NEW admin login to the session's host (same run), use sudo, and confirm the
-    effective setting. A login refused or cut off while sshd restarts is tried again
-    (``delays``); a failed authentication is the lockout itself: no second try."""
-    spec = platforms.connection_spec(plan.client_addr)
+def new_login(s: Session, delays: Callable[[], Iterable[float]] = retry_delays,
+              sleep: Callable[[float], None] = time.sleep) -> Session:
+    """A NEW admin login to the session's host (same run). A login refused or cut off while
+    sshd restarts is tried again (``delays``); a failed authentication is the lockout
+    itself: SetupError at once, no second try."""
     pauses = iter(delays())
     while True:
         try:
-            fresh = s.reopen()
+            return s.reopen()
         except ConnectError as exc:
             pause = next(pauses, None) if exc.passing else None
             if pause is None:
                 raise SetupError(f"a new admin login fails after the reload: {exc}") from None
             sleep(pause)
-            continue
-        try:
-            with fresh:
-                result = fresh.run([plan.sshd, "-T", "-C", spec], sudo=True)
-        except SudoError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - paramiko's and the socket's: roll back
-            raise SetupError(f"the new admin login was cut off: {exc}") from None
-        if result.exited != 0:
-            raise SetupError(f"new admin login works but sudo sshd -T failed: {result.stderr}")
-        value = parse_sshd_T(result.stdout).get("permitrootlogin")
-        if value != PERMIT_ROOT_LOGIN:
-            raise SetupError(f"after reload sshd applies PermitRootLogin {value!r}, "
-                             f"not {PERMIT_ROOT_LOGIN}")
-        return
+
+
+def _sudo_on(fresh: Session, argv: list[str]) -> Any:
+    """``argv`` as root on a new login, which is closed after; SetupError when the login
+    breaks off (a SudoError stays what it is)."""
+    try:
+        with fresh:
+            return fresh.run(argv, sudo=True)
+    except SudoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - paramiko's and the socket's: roll back
+        raise SetupError(f"the new admin login was cut off: {exc}") from None
+
+
+def check_new_login(s: Session, plan: SetupPlan,
+                    delays: Callable[[], Iterable[float]] = retry_delays,
+                    sleep: Callable[[float], None] = time.sleep) -> None:
+    """Open a NEW admin login (``new_login``), use sudo, and confirm the effective
+    setting."""
+    spec = platforms.connection_spec(plan.client_addr)
+    result = _sudo_on(new_login(s, delays, sleep), [plan.sshd, "-T", "-C", spec])
+    if result.exited != 0:
+        raise SetupError(f"new admin login works but sudo sshd -T failed: {result.stderr}")
+    value = parse_sshd_T(result.stdout).get("permitrootlogin")
+    if value != PERMIT_ROOT_LOGIN:
+        raise SetupError(f"after reload sshd applies PermitRootLogin {value!r}, "
+                         f"not {PERMIT_ROOT_LOGIN}")
+
+
+def login_after_rollback(s: Session,
+                         delays: Callable[[], Iterable[float]] = retry_delays,
+                         sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """None when a NEW admin login works again (and uses sudo) once the files are back,
+    else why not: then the files as they were lock the admin out by themselves (an edit
+    on disk that sshd had not loaded before setup-remote's reload)."""
+    try:
+        result = _sudo_on(new_login(s, delays, sleep), ["true"])
+    except (SetupError, SudoError) as exc:
+        return str(exc)
+    return None if result.exited == 0 else f"sudo true failed: {result.stderr.strip()}"
 
 
 def apply(s: Session, plan: SetupPlan,
@@ -252,8 +275,15 @@ def apply(s: Session, plan: SetupPlan,
             check_login(s, plan)
         except Exception as exc:  # noqa: BLE001 - any failure here means: roll back
             undo = s.sudo_script(rollback_script(plan))
-            state = "restored and reloaded" if undo.exited == 0 else \
-                f"RESTORE FAILED (exit {undo.exited}): {undo.stderr.strip()}"
+            if undo.exited != 0:
+                state = f"RESTORE FAILED (exit {undo.exited}): {undo.stderr.strip()}"
+            else:
+                still = login_after_rollback(s)
+                state = "restored and reloaded" if still is None else (
+                    f"restored and reloaded, but NEW ADMIN LOGINS STILL FAIL ({still}): the "
+                    "files as they were lock the admin out by themselves (an edit sshd had "
+                    "not loaded before this reload?); fix it from a console or a session "
+                    "that is still open")
             return Outcome(host.name, steps, error=f"{exc}; {state}", warnings=plan.warnings)
     return Outcome(host.name, steps, warnings=plan.warnings, actions=actions)
 

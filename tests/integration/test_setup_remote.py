@@ -835,6 +835,27 @@ def test_a_real_lockout_is_rolled_back_at_the_first_failed_login(lab_env: Lab,
         assert session.run(["id", "-u"]).stdout.strip() == "0"
 
 
+def test_a_lockout_already_on_disk_is_reported_after_the_rollback(lab_env: Lab,
+                                                                  fresh_host: lab.LabHost):
+    # Someone added `DenyUsers admin` to sshd_config and never reloaded: setup-remote's reload
+    # makes it live, the lockout check fails and the files are put back, and the files as
+    # they were still lock the admin out. The report must say so, not "restored".
+    target = make_target(lab_env, fresh_host)
+    sh(fresh_host, "printf 'DenyUsers %s\\n' \"$1\" >> /etc/ssh/sshd_config",
+       target.host.admin_user)
+    before = snapshot(fresh_host)
+    outcome = setup.setup_host(target.host)
+    assert outcome.error is not None
+    assert outcome.error.startswith("a new admin login fails after the reload: "), outcome.error
+    assert "; restored and reloaded, but NEW ADMIN LOGINS STILL FAIL (" in outcome.error
+    assert outcome.error.endswith("fix it from a console or a session that is still open")
+    assert snapshot(fresh_host) == before and leftovers(fresh_host) == []
+    with pytest.raises(ConnectError):
+        connect(target.host)
+    sh(fresh_host, "sed -i '/^DenyUsers/d' /etc/ssh/sshd_config && "
+                   "kill -HUP \"$(cat /run/sshd.pid)\"")
+
+
 def test_fault_midway_staging_failure_leaves_nothing(lab_env: Lab, fresh_host: lab.LabHost):
     # rsyncd.conf and authorized_keys are staged first; the sshd_config candidate then
     # cannot be written (a non-empty folder is in its way).
