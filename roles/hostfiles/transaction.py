@@ -222,7 +222,8 @@ def _sudo_on(fresh: Session, argv: list[str]) -> Any:
     except SudoError:
         raise
     except Exception as exc:  # noqa: BLE001 - paramiko's and the socket's: roll back
-        raise SetupError(f"the new admin login was cut off: {exc}") from None
+        raise SetupError("the new admin login was cut off: "
+                         f"{str(exc) or type(exc).__name__}") from None
 
 
 def check_new_login(s: Session, plan: SetupPlan,

@@ -277,10 +277,10 @@ class Session:
                     f"{host.name}: host key of {host.address}:{host.port} is not in "
                     f"{known_hosts}; refusing to connect (verify and add it first)") from None
             raise ConnectError(f"{host.name}: {message}", passing=True) from None
-        except OSError as exc:
+        except (OSError, EOFError) as exc:
             raise ConnectError(
-                f"{host.name}: cannot connect to {host.address}:{host.port}: {exc}",
-                passing=True) from None
+                f"{host.name}: cannot connect to {host.address}:{host.port}: "
+                f"{str(exc) or type(exc).__name__}", passing=True) from None
         return cls(host, conn, run, password)
 
     @property

@@ -851,3 +851,14 @@ def test_a_login_cut_off_after_it_began_is_named_in_the_lockout_error():
     host = SimpleNamespace(reopen=lambda: CutOffLogin(WANT))
     with pytest.raises(SetupError, match=r"^the new admin login was cut off: \[Errno 104\] "):
         check_new_login(host, fresh_plan())  # type: ignore[arg-type]
+
+
+class SilentlyCutLogin(FakeLogin):
+    def run(self, argv: list[str], *, sudo: bool = False) -> SimpleNamespace:
+        raise EOFError()
+
+
+def test_a_login_cut_off_without_a_word_is_named_by_its_kind():
+    host = SimpleNamespace(reopen=lambda: SilentlyCutLogin(WANT))
+    with pytest.raises(SetupError, match=r"^the new admin login was cut off: EOFError$"):
+        check_new_login(host, fresh_plan())  # type: ignore[arg-type]
