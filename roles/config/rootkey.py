@@ -473,18 +473,17 @@ def find_key_line(content: bytes | None, blob: str) -> KeyLine | None:
         if not text or text.startswith("#") or blob not in text:
             continue
         try:
-            options, rest = parse_options(text)
+            entry = _parse_entry(text)
         except ValueError as exc:
             if blob in text.split():
                 found.append(KeyLine(text, (), frozenset(), None, None, 0, str(exc)))
             continue
-        fields = rest.split()
-        if len(fields) < 2 or fields[1] != blob:
+        if entry is None or entry.blob != blob:
             continue
         flags: set[str] = set()
         values: dict[str, str] = {}
         problem = ""
-        for option in options:
+        for option in entry.options:
             try:
                 name, value = split_option(option)
             except ValueError as exc:
@@ -494,7 +493,7 @@ def find_key_line(content: bytes | None, blob: str) -> KeyLine | None:
                 flags.add(name.lower())
             else:
                 values.setdefault(name.lower(), value)
-        found.append(KeyLine(text, tuple(options), frozenset(flags), values.get("command"),
+        found.append(KeyLine(text, entry.options, frozenset(flags), values.get("command"),
                              values.get("from"), 0, problem))
     if not found:
         return None

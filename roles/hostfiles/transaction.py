@@ -241,14 +241,12 @@ def check_new_login(s: Session, plan: SetupPlan,
                          f"not {PERMIT_ROOT_LOGIN}")
 
 
-def login_after_rollback(s: Session,
-                         delays: Callable[[], Iterable[float]] = retry_delays,
-                         sleep: Callable[[float], None] = time.sleep) -> str | None:
+def login_after_rollback(s: Session) -> str | None:
     """None when a NEW admin login works again (and uses sudo) once the files are back,
     else why not: then the files as they were lock the admin out by themselves (an edit
     on disk that sshd had not loaded before setup-remote's reload)."""
     try:
-        result = _sudo_on(new_login(s, delays, sleep), ["true"])
+        result = _sudo_on(new_login(s), ["true"])
     except (SetupError, SudoError) as exc:
         return str(exc)
     return None if result.exited == 0 else f"sudo true failed: {result.stderr.strip()}"
